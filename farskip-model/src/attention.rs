@@ -1,0 +1,335 @@
+//! Self-attention: grouped-query attention (with the q/k norm variants of Qwen3, OLMoE and Llama-4) and
+//! DeepSeek multi-head latent attention, both with a KV cache and causal / chunked / sliding-window masks.
+//!
+//! Attention is split into two named sub-steps, [`Attention::project`] (projections, norms, rope, cache) and
+//! [`Attention::attend`] (scores, softmax, output projection), so a distributed schedule can hide a collective
+//! behind each part. [`Attention::forward`] runs both.
+
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+
+use crate::config::{AttentionConfig, GqaConfig, LayerConfig, MaskKind, MlaConfig, ModelConfig, QkNorm};
+use crate::rope::Rope;
+
+/// Keys and values of earlier positions for one layer.
+#[derive(Clone, Debug, Default)]
+pub struct LayerKvCache {
+    /// `([batch, kv_heads, cached, key_dim], [batch, kv_heads, cached, value_dim])`.
+    pub kv: Option<(Tensor<4>, Tensor<4>)>,
+}
+
+impl LayerKvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_none()
+    }
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// Queries, keys and values after [`Attention::project`]: the input of [`Attention::attend`].
+#[derive(Clone, Debug)]
+pub struct ProjectedQkv {
+    /// `[batch, heads, seq, key_dim]`, already scaled where a family scales queries.
+    pub q: Tensor<4>,
+    /// `[batch, kv_heads, offset + seq, key_dim]`, including cached positions.
+    pub k: Tensor<4>,
+    /// `[batch, kv_heads, offset + seq, value_dim]`.
+    pub v: Tensor<4>,
+    /// Absolute position of the first query.
+    pub offset: usize,
+}
+
+/// Grouped-query attention weights.
+#[derive(Module, Debug)]
+pub struct GqaAttention {
+    /// `[hidden, heads * head_dim]`.
+    pub q_proj: Linear,
+    /// `[hidden, kv_heads * head_dim]`.
+    pub k_proj: Linear,
+    /// `[hidden, kv_heads * head_dim]`.
+    pub v_proj: Linear,
+    /// `[heads * head_dim, hidden]`.
+    pub o_proj: Linear,
+    /// Query norm (per head or whole projection), if the family has one with a weight.
+    pub q_norm: Option<RmsNorm>,
+    /// Key norm.
+    pub k_norm: Option<RmsNorm>,
+    #[module(skip)]
+    cfg: GqaConfig,
+}
+
+/// DeepSeek multi-head latent attention weights.
+#[derive(Module, Debug)]
+pub struct MlaAttention {
+    /// Plain query projection (no q-LoRA) `[hidden, heads * qk_head_dim]`.
+    pub q_proj: Option<Linear>,
+    /// Query down-projection `[hidden, q_lora_rank]`.
+    pub q_a_proj: Option<Linear>,
+    /// Norm of the query latent.
+    pub q_a_norm: Option<RmsNorm>,
+    /// Query up-projection `[q_lora_rank, heads * qk_head_dim]`.
+    pub q_b_proj: Option<Linear>,
+    /// `[hidden, kv_lora_rank + rope_dim]`.
+    pub kv_a_proj: Linear,
+    /// Norm of the key/value latent.
+    pub kv_a_norm: RmsNorm,
+    /// `[kv_lora_rank, heads * (nope_dim + v_dim)]`.
+    pub kv_b_proj: Linear,
+    /// `[heads * v_dim, hidden]`.
+    pub o_proj: Linear,
+    #[module(skip)]
+    cfg: MlaConfig,
+}
+
+/// The attention kinds.
+#[derive(Module, Debug)]
+pub enum AttentionKind {
+    /// Grouped-query attention.
+    Gqa(GqaAttention),
+    /// Multi-head latent attention.
+    Mla(MlaAttention),
+}
+
+/// One layer's self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// The weights.
+    pub kind: AttentionKind,
+    #[module(skip)]
+    rope: Option<Rope>,
+    #[module(skip)]
+    mask: MaskKind,
+    #[module(skip)]
+    scale: f64,
+    #[module(skip)]
+    eps: f64,
+}
+
+fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out).with_bias(bias).init(device)
+}
+
+fn rms(d: usize, eps: f64, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(d).with_epsilon(eps).init(device)
+}
+
+impl Attention {
+    /// Random-initialised attention for one layer of `cfg`.
+    pub fn new(cfg: &ModelConfig, layer: &LayerConfig, device: &Device) -> Self {
+        let h = cfg.hidden_size;
+        let eps = cfg.rms_norm_eps;
+        match &cfg.attention {
+            AttentionConfig::Gqa(g) => {
+                let (q, kv) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
+                let (q_norm, k_norm) = match g.qk_norm {
+                    QkNorm::PerHead => (Some(rms(g.head_dim, eps, device)), Some(rms(g.head_dim, eps, device))),
+                    QkNorm::Whole => (Some(rms(q, eps, device)), Some(rms(kv, eps, device))),
+                    QkNorm::None | QkNorm::L2AfterRope => (None, None),
+                };
+                Self {
+                    kind: AttentionKind::Gqa(GqaAttention {
+                        q_proj: linear(h, q, g.qkv_bias, device),
+                        k_proj: linear(h, kv, g.qkv_bias, device),
+                        v_proj: linear(h, kv, g.qkv_bias, device),
+                        o_proj: linear(q, h, g.o_bias, device),
+                        q_norm,
+                        k_norm,
+                        cfg: g.clone(),
+                    }),
+                    rope: layer.use_rope.then(|| Rope::new(&cfg.rope, g.head_dim)),
+                    mask: layer.mask,
+                    scale: (g.head_dim as f64).powf(-0.5),
+                    eps,
+                }
+            }
+            AttentionConfig::Mla(m) => {
+                let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
+                let (q_proj, q_a_proj, q_a_norm, q_b_proj) = match m.q_lora_rank {
+                    None => (Some(linear(h, m.num_heads * qk, false, device)), None, None, None),
+                    Some(r) => (
+                        None,
+                        Some(linear(h, r, false, device)),
+                        Some(rms(r, m.latent_norm_eps, device)),
+                        Some(linear(r, m.num_heads * qk, false, device)),
+                    ),
+                };
+                Self {
+                    kind: AttentionKind::Mla(MlaAttention {
+                        q_proj,
+                        q_a_proj,
+                        q_a_norm,
+                        q_b_proj,
+                        kv_a_proj: linear(h, m.kv_lora_rank + m.qk_rope_head_dim, false, device),
+                        kv_a_norm: rms(m.kv_lora_rank, m.latent_norm_eps, device),
+                        kv_b_proj: linear(
+                            m.kv_lora_rank,
+                            m.num_heads * (m.qk_nope_head_dim + m.v_head_dim),
+                            false,
+                            device,
+                        ),
+                        o_proj: linear(m.num_heads * m.v_head_dim, h, false, device),
+                        cfg: m.clone(),
+                    }),
+                    rope: layer.use_rope.then(|| Rope::new(&cfg.rope, m.qk_rope_head_dim)),
+                    mask: layer.mask,
+                    scale: (qk as f64).powf(-0.5) * Rope::softmax_scale_multiplier(&cfg.rope),
+                    eps,
+                }
+            }
+        }
+    }
+
+    /// Both sub-steps: [`Self::project`] then [`Self::attend`].
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]` (already normalised)
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward(&self, x: Tensor<3>, offset: usize, cache: Option<&mut LayerKvCache>) -> Tensor<3> {
+        let qkv = self.project(x, offset, cache);
+        self.attend(qkv)
+    }
+
+    /// Part 1: projections, q/k norms, rope, and the KV cache update.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, seq, hidden]`; `offset`: absolute position of `x[:, 0]` (= cached length)
+    pub fn project(&self, x: Tensor<3>, offset: usize, cache: Option<&mut LayerKvCache>) -> ProjectedQkv {
+        let [b, t, _] = x.dims();
+        let device = x.device();
+        let tables = self.rope.as_ref().map(|r| r.tables(offset, t, &device));
+        let rope = |x: Tensor<4>| match (&self.rope, &tables) {
+            (Some(r), Some((cos, sin))) => r.apply(x, cos, sin),
+            _ => x,
+        };
+        let (q, k, v) = match &self.kind {
+            AttentionKind::Gqa(a) => {
+                let g = &a.cfg;
+                let mut q = a.q_proj.forward(x.clone());
+                let mut k = a.k_proj.forward(x.clone());
+                let v = a.v_proj.forward(x);
+                if g.qk_norm == QkNorm::Whole {
+                    q = a.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
+                    k = a.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
+                }
+                let heads = |x: Tensor<3>, n: usize| x.reshape([b, t, n, g.head_dim]).swap_dims(1, 2);
+                let mut q = heads(q, g.num_heads);
+                let mut k = heads(k, g.num_kv_heads);
+                let v = heads(v, g.num_kv_heads);
+                if g.qk_norm == QkNorm::PerHead {
+                    q = a.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
+                    k = a.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
+                }
+                q = rope(q);
+                k = rope(k);
+                if g.qk_norm == QkNorm::L2AfterRope && self.rope.is_some() {
+                    q = l2_norm(q, self.eps);
+                    k = l2_norm(k, self.eps);
+                }
+                if let (Some((floor_scale, attn_scale)), None) = (g.temperature_tuning, &self.rope) {
+                    let scales: Vec<f32> = (offset..offset + t)
+                        .map(|p| ((((p + 1) as f64 / floor_scale).floor()).ln_1p() * attn_scale + 1.0) as f32)
+                        .collect();
+                    let scales = Tensor::<1>::from_data(TensorData::new(scales, [t]), &device);
+                    q = q * scales.reshape([1, 1, t, 1]);
+                }
+                (q, k, v)
+            }
+            AttentionKind::Mla(a) => {
+                let m = &a.cfg;
+                let (nope, rd) = (m.qk_nope_head_dim, m.qk_rope_head_dim);
+                let q = match (&a.q_proj, &a.q_a_proj, &a.q_a_norm, &a.q_b_proj) {
+                    (Some(p), ..) => p.forward(x.clone()),
+                    (None, Some(qa), Some(qn), Some(qb)) => qb.forward(qn.forward(qa.forward(x.clone()))),
+                    _ => unreachable!("MLA built without a query projection"),
+                };
+                let q = q.reshape([b, t, m.num_heads, nope + rd]).swap_dims(1, 2);
+                let q_nope = q.clone().narrow(3, 0, nope);
+                let q_rot = rope(q.narrow(3, nope, rd));
+                let ckv = a.kv_a_proj.forward(x);
+                let latent = ckv.clone().narrow(2, 0, m.kv_lora_rank);
+                let k_rot = rope(ckv.narrow(2, m.kv_lora_rank, rd).reshape([b, 1, t, rd]));
+                let kv = a
+                    .kv_b_proj
+                    .forward(a.kv_a_norm.forward(latent))
+                    .reshape([b, t, m.num_heads, nope + m.v_head_dim])
+                    .swap_dims(1, 2);
+                let k_nope = kv.clone().narrow(3, 0, nope);
+                let v = kv.narrow(3, nope, m.v_head_dim);
+                let q = Tensor::cat(vec![q_nope, q_rot], 3);
+                let k = Tensor::cat(vec![k_nope, k_rot.expand([b, m.num_heads, t, rd])], 3);
+                (q, k, v)
+            }
+        };
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v),
+            None => (k, v),
+        };
+        ProjectedQkv { q, k, v, offset }
+    }
+
+    /// Part 2: scores, mask, softmax, weighted values and the output projection.
+    ///
+    /// # Shapes
+    /// - output: `[batch, seq, hidden]`
+    pub fn attend(&self, qkv: ProjectedQkv) -> Tensor<3> {
+        let ProjectedQkv { q, k, v, offset } = qkv;
+        let [b, heads, t, _] = q.dims();
+        let [_, kv_heads, s, _] = k.dims();
+        let dv = v.dims()[3];
+        let (k, v) = if kv_heads == heads {
+            (k, v)
+        } else {
+            let g = heads / kv_heads;
+            let rep = |x: Tensor<4>| {
+                let [_, _, s, d] = x.dims();
+                x.unsqueeze_dim::<5>(2).expand([b, kv_heads, g, s, d]).reshape([b, heads, s, d])
+            };
+            (rep(k), rep(v))
+        };
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
+        if let Some(mask) = self.mask_tensor(offset, t, s, &scores.device()) {
+            scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+        }
+        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, t, heads * dv]);
+        match &self.kind {
+            AttentionKind::Gqa(a) => a.o_proj.forward(out),
+            AttentionKind::Mla(a) => a.o_proj.forward(out),
+        }
+    }
+
+    /// `true` where query `offset + i` may NOT see key `j`; `None` when everything is visible.
+    fn mask_tensor(&self, offset: usize, t: usize, s: usize, device: &Device) -> Option<Tensor<2, Bool>> {
+        let hidden = |i: usize, j: usize| {
+            let i = offset + i;
+            j > i
+                || match self.mask {
+                    MaskKind::Causal => false,
+                    MaskKind::Chunked { size } => j / size != i / size,
+                    MaskKind::SlidingWindow { window } => i >= window && j <= i - window,
+                }
+        };
+        let data: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| hidden(i, j))).collect();
+        data.iter()
+            .any(|&m| m)
+            .then(|| Tensor::from_data(TensorData::new(data, [t, s]), device))
+    }
+}
+
+/// Weightless RMS norm over the last dim (Llama-4's `L2Norm`).
+fn l2_norm(x: Tensor<4>, eps: f64) -> Tensor<4> {
+    let rms = (x.clone().square().mean_dim(3) + eps).sqrt();
+    x / rms
+}

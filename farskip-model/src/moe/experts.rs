@@ -1,0 +1,156 @@
+//! The routed expert bank, stored stacked (`[E, ...]`) and indexed, plus the host-side plan that groups token
+//! slots by expert. The plan is the one host sync of an MoE layer; distributed dispatch reuses it.
+
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+/// Stacked SwiGLU experts.
+#[derive(Module, Debug)]
+pub struct ExpertBank {
+    /// `[experts, hidden, 2 * intermediate]`: gate columns first, then up.
+    pub gate_up: Param<Tensor<3>>,
+    /// `[experts, intermediate, hidden]`.
+    pub down: Param<Tensor<3>>,
+}
+
+impl ExpertBank {
+    /// Random-initialised bank (normal, std 0.02).
+    pub fn new(num_experts: usize, hidden: usize, intermediate: usize, device: &Device) -> Self {
+        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        Self {
+            gate_up: init.init([num_experts, hidden, 2 * intermediate], device),
+            down: init.init([num_experts, intermediate, hidden], device),
+        }
+    }
+
+    /// Number of experts held.
+    pub fn num_experts(&self) -> usize {
+        self.gate_up.dims()[0]
+    }
+
+    /// Intermediate width of one expert.
+    pub fn intermediate_size(&self) -> usize {
+        self.down.dims()[1]
+    }
+
+    /// A bank holding experts `range` of this one (for expert parallelism).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        let n = range.len();
+        Self {
+            gate_up: Param::from_tensor(self.gate_up.val().narrow(0, range.start, n)),
+            down: Param::from_tensor(self.down.val().narrow(0, range.start, n)),
+        }
+    }
+
+    /// Runs rows grouped by expert: the first `counts[0]` rows through expert 0, the next `counts[1]` through
+    /// expert 1, and so on.
+    ///
+    /// # Shapes
+    /// - `xs`: `[sum(counts), hidden]` -> `[sum(counts), hidden]`
+    pub fn forward_grouped(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
+        let [m, hidden] = xs.dims();
+        debug_assert_eq!(m, counts.iter().sum::<usize>());
+        let inter = self.intermediate_size();
+        let gate_up = self.gate_up.val();
+        let down = self.down.val();
+        let mut outs = Vec::with_capacity(counts.len());
+        let mut offset = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            if c == 0 {
+                continue;
+            }
+            let x = xs.clone().narrow(0, offset, c);
+            let h = x.matmul(gate_up.clone().narrow(0, e, 1).squeeze_dim::<2>(0));
+            let a = silu(h.clone().narrow(1, 0, inter)) * h.narrow(1, inter, inter);
+            outs.push(a.matmul(down.clone().narrow(0, e, 1).squeeze_dim::<2>(0)));
+            offset += c;
+        }
+        if outs.is_empty() {
+            return Tensor::zeros([0, hidden], &xs.device());
+        }
+        Tensor::cat(outs, 0)
+    }
+}
+
+/// Token slots grouped by expert. Slot `s = token * top_k + j` is the `j`-th choice of `token`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotPlan {
+    /// Experts per token.
+    pub top_k: usize,
+    /// Expert of every slot, `[tokens * top_k]`.
+    pub slot_experts: Vec<usize>,
+    /// Slots ordered by expert (stable: ascending slot within an expert).
+    pub sorted_slots: Vec<usize>,
+    /// Slots per expert, `[num_experts]`.
+    pub counts: Vec<usize>,
+}
+
+impl SlotPlan {
+    /// Groups slots by expert (a counting sort on the host).
+    pub fn new(slot_experts: Vec<usize>, top_k: usize, num_experts: usize) -> Self {
+        let mut counts = vec![0usize; num_experts];
+        for &e in &slot_experts {
+            counts[e] += 1;
+        }
+        let mut starts: Vec<usize> = counts
+            .iter()
+            .scan(0, |acc, &c| {
+                let s = *acc;
+                *acc += c;
+                Some(s)
+            })
+            .collect();
+        let mut sorted_slots = vec![0usize; slot_experts.len()];
+        for (s, &e) in slot_experts.iter().enumerate() {
+            sorted_slots[starts[e]] = s;
+            starts[e] += 1;
+        }
+        Self {
+            top_k,
+            slot_experts,
+            sorted_slots,
+            counts,
+        }
+    }
+
+    /// Reads the routing's expert ids from the device (one sync) and groups them.
+    pub fn from_experts(experts: &Tensor<2, Int>, num_experts: usize) -> Self {
+        let [_, k] = experts.dims();
+        let ids: Vec<usize> = experts
+            .clone()
+            .into_data()
+            .try_into_vec_as::<i64>()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e as usize)
+            .collect();
+        Self::new(ids, k, num_experts)
+    }
+
+    /// Number of tokens.
+    pub fn num_tokens(&self) -> usize {
+        self.slot_experts.len() / self.top_k.max(1)
+    }
+
+    /// Token of each sorted slot.
+    pub fn sorted_tokens(&self) -> Vec<usize> {
+        self.sorted_slots.iter().map(|s| s / self.top_k).collect()
+    }
+
+    /// For each slot, its position in [`Self::sorted_slots`].
+    pub fn inverse(&self) -> Vec<usize> {
+        let mut inv = vec![0usize; self.sorted_slots.len()];
+        for (pos, &s) in self.sorted_slots.iter().enumerate() {
+            inv[s] = pos;
+        }
+        inv
+    }
+}
+
+/// A 1-D index tensor from host indices.
+pub fn index_tensor(idx: &[usize], device: &Device) -> Tensor<1, Int> {
+    let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(v, [idx.len()]), device)
+}

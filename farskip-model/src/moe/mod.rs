@@ -1,0 +1,126 @@
+//! The MoE block: router, stacked routed experts and an optional shared expert.
+//!
+//! Named sub-steps ([`MoeBlock::route`], [`MoeBlock::slot_inputs`], [`ExpertBank::forward_grouped`],
+//! [`MoeBlock::combine_slots`], [`MoeBlock::shared`]) let the distributed schedules run the same maths with
+//! an all-to-all between them. [`MoeBlock::forward`] runs them in order on one rank.
+
+pub mod experts;
+pub mod router;
+
+use burn::module::Module;
+use burn::prelude::*;
+
+pub use experts::{ExpertBank, SlotPlan, index_tensor};
+pub use router::{Router, Routing};
+
+use crate::config::{MoeConfig, WeightOn};
+use crate::mlp::{Mlp, SharedExpert};
+
+/// One MoE feed-forward block.
+#[derive(Module, Debug)]
+pub struct MoeBlock {
+    /// The router.
+    pub router: Router,
+    /// Routed experts.
+    pub experts: ExpertBank,
+    /// Shared expert (DeepSeek, Qwen2-MoE, Llama-4).
+    pub shared: Option<SharedExpert>,
+}
+
+/// What an MoE block produced: the routed part `r` and the shared part `s` (kept apart for FarSkip).
+#[derive(Clone, Debug)]
+pub struct MoeOutput {
+    /// `Routed(x)`, `[tokens, hidden]`.
+    pub routed: Tensor<2>,
+    /// `Shared(x)`, `[tokens, hidden]`, if the block has a shared expert.
+    pub shared: Option<Tensor<2>>,
+}
+
+impl MoeBlock {
+    /// Random-initialised block.
+    pub fn new(cfg: &MoeConfig, hidden: usize, device: &Device) -> Self {
+        Self {
+            router: Router::new(&cfg.router, hidden, cfg.num_experts, cfg.top_k, device),
+            experts: ExpertBank::new(cfg.num_experts, hidden, cfg.expert_intermediate_size, device),
+            shared: cfg.shared.as_ref().map(|s| SharedExpert {
+                mlp: Mlp::new(hidden, s.intermediate_size, device),
+                gate: s.gated.then(|| {
+                    burn::nn::LinearConfig::new(hidden, 1)
+                        .with_bias(false)
+                        .init(device)
+                }),
+            }),
+        }
+    }
+
+    /// Routes, runs the experts and the shared expert on one rank.
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]`
+    pub fn forward(&self, x: Tensor<2>) -> MoeOutput {
+        let routing = self.route(x.clone());
+        let plan = SlotPlan::from_experts(&routing.experts, self.experts.num_experts());
+        MoeOutput {
+            routed: self.routed(x.clone(), &routing, &plan),
+            shared: self.shared(x),
+        }
+    }
+
+    /// Router sub-step.
+    pub fn route(&self, x: Tensor<2>) -> Routing {
+        self.router.route(x)
+    }
+
+    /// Shared-expert sub-step.
+    pub fn shared(&self, x: Tensor<2>) -> Option<Tensor<2>> {
+        self.shared.as_ref().map(|s| s.forward(x))
+    }
+
+    /// Routed output on one rank: gather rows by expert, run the bank, put rows back in slot order, combine.
+    pub fn routed(&self, x: Tensor<2>, routing: &Routing, plan: &SlotPlan) -> Tensor<2> {
+        let device = x.device();
+        let sorted = index_tensor(&plan.sorted_slots, &device);
+        let mut xs = x.select(0, index_tensor(&plan.sorted_tokens(), &device));
+        if self.router.config().weight_on == WeightOn::Input {
+            let w = routing.weights.clone().reshape([plan.slot_experts.len()]).select(0, sorted);
+            xs = xs * w.unsqueeze_dim::<2>(1);
+        }
+        let ys = self.experts.forward_grouped(xs, &plan.counts);
+        let slot_out = ys.select(0, index_tensor(&plan.inverse(), &device));
+        self.combine_slots(slot_out, routing)
+    }
+
+    /// Rows each slot sends to its expert, in slot order (`x[token]`, times the weight for [`WeightOn::Input`]).
+    ///
+    /// # Shapes
+    /// - `x`: `[tokens, hidden]` -> `[tokens * top_k, hidden]`
+    pub fn slot_inputs(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
+        let [n, k] = routing.weights.dims();
+        let h = x.dims()[1];
+        let xs = x.unsqueeze_dim::<3>(1).expand([n, k, h]).reshape([n * k, h]);
+        match self.router.config().weight_on {
+            WeightOn::Input => xs * routing.weights.clone().reshape([n * k, 1]),
+            WeightOn::Output => xs,
+        }
+    }
+
+    /// Weighted sum of each token's expert outputs, slot 0 first (the order every schedule uses, so expert
+    /// parallelism is bit-exact against one rank).
+    ///
+    /// # Shapes
+    /// - `slot_outputs`: `[tokens * top_k, hidden]` in slot order -> `[tokens, hidden]`
+    pub fn combine_slots(&self, slot_outputs: Tensor<2>, routing: &Routing) -> Tensor<2> {
+        let [n, k] = routing.weights.dims();
+        let h = slot_outputs.dims()[1];
+        let ys = match self.router.config().weight_on {
+            WeightOn::Output => slot_outputs * routing.weights.clone().reshape([n * k, 1]),
+            WeightOn::Input => slot_outputs,
+        };
+        let ys = ys.reshape([n, k, h]);
+        let mut acc = ys.clone().narrow(1, 0, 1);
+        for j in 1..k {
+            acc = acc + ys.clone().narrow(1, j, 1);
+        }
+        acc.reshape([n, h])
+    }
+}
