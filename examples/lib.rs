@@ -1,1 +1,97 @@
-//! Shared helpers for the examples.
+//! Helpers shared by the examples: model selection (`--model DIR` or `--preset`), tensor files, logging.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use farskip_model::checkpoint::{TensorStore, TensorWriter};
+use farskip_model::{Model, ModelConfig};
+
+/// Installs a `tracing` subscriber that logs to stderr (`RUST_LOG` overrides the level, default `warn`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A model from `--model DIR` or a named `--preset` (random weights, seeded).
+pub fn load_model(model: Option<&Path>, preset: Option<&str>, device: &Device) -> Result<Model> {
+    match (model, preset) {
+        (Some(dir), None) => Model::from_pretrained(dir, device)
+            .with_context(|| format!("loading model from {}", dir.display())),
+        (None, Some(name)) => {
+            device.seed(0);
+            Ok(Model::new(&preset_config(name)?, device)?)
+        }
+        (Some(_), Some(_)) => bail!("give either --model or --preset, not both"),
+        (None, None) => bail!("give --model DIR or --preset small"),
+    }
+}
+
+/// Configs of the presets.
+pub fn preset_config(name: &str) -> Result<ModelConfig> {
+    match name {
+        "small" => Ok(ModelConfig::preset_small()),
+        "tiny" => Ok(ModelConfig::small_moe(
+            256,
+            64,
+            4,
+            4,
+            2,
+            16,
+            8,
+            2,
+            32,
+            Some(32),
+        )),
+        other => bail!("unknown preset `{other}` (expected small or tiny)"),
+    }
+}
+
+/// Reads `name` (int64 `[rows, cols]`) from a safetensors file.
+pub fn read_ids(path: &Path, name: &str, device: &Device) -> Result<Tensor<2, Int>> {
+    let store = TensorStore::open_files(&[path.to_path_buf()])?;
+    let (v, shape) = store
+        .i64(name)
+        .with_context(|| format!("reading `{name}` from {}", path.display()))?;
+    if shape.len() != 2 {
+        bail!(
+            "`{name}` in {} has shape {shape:?}, expected [batch, seq]",
+            path.display()
+        );
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(v, [shape[0], shape[1]]),
+        device,
+    ))
+}
+
+/// Uniform random token ids, seeded.
+pub fn random_ids(
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    seed: u64,
+    device: &Device,
+) -> Tensor<2, Int> {
+    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let v: Vec<i64> = (0..batch * seq)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab as u64) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [batch, seq]), device)
+}
+
+/// Writes named tensors to a safetensors file.
+pub fn write_tensors(path: &Path, writer: &TensorWriter) -> Result<()> {
+    writer
+        .write(path, None)
+        .with_context(|| format!("writing {}", path.display()))
+}

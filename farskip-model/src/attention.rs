@@ -10,7 +10,9 @@ use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
-use crate::config::{AttentionConfig, GqaConfig, LayerConfig, MaskKind, MlaConfig, ModelConfig, QkNorm};
+use crate::config::{
+    AttentionConfig, GqaConfig, LayerConfig, MaskKind, MlaConfig, ModelConfig, QkNorm,
+};
 use crate::rope::Rope;
 
 /// Keys and values of earlier positions for one layer.
@@ -68,7 +70,11 @@ pub struct GqaAttention {
     /// Key norm.
     pub k_norm: Option<RmsNorm>,
     #[module(skip)]
-    cfg: GqaConfig,
+    pub(crate) cfg: GqaConfig,
+    /// Tensor parallelism with a whole-projection q/k norm: the projections stay whole and only these heads
+    /// (`q_start, q_len, kv_start, kv_len`) are kept after the norm.
+    #[module(skip)]
+    pub(crate) local_heads: Option<(usize, usize, usize, usize)>,
 }
 
 /// DeepSeek multi-head latent attention weights.
@@ -91,7 +97,7 @@ pub struct MlaAttention {
     /// `[heads * v_dim, hidden]`.
     pub o_proj: Linear,
     #[module(skip)]
-    cfg: MlaConfig,
+    pub(crate) cfg: MlaConfig,
 }
 
 /// The attention kinds.
@@ -109,13 +115,13 @@ pub struct Attention {
     /// The weights.
     pub kind: AttentionKind,
     #[module(skip)]
-    rope: Option<Rope>,
+    pub(crate) rope: Option<Rope>,
     #[module(skip)]
-    mask: MaskKind,
+    pub(crate) mask: MaskKind,
     #[module(skip)]
-    scale: f64,
+    pub(crate) scale: f64,
     #[module(skip)]
-    eps: f64,
+    pub(crate) eps: f64,
 }
 
 fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
@@ -135,7 +141,10 @@ impl Attention {
             AttentionConfig::Gqa(g) => {
                 let (q, kv) = (g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim);
                 let (q_norm, k_norm) = match g.qk_norm {
-                    QkNorm::PerHead => (Some(rms(g.head_dim, eps, device)), Some(rms(g.head_dim, eps, device))),
+                    QkNorm::PerHead => (
+                        Some(rms(g.head_dim, eps, device)),
+                        Some(rms(g.head_dim, eps, device)),
+                    ),
                     QkNorm::Whole => (Some(rms(q, eps, device)), Some(rms(kv, eps, device))),
                     QkNorm::None | QkNorm::L2AfterRope => (None, None),
                 };
@@ -148,6 +157,7 @@ impl Attention {
                         q_norm,
                         k_norm,
                         cfg: g.clone(),
+                        local_heads: None,
                     }),
                     rope: layer.use_rope.then(|| Rope::new(&cfg.rope, g.head_dim)),
                     mask: layer.mask,
@@ -158,7 +168,12 @@ impl Attention {
             AttentionConfig::Mla(m) => {
                 let qk = m.qk_nope_head_dim + m.qk_rope_head_dim;
                 let (q_proj, q_a_proj, q_a_norm, q_b_proj) = match m.q_lora_rank {
-                    None => (Some(linear(h, m.num_heads * qk, false, device)), None, None, None),
+                    None => (
+                        Some(linear(h, m.num_heads * qk, false, device)),
+                        None,
+                        None,
+                        None,
+                    ),
                     Some(r) => (
                         None,
                         Some(linear(h, r, false, device)),
@@ -183,7 +198,9 @@ impl Attention {
                         o_proj: linear(m.num_heads * m.v_head_dim, h, false, device),
                         cfg: m.clone(),
                     }),
-                    rope: layer.use_rope.then(|| Rope::new(&cfg.rope, m.qk_rope_head_dim)),
+                    rope: layer
+                        .use_rope
+                        .then(|| Rope::new(&cfg.rope, m.qk_rope_head_dim)),
                     mask: layer.mask,
                     scale: (qk as f64).powf(-0.5) * Rope::softmax_scale_multiplier(&cfg.rope),
                     eps,
@@ -197,7 +214,12 @@ impl Attention {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` (already normalised)
     /// - output: `[batch, seq, hidden]`
-    pub fn forward(&self, x: Tensor<3>, offset: usize, cache: Option<&mut LayerKvCache>) -> Tensor<3> {
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        offset: usize,
+        cache: Option<&mut LayerKvCache>,
+    ) -> Tensor<3> {
         let qkv = self.project(x, offset, cache);
         self.attend(qkv)
     }
@@ -206,7 +228,12 @@ impl Attention {
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`; `offset`: absolute position of `x[:, 0]` (= cached length)
-    pub fn project(&self, x: Tensor<3>, offset: usize, cache: Option<&mut LayerKvCache>) -> ProjectedQkv {
+    pub fn project(
+        &self,
+        x: Tensor<3>,
+        offset: usize,
+        cache: Option<&mut LayerKvCache>,
+    ) -> ProjectedQkv {
         let [b, t, _] = x.dims();
         let device = x.device();
         let tables = self.rope.as_ref().map(|r| r.tables(offset, t, &device));
@@ -220,11 +247,19 @@ impl Attention {
                 let mut q = a.q_proj.forward(x.clone());
                 let mut k = a.k_proj.forward(x.clone());
                 let v = a.v_proj.forward(x);
+                let mut v = v;
                 if g.qk_norm == QkNorm::Whole {
                     q = a.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
                     k = a.k_norm.as_ref().map_or(k.clone(), |n| n.forward(k));
                 }
-                let heads = |x: Tensor<3>, n: usize| x.reshape([b, t, n, g.head_dim]).swap_dims(1, 2);
+                if let Some((qs, ql, ks, kl)) = a.local_heads {
+                    let hd = g.head_dim;
+                    q = q.narrow(2, qs * hd, ql * hd);
+                    k = k.narrow(2, ks * hd, kl * hd);
+                    v = v.narrow(2, ks * hd, kl * hd);
+                }
+                let heads =
+                    |x: Tensor<3>, n: usize| x.reshape([b, t, n, g.head_dim]).swap_dims(1, 2);
                 let mut q = heads(q, g.num_heads);
                 let mut k = heads(k, g.num_kv_heads);
                 let v = heads(v, g.num_kv_heads);
@@ -238,9 +273,13 @@ impl Attention {
                     q = l2_norm(q, self.eps);
                     k = l2_norm(k, self.eps);
                 }
-                if let (Some((floor_scale, attn_scale)), None) = (g.temperature_tuning, &self.rope) {
+                if let (Some((floor_scale, attn_scale)), None) = (g.temperature_tuning, &self.rope)
+                {
                     let scales: Vec<f32> = (offset..offset + t)
-                        .map(|p| ((((p + 1) as f64 / floor_scale).floor()).ln_1p() * attn_scale + 1.0) as f32)
+                        .map(|p| {
+                            ((((p + 1) as f64 / floor_scale).floor()).ln_1p() * attn_scale + 1.0)
+                                as f32
+                        })
                         .collect();
                     let scales = Tensor::<1>::from_data(TensorData::new(scales, [t]), &device);
                     q = q * scales.reshape([1, 1, t, 1]);
@@ -252,7 +291,9 @@ impl Attention {
                 let (nope, rd) = (m.qk_nope_head_dim, m.qk_rope_head_dim);
                 let q = match (&a.q_proj, &a.q_a_proj, &a.q_a_norm, &a.q_b_proj) {
                     (Some(p), ..) => p.forward(x.clone()),
-                    (None, Some(qa), Some(qn), Some(qb)) => qb.forward(qn.forward(qa.forward(x.clone()))),
+                    (None, Some(qa), Some(qn), Some(qb)) => {
+                        qb.forward(qn.forward(qa.forward(x.clone())))
+                    }
                     _ => unreachable!("MLA built without a query projection"),
                 };
                 let q = q.reshape([b, t, m.num_heads, nope + rd]).swap_dims(1, 2);
@@ -295,7 +336,9 @@ impl Attention {
             let g = heads / kv_heads;
             let rep = |x: Tensor<4>| {
                 let [_, _, s, d] = x.dims();
-                x.unsqueeze_dim::<5>(2).expand([b, kv_heads, g, s, d]).reshape([b, heads, s, d])
+                x.unsqueeze_dim::<5>(2)
+                    .expand([b, kv_heads, g, s, d])
+                    .reshape([b, heads, s, d])
             };
             (rep(k), rep(v))
         };
@@ -303,7 +346,10 @@ impl Attention {
         if let Some(mask) = self.mask_tensor(offset, t, s, &scores.device()) {
             scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
         }
-        let out = softmax(scores, 3).matmul(v).swap_dims(1, 2).reshape([b, t, heads * dv]);
+        let out = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, t, heads * dv]);
         match &self.kind {
             AttentionKind::Gqa(a) => a.o_proj.forward(out),
             AttentionKind::Mla(a) => a.o_proj.forward(out),
@@ -311,7 +357,13 @@ impl Attention {
     }
 
     /// `true` where query `offset + i` may NOT see key `j`; `None` when everything is visible.
-    fn mask_tensor(&self, offset: usize, t: usize, s: usize, device: &Device) -> Option<Tensor<2, Bool>> {
+    fn mask_tensor(
+        &self,
+        offset: usize,
+        t: usize,
+        s: usize,
+        device: &Device,
+    ) -> Option<Tensor<2, Bool>> {
         let hidden = |i: usize, j: usize| {
             let i = offset + i;
             j > i
@@ -321,7 +373,9 @@ impl Attention {
                     MaskKind::SlidingWindow { window } => i >= window && j <= i - window,
                 }
         };
-        let data: Vec<bool> = (0..t).flat_map(|i| (0..s).map(move |j| hidden(i, j))).collect();
+        let data: Vec<bool> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| hidden(i, j)))
+            .collect();
         data.iter()
             .any(|&m| m)
             .then(|| Tensor::from_data(TensorData::new(data, [t, s]), device))

@@ -41,10 +41,11 @@ impl TensorStore {
             ));
         }
         let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
-            path: index.clone(),
-            message: e.to_string(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -52,7 +53,10 @@ impl TensorStore {
                 path: index.clone(),
                 message: "no `weight_map` object".into(),
             })?;
-        let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         shards.sort();
         shards.dedup();
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
@@ -65,10 +69,11 @@ impl TensorStore {
         let mut entries = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
             let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-            let (n, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
-            })?;
+            let (n, meta) =
+                SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             let base = 8 + n;
             for (name, info) in meta.tensors() {
                 entries.insert(
@@ -113,7 +118,10 @@ impl TensorStore {
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
         let bytes = &self.files[e.file].1[e.start..e.end];
         let values = match e.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::F16 => bytes
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -163,7 +171,12 @@ impl TensorStore {
     }
 
     /// A float tensor of rank `D` with exactly `expected` shape; the error names the tensor.
-    pub fn tensor<const D: usize>(&self, name: &str, expected: [usize; D], device: &Device) -> Result<Tensor<D>> {
+    pub fn tensor<const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        device: &Device,
+    ) -> Result<Tensor<D>> {
         let (v, shape) = self.f32(name)?;
         if shape != expected {
             return Err(ModelError::ShapeMismatch {
@@ -177,7 +190,9 @@ impl TensorStore {
 
     /// The path of the file holding `name`.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries.get(name).map(|e| self.files[e.file].0.as_path())
+        self.entries
+            .get(name)
+            .map(|e| self.files[e.file].0.as_path())
     }
 }
 
@@ -195,7 +210,10 @@ impl TensorWriter {
 
     /// Adds an f32 tensor of any rank from its data.
     pub fn f32_any(&mut self, name: impl Into<String>, shape: Vec<usize>, data: TensorData) {
-        let v: Vec<f32> = data.convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        let v: Vec<f32> = data
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default();
         let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.tensors.insert(name.into(), (Dtype::F32, shape, bytes));
     }

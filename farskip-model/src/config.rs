@@ -184,6 +184,9 @@ pub enum RopeScaling {
         attention_factor: f64,
         /// DeepSeek's `mscale_all_dim` (scales the softmax by m(factor, mscale_all_dim)²), 0 = off.
         mscale_all_dim: f64,
+        /// The configured `factor`, which DeepSeek's softmax scale uses (the frequencies use the context ratio
+        /// `max_position_embeddings / original_max_position_embeddings` when the config gives the latter).
+        softmax_factor: f64,
         /// Round the correction range to integers.
         truncate: bool,
     },
@@ -287,11 +290,52 @@ impl ModelConfig {
         pos("vocab_size", self.vocab_size)?;
         pos("hidden_size", self.hidden_size)?;
         pos("num_hidden_layers", self.layers.len())?;
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(ModelError::invalid("rms_norm_eps", "must be > 0"));
         }
-        if !(self.rope.theta > 0.0) {
+        if self.rope.theta.is_nan() || self.rope.theta <= 0.0 {
             return Err(ModelError::invalid("rope_theta", "must be > 0"));
+        }
+        // A zero or negative scaling value does not fail anywhere later: it turns the rope tables (and so
+        // the logits) into NaN / inf without an error.
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(ModelError::invalid(
+                    key,
+                    format!("must be a positive number, found {v}"),
+                ))
+            }
+        };
+        match &self.rope.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("factor", *factor)?,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                positive(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                )?;
+                positive("factor", *factor)?;
+                positive("low_freq_factor", *low_freq_factor)?;
+                positive("high_freq_factor", *high_freq_factor)?;
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                ..
+            } => {
+                positive(
+                    "original_max_position_embeddings",
+                    *original_max_position_embeddings,
+                )?;
+                positive("factor", *factor)?;
+            }
         }
         match &self.attention {
             AttentionConfig::Gqa(g) => {
@@ -301,20 +345,31 @@ impl ModelConfig {
                 if g.num_heads % g.num_kv_heads != 0 {
                     return Err(ModelError::invalid(
                         "num_key_value_heads",
-                        format!("{} does not divide num_attention_heads {}", g.num_kv_heads, g.num_heads),
+                        format!(
+                            "{} does not divide num_attention_heads {}",
+                            g.num_kv_heads, g.num_heads
+                        ),
                     ));
                 }
                 if g.head_dim % 2 != 0 {
                     return Err(ModelError::invalid("head_dim", "must be even for rope"));
                 }
+                if let Some((floor_scale, _)) = g.temperature_tuning {
+                    positive("floor_scale", floor_scale)?;
+                }
             }
             AttentionConfig::Mla(m) => {
                 pos("num_attention_heads", m.num_heads)?;
                 pos("kv_lora_rank", m.kv_lora_rank)?;
+                // (the forward splits a zero-width nope part off the query, which panics)
+                pos("qk_nope_head_dim", m.qk_nope_head_dim)?;
                 pos("qk_rope_head_dim", m.qk_rope_head_dim)?;
                 pos("v_head_dim", m.v_head_dim)?;
                 if m.qk_rope_head_dim % 2 != 0 {
-                    return Err(ModelError::invalid("qk_rope_head_dim", "must be even for rope"));
+                    return Err(ModelError::invalid(
+                        "qk_rope_head_dim",
+                        "must be even for rope",
+                    ));
                 }
                 if m.q_lora_rank == Some(0) {
                     return Err(ModelError::invalid("q_lora_rank", "must be > 0 or null"));
@@ -335,8 +390,12 @@ impl ModelConfig {
                 (FfnKind::Moe, Some(_)) => {}
             }
             match l.mask {
-                MaskKind::Chunked { size: 0 } => return Err(ModelError::invalid("attention_chunk_size", "must be > 0")),
-                MaskKind::SlidingWindow { window: 0 } => return Err(ModelError::invalid("sliding_window", "must be > 0")),
+                MaskKind::Chunked { size: 0 } => {
+                    return Err(ModelError::invalid("attention_chunk_size", "must be > 0"));
+                }
+                MaskKind::SlidingWindow { window: 0 } => {
+                    return Err(ModelError::invalid("sliding_window", "must be > 0"));
+                }
                 _ => {}
             }
         }
@@ -354,20 +413,32 @@ impl ModelConfig {
                 if g.num_groups == 0 || m.num_experts % g.num_groups != 0 {
                     return Err(ModelError::invalid(
                         "n_group",
-                        format!("{} does not divide the {} experts", g.num_groups, m.num_experts),
+                        format!(
+                            "{} does not divide the {} experts",
+                            g.num_groups, m.num_experts
+                        ),
                     ));
                 }
                 if g.topk_groups == 0 || g.topk_groups > g.num_groups {
-                    return Err(ModelError::invalid("topk_group", format!("must be in 1..={}", g.num_groups)));
+                    return Err(ModelError::invalid(
+                        "topk_group",
+                        format!("must be in 1..={}", g.num_groups),
+                    ));
                 }
                 let per_group = m.num_experts / g.num_groups;
                 if g.group_score == GroupScore::SumTop2 && per_group < 2 {
-                    return Err(ModelError::invalid("n_group", "groups need at least 2 experts for noaux_tc"));
+                    return Err(ModelError::invalid(
+                        "n_group",
+                        "groups need at least 2 experts for noaux_tc",
+                    ));
                 }
                 if g.topk_groups * per_group < m.top_k {
                     return Err(ModelError::invalid(
                         "topk_group",
-                        format!("{} groups of {per_group} experts cannot hold top_k {}", g.topk_groups, m.top_k),
+                        format!(
+                            "{} groups of {per_group} experts cannot hold top_k {}",
+                            g.topk_groups, m.top_k
+                        ),
                     ));
                 }
             }

@@ -98,10 +98,16 @@ impl Connectivity {
                 message: m,
             };
             if f.depth != 1 {
-                return Err(err(format!("skip depth {} is not implemented (only 1)", f.depth)));
+                return Err(err(format!(
+                    "skip depth {} is not implemented (only 1)",
+                    f.depth
+                )));
             }
             if f.start >= num_layers {
-                return Err(err(format!("start layer {} but the model has {num_layers} layers", f.start)));
+                return Err(err(format!(
+                    "start layer {} but the model has {num_layers} layers",
+                    f.start
+                )));
             }
             if let Some(e) = f.end
                 && e < f.start
@@ -287,7 +293,12 @@ impl Connectivity {
     ///
     /// # Shapes
     /// - all inputs `[batch, seq, hidden]`
-    pub fn moe_output(&self, post_attention: Tensor<3>, routed: Tensor<3>, shared: Option<Tensor<3>>) -> Residual {
+    pub fn moe_output(
+        &self,
+        post_attention: Tensor<3>,
+        routed: Tensor<3>,
+        shared: Option<Tensor<3>>,
+    ) -> Residual {
         let moe = match &shared {
             Some(s) => routed + s.clone(),
             None => routed,
@@ -318,13 +329,27 @@ mod tests {
         let p = |s: &str| s.parse::<Connectivity>().unwrap();
         assert_eq!(p("standard"), Connectivity::Standard);
         assert_eq!(p("farskip"), Connectivity::farskip());
-        assert_eq!(p("farskip:1..=3"), Connectivity::FarSkip(FarSkip::range(1, 3)));
-        assert_eq!(p("farskip:1..3"), Connectivity::FarSkip(FarSkip::range(1, 2)));
+        assert_eq!(
+            p("farskip:1..=3"),
+            Connectivity::FarSkip(FarSkip::range(1, 3))
+        );
+        assert_eq!(
+            p("farskip:1..3"),
+            Connectivity::FarSkip(FarSkip::range(1, 2))
+        );
         let c = p("farskip-mlp-only:2..");
         assert!(!c.is_converted(1) && c.is_converted(2) && c.is_converted(99));
         assert_eq!(c.to_string(), "farskip-mlp-only:2..");
         assert_eq!(p("farskip-attn-only").to_string(), "farskip-attn-only");
-        for bad in ["", "far", "standard:1..2", "farskip:3..=1", "farskip:a..=2", "farskip:2..2", "farskip:5"] {
+        for bad in [
+            "",
+            "far",
+            "standard:1..2",
+            "farskip:3..=1",
+            "farskip:a..=2",
+            "farskip:2..2",
+            "farskip:5",
+        ] {
             assert!(bad.parse::<Connectivity>().is_err(), "{bad} should fail");
         }
     }
@@ -335,8 +360,15 @@ mod tests {
         let converted: Vec<bool> = (0..4).map(|i| c.is_converted(i)).collect();
         assert_eq!(converted, [false, true, true, false]);
         assert!(c.validate(4).is_ok());
-        assert!(Connectivity::FarSkip(FarSkip::range(4, 5)).validate(4).is_err());
-        let deep = Connectivity::FarSkip(FarSkip { depth: 2, ..FarSkip::all() });
+        assert!(
+            Connectivity::FarSkip(FarSkip::range(4, 5))
+                .validate(4)
+                .is_err()
+        );
+        let deep = Connectivity::FarSkip(FarSkip {
+            depth: 2,
+            ..FarSkip::all()
+        });
         assert!(deep.validate(4).is_err());
     }
 
@@ -350,7 +382,10 @@ mod tests {
     #[test]
     fn stock_and_converted_layers_read_the_right_streams() {
         let fs = Connectivity::FarSkip(FarSkip::range(1, 1));
-        let pair = || Residual::Pair { full: t(10.0), routed_free: t(3.0) };
+        let pair = || Residual::Pair {
+            full: t(10.0),
+            routed_free: t(3.0),
+        };
         // stock layer 0 drops A
         let li = fs.layer_inputs(0, pair());
         assert_eq!((val(&li.residual), val(&li.attn_in)), (10.0, 10.0));
@@ -377,13 +412,18 @@ mod tests {
     fn moe_layers_emit_the_pair_under_farskip_even_when_stock() {
         let fs = Connectivity::FarSkip(FarSkip::range(3, 3));
         match fs.moe_output(t(1.0), t(2.0), Some(t(4.0))) {
-            Residual::Pair { full, routed_free } => assert_eq!((val(&full), val(&routed_free)), (7.0, 5.0)),
+            Residual::Pair { full, routed_free } => {
+                assert_eq!((val(&full), val(&routed_free)), (7.0, 5.0))
+            }
             Residual::Plain(_) => panic!("expected a pair"),
         }
         match Connectivity::Standard.moe_output(t(1.0), t(2.0), None) {
             Residual::Plain(h) => assert_eq!(val(&h), 3.0),
             Residual::Pair { .. } => panic!("standard keeps one stream"),
         }
-        assert!(matches!(fs.dense_output(t(1.0), t(1.0)), Residual::Plain(_)));
+        assert!(matches!(
+            fs.dense_output(t(1.0), t(1.0)),
+            Residual::Plain(_)
+        ));
     }
 }

@@ -22,7 +22,9 @@ impl Model {
     pub fn generate(&self, prompt: Tensor<2, Int>, max_new_tokens: usize) -> Result<Generation> {
         self.check_input(&prompt)?;
         if max_new_tokens == 0 {
-            return Err(ModelError::InvalidInput("max_new_tokens must be > 0".into()));
+            return Err(ModelError::InvalidInput(
+                "max_new_tokens must be > 0".into(),
+            ));
         }
         let mut cache = KvCache::new(self.layers.len());
         let mut ids = vec![prompt.clone()];

@@ -18,8 +18,15 @@ use crate::moe::{ExpertBank, MoeBlock};
 use crate::rope::Rope;
 
 /// The `model_type`s this crate loads.
-pub const SUPPORTED_FAMILIES: [&str; 7] =
-    ["qwen3_moe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "llama4_text", "mixtral", "olmoe"];
+pub const SUPPORTED_FAMILIES: [&str; 7] = [
+    "qwen3_moe",
+    "qwen2_moe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "llama4_text",
+    "mixtral",
+    "olmoe",
+];
 
 /// Typed access to config.json with errors that name the key.
 struct Json<'a> {
@@ -37,10 +44,9 @@ impl Json<'_> {
     fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| ModelError::invalid(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                ModelError::invalid(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -65,13 +71,16 @@ impl Json<'_> {
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|x| {
-                    x.as_u64()
-                        .map(|x| x as usize)
-                        .ok_or_else(|| ModelError::invalid(key, format!("expected integers, found {x}")))
+                    x.as_u64().map(|x| x as usize).ok_or_else(|| {
+                        ModelError::invalid(key, format!("expected integers, found {x}"))
+                    })
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(v) => Err(ModelError::invalid(key, format!("expected a list, found {v}"))),
+            Some(v) => Err(ModelError::invalid(
+                key,
+                format!("expected a list, found {v}"),
+            )),
         }
     }
     fn str_list(&self, key: &str) -> Result<Option<Vec<String>>> {
@@ -80,13 +89,16 @@ impl Json<'_> {
             Some(Value::Array(a)) => a
                 .iter()
                 .map(|x| {
-                    x.as_str()
-                        .map(String::from)
-                        .ok_or_else(|| ModelError::invalid(key, format!("expected strings, found {x}")))
+                    x.as_str().map(String::from).ok_or_else(|| {
+                        ModelError::invalid(key, format!("expected strings, found {x}"))
+                    })
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(v) => Err(ModelError::invalid(key, format!("expected a list, found {v}"))),
+            Some(v) => Err(ModelError::invalid(
+                key,
+                format!("expected a list, found {v}"),
+            )),
         }
     }
 }
@@ -111,7 +123,9 @@ fn parse_rope(j: &Json, layout: RopeLayout) -> Result<RopeConfig> {
     };
     let scaling = match kind.as_str() {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: num("factor", 1.0)? },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor", 1.0)?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: num("factor", 8.0)?,
             low_freq_factor: num("low_freq_factor", 1.0)?,
@@ -121,7 +135,10 @@ fn parse_rope(j: &Json, layout: RopeLayout) -> Result<RopeConfig> {
         "yarn" => {
             let max_pos = j.f64_or("max_position_embeddings", 2048.0)?;
             let config_factor = num("factor", 1.0)?;
-            let original = p.as_ref().and_then(|p| p.get("original_max_position_embeddings")).and_then(|v| v.as_f64());
+            let original = p
+                .as_ref()
+                .and_then(|p| p.get("original_max_position_embeddings"))
+                .and_then(|v| v.as_f64());
             // As transformers: with an explicit original context, the factor is the context ratio.
             let (factor, original) = match original {
                 Some(o) => (max_pos / o, o),
@@ -129,7 +146,11 @@ fn parse_rope(j: &Json, layout: RopeLayout) -> Result<RopeConfig> {
             };
             let mscale = num("mscale", 0.0)?;
             let mscale_all_dim = num("mscale_all_dim", 0.0)?;
-            let attention_factor = match p.as_ref().and_then(|p| p.get("attention_factor")).and_then(|v| v.as_f64()) {
+            let attention_factor = match p
+                .as_ref()
+                .and_then(|p| p.get("attention_factor"))
+                .and_then(|v| v.as_f64())
+            {
                 Some(a) => a,
                 None => Rope::yarn_attention_factor(factor, mscale, mscale_all_dim),
             };
@@ -140,6 +161,7 @@ fn parse_rope(j: &Json, layout: RopeLayout) -> Result<RopeConfig> {
                 beta_slow: num("beta_slow", 1.0)?,
                 attention_factor,
                 mscale_all_dim,
+                softmax_factor: config_factor,
                 truncate: p
                     .as_ref()
                     .map(|p| p.bool_or("truncate", true))
@@ -147,30 +169,18 @@ fn parse_rope(j: &Json, layout: RopeLayout) -> Result<RopeConfig> {
                     .unwrap_or(true),
             }
         }
-        other => return Err(ModelError::invalid("rope_type", format!("`{other}` is not supported"))),
+        other => {
+            return Err(ModelError::invalid(
+                "rope_type",
+                format!("`{other}` is not supported"),
+            ));
+        }
     };
-    // DeepSeek's softmax scale uses the configured factor, not the context ratio.
-    let scaling = match scaling {
-        RopeScaling::Yarn {
-            original_max_position_embeddings,
-            beta_fast,
-            beta_slow,
-            attention_factor,
-            mscale_all_dim,
-            truncate,
-            factor,
-        } => RopeScaling::Yarn {
-            factor,
-            original_max_position_embeddings,
-            beta_fast,
-            beta_slow,
-            attention_factor,
-            mscale_all_dim,
-            truncate,
-        },
-        s => s,
-    };
-    Ok(RopeConfig { theta, layout, scaling })
+    Ok(RopeConfig {
+        theta,
+        layout,
+        scaling,
+    })
 }
 
 /// Parses an HF `config.json` value into a [`ModelConfig`].
@@ -199,7 +209,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                 return Ok(n);
             }
         }
-        Err(ModelError::invalid("num_experts", "missing from config.json"))
+        Err(ModelError::invalid(
+            "num_experts",
+            "missing from config.json",
+        ))
     };
     let top_k = j.usize("num_experts_per_tok")?;
     let gqa = |qkv_bias: bool, o_bias: bool, qk_norm: QkNorm| {
@@ -233,11 +246,18 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
         })
     };
     let attention_bias = j.bool_or("attention_bias", false)?;
-    let dense = |key: &str| -> Result<FfnKind> { Ok(FfnKind::Dense { intermediate_size: j.usize(key)? }) };
+    let dense = |key: &str| -> Result<FfnKind> {
+        Ok(FfnKind::Dense {
+            intermediate_size: j.usize(key)?,
+        })
+    };
 
-    let (attention, rope_layout, moe, layers): (AttentionConfig, RopeLayout, MoeConfig, Vec<LayerConfig>) = match family
-        .as_str()
-    {
+    let (attention, rope_layout, moe, layers): (
+        AttentionConfig,
+        RopeLayout,
+        MoeConfig,
+        Vec<LayerConfig>,
+    ) = match family.as_str() {
         "qwen3_moe" | "qwen2_moe" => {
             let qwen3 = family == "qwen3_moe";
             let mlp_only = j.usize_list("mlp_only_layers")?.unwrap_or_default();
@@ -247,14 +267,21 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                 .map(|i| {
                     let moe = !mlp_only.contains(&i) && n > 0 && (i + 1) % step == 0;
                     Ok(LayerConfig {
-                        ffn: if moe { FfnKind::Moe } else { dense("intermediate_size")? },
+                        ffn: if moe {
+                            FfnKind::Moe
+                        } else {
+                            dense("intermediate_size")?
+                        },
                         use_rope: true,
                         mask: window_mask(i)?,
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let shared = match (qwen3, j.opt_usize("shared_expert_intermediate_size")?) {
-                (false, Some(s)) if s > 0 => Some(SharedExpertConfig { intermediate_size: s, gated: true }),
+                (false, Some(s)) if s > 0 => Some(SharedExpertConfig {
+                    intermediate_size: s,
+                    gated: true,
+                }),
                 _ => None,
             };
             let attention = if qwen3 {
@@ -274,7 +301,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
         "mixtral" | "olmoe" => {
             let mixtral = family == "mixtral";
             if j.get("clip_qkv").is_some() {
-                return Err(ModelError::invalid("clip_qkv", "is not supported (must be null)"));
+                return Err(ModelError::invalid(
+                    "clip_qkv",
+                    "is not supported (must be null)",
+                ));
             }
             let layers = (0..layers_n)
                 .map(|i| {
@@ -302,11 +332,19 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
         "deepseek_v2" | "deepseek_v3" => {
             let v3 = family == "deepseek_v3";
             let first_dense = j.opt_usize("first_k_dense_replace")?.unwrap_or(0);
-            let freq = if v3 { 1 } else { j.opt_usize("moe_layer_freq")?.unwrap_or(1).max(1) };
+            let freq = if v3 {
+                1
+            } else {
+                j.opt_usize("moe_layer_freq")?.unwrap_or(1).max(1)
+            };
             let layers = (0..layers_n)
                 .map(|i| {
                     Ok(LayerConfig {
-                        ffn: if i >= first_dense && i % freq == 0 { FfnKind::Moe } else { dense("intermediate_size")? },
+                        ffn: if i >= first_dense && i % freq == 0 {
+                            FfnKind::Moe
+                        } else {
+                            dense("intermediate_size")?
+                        },
                         use_rope: true,
                         mask: MaskKind::Causal,
                     })
@@ -325,7 +363,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
             let shared = j
                 .opt_usize("n_shared_experts")?
                 .filter(|&n| n > 0)
-                .map(|n| SharedExpertConfig { intermediate_size: n * moe_inter, gated: false });
+                .map(|n| SharedExpertConfig {
+                    intermediate_size: n * moe_inter,
+                    gated: false,
+                });
             let groups = |score| -> Result<Option<GroupLimit>> {
                 Ok(Some(GroupLimit {
                     num_groups: j.opt_usize("n_group")?.unwrap_or(1),
@@ -343,7 +384,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                     weight_on: WeightOn::Output,
                 }
             } else {
-                let method = j.get("topk_method").and_then(|v| v.as_str()).unwrap_or("greedy");
+                let method = j
+                    .get("topk_method")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("greedy");
                 RouterConfig {
                     scoring: Scoring::Softmax,
                     // HF DeepSeek-V2 never renormalises (it ignores norm_topk_prob).
@@ -352,7 +396,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                         "greedy" => None,
                         "group_limited_greedy" => groups(GroupScore::Max)?,
                         other => {
-                            return Err(ModelError::invalid("topk_method", format!("`{other}` is not supported")));
+                            return Err(ModelError::invalid(
+                                "topk_method",
+                                format!("`{other}` is not supported"),
+                            ));
                         }
                     },
                     correction_bias: false,
@@ -378,7 +425,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
             let moe_layers = match j.usize_list("moe_layers")? {
                 Some(l) => l,
                 None => {
-                    let step = j.opt_usize("interleave_moe_layer_step")?.unwrap_or(1).max(1);
+                    let step = j
+                        .opt_usize("interleave_moe_layer_step")?
+                        .unwrap_or(1)
+                        .max(1);
                     (step - 1..layers_n).step_by(step).collect()
                 }
             };
@@ -406,7 +456,11 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                         None => use_rope[i],
                     };
                     Ok(LayerConfig {
-                        ffn: if moe_layers.contains(&i) { FfnKind::Moe } else { dense("intermediate_size_mlp")? },
+                        ffn: if moe_layers.contains(&i) {
+                            FfnKind::Moe
+                        } else {
+                            dense("intermediate_size_mlp")?
+                        },
                         use_rope: use_rope[i],
                         mask: match (chunked, chunk) {
                             (true, Some(c)) => MaskKind::Chunked { size: c },
@@ -421,9 +475,16 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                 head_dim,
                 qkv_bias: attention_bias,
                 o_bias: attention_bias,
-                qk_norm: if j.bool_or("use_qk_norm", true)? { QkNorm::L2AfterRope } else { QkNorm::None },
+                qk_norm: if j.bool_or("use_qk_norm", true)? {
+                    QkNorm::L2AfterRope
+                } else {
+                    QkNorm::None
+                },
                 temperature_tuning: if j.bool_or("attn_temperature_tuning", true)? {
-                    Some((j.f64_or("floor_scale", 8192.0)?, j.f64_or("attn_scale", 0.1)?))
+                    Some((
+                        j.f64_or("floor_scale", 8192.0)?,
+                        j.f64_or("attn_scale", 0.1)?,
+                    ))
                 } else {
                     None
                 },
@@ -441,7 +502,10 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                     scaling_factor: 1.0,
                     weight_on: WeightOn::Input,
                 },
-                shared: Some(SharedExpertConfig { intermediate_size: inter, gated: false }),
+                shared: Some(SharedExpertConfig {
+                    intermediate_size: inter,
+                    gated: false,
+                }),
             };
             (attention, RopeLayout::Interleaved, moe, layers)
         }
@@ -525,7 +589,11 @@ fn ffn_names(family: &str, layer: usize, moe: bool) -> FfnNames {
 fn per_expert_names(style: ExpertStyle, prefix: &str, e: usize) -> [String; 3] {
     let p = format!("{prefix}.experts.{e}");
     match style {
-        ExpertStyle::Mixtral => [format!("{p}.w1.weight"), format!("{p}.w3.weight"), format!("{p}.w2.weight")],
+        ExpertStyle::Mixtral => [
+            format!("{p}.w1.weight"),
+            format!("{p}.w3.weight"),
+            format!("{p}.w2.weight"),
+        ],
         _ => [
             format!("{p}.gate_proj.weight"),
             format!("{p}.up_proj.weight"),
@@ -543,17 +611,27 @@ struct Loader<'a> {
 impl Loader<'_> {
     fn linear(&self, lin: &mut Linear, name: &str) -> Result<()> {
         let [d_in, d_out] = lin.weight.dims();
-        let w: Tensor<2> = self.store.tensor(&format!("{name}.weight"), [d_out, d_in], &self.device)?;
+        let w: Tensor<2> =
+            self.store
+                .tensor(&format!("{name}.weight"), [d_out, d_in], &self.device)?;
         lin.weight = Param::from_tensor(w.transpose());
         if let Some(b) = &lin.bias {
             let [n] = b.dims();
-            lin.bias = Some(Param::from_tensor(self.store.tensor(&format!("{name}.bias"), [n], &self.device)?));
+            lin.bias = Some(Param::from_tensor(self.store.tensor(
+                &format!("{name}.bias"),
+                [n],
+                &self.device,
+            )?));
         }
         Ok(())
     }
     fn norm(&self, n: &mut RmsNorm, name: &str) -> Result<()> {
         let [d] = n.gamma.dims();
-        n.gamma = Param::from_tensor(self.store.tensor(&format!("{name}.weight"), [d], &self.device)?);
+        n.gamma = Param::from_tensor(self.store.tensor(
+            &format!("{name}.weight"),
+            [d],
+            &self.device,
+        )?);
         Ok(())
     }
     fn mlp(&self, m: &mut Mlp, prefix: &str) -> Result<()> {
@@ -567,14 +645,21 @@ impl Loader<'_> {
         let fused_gate_up = format!("{}.experts.gate_up_proj", names.prefix);
         let fused_down = format!("{}.experts.down_proj", names.prefix);
         if names.expert_style == ExpertStyle::FusedInOut {
-            bank.gate_up = Param::from_tensor(self.store.tensor(&fused_gate_up, [e_n, h, i2], &self.device)?);
-            bank.down = Param::from_tensor(self.store.tensor(&fused_down, [e_n, i, h], &self.device)?);
+            bank.gate_up = Param::from_tensor(self.store.tensor(
+                &fused_gate_up,
+                [e_n, h, i2],
+                &self.device,
+            )?);
+            bank.down =
+                Param::from_tensor(self.store.tensor(&fused_down, [e_n, i, h], &self.device)?);
             return Ok(());
         }
         let first = per_expert_names(names.expert_style, &names.prefix, 0);
         if !self.store.contains(&first[0]) && self.store.contains(&fused_gate_up) {
             // transformers 5.x in-memory layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
-            let gu: Tensor<3> = self.store.tensor(&fused_gate_up, [e_n, i2, h], &self.device)?;
+            let gu: Tensor<3> = self
+                .store
+                .tensor(&fused_gate_up, [e_n, i2, h], &self.device)?;
             let dn: Tensor<3> = self.store.tensor(&fused_down, [e_n, h, i], &self.device)?;
             bank.gate_up = Param::from_tensor(gu.swap_dims(1, 2));
             bank.down = Param::from_tensor(dn.swap_dims(1, 2));
@@ -669,7 +754,8 @@ impl Model {
         let l = Loader { store, device };
         let family = self.config().family.clone();
         let [v, h] = self.embed.weight.dims();
-        self.embed.weight = Param::from_tensor(store.tensor("model.embed_tokens.weight", [v, h], &l.device)?);
+        self.embed.weight =
+            Param::from_tensor(store.tensor("model.embed_tokens.weight", [v, h], &l.device)?);
         l.norm(&mut self.norm, "model.norm")?;
         if let Some(head) = self.lm_head.as_mut() {
             l.linear(head, "lm_head")?;
@@ -677,7 +763,10 @@ impl Model {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let base = format!("model.layers.{i}");
             l.norm(&mut layer.input_norm, &format!("{base}.input_layernorm"))?;
-            l.norm(&mut layer.post_norm, &format!("{base}.post_attention_layernorm"))?;
+            l.norm(
+                &mut layer.post_norm,
+                &format!("{base}.post_attention_layernorm"),
+            )?;
             for (lin, n) in attention_names(&mut layer.attention.kind) {
                 l.linear(lin, &format!("{base}.self_attn.{n}"))?;
             }
@@ -720,11 +809,19 @@ impl Model {
         let lin = |w: &mut TensorWriter, l: &Linear, name: &str| {
             w.f32(format!("{name}.weight"), l.weight.val().transpose());
             if let Some(b) = &l.bias {
-                w.f32_any(format!("{name}.bias"), b.dims().to_vec(), b.val().into_data());
+                w.f32_any(
+                    format!("{name}.bias"),
+                    b.dims().to_vec(),
+                    b.val().into_data(),
+                );
             }
         };
         let norm = |w: &mut TensorWriter, n: &RmsNorm, name: &str| {
-            w.f32_any(format!("{name}.weight"), n.gamma.dims().to_vec(), n.gamma.val().into_data());
+            w.f32_any(
+                format!("{name}.weight"),
+                n.gamma.dims().to_vec(),
+                n.gamma.val().into_data(),
+            );
         };
         let mlp = |w: &mut TensorWriter, m: &Mlp, p: &str| {
             lin(w, &m.gate_proj, &format!("{p}.gate_proj"));
@@ -739,7 +836,11 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let base = format!("model.layers.{i}");
             norm(w, &layer.input_norm, &format!("{base}.input_layernorm"));
-            norm(w, &layer.post_norm, &format!("{base}.post_attention_layernorm"));
+            norm(
+                w,
+                &layer.post_norm,
+                &format!("{base}.post_attention_layernorm"),
+            );
             let mut kind = layer.attention.kind.clone();
             for (l, n) in attention_names(&mut kind) {
                 lin(w, l, &format!("{base}.self_attn.{n}"));
@@ -751,7 +852,11 @@ impl Model {
                 Ffn::Dense(m) => mlp(w, m, &ffn_names(&family, i, false).prefix),
                 Ffn::Moe(moe) => {
                     let names = ffn_names(&family, i, true);
-                    lin(w, &moe.router.gate, &format!("{}.{}", names.prefix, names.router));
+                    lin(
+                        w,
+                        &moe.router.gate,
+                        &format!("{}.{}", names.prefix, names.router),
+                    );
                     if let Some(b) = &moe.router.correction_bias {
                         w.f32_any(
                             format!("{}.{}.e_score_correction_bias", names.prefix, names.router),
@@ -770,13 +875,23 @@ impl Model {
                     if names.expert_style == ExpertStyle::FusedInOut {
                         let gu = moe.experts.gate_up.val();
                         let dn = moe.experts.down.val();
-                        w.f32_any(format!("{}.experts.gate_up_proj", names.prefix), vec![e_n, h, i2], gu.into_data());
-                        w.f32_any(format!("{}.experts.down_proj", names.prefix), vec![e_n, inter, h], dn.into_data());
+                        w.f32_any(
+                            format!("{}.experts.gate_up_proj", names.prefix),
+                            vec![e_n, h, i2],
+                            gu.into_data(),
+                        );
+                        w.f32_any(
+                            format!("{}.experts.down_proj", names.prefix),
+                            vec![e_n, inter, h],
+                            dn.into_data(),
+                        );
                     } else {
                         for e in 0..e_n {
                             let [g, u, d] = per_expert_names(names.expert_style, &names.prefix, e);
-                            let gu: Tensor<2> = moe.experts.gate_up.val().narrow(0, e, 1).squeeze_dim(0);
-                            let dn: Tensor<2> = moe.experts.down.val().narrow(0, e, 1).squeeze_dim(0);
+                            let gu: Tensor<2> =
+                                moe.experts.gate_up.val().narrow(0, e, 1).squeeze_dim(0);
+                            let dn: Tensor<2> =
+                                moe.experts.down.val().narrow(0, e, 1).squeeze_dim(0);
                             w.f32(g, gu.clone().narrow(1, 0, inter).transpose());
                             w.f32(u, gu.narrow(1, inter, inter).transpose());
                             w.f32(d, dn.transpose());
@@ -789,7 +904,10 @@ impl Model {
 }
 
 fn load_moe(l: &Loader, moe: &mut MoeBlock, names: &FfnNames) -> Result<()> {
-    l.linear(&mut moe.router.gate, &format!("{}.{}", names.prefix, names.router))?;
+    l.linear(
+        &mut moe.router.gate,
+        &format!("{}.{}", names.prefix, names.router),
+    )?;
     if let Some(b) = moe.router.correction_bias.as_mut() {
         let [e] = b.dims();
         *b = Param::from_tensor(l.store.tensor(
@@ -810,9 +928,15 @@ fn load_moe(l: &Loader, moe: &mut MoeBlock, names: &FfnNames) -> Result<()> {
 /// An HF `config.json` for configs this crate can describe as Qwen3-MoE (the GQA, softmax-router presets).
 pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
     let (AttentionConfig::Gqa(g), Some(moe)) = (&cfg.attention, &cfg.moe) else {
-        return Err(ModelError::invalid("family", "only GQA MoE configs can be written as a new config.json"));
+        return Err(ModelError::invalid(
+            "family",
+            "only GQA MoE configs can be written as a new config.json",
+        ));
     };
-    if moe.router.scoring != Scoring::Softmax || moe.shared.is_some() || cfg.rope.scaling != RopeScaling::None {
+    if moe.router.scoring != Scoring::Softmax
+        || moe.shared.is_some()
+        || cfg.rope.scaling != RopeScaling::None
+    {
         return Err(ModelError::invalid(
             "family",
             "this config has no Qwen3-MoE equivalent; pass the original config.json to save_pretrained",

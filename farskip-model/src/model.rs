@@ -40,9 +40,15 @@ impl DecoderLayer {
     /// Random-initialised layer `index` of `cfg`.
     pub fn new(cfg: &ModelConfig, index: usize, device: &Device) -> Self {
         let layer = &cfg.layers[index];
-        let norm = || RmsNormConfig::new(cfg.hidden_size).with_epsilon(cfg.rms_norm_eps).init(device);
+        let norm = || {
+            RmsNormConfig::new(cfg.hidden_size)
+                .with_epsilon(cfg.rms_norm_eps)
+                .init(device)
+        };
         let ffn = match (&layer.ffn, &cfg.moe) {
-            (FfnKind::Dense { intermediate_size }, _) => Ffn::Dense(Mlp::new(cfg.hidden_size, *intermediate_size, device)),
+            (FfnKind::Dense { intermediate_size }, _) => {
+                Ffn::Dense(Mlp::new(cfg.hidden_size, *intermediate_size, device))
+            }
             (FfnKind::Moe, Some(moe)) => Ffn::Moe(MoeBlock::new(moe, cfg.hidden_size, device)),
             (FfnKind::Moe, None) => unreachable!("validated: MoE layers need an MoE config"),
         };
@@ -72,7 +78,9 @@ impl DecoderLayer {
         cache: Option<&mut LayerKvCache>,
     ) -> Residual {
         let inputs = connectivity.layer_inputs(self.index, state);
-        let attn = self.attention.forward(self.input_norm.forward(inputs.attn_in), offset, cache);
+        let attn = self
+            .attention
+            .forward(self.input_norm.forward(inputs.attn_in), offset, cache);
         let post_attention = inputs.residual + attn;
         let x = self.post_norm.forward(match inputs.ffn_in {
             FfnInput::PostAttention => post_attention.clone(),
@@ -137,16 +145,24 @@ impl Model {
         config.validate()?;
         Ok(Self {
             embed: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
-                .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                .with_initializer(burn::nn::Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
                 .init(device),
-            layers: (0..config.num_layers()).map(|i| DecoderLayer::new(config, i, device)).collect(),
+            layers: (0..config.num_layers())
+                .map(|i| DecoderLayer::new(config, i, device))
+                .collect(),
             norm: RmsNormConfig::new(config.hidden_size)
                 .with_epsilon(config.rms_norm_eps)
                 .init(device),
             lm_head: (!config.tie_word_embeddings).then(|| {
                 LinearConfig::new(config.hidden_size, config.vocab_size)
                     .with_bias(false)
-                    .with_initializer(burn::nn::Initializer::Normal { mean: 0.0, std: 0.02 })
+                    .with_initializer(burn::nn::Initializer::Normal {
+                        mean: 0.0,
+                        std: 0.02,
+                    })
                     .init(device)
             }),
             config: config.clone(),
@@ -175,7 +191,9 @@ impl Model {
     pub fn check_input(&self, input_ids: &Tensor<2, Int>) -> Result<()> {
         let [b, t] = input_ids.dims();
         if b == 0 || t == 0 {
-            return Err(ModelError::InvalidInput(format!("input_ids has an empty shape [{b}, {t}]")));
+            return Err(ModelError::InvalidInput(format!(
+                "input_ids has an empty shape [{b}, {t}]"
+            )));
         }
         let ids = input_ids
             .clone()
@@ -204,7 +222,11 @@ impl Model {
     }
 
     /// [`Self::forward`] without the vocabulary check (the ids must be in range), optionally with a cache.
-    pub fn forward_unchecked(&self, input_ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn forward_unchecked(
+        &self,
+        input_ids: Tensor<2, Int>,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor<3> {
         let (h, _) = self.run_layers(input_ids, cache, false);
         self.logits(h)
     }

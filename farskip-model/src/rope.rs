@@ -15,7 +15,11 @@ pub struct Rope {
 }
 
 fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
-    if scale <= 1.0 { 1.0 } else { 0.1 * mscale * scale.ln() + 1.0 }
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 impl Rope {
@@ -45,7 +49,8 @@ impl Rope {
                         } else if wavelen > low_wavelen {
                             f / factor
                         } else {
-                            let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * f / factor + smooth * f
                         }
                     })
@@ -62,7 +67,9 @@ impl Rope {
                 ..
             } => {
                 let correction_dim = |rot: f64| {
-                    (dim as f64 * (original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI)).ln())
+                    (dim as f64
+                        * (original_max_position_embeddings / (rot * 2.0 * std::f64::consts::PI))
+                            .ln())
                         / (2.0 * cfg.theta.ln())
                 };
                 let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
@@ -108,8 +115,12 @@ impl Rope {
     /// DeepSeek's softmax-scale multiplier under YaRN: `m(factor, mscale_all_dim)²` (1 otherwise).
     pub fn softmax_scale_multiplier(cfg: &RopeConfig) -> f64 {
         match cfg.scaling {
-            RopeScaling::Yarn { factor, mscale_all_dim, .. } if mscale_all_dim != 0.0 => {
-                let m = yarn_mscale(factor, mscale_all_dim);
+            RopeScaling::Yarn {
+                softmax_factor,
+                mscale_all_dim,
+                ..
+            } if mscale_all_dim != 0.0 => {
+                let m = yarn_mscale(softmax_factor, mscale_all_dim);
                 m * m
             }
             _ => 1.0,
@@ -128,8 +139,14 @@ impl Rope {
         for p in offset..offset + len {
             let row: Vec<f32> = self.inv_freq.iter().map(|&f| p as f32 * f).collect();
             for _ in 0..2 {
-                cos.extend(row.iter().map(|&a| (a.cos() as f64 * self.attention_factor) as f32));
-                sin.extend(row.iter().map(|&a| (a.sin() as f64 * self.attention_factor) as f32));
+                cos.extend(
+                    row.iter()
+                        .map(|&a| (a.cos() as f64 * self.attention_factor) as f32),
+                );
+                sin.extend(
+                    row.iter()
+                        .map(|&a| (a.sin() as f64 * self.attention_factor) as f32),
+                );
             }
         }
         (
@@ -147,7 +164,10 @@ impl Rope {
         let [b, h, t, d] = x.dims();
         let x = match self.layout {
             RopeLayout::Half => x,
-            RopeLayout::Interleaved => x.reshape([b, h, t, d / 2, 2]).swap_dims(3, 4).reshape([b, h, t, d]),
+            RopeLayout::Interleaved => x
+                .reshape([b, h, t, d / 2, 2])
+                .swap_dims(3, 4)
+                .reshape([b, h, t, d]),
         };
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
@@ -163,7 +183,11 @@ mod tests {
     use super::*;
 
     fn cfg(layout: RopeLayout, scaling: RopeScaling) -> RopeConfig {
-        RopeConfig { theta: 10_000.0, layout, scaling }
+        RopeConfig {
+            theta: 10_000.0,
+            layout,
+            scaling,
+        }
     }
 
     #[test]
@@ -173,7 +197,11 @@ mod tests {
         // inv_freq = [1, 1/100]; position 3.
         let (cos, sin) = rope.tables(3, 1, &dev);
         let x = Tensor::<4>::from_floats([[[[1.0, 2.0, 3.0, 4.0]]]], &dev);
-        let y: Vec<f32> = rope.apply(x, &cos, &sin).into_data().try_into_vec::<f32>().unwrap();
+        let y: Vec<f32> = rope
+            .apply(x, &cos, &sin)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         let (a0, a1) = (3.0f64, 0.03f64);
         let want = [
             1.0 * a0.cos() - 3.0 * a0.sin(),
@@ -192,7 +220,11 @@ mod tests {
         let rope = Rope::new(&cfg(RopeLayout::Interleaved, RopeScaling::None), 4);
         let (cos, sin) = rope.tables(2, 1, &dev);
         let x = Tensor::<4>::from_floats([[[[1.0, 2.0, 3.0, 4.0]]]], &dev);
-        let y: Vec<f32> = rope.apply(x, &cos, &sin).into_data().try_into_vec::<f32>().unwrap();
+        let y: Vec<f32> = rope
+            .apply(x, &cos, &sin)
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap();
         let (a0, a1) = (2.0f64, 0.02f64);
         // pairs (1,2) at freq 1 and (3,4) at freq 1/100, written [evens | odds]
         let want = [
@@ -216,19 +248,26 @@ mod tests {
             beta_slow: 1.0,
             attention_factor: Rope::yarn_attention_factor(4.0, 1.0, 1.0),
             mscale_all_dim: 1.0,
+            softmax_factor: 4.0,
             truncate: true,
         };
         let rope = Rope::new(&cfg(RopeLayout::Interleaved, scaling.clone()), 8);
         // correction dims: low = floor(8 ln(32/(64π)) / (2 ln 1e4)) = floor(-0.7477) = -1 -> 0;
         // high = ceil(8 ln(32/(2π)) / (2 ln 1e4)) = ceil(0.3536) = 1. ramp = clamp(i, 0, 1).
-        let base: Vec<f64> = (0..4).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 8.0)).collect();
+        let base: Vec<f64> = (0..4)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 8.0))
+            .collect();
         let want: Vec<f64> = base
             .iter()
             .enumerate()
             .map(|(i, &b)| if i == 0 { b } else { b / 4.0 })
             .collect();
         for (g, w) in rope.inv_freq.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-7 * w.max(1.0), "{:?} vs {want:?}", rope.inv_freq);
+            assert!(
+                (*g as f64 - w).abs() < 1e-7 * w.max(1.0),
+                "{:?} vs {want:?}",
+                rope.inv_freq
+            );
         }
         assert_eq!(rope.attention_factor, 1.0);
         let m = 1.0 + 0.1 * 4f64.ln();
@@ -245,7 +284,9 @@ mod tests {
             original_max_position_embeddings: 64.0,
         };
         let rope = Rope::new(&cfg(RopeLayout::Half, scaling), 16);
-        let base: Vec<f64> = (0..8).map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 16.0)).collect();
+        let base: Vec<f64> = (0..8)
+            .map(|i| 1.0 / 10_000f64.powf(2.0 * i as f64 / 16.0))
+            .collect();
         // wavelength 2π/f: < 16 keeps f, > 64 divides by 8.
         for (g, b) in rope.inv_freq.iter().zip(&base) {
             let wl = 2.0 * std::f64::consts::PI / b;

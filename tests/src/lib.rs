@@ -19,7 +19,9 @@ pub const FAMILIES: [&str; 7] = [
 
 /// `tests/fixtures/<family>`.
 pub fn fixture_dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(family)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(family)
 }
 
 /// The reference tensors of a family.
@@ -42,8 +44,15 @@ pub fn ids_vec(store: &TensorStore, name: &str) -> Vec<i64> {
 /// Max |a - b| between a tensor and reference values; panics on a shape mismatch.
 pub fn max_abs_diff<const D: usize>(got: Tensor<D>, want: &(Vec<f32>, Vec<usize>)) -> f32 {
     assert_eq!(got.dims().to_vec(), want.1, "shape");
-    let g = got.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
-    g.iter().zip(&want.0).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max)
+    let g = got
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data");
+    g.iter()
+        .zip(&want.0)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Host values of an Int tensor.

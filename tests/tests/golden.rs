@@ -9,7 +9,8 @@ const TOL: f32 = 1e-4;
 
 fn check_family(family: &str) {
     let device = Device::flex();
-    let model = Model::from_pretrained(fixture_dir(family), &device).unwrap_or_else(|e| panic!("{family}: {e}"));
+    let model = Model::from_pretrained(fixture_dir(family), &device)
+        .unwrap_or_else(|e| panic!("{family}: {e}"));
     let r = reference(family);
     let input = ids(&r, "input_ids", &device);
     let cases = [
@@ -21,7 +22,10 @@ fn check_family(family: &str) {
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for (spec, name) in cases {
-        let m = model.clone().with_connectivity(spec.parse::<Connectivity>().unwrap()).unwrap();
+        let m = model
+            .clone()
+            .with_connectivity(spec.parse::<Connectivity>().unwrap())
+            .unwrap();
         let logits = m.forward(input.clone()).unwrap();
         let diff = max_abs_diff(logits, &r.f32(name).unwrap());
         report.push(format!("{spec}: {diff:.2e}"));
@@ -31,13 +35,19 @@ fn check_family(family: &str) {
     }
     let prompt = input.clone().narrow(1, 0, 8);
     for (spec, prefix) in [("standard", ""), ("farskip", "farskip_")] {
-        let m = model.clone().with_connectivity(spec.parse::<Connectivity>().unwrap()).unwrap();
+        let m = model
+            .clone()
+            .with_connectivity(spec.parse::<Connectivity>().unwrap())
+            .unwrap();
         let g = m.generate(prompt.clone(), 8).unwrap();
         let want = ids_vec(&r, &format!("{prefix}greedy_ids"));
         if int_values(g.ids) != want {
             failures.push(format!("{spec}: greedy ids differ"));
         }
-        let diff = max_abs_diff(g.step_logits, &r.f32(&format!("{prefix}greedy_step_logits")).unwrap());
+        let diff = max_abs_diff(
+            g.step_logits,
+            &r.f32(&format!("{prefix}greedy_step_logits")).unwrap(),
+        );
         report.push(format!("{spec} greedy steps: {diff:.2e}"));
         if diff > TOL {
             failures.push(format!("{spec}: greedy step logits diff {diff}"));

@@ -18,7 +18,10 @@ pub struct ExpertBank {
 impl ExpertBank {
     /// Random-initialised bank (normal, std 0.02).
     pub fn new(num_experts: usize, hidden: usize, intermediate: usize, device: &Device) -> Self {
-        let init = Initializer::Normal { mean: 0.0, std: 0.02 };
+        let init = Initializer::Normal {
+            mean: 0.0,
+            std: 0.02,
+        };
         Self {
             gate_up: init.init([num_experts, hidden, 2 * intermediate], device),
             down: init.init([num_experts, intermediate, hidden], device),
@@ -47,11 +50,57 @@ impl ExpertBank {
     /// Runs rows grouped by expert: the first `counts[0]` rows through expert 0, the next `counts[1]` through
     /// expert 1, and so on.
     ///
+    /// The experts run as two batched matmuls over `[batch, cap, hidden]` blocks of rows (see [`ExpertBatches`]),
+    /// not one small matmul per expert: flex splits a batch across threads, and the weights are used whole, so
+    /// the backward pass produces each weight gradient in one piece instead of summing one zero-padded
+    /// full-size gradient per expert. Inference on very uneven counts (decoding, say) keeps the per-expert loop,
+    /// which reads the weights in place.
+    ///
     /// # Shapes
     /// - `xs`: `[sum(counts), hidden]` -> `[sum(counts), hidden]`
     pub fn forward_grouped(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
         let [m, hidden] = xs.dims();
         debug_assert_eq!(m, counts.iter().sum::<usize>());
+        debug_assert_eq!(counts.len(), self.num_experts());
+        if m == 0 {
+            return Tensor::zeros([0, hidden], &xs.device());
+        }
+        let tracked = xs.is_autodiff() || self.gate_up.is_autodiff();
+        match ExpertBatches::plan(counts, tracked) {
+            Some(batches) => self.forward_batched(xs, &batches),
+            None => self.forward_loop(xs, counts),
+        }
+    }
+
+    /// The rows of [`Self::forward_grouped`] laid out by `batches`: one gather, two batched matmuls, one gather
+    /// back. Padding rows compute garbage that is never read (and gets a zero gradient).
+    fn forward_batched(&self, xs: Tensor<2>, batches: &ExpertBatches) -> Tensor<2> {
+        let [_, hidden] = xs.dims();
+        let device = xs.device();
+        let inter = self.intermediate_size();
+        let (n, cap) = (batches.len(), batches.cap);
+        let (gate_up, down) = match &batches.experts {
+            None => (self.gate_up.val(), self.down.val()),
+            Some(experts) => {
+                let idx = index_tensor(experts, &device);
+                (
+                    self.gate_up.val().select(0, idx.clone()),
+                    self.down.val().select(0, idx),
+                )
+            }
+        };
+        let x = xs
+            .select(0, index_tensor(&batches.src, &device))
+            .reshape([n, cap, hidden]);
+        let h = x.matmul(gate_up);
+        let a = silu(h.clone().narrow(2, 0, inter)) * h.narrow(2, inter, inter);
+        a.matmul(down)
+            .reshape([n * cap, hidden])
+            .select(0, index_tensor(&batches.dst, &device))
+    }
+
+    /// One matmul pair per expert, reading each expert's weights in place.
+    fn forward_loop(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
         let inter = self.intermediate_size();
         let gate_up = self.gate_up.val();
         let down = self.down.val();
@@ -67,10 +116,84 @@ impl ExpertBank {
             outs.push(a.matmul(down.clone().narrow(0, e, 1).squeeze_dim::<2>(0)));
             offset += c;
         }
-        if outs.is_empty() {
-            return Tensor::zeros([0, hidden], &xs.device());
-        }
         Tensor::cat(outs, 0)
+    }
+}
+
+/// How [`ExpertBank::forward_grouped`] packs rows grouped by expert into equal blocks for batched matmuls.
+///
+/// Balanced counts (the common case) give one block per expert, `cap = max(counts)` rows each, using the
+/// weights as stored. Uneven counts would spend most of such blocks on padding, so they are cut into segments
+/// of at most `cap = ceil(rows / experts)` rows instead (at most twice the rows, at most twice the experts),
+/// each block with a gathered copy of its expert's weights.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ExpertBatches {
+    /// Expert of each block; `None` when block `e` is expert `e` for every expert.
+    experts: Option<Vec<usize>>,
+    /// Rows per block.
+    cap: usize,
+    /// For each block row (`block * cap + i`), the grouped row it reads (padding reads row 0).
+    src: Vec<usize>,
+    /// For each grouped row, its block row.
+    dst: Vec<usize>,
+}
+
+impl ExpertBatches {
+    /// Padding allowed in one-block-per-expert form, as a multiple of the real rows.
+    const MAX_PADDING_FACTOR: usize = 2;
+
+    /// Plans the blocks for `counts`, or `None` when the per-expert loop is the better choice: uneven counts
+    /// and no gradient to take, where gathering weights for segments costs more than the loop.
+    fn plan(counts: &[usize], tracked: bool) -> Option<Self> {
+        let rows: usize = counts.iter().sum();
+        let max = counts.iter().copied().max().unwrap_or(0);
+        if rows == 0 {
+            return None;
+        }
+        if counts.len() * max <= Self::MAX_PADDING_FACTOR * rows {
+            return Some(Self::blocks(counts, max, |e| vec![(e, counts[e])]));
+        }
+        if !tracked {
+            return None;
+        }
+        let cap = rows.div_ceil(counts.len());
+        Some(Self::blocks(counts, cap, |e| {
+            (0..counts[e].div_ceil(cap))
+                .map(|j| (e, (counts[e] - j * cap).min(cap)))
+                .collect()
+        }))
+    }
+
+    /// Blocks of `cap` rows; `split(e)` lists expert `e`'s blocks as `(expert, rows)`, in row order.
+    fn blocks(counts: &[usize], cap: usize, split: impl Fn(usize) -> Vec<(usize, usize)>) -> Self {
+        let mut experts = Vec::new();
+        let mut src = Vec::new();
+        let mut dst = vec![0; counts.iter().sum()];
+        let mut row = 0;
+        for e in 0..counts.len() {
+            for (expert, n) in split(e) {
+                let start = experts.len() * cap;
+                experts.push(expert);
+                src.extend((row..row + n).chain(std::iter::repeat_n(0, cap - n)));
+                for (i, d) in dst[row..row + n].iter_mut().enumerate() {
+                    *d = start + i;
+                }
+                row += n;
+            }
+        }
+        let identity =
+            experts.len() == counts.len() && experts.iter().enumerate().all(|(i, &e)| i == e);
+        Self {
+            experts: (!identity).then_some(experts),
+            cap,
+            src,
+            dst,
+        }
+    }
+
+    /// Number of blocks.
+    fn len(&self) -> usize {
+        self.src.len() / self.cap
     }
 }
 

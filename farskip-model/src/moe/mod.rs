@@ -41,7 +41,12 @@ impl MoeBlock {
     pub fn new(cfg: &MoeConfig, hidden: usize, device: &Device) -> Self {
         Self {
             router: Router::new(&cfg.router, hidden, cfg.num_experts, cfg.top_k, device),
-            experts: ExpertBank::new(cfg.num_experts, hidden, cfg.expert_intermediate_size, device),
+            experts: ExpertBank::new(
+                cfg.num_experts,
+                hidden,
+                cfg.expert_intermediate_size,
+                device,
+            ),
             shared: cfg.shared.as_ref().map(|s| SharedExpert {
                 mlp: Mlp::new(hidden, s.intermediate_size, device),
                 gate: s.gated.then(|| {
@@ -82,7 +87,11 @@ impl MoeBlock {
         let sorted = index_tensor(&plan.sorted_slots, &device);
         let mut xs = x.select(0, index_tensor(&plan.sorted_tokens(), &device));
         if self.router.config().weight_on == WeightOn::Input {
-            let w = routing.weights.clone().reshape([plan.slot_experts.len()]).select(0, sorted);
+            let w = routing
+                .weights
+                .clone()
+                .reshape([plan.slot_experts.len()])
+                .select(0, sorted);
             xs = xs * w.unsqueeze_dim::<2>(1);
         }
         let ys = self.experts.forward_grouped(xs, &plan.counts);
@@ -97,7 +106,10 @@ impl MoeBlock {
     pub fn slot_inputs(&self, x: Tensor<2>, routing: &Routing) -> Tensor<2> {
         let [n, k] = routing.weights.dims();
         let h = x.dims()[1];
-        let xs = x.unsqueeze_dim::<3>(1).expand([n, k, h]).reshape([n * k, h]);
+        let xs = x
+            .unsqueeze_dim::<3>(1)
+            .expand([n, k, h])
+            .reshape([n * k, h]);
         match self.router.config().weight_on {
             WeightOn::Input => xs * routing.weights.clone().reshape([n * k, 1]),
             WeightOn::Output => xs,

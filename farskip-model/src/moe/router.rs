@@ -33,9 +33,17 @@ pub struct Router {
 
 impl Router {
     /// Random-initialised router.
-    pub fn new(cfg: &RouterConfig, hidden: usize, num_experts: usize, top_k: usize, device: &Device) -> Self {
+    pub fn new(
+        cfg: &RouterConfig,
+        hidden: usize,
+        num_experts: usize,
+        top_k: usize,
+        device: &Device,
+    ) -> Self {
         Self {
-            gate: LinearConfig::new(hidden, num_experts).with_bias(false).init(device),
+            gate: LinearConfig::new(hidden, num_experts)
+                .with_bias(false)
+                .init(device),
             correction_bias: cfg
                 .correction_bias
                 .then(|| Param::from_tensor(Tensor::zeros([num_experts], device))),

@@ -1,0 +1,312 @@
+//! CPU throughput of the forward pass and of one training step, plus a per-part breakdown of the forward.
+//!
+//! `cargo run --release -p farskip-examples --example bench -- --preset small --tokens 512 --json`
+//!
+//! The end-to-end passes run without extra syncs. The breakdown pass re-runs the forward layer by layer from the
+//! model's public sub-steps and reads a tiny slice back after each part, so each part's time is its own.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, ensure};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::prelude::*;
+use clap::Parser;
+use farskip_examples::{init_logging, load_model, random_ids};
+use farskip_model::config::WeightOn;
+use farskip_model::connectivity::FfnInput;
+use farskip_model::moe::{SlotPlan, index_tensor};
+use farskip_model::{Connectivity, Ffn, Model};
+use farskip_train::losses::cross_entropy;
+
+#[derive(Parser, Debug)]
+#[command(about = "Forward and training-step throughput with a per-part forward breakdown")]
+struct Args {
+    /// Hugging Face checkpoint directory (config.json + model.safetensors).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A preset with random weights instead of --model (small = the issue-8 benchmark config).
+    #[arg(long)]
+    preset: Option<String>,
+    /// Tokens per pass (batch 1).
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// standard | farskip | farskip-attn-only | farskip-mlp-only, optionally :START..=END or :START..END.
+    #[arg(long, default_value = "standard")]
+    connectivity: Connectivity,
+    /// Timed runs of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed warm-up runs before each measurement.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Skip the training step.
+    #[arg(long)]
+    no_train: bool,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Milliseconds per forward part, in breakdown order.
+const PARTS: [&str; 6] = [
+    "attention",
+    "router",
+    "dispatch",
+    "experts",
+    "combine",
+    "norm_other",
+];
+
+fn main() -> Result<()> {
+    init_logging();
+    let args = Args::parse();
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let device = Device::default();
+    let model = load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
+        .with_connectivity(args.connectivity.clone())?;
+    let vocab = model.config().vocab_size;
+    let ids = random_ids(1, args.tokens + 1, vocab, 1, &device);
+    let input = ids.clone().narrow(1, 0, args.tokens);
+    model.check_input(&ids)?;
+
+    let forward_ms = median_ms(args.warmup, args.runs, || {
+        let logits = model.forward_unchecked(input.clone(), None);
+        sync(&logits);
+    });
+
+    let mut parts = Vec::with_capacity(args.runs);
+    for _ in 0..args.warmup {
+        breakdown(&model, input.clone());
+    }
+    for _ in 0..args.runs {
+        parts.push(breakdown(&model, input.clone()));
+    }
+    let part_ms: Vec<f64> = (0..PARTS.len())
+        .map(|i| median(parts.iter().map(|p| p[i]).collect()))
+        .collect();
+
+    let train = (!args.no_train)
+        .then(|| train_step_ms(&args, ids.clone()))
+        .transpose()?;
+
+    let tokens = args.tokens as f64;
+    let tok_s = |ms: f64| tokens / (ms / 1e3);
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+    let breakdown_json: serde_json::Map<String, serde_json::Value> = PARTS
+        .iter()
+        .zip(&part_ms)
+        .map(|(name, ms)| (name.to_string(), serde_json::json!(round(*ms))))
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "connectivity": args.connectivity.to_string(),
+                "tokens": args.tokens,
+                "threads": threads,
+                "runs": args.runs,
+                "forward_ms": round(forward_ms),
+                "forward_tok_s": round(tok_s(forward_ms)),
+                "train_ms": train.map(|t| round(t[0])),
+                "train_tok_s": train.map(|t| round(tok_s(t[0]))),
+                "train_breakdown_ms": train.map(|t| serde_json::json!({
+                    "forward": round(t[1]), "backward": round(t[2]), "optimizer": round(t[3]),
+                })),
+                "breakdown_ms": breakdown_json,
+                "breakdown_total_ms": round(part_ms.iter().sum()),
+            })
+        );
+    } else {
+        eprintln!(
+            "{} tokens, {threads} threads: forward {forward_ms:.1} ms ({:.0} tok/s)",
+            args.tokens,
+            tok_s(forward_ms)
+        );
+        if let Some([ms, f, b, o]) = train {
+            eprintln!(
+                "train step {ms:.1} ms ({:.0} tok/s): forward {f:.1}, backward {b:.1}, AdamW {o:.1} ms",
+                tok_s(ms)
+            );
+        }
+        for (name, ms) in PARTS.iter().zip(&part_ms) {
+            eprintln!("  {name:<10} {ms:8.1} ms");
+        }
+    }
+    Ok(())
+}
+
+/// One training step (forward, next-token cross-entropy, backward, AdamW): the median of the whole step and of
+/// its three phases (each phase ends with a host read, which flex makes free).
+fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<[f64; 4]> {
+    let device = Device::default().autodiff();
+    let mut model = Some(
+        load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
+            .with_connectivity(args.connectivity.clone())?,
+    );
+    let ids = Tensor::<2, Int>::from_data(ids.into_data(), &device);
+    let input = ids.clone().narrow(1, 0, args.tokens);
+    let target = ids.narrow(1, 1, args.tokens);
+    let mut optim = AdamWConfig::new().init();
+    let mut phases: Vec<[f64; 4]> = Vec::with_capacity(args.runs);
+    for run in 0..args.warmup + args.runs {
+        let m = model.take().expect("model is put back after every step");
+        let start = Instant::now();
+        let loss = cross_entropy(m.forward_unchecked(input.clone(), None), target.clone());
+        sync(&loss);
+        let forward = start.elapsed();
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        let backward = start.elapsed();
+        model = Some(optim.step(1e-4, m, grads));
+        let step = start.elapsed();
+        if run >= args.warmup {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            phases.push([
+                ms(step),
+                ms(forward),
+                ms(backward - forward),
+                ms(step - backward),
+            ]);
+        }
+    }
+    Ok(std::array::from_fn(|i| {
+        median(phases.iter().map(|p| p[i]).collect())
+    }))
+}
+
+/// The forward again, part by part from the public sub-steps, with a host read after each part.
+fn breakdown(model: &Model, input: Tensor<2, Int>) -> [f64; PARTS.len()] {
+    let mut ms = [0.0; PARTS.len()];
+    let [attention, router, dispatch, experts, combine, other] = [0, 1, 2, 3, 4, 5];
+    let mut timed = |part: usize, start: Instant| ms[part] += start.elapsed().as_secs_f64() * 1e3;
+    let connectivity = model.connectivity();
+
+    let t = Instant::now();
+    let mut state = farskip_model::Residual::Plain(model.embed(input));
+    sync(&state.clone().full());
+    timed(other, t);
+    for layer in &model.layers {
+        let t = Instant::now();
+        let inputs = connectivity.layer_inputs(layer.index(), state);
+        let attn_in = layer.input_norm.forward(inputs.attn_in);
+        sync(&attn_in);
+        timed(other, t);
+
+        let t = Instant::now();
+        let attn = layer.attention.forward(attn_in, 0, None);
+        sync(&attn);
+        timed(attention, t);
+
+        let t = Instant::now();
+        let post_attention = inputs.residual + attn;
+        let x = layer.post_norm.forward(match inputs.ffn_in {
+            FfnInput::PostAttention => post_attention.clone(),
+            FfnInput::PreAttention(m) => m,
+        });
+        sync(&x);
+        timed(other, t);
+
+        state = match &layer.ffn {
+            Ffn::Dense(mlp) => {
+                let t = Instant::now();
+                let y = mlp.forward(x);
+                let s = connectivity.dense_output(post_attention, y);
+                sync(&s.clone().full());
+                timed(other, t);
+                s
+            }
+            Ffn::Moe(moe) => {
+                let [b, s, h] = x.dims();
+                let x = x.reshape([b * s, h]);
+
+                let t = Instant::now();
+                let routing = moe.route(x.clone());
+                sync(&routing.weights);
+                timed(router, t);
+
+                let t = Instant::now();
+                let plan = SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
+                let device = x.device();
+                let mut xs = x
+                    .clone()
+                    .select(0, index_tensor(&plan.sorted_tokens(), &device));
+                if moe.router.config().weight_on == WeightOn::Input {
+                    let w = routing
+                        .weights
+                        .clone()
+                        .reshape([plan.slot_experts.len()])
+                        .select(0, index_tensor(&plan.sorted_slots, &device));
+                    xs = xs * w.unsqueeze_dim::<2>(1);
+                }
+                sync(&xs);
+                timed(dispatch, t);
+
+                let t = Instant::now();
+                let ys = moe.experts.forward_grouped(xs, &plan.counts);
+                sync(&ys);
+                timed(experts, t);
+
+                let t = Instant::now();
+                let slot_out = ys.select(0, index_tensor(&plan.inverse(), &device));
+                let routed = moe.combine_slots(slot_out, &routing);
+                sync(&routed);
+                timed(combine, t);
+
+                let t = Instant::now();
+                let back = |y: Tensor<2>| y.reshape([b, s, h]);
+                let shared = moe.shared(x).map(back);
+                let out = connectivity.moe_output(post_attention, back(routed), shared);
+                sync(&out.clone().full());
+                timed(other, t);
+                out
+            }
+        };
+    }
+    let t = Instant::now();
+    let logits = model.logits(state.full());
+    sync(&logits);
+    timed(other, t);
+    ms
+}
+
+/// Waits for `t` by reading one element back (flex runs eagerly; this keeps the timing honest elsewhere).
+fn sync<const D: usize>(t: &Tensor<D>) {
+    let one = t.clone().flatten::<1>(0, D - 1).narrow(0, 0, 1);
+    let _ = one.into_data();
+}
+
+fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let times = (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    median(times)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}

@@ -1,0 +1,125 @@
+//! Logits (and optionally greedy ids) of a Hugging Face MoE checkpoint under a chosen connectivity.
+//!
+//! `cargo run --release -p farskip-examples --example forward -- --model DIR --input ids.safetensors \
+//!     --connectivity farskip:1..=3 --out out.safetensors --generate 8 --prompt-len 8 --json`
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use clap::Parser;
+use farskip_examples::{init_logging, load_model, random_ids, read_ids, write_tensors};
+use farskip_model::Connectivity;
+use farskip_model::checkpoint::TensorWriter;
+
+#[derive(Parser, Debug)]
+#[command(about = "Forward pass and greedy generation with standard or FarSkip connectivity")]
+struct Args {
+    /// Hugging Face checkpoint directory (config.json + model.safetensors).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A preset with random weights instead of --model (small = the issue-8 benchmark config).
+    #[arg(long)]
+    preset: Option<String>,
+    /// safetensors file with `input_ids` (int64 [batch, seq]); random ids when absent.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Random input: batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Random input: sequence length.
+    #[arg(long, default_value_t = 512)]
+    tokens: usize,
+    /// standard | farskip | farskip-attn-only | farskip-mlp-only, optionally :START..=END or :START..END.
+    #[arg(long, default_value = "standard")]
+    connectivity: Connectivity,
+    /// Where to write `logits` (and `greedy_ids`).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Generate this many tokens greedily after the first --prompt-len tokens of each row.
+    #[arg(long)]
+    generate: Option<usize>,
+    /// Prompt length for --generate (default: the whole input).
+    #[arg(long)]
+    prompt_len: Option<usize>,
+    /// Print one JSON line with shapes and timing.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> Result<()> {
+    init_logging();
+    let args = Args::parse();
+    let device = Device::default();
+    let model = load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
+        .with_connectivity(args.connectivity.clone())?;
+    let input = match &args.input {
+        Some(p) => read_ids(p, "input_ids", &device)?,
+        None => random_ids(
+            args.batch,
+            args.tokens,
+            model.config().vocab_size,
+            1,
+            &device,
+        ),
+    };
+    let [batch, seq] = input.dims();
+    model.check_input(&input)?;
+
+    // One warm-up pass so the timing below is steady-state.
+    let _ = model.forward_unchecked(input.clone().narrow(1, 0, seq.min(8)), None);
+    let start = Instant::now();
+    let logits = model.forward_unchecked(input.clone(), None);
+    let vocab = logits.dims()[2];
+    let logits_data = logits.into_data();
+    let forward_s = start.elapsed().as_secs_f64();
+
+    let mut writer = TensorWriter::default();
+    writer.f32_any("logits", vec![batch, seq, vocab], logits_data);
+    let mut gen_s = None;
+    if let Some(n) = args.generate {
+        let p = args.prompt_len.unwrap_or(seq);
+        if p == 0 || p > seq {
+            bail!("--prompt-len {p} must be in 1..={seq}");
+        }
+        let start = Instant::now();
+        let g = model
+            .generate(input.clone().narrow(1, 0, p), n)
+            .context("greedy generation")?;
+        let ids: Vec<i64> = g
+            .ids
+            .into_data()
+            .try_into_vec_as::<i64>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        gen_s = Some(start.elapsed().as_secs_f64());
+        writer.i64("greedy_ids", vec![batch, p + n], &ids);
+    }
+    if let Some(out) = &args.out {
+        write_tensors(out, &writer)?;
+    }
+    let tokens = (batch * seq) as f64;
+    if args.json {
+        let mut j = serde_json::json!({
+            "connectivity": args.connectivity.to_string(),
+            "batch": batch, "seq": seq, "vocab": vocab,
+            "logits_shape": [batch, seq, vocab],
+            "forward_ms": forward_s * 1e3,
+            "tokens_per_s": tokens / forward_s,
+            "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        });
+        if let (Some(s), Some(n)) = (gen_s, args.generate) {
+            j["generate_ms"] = serde_json::json!(s * 1e3);
+            j["generated_tokens_per_s"] = serde_json::json!((batch * n) as f64 / s);
+        }
+        println!("{j}");
+    } else {
+        eprintln!(
+            "{} [{batch}, {seq}] -> logits [{batch}, {seq}, {vocab}] in {:.1} ms ({:.0} tokens/s)",
+            args.connectivity,
+            forward_s * 1e3,
+            tokens / forward_s
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! The overlap experiment behind `examples/overlap_inference`: the same prefill run three ways on one world —
+//! standard connectivity with blocking collectives, FarSkip with the overlapped schedule, and single-rank
+//! FarSkip as the reference — with the link calibrated so that each collective lasts `comm_ratio` times the
+//! compute the FarSkip schedule can hide it behind (its overlap window).
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use farskip_model::{Connectivity, Model};
+use serde::Serialize;
+
+use crate::comm::{CommError, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, RankError};
+use crate::schedule::{EpRank, ScheduleError, TpRank, ops};
+use crate::trace::{Phase, Span, Stream, Trace, comm_time, compute_time, overlap_pct};
+
+/// How the model is split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Parallel {
+    /// Expert parallelism: experts sharded, tokens exchanged by all-to-all.
+    #[serde(rename = "ep")]
+    Expert,
+    /// Tensor parallelism: heads and expert columns sharded, partial sums all-reduced.
+    #[serde(rename = "tp")]
+    Tensor,
+}
+
+impl FromStr for Parallel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ep" => Ok(Self::Expert),
+            "tp" => Ok(Self::Tensor),
+            other => Err(format!("unknown parallelism `{other}` (expected ep or tp)")),
+        }
+    }
+}
+
+/// Errors of a distributed run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The world could not be started.
+    #[error(transparent)]
+    World(#[from] CommError),
+    /// A rank failed; the first failure is reported.
+    #[error("rank {rank}: {message}")]
+    Rank {
+        /// The failing rank.
+        rank: usize,
+        /// What it reported.
+        message: String,
+    },
+    /// A setting is invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model could not be prepared.
+    #[error(transparent)]
+    Model(#[from] farskip_model::ModelError),
+}
+
+/// Runs the model's forward on `world` LocalWorld ranks and gathers the logits of the whole batch.
+///
+/// EP splits the batch rows across ranks (the batch must divide evenly); TP runs every row on every rank and
+/// returns rank 0's logits. Returns the logits and the wall time.
+pub fn run_forward(
+    model: &Model,
+    parallel: Parallel,
+    world: usize,
+    input_ids: &Tensor<2, Int>,
+    link: LinkModel,
+    trace: &Trace,
+) -> Result<(Tensor<3>, Duration), RunError> {
+    let [batch, seq] = input_ids.dims();
+    if parallel == Parallel::Expert && !batch.is_multiple_of(world) {
+        return Err(RunError::Invalid(format!(
+            "expert parallelism splits the batch across ranks: batch {batch} does not divide by world {world}"
+        )));
+    }
+    let rows = if parallel == Parallel::Expert {
+        batch / world
+    } else {
+        batch
+    };
+    let config = LocalWorldConfig::new(link).with_trace(trace.clone());
+    let started = Mutex::new(None::<Instant>);
+    let results = LocalWorld::run_with(
+        world,
+        config,
+        |comm: &LocalComm| -> Result<Tensor<3>, ScheduleError> {
+            use crate::comm::Communicator;
+            let r = comm.rank();
+            let ids = match parallel {
+                Parallel::Expert => input_ids.clone().narrow(0, r * rows, rows),
+                Parallel::Tensor => input_ids.clone(),
+            };
+            let out = match parallel {
+                Parallel::Expert => {
+                    let rank = EpRank::new(model, r, world)?;
+                    started
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(Instant::now);
+                    rank.forward(comm, trace, ids)?
+                }
+                Parallel::Tensor => {
+                    let rank = TpRank::new(model, r, world)?;
+                    started
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert_with(Instant::now);
+                    rank.forward(comm, trace, ids)?
+                }
+            };
+            Ok(out)
+        },
+    )?;
+    let wall = started
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .map_or(Duration::ZERO, |s| s.elapsed());
+    let mut logits = Vec::with_capacity(world);
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(l) => logits.push(l),
+            Err(e) => {
+                let message = match e {
+                    RankError::Failed(e) => e.to_string(),
+                    other => other.to_string(),
+                };
+                return Err(RunError::Rank { rank, message });
+            }
+        }
+    }
+    let out = match parallel {
+        Parallel::Expert => Tensor::cat(logits, 0),
+        Parallel::Tensor => logits.swap_remove(0),
+    };
+    debug_assert_eq!(out.dims()[..2], [batch, seq]);
+    Ok((out, wall))
+}
+
+/// Settings of the overlap experiment.
+#[derive(Clone, Debug)]
+pub struct OverlapConfig {
+    /// Ranks.
+    pub world: usize,
+    /// EP or TP.
+    pub parallel: Parallel,
+    /// Collective time as a multiple of its overlap window.
+    pub comm_ratio: f64,
+    /// Tokens per sequence (EP: one sequence per rank; TP: one sequence).
+    pub tokens: usize,
+    /// Timed repetitions of each run (the median is reported).
+    pub repeats: usize,
+    /// Seed of the random input ids.
+    pub seed: u64,
+}
+
+/// What the experiment measured (the example prints it as JSON).
+#[derive(Clone, Debug, Serialize)]
+pub struct OverlapReport {
+    /// Ranks.
+    pub world: usize,
+    /// EP or TP.
+    pub parallel: Parallel,
+    /// Collective time / overlap window.
+    pub comm_ratio: f64,
+    /// Tokens per rank.
+    pub tokens: usize,
+    /// Standard connectivity, blocking collectives: wall ms.
+    pub blocking_ms: f64,
+    /// FarSkip, overlapped schedule: wall ms.
+    pub farskip_ms: f64,
+    /// `blocking_ms / farskip_ms`.
+    pub speedup: f64,
+    /// FarSkip: share of comm time covered by the same rank's compute.
+    pub overlap_pct: f64,
+    /// The blocking baseline's own overlap (near 0).
+    pub blocking_overlap_pct: f64,
+    /// The busiest rank's compute time in the FarSkip run (the bound when every collective is hidden).
+    pub compute_ms: f64,
+    /// The busiest rank's total collective time in the FarSkip run.
+    pub comm_ms: f64,
+    /// Sum of the calibrated overlap windows (one rank's worth).
+    pub window_ms: f64,
+    /// `farskip_ms / compute_ms`.
+    pub wall_over_compute: f64,
+    /// Max |distributed FarSkip logits − single-rank FarSkip logits|.
+    pub max_abs_diff: f64,
+    /// Max |distributed standard logits − single-rank standard logits|.
+    pub blocking_max_abs_diff: f64,
+    #[serde(skip)]
+    /// The trace of the last FarSkip run.
+    pub trace: Trace,
+    #[serde(skip)]
+    /// The trace of the last blocking run.
+    pub blocking_trace: Trace,
+}
+
+/// Max |a − b| over two tensors of the same shape.
+pub fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
+    (a - b).abs().max().into_scalar::<f64>()
+}
+
+/// Uniform random ids from a seeded LCG (no `rand` dependency).
+pub fn random_ids(
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    seed: u64,
+    device: &Device,
+) -> Tensor<2, Int> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let v: Vec<i64> = (0..batch * seq)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % vocab as u64) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(v, [batch, seq]), device)
+}
+
+type Windows = HashMap<(&'static str, usize), Duration>;
+
+/// Per-(collective, layer) overlap windows from a trace of the FarSkip schedule: the busiest rank's compute that
+/// the schedule runs while the collective is in flight.
+fn windows(trace: &Trace, parallel: Parallel, world: usize, num_layers: usize) -> Windows {
+    let spans = trace.spans();
+    let time = |op: &str, layer: usize| -> Duration {
+        (0..world)
+            .map(|r| {
+                spans
+                    .iter()
+                    .filter(|s: &&Span| {
+                        s.rank == r
+                            && s.stream == Stream::Compute
+                            && s.layer == Some(layer)
+                            && s.op == op
+                    })
+                    .map(Span::duration)
+                    .sum::<Duration>()
+            })
+            .max()
+            .unwrap_or_default()
+    };
+    let mut w = Windows::new();
+    for k in 0..num_layers {
+        match parallel {
+            Parallel::Expert => {
+                w.insert((ops::DISPATCH, k), time(ops::ATTN_2, k));
+                let next = if k + 1 < num_layers {
+                    time(ops::ATTN_1, k + 1)
+                } else {
+                    Duration::ZERO
+                };
+                w.insert((ops::COMBINE, k), time(ops::SHARED, k) + next);
+            }
+            Parallel::Tensor => {
+                w.insert(
+                    (ops::AR_ATTN, k),
+                    time(ops::EXPERTS, k) + time(ops::ROUTER, k),
+                );
+                // The last layer's routed all-reduce has no next attention: its own attention is the proxy.
+                let next = if k + 1 < num_layers { k + 1 } else { k };
+                w.insert(
+                    (ops::AR_MOE, k),
+                    time(ops::ATTN, next) + time(ops::ATTN_1, next),
+                );
+            }
+        }
+    }
+    w
+}
+
+fn calibrated_link(windows: Arc<Windows>, ratio: f64) -> LinkModel {
+    LinkModel::fixed_time_per_op(move |call, _bytes| {
+        let key = (call.tag.name.as_ref(), call.tag.layer.unwrap_or(usize::MAX));
+        windows
+            .iter()
+            .find(|((op, l), _)| *op == key.0 && *l == key.1)
+            .map_or(Duration::ZERO, |(_, d)| d.mul_f64(ratio))
+    })
+}
+
+fn max_over_ranks(world: usize, f: impl Fn(usize) -> Duration) -> Duration {
+    (0..world).map(f).max().unwrap_or_default()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the experiment on `model` (its connectivity is ignored: both are run).
+pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapReport, RunError> {
+    if cfg.world == 0 || cfg.tokens == 0 || cfg.repeats == 0 {
+        return Err(RunError::Invalid(
+            "world, tokens and repeats must be > 0".into(),
+        ));
+    }
+    if !(cfg.comm_ratio.is_finite() && cfg.comm_ratio >= 0.0) {
+        return Err(RunError::Invalid(format!(
+            "comm_ratio {} must be finite and >= 0",
+            cfg.comm_ratio
+        )));
+    }
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let batch = if cfg.parallel == Parallel::Expert {
+        cfg.world
+    } else {
+        1
+    };
+    let ids = random_ids(
+        batch,
+        cfg.tokens,
+        model.config().vocab_size,
+        cfg.seed,
+        &device,
+    );
+    let standard = model.clone().with_connectivity(Connectivity::Standard)?;
+    let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
+    let reference = farskip.forward_unchecked(ids.clone(), None);
+    let reference_std = standard.forward_unchecked(ids.clone(), None);
+    let layers = model.layers.len();
+
+    // Calibrate the windows on the FarSkip schedule with a free link (two passes, the second is kept: warm).
+    let mut win = Windows::new();
+    for _ in 0..2 {
+        let t = Trace::new();
+        run_forward(
+            &farskip,
+            cfg.parallel,
+            cfg.world,
+            &ids,
+            LinkModel::instant(),
+            &t,
+        )?;
+        win = windows(&t, cfg.parallel, cfg.world, layers);
+    }
+    let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
+    let win = Arc::new(win);
+
+    let measure = |m: &Model| -> Result<(f64, Trace, Tensor<3>), RunError> {
+        let mut walls = Vec::new();
+        let mut last = None;
+        for _ in 0..cfg.repeats {
+            let t = Trace::new();
+            let (logits, wall) = run_forward(
+                m,
+                cfg.parallel,
+                cfg.world,
+                &ids,
+                calibrated_link(win.clone(), cfg.comm_ratio),
+                &t,
+            )?;
+            walls.push(wall.as_secs_f64() * 1e3);
+            last = Some((t, logits));
+        }
+        let (t, logits) = last.expect("repeats > 0");
+        Ok((median(walls), t, logits))
+    };
+    let (blocking_ms, blocking_trace, blocking_logits) = measure(&standard)?;
+    let (farskip_ms, trace, farskip_logits) = measure(&farskip)?;
+    let compute = max_over_ranks(cfg.world, |r| compute_time(&trace, r, Phase::Forward));
+    let comm = max_over_ranks(cfg.world, |r| comm_time(&trace, r, Phase::Forward));
+    let compute_ms = compute.as_secs_f64() * 1e3;
+    Ok(OverlapReport {
+        world: cfg.world,
+        parallel: cfg.parallel,
+        comm_ratio: cfg.comm_ratio,
+        tokens: cfg.tokens,
+        blocking_ms,
+        farskip_ms,
+        speedup: blocking_ms / farskip_ms,
+        overlap_pct: overlap_pct(&trace, Phase::Forward).unwrap_or(0.0),
+        blocking_overlap_pct: overlap_pct(&blocking_trace, Phase::Forward).unwrap_or(0.0),
+        compute_ms,
+        comm_ms: comm.as_secs_f64() * 1e3,
+        window_ms,
+        wall_over_compute: farskip_ms / compute_ms,
+        max_abs_diff: max_abs_diff(farskip_logits, reference),
+        blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std),
+        trace,
+        blocking_trace,
+    })
+}

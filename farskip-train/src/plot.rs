@@ -1,0 +1,290 @@
+//! Loss-curve plots (SVG) and training progress output.
+//!
+//! [`loss_curves_svg`] draws validation loss against step, one coloured line per run, with a legend.
+//! [`ProgressReporter`] shows an indicatif bar when stderr is a terminal and plain `step/total loss lr elapsed`
+//! lines every N steps otherwise (logs, CI). What does not live here: collecting the numbers.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use plotters::prelude::*;
+use thiserror::Error;
+
+/// Errors while plotting.
+#[derive(Debug, Error)]
+pub enum PlotError {
+    /// No series were given.
+    #[error("cannot plot {path}: no series given")]
+    NoSeries {
+        /// The output file.
+        path: PathBuf,
+    },
+    /// A series has no finite point.
+    #[error("cannot plot {path}: series {name:?} has no finite (step, loss) point")]
+    EmptySeries {
+        /// The output file.
+        path: PathBuf,
+        /// The series at fault.
+        name: String,
+    },
+    /// plotters failed to draw or write the file.
+    #[error("cannot draw {path}: {message}")]
+    Draw {
+        /// The output file.
+        path: PathBuf,
+        /// plotters' message.
+        message: String,
+    },
+}
+
+/// Line colours, one per run (Tableau 10), reused cyclically.
+const COLOURS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// Writes an SVG of validation loss (y) against step (x), one line and legend entry per `(name, points)` series.
+///
+/// Non-finite points are skipped; a series with none left is an error.
+pub fn loss_curves_svg<S: AsRef<str>>(
+    path: impl AsRef<Path>,
+    title: &str,
+    series: &[(S, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
+    let path = path.as_ref();
+    if series.is_empty() {
+        return Err(PlotError::NoSeries {
+            path: path.to_owned(),
+        });
+    }
+    let finite: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|(name, points)| {
+            let kept: Vec<_> = points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect();
+            (name.as_ref(), kept)
+        })
+        .collect();
+    if let Some((name, _)) = finite.iter().find(|(_, points)| points.is_empty()) {
+        return Err(PlotError::EmptySeries {
+            path: path.to_owned(),
+            name: (*name).to_owned(),
+        });
+    }
+    let all = finite.iter().flat_map(|(_, points)| points);
+    let (x_range, y_range) = (
+        padded_range(all.clone().map(|p| p.0)),
+        padded_range(all.map(|p| p.1)),
+    );
+
+    let draw_err = |e: &dyn std::error::Error| PlotError::Draw {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| draw_err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x_range, y_range)
+        .map_err(|e| draw_err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("validation loss")
+        .draw()
+        .map_err(|e| draw_err(&e))?;
+    for (i, (name, points)) in finite.into_iter().enumerate() {
+        let colour = COLOURS[i % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+            .map_err(|e| draw_err(&e))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| draw_err(&e))?;
+    root.present().map_err(|e| draw_err(&e))
+}
+
+/// `min..max` of the values with 5% padding; a single value gets a unit-wide range around it.
+fn padded_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 };
+    (lo - pad)..(hi + pad)
+}
+
+/// Training progress: an indicatif bar on a terminal, plain lines every N steps otherwise.
+#[derive(Debug)]
+pub struct ProgressReporter {
+    total: usize,
+    every: usize,
+    start: Instant,
+    bar: Option<ProgressBar>,
+}
+
+impl ProgressReporter {
+    /// A bar if stderr is a terminal, else a plain line every `every` steps (and at the last step).
+    pub fn new(total_steps: usize, every: usize) -> Self {
+        if std::io::stderr().is_terminal() {
+            Self::bar(total_steps)
+        } else {
+            Self::plain(total_steps, every)
+        }
+    }
+
+    /// Plain `eprintln!` lines every `every` steps (at least 1) and at the last step, whatever stderr is.
+    pub fn plain(total_steps: usize, every: usize) -> Self {
+        Self {
+            total: total_steps,
+            every: every.max(1),
+            start: Instant::now(),
+            bar: None,
+        }
+    }
+
+    /// An indicatif bar on stderr, whatever stderr is.
+    pub fn bar(total_steps: usize) -> Self {
+        let style =
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise} < {eta}]")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+        let bar = ProgressBar::new(total_steps as u64).with_style(style);
+        Self {
+            total: total_steps,
+            every: 1,
+            start: Instant::now(),
+            bar: Some(bar),
+        }
+    }
+
+    /// Reports that `step` (1-based) finished with this loss and learning rate.
+    pub fn update(&self, step: usize, loss: f64, lr: f64) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step as u64);
+                bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+            }
+            None if self.should_print(step) => {
+                eprintln!(
+                    "{}",
+                    progress_line(step, self.total, loss, lr, self.start.elapsed())
+                );
+            }
+            None => {}
+        }
+    }
+
+    /// Whether plain mode prints a line at `step`.
+    pub fn should_print(&self, step: usize) -> bool {
+        step.is_multiple_of(self.every) || step == self.total
+    }
+
+    /// Closes the bar (plain mode prints nothing more).
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}
+
+/// One plain progress line: `step 120/1000 loss 2.3456 lr 1.00e-4 elapsed 12.3s`.
+pub fn progress_line(step: usize, total: usize, loss: f64, lr: f64, elapsed: Duration) -> String {
+    format!(
+        "step {step}/{total} loss {loss:.4} lr {lr:.2e} elapsed {:.1}s",
+        elapsed.as_secs_f64()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_an_svg_with_every_series_name() {
+        let dir = std::env::temp_dir().join(format!("farskip-train-{}-plot", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let path = dir.join("curves.svg");
+        let series = [
+            ("fcsd_kl", vec![(0.0, 3.0), (100.0, 1.5), (200.0, 1.1)]),
+            (
+                "sft_baseline",
+                vec![(0.0, 3.0), (100.0, 2.2), (200.0, f64::NAN), (300.0, 2.0)],
+            ),
+        ];
+        loss_curves_svg(&path, "FCSD recovery", &series).expect("plots");
+        let svg = std::fs::read_to_string(&path).expect("written");
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+        for needle in [
+            "fcsd_kl",
+            "sft_baseline",
+            "FCSD recovery",
+            "validation loss",
+        ] {
+            assert!(svg.contains(needle), "missing {needle}");
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn rejects_missing_data() {
+        let no_series: [(&str, Vec<(f64, f64)>); 0] = [];
+        assert!(matches!(
+            loss_curves_svg("x.svg", "t", &no_series),
+            Err(PlotError::NoSeries { .. })
+        ));
+        let err = loss_curves_svg(
+            "x.svg",
+            "t",
+            &[("ok", vec![(0.0, 1.0)]), ("bad", vec![(1.0, f64::NAN)])],
+        );
+        assert_eq!(
+            err.expect_err("no finite point").to_string(),
+            "cannot plot x.svg: series \"bad\" has no finite (step, loss) point"
+        );
+    }
+
+    #[test]
+    fn padded_range_handles_a_single_value() {
+        assert_eq!(padded_range([2.0].into_iter()), 1.5..2.5);
+        let r = padded_range([0.0, 10.0, 5.0].into_iter());
+        assert!((r.start + 0.5).abs() < 1e-12 && (r.end - 10.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn plain_progress_lines() {
+        let reporter = ProgressReporter::plain(250, 100);
+        let printed: Vec<usize> = (1..=250).filter(|&s| reporter.should_print(s)).collect();
+        assert_eq!(printed, vec![100, 200, 250]);
+        assert_eq!(
+            progress_line(120, 1000, 2.345_67, 1e-4, Duration::from_millis(12_340)),
+            "step 120/1000 loss 2.3457 lr 1.00e-4 elapsed 12.3s"
+        );
+        assert!(
+            ProgressReporter::plain(10, 0).should_print(3),
+            "every = 0 means every step"
+        );
+    }
+}

@@ -1,0 +1,429 @@
+//! The FCSD recipe, end to end: train a small MoE teacher on a corpus (or load an HF checkpoint), convert it to
+//! FarSkip, measure the damage, then recover it from the same start with the same token budget three ways —
+//! FCSD (KL), SFT and KL + L2 — and report perplexity, agreement and KL to the teacher for every model.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::prelude::*;
+use farskip_model::{Connectivity, Model, ModelConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{BatchShape, ByteCorpus, CorpusSplit, HfTokenizer, RandomBatches, ValidationSet};
+use crate::eval::{Evaluation, TeacherLogits, evaluate};
+use crate::learner::{Curves, EarlyStopConfig, Method, TrainConfig, TrainData, TrainError, train};
+use crate::plot::loss_curves_svg;
+
+/// Errors of the recipe.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    /// Reading the corpus or tokenizer failed.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// Loading or converting the model failed.
+    #[error(transparent)]
+    Model(#[from] farskip_model::ModelError),
+    /// A training run failed.
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    /// Writing the report failed.
+    #[error("writing the report to {path}: {message}")]
+    Report {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The corpus does not fit the model.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Recipe settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecipeConfig {
+    /// Text corpus (bytes as tokens, or the checkpoint's `tokenizer.json` when it has one).
+    pub corpus: PathBuf,
+    /// Distil this HF checkpoint instead of training a teacher.
+    pub model_dir: Option<PathBuf>,
+    /// The teacher trained from scratch.
+    pub teacher: ModelConfig,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Tokens per batch.
+    pub tokens_per_batch: usize,
+    /// Teacher training steps.
+    pub teacher_steps: usize,
+    /// Teacher peak learning rate.
+    pub teacher_lr: f64,
+    /// Steps of each recovery run (the same budget for every method).
+    pub recovery_steps: usize,
+    /// Peak learning rate of the recovery runs.
+    pub recovery_lr: f64,
+    /// Weight of the hidden-state term of KL + L2.
+    pub l2_weight: f64,
+    /// Validation windows used for evaluation.
+    pub valid_windows: usize,
+    /// Fraction of the corpus held out (its tail).
+    pub valid_fraction: f64,
+    /// Seed of initialisation and batch order.
+    pub seed: u64,
+    /// Where recipe.md and loss_curves.svg go.
+    pub report_dir: PathBuf,
+}
+
+impl RecipeConfig {
+    /// The full recipe (≈ 15 min on 2 cores).
+    pub fn full(corpus: impl Into<PathBuf>) -> Self {
+        Self {
+            corpus: corpus.into(),
+            model_dir: None,
+            teacher: ModelConfig::small_moe(256, 192, 4, 6, 2, 32, 8, 2, 128, Some(128)),
+            seq_len: 128,
+            tokens_per_batch: 4096,
+            teacher_steps: 1200,
+            teacher_lr: 3e-3,
+            recovery_steps: 300,
+            recovery_lr: 1e-3,
+            l2_weight: 0.1,
+            valid_windows: 96,
+            valid_fraction: 0.05,
+            seed: 7,
+            report_dir: PathBuf::from("report"),
+        }
+    }
+
+    /// The quick recipe (≈ 3 min on 2 cores).
+    pub fn quick(corpus: impl Into<PathBuf>) -> Self {
+        Self {
+            teacher: ModelConfig::small_moe(256, 128, 4, 4, 2, 32, 8, 2, 96, Some(96)),
+            tokens_per_batch: 2048,
+            teacher_steps: 400,
+            recovery_steps: 80,
+            valid_windows: 48,
+            ..Self::full(corpus)
+        }
+    }
+}
+
+/// One row of the results table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecipeRow {
+    /// teacher, converted, fcsd, sft or kl_l2.
+    pub name: String,
+    /// Held-out metrics.
+    pub eval: Evaluation,
+    /// Validation curve (step, loss) of the run that produced it.
+    pub curve: Vec<(usize, f64)>,
+    /// Seconds spent training it.
+    pub seconds: f64,
+}
+
+/// The recipe's results.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecipeReport {
+    /// Rows in table order.
+    pub rows: Vec<RecipeRow>,
+    /// Wall time of the whole recipe.
+    pub seconds: f64,
+    /// Tokens each recovery run saw.
+    pub recovery_tokens: usize,
+    /// Tokens the teacher was trained on (0 for a loaded checkpoint).
+    pub teacher_tokens: usize,
+}
+
+impl RecipeReport {
+    fn row(&self, name: &str) -> Option<&Evaluation> {
+        self.rows.iter().find(|r| r.name == name).map(|r| &r.eval)
+    }
+
+    /// Fraction of the conversion's perplexity gap FCSD recovers: `(converted − fcsd) / (converted − teacher)`.
+    pub fn recovered_fraction(&self, name: &str) -> Option<f64> {
+        let (t, c, m) = (
+            self.row("teacher")?,
+            self.row("converted")?,
+            self.row(name)?,
+        );
+        Some((c.ppl - m.ppl) / (c.ppl - t.ppl))
+    }
+
+    /// The one-line JSON summary (`teacher_ppl`, `fcsd_agreement`, `sft_kl`, ...).
+    pub fn json(&self) -> serde_json::Value {
+        let mut j = serde_json::Map::new();
+        for r in &self.rows {
+            j.insert(format!("{}_ppl", r.name), r.eval.ppl.into());
+            j.insert(format!("{}_loss", r.name), r.eval.loss.into());
+            if r.name != "teacher" {
+                j.insert(
+                    format!("{}_agreement", r.name),
+                    r.eval.agreement.unwrap_or(f64::NAN).into(),
+                );
+                j.insert(
+                    format!("{}_kl", r.name),
+                    r.eval.kl.unwrap_or(f64::NAN).into(),
+                );
+            }
+        }
+        for m in ["fcsd", "sft", "kl_l2"] {
+            if let Some(f) = self.recovered_fraction(m) {
+                j.insert(format!("{m}_recovered_fraction"), f.into());
+            }
+        }
+        j.insert("recovery_tokens".into(), self.recovery_tokens.into());
+        j.insert("teacher_tokens".into(), self.teacher_tokens.into());
+        j.insert("seconds".into(), self.seconds.into());
+        serde_json::Value::Object(j)
+    }
+
+    /// The results as a Markdown table.
+    pub fn table(&self) -> String {
+        let mut s = String::from(
+            "| model | val loss | perplexity | top-1 agreement | KL to teacher | train s |\n",
+        );
+        s.push_str("|---|---|---|---|---|---|\n");
+        for r in &self.rows {
+            let opt =
+                |v: Option<f64>, p: usize| v.map_or("—".to_string(), |v| format!("{v:.p$}"));
+            let _ = writeln!(
+                s,
+                "| {} | {:.4} | {:.3} | {} | {} | {:.0} |",
+                r.name,
+                r.eval.loss,
+                r.eval.ppl,
+                opt(r.eval.agreement, 4),
+                opt(r.eval.kl, 4),
+                r.seconds
+            );
+        }
+        s
+    }
+}
+
+fn tokens_for(cfg: &RecipeConfig) -> Result<(Vec<u32>, usize), RecipeError> {
+    if let Some(dir) = &cfg.model_dir {
+        let tok = dir.join("tokenizer.json");
+        if tok.exists() {
+            let t = HfTokenizer::from_file(&tok)?;
+            return Ok((t.encode_file(&cfg.corpus)?, t.vocab_size()));
+        }
+    }
+    let corpus = ByteCorpus::from_file(&cfg.corpus)?;
+    Ok((corpus.tokens(), ByteCorpus::VOCAB_SIZE))
+}
+
+/// Runs the recipe and writes `report_dir/recipe.md` and `report_dir/loss_curves.svg`.
+pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, RecipeError> {
+    let started = Instant::now();
+    let (tokens, vocab) = tokens_for(cfg)?;
+    let CorpusSplit {
+        train: train_tokens,
+        valid: valid_tokens,
+    } = crate::data::split_tokens(&tokens, cfg.valid_fraction)?;
+    let shape = BatchShape::new(cfg.seq_len, cfg.tokens_per_batch)?;
+    let valid = ValidationSet::new(valid_tokens, shape)?.truncated(cfg.valid_windows);
+    let train_tokens: std::sync::Arc<[u32]> = train_tokens.into();
+    let batches = |seed| RandomBatches::new(train_tokens.clone(), shape, seed, device);
+    eprintln!(
+        "corpus {}: {} train / {} validation tokens (vocab {vocab}), {} validation windows of {}",
+        cfg.corpus.display(),
+        train_tokens.len(),
+        valid.num_targets(),
+        valid.num_windows(),
+        cfg.seq_len
+    );
+
+    let mut rows = Vec::new();
+    let (teacher, teacher_tokens) = match &cfg.model_dir {
+        Some(dir) => {
+            let m = Model::from_pretrained(dir, device)?;
+            if m.config().vocab_size < vocab {
+                return Err(RecipeError::Mismatch(format!(
+                    "the corpus needs a vocabulary of {vocab} but {} has {}",
+                    dir.display(),
+                    m.config().vocab_size
+                )));
+            }
+            let e = evaluate(&m, &valid, None, device);
+            rows.push(RecipeRow {
+                name: "teacher".into(),
+                eval: e,
+                curve: vec![],
+                seconds: 0.0,
+            });
+            (m, 0)
+        }
+        None => {
+            if cfg.teacher.vocab_size != vocab {
+                return Err(RecipeError::Mismatch(format!(
+                    "teacher vocab {} does not match the corpus vocab {vocab}",
+                    cfg.teacher.vocab_size
+                )));
+            }
+            device.seed(cfg.seed);
+            let init = Model::new(&cfg.teacher, device)?;
+            eprintln!(
+                "training the teacher: {} parameters, {} steps of {} tokens",
+                init.num_params(),
+                cfg.teacher_steps,
+                shape.batch_size() * cfg.seq_len
+            );
+            let mut tc = TrainConfig::new(
+                "teacher",
+                Method::Pretrain,
+                cfg.teacher_steps,
+                cfg.teacher_lr,
+            );
+            tc.min_lr = cfg.teacher_lr * 0.02;
+            tc.seed = cfg.seed;
+            let out = train(
+                init,
+                None,
+                TrainData {
+                    batches: batches(cfg.seed)?,
+                    valid: &valid,
+                    teacher_logits: None,
+                },
+                &tc,
+            )?;
+            let e = evaluate(&out.model, &valid, None, device);
+            rows.push(RecipeRow {
+                name: "teacher".into(),
+                eval: e,
+                curve: valid_curve(&out.curves),
+                seconds: out.seconds,
+            });
+            (
+                out.model,
+                cfg.teacher_steps * shape.batch_size() * cfg.seq_len,
+            )
+        }
+    };
+    let teacher_logits = TeacherLogits::new(&teacher, &valid, device);
+    let converted = teacher.clone().with_connectivity(Connectivity::farskip())?;
+    let mut e = evaluate(&converted, &valid, Some(&teacher_logits), device);
+    e.agreement = e.agreement.or(Some(0.0));
+    rows.push(RecipeRow {
+        name: "converted".into(),
+        eval: e,
+        curve: vec![],
+        seconds: 0.0,
+    });
+    eprintln!(
+        "teacher ppl {:.3}, converted (FarSkip, all layers) ppl {:.3}",
+        rows[0].eval.ppl, e.ppl
+    );
+
+    let methods = [
+        ("fcsd", Method::Fcsd { temperature: 1.0 }),
+        ("sft", Method::Sft),
+        (
+            "kl_l2",
+            Method::KlL2 {
+                temperature: 1.0,
+                l2_weight: cfg.l2_weight,
+            },
+        ),
+    ];
+    for (name, method) in methods {
+        let mut tc = TrainConfig::new(name, method, cfg.recovery_steps, cfg.recovery_lr);
+        tc.seed = cfg.seed + 1;
+        tc.early_stopping = Some(EarlyStopConfig {
+            patience: 4,
+            min_rel_improvement: 1e-3,
+            // Only a collapse (the metric doubling) stops a run at once; noise on a small KL must not.
+            max_rel_degradation: 1.0,
+        });
+        eprintln!("recovering with {name}: {} steps", cfg.recovery_steps);
+        let out = train(
+            converted.clone(),
+            Some(&teacher),
+            TrainData {
+                batches: batches(cfg.seed + 1)?,
+                valid: &valid,
+                teacher_logits: Some(&teacher_logits),
+            },
+            &tc,
+        )?;
+        let e = evaluate(&out.model, &valid, Some(&teacher_logits), device);
+        rows.push(RecipeRow {
+            name: name.into(),
+            eval: e,
+            curve: valid_curve(&out.curves),
+            seconds: out.seconds,
+        });
+    }
+    let report = RecipeReport {
+        rows,
+        seconds: started.elapsed().as_secs_f64(),
+        recovery_tokens: cfg.recovery_steps * shape.batch_size() * cfg.seq_len,
+        teacher_tokens,
+    };
+    write_report(cfg, &report)?;
+    Ok(report)
+}
+
+fn valid_curve(c: &Curves) -> Vec<(usize, f64)> {
+    c.valid.iter().map(|(s, e)| (*s, e.loss)).collect()
+}
+
+fn write_report(cfg: &RecipeConfig, report: &RecipeReport) -> Result<(), RecipeError> {
+    let dir = &cfg.report_dir;
+    let err = |path: &Path, e: &dyn std::fmt::Display| RecipeError::Report {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
+    let svg = dir.join("loss_curves.svg");
+    let teacher_steps = report.rows[0].curve.len();
+    let series: Vec<(String, Vec<(f64, f64)>)> = report
+        .rows
+        .iter()
+        .filter(|r| !r.curve.is_empty())
+        .map(|r| {
+            // Recovery runs start where the teacher ended, so all curves share one step axis.
+            let offset = if r.name == "teacher" || teacher_steps == 0 {
+                0
+            } else {
+                cfg.teacher_steps
+            };
+            (
+                r.name.clone(),
+                r.curve
+                    .iter()
+                    .map(|(s, l)| ((s + offset) as f64, *l))
+                    .collect(),
+            )
+        })
+        .collect();
+    if !series.is_empty() {
+        loss_curves_svg(&svg, "validation loss (nats/token)", &series)
+            .map_err(|e| err(&svg, &e))?;
+    }
+    let md = dir.join("recipe.md");
+    let mut text = String::from("# FCSD recipe\n\n");
+    let _ = writeln!(
+        text,
+        "Corpus `{}`; teacher {} tokens; each recovery run {} tokens (same start, same budget). FarSkip on all layers.\n",
+        cfg.corpus.display(),
+        report.teacher_tokens,
+        report.recovery_tokens
+    );
+    text.push_str(&report.table());
+    for m in ["fcsd", "sft", "kl_l2"] {
+        if let Some(f) = report.recovered_fraction(m) {
+            let _ = writeln!(
+                text,
+                "\n{m} recovers {:.1}% of the conversion's perplexity gap.",
+                100.0 * f
+            );
+        }
+    }
+    let _ = writeln!(
+        text,
+        "\n![loss curves](loss_curves.svg)\n\nTotal time {:.0} s.",
+        report.seconds
+    );
+    std::fs::write(&md, text).map_err(|e| err(&md, &e))?;
+    Ok(())
+}
