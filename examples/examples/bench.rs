@@ -70,7 +70,7 @@ fn main() -> Result<()> {
     let input = ids.clone().narrow(1, 0, args.tokens);
     model.check_input(&ids)?;
 
-    let forward_ms = median_ms(args.warmup, args.runs, || {
+    let (forward_ms, forward_cpu_ms) = measure(args.warmup, args.runs, || {
         let logits = model.forward_unchecked(input.clone(), None);
         sync(&logits);
     });
@@ -86,9 +86,13 @@ fn main() -> Result<()> {
         .map(|i| median(parts.iter().map(|p| p[i]).collect()))
         .collect();
 
-    let train = (!args.no_train)
-        .then(|| train_step_ms(&args, ids.clone()))
-        .transpose()?;
+    let (train, train_cpu_ms) = match args.no_train {
+        true => (None, None),
+        false => {
+            let (t, cpu) = train_step_ms(&args, ids.clone())?;
+            (Some(t), cpu)
+        }
+    };
 
     let tokens = args.tokens as f64;
     let tok_s = |ms: f64| tokens / (ms / 1e3);
@@ -116,7 +120,9 @@ fn main() -> Result<()> {
                 "runs": args.runs,
                 "forward_ms": round(forward_ms),
                 "forward_tok_s": round(tok_s(forward_ms)),
+                "forward_cpu_ms": forward_cpu_ms.map(round),
                 "train_ms": train.map(|t| round(t[0])),
+                "train_cpu_ms": train_cpu_ms.map(round),
                 "train_tok_s": train.map(|t| round(tok_s(t[0]))),
                 "train_breakdown_ms": train.map(|t| serde_json::json!({
                     "forward": round(t[1]), "backward": round(t[2]), "optimizer": round(t[3]),
@@ -146,7 +152,7 @@ fn main() -> Result<()> {
 
 /// One training step (forward, next-token cross-entropy, backward, AdamW): the median of the whole step and of
 /// its three phases (each phase ends with a host read, which flex makes free).
-fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<[f64; 4]> {
+fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<([f64; 4], Option<f64>)> {
     let device = Device::default().autodiff();
     let mut model = Some(
         load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
@@ -157,7 +163,11 @@ fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<[f64; 4]> {
     let target = ids.narrow(1, 1, args.tokens);
     let mut optim = AdamWConfig::new().init();
     let mut phases: Vec<[f64; 4]> = Vec::with_capacity(args.runs);
+    let mut cpu_start = None;
     for run in 0..args.warmup + args.runs {
+        if run == args.warmup {
+            cpu_start = cpu_ms();
+        }
         let m = model.take().expect("model is put back after every step");
         let start = Instant::now();
         let loss = cross_entropy(m.forward_unchecked(input.clone(), None), target.clone());
@@ -177,9 +187,13 @@ fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<[f64; 4]> {
             ]);
         }
     }
-    Ok(std::array::from_fn(|i| {
-        median(phases.iter().map(|p| p[i]).collect())
-    }))
+    let cpu = cpu_start
+        .zip(cpu_ms())
+        .map(|(a, b)| (b - a) / args.runs as f64);
+    Ok((
+        std::array::from_fn(|i| median(phases.iter().map(|p| p[i]).collect())),
+        cpu,
+    ))
 }
 
 /// The forward again, part by part from the public sub-steps, with a host read after each part.
@@ -283,10 +297,22 @@ fn sync<const D: usize>(t: &Tensor<D>) {
     let _ = one.into_data();
 }
 
-fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> f64 {
+/// CPU time of the whole process so far (user + system), in ms; `None` off Linux.
+fn cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the `(comm)`: state is field 3, utime 14 and stime 15 (clock ticks, 100 per second).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks * 10.0)
+}
+
+/// Median wall time and mean CPU time (all threads) of `runs` calls after `warmup` calls, in ms.
+fn measure(warmup: usize, runs: usize, mut f: impl FnMut()) -> (f64, Option<f64>) {
     for _ in 0..warmup {
         f();
     }
+    let cpu_start = cpu_ms();
     let times = (0..runs)
         .map(|_| {
             let start = Instant::now();
@@ -294,7 +320,8 @@ fn median_ms(warmup: usize, runs: usize, mut f: impl FnMut()) -> f64 {
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    median(times)
+    let cpu = cpu_start.zip(cpu_ms()).map(|(a, b)| (b - a) / runs as f64);
+    (median(times), cpu)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

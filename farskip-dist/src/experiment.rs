@@ -392,3 +392,421 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         blocking_trace,
     })
 }
+
+/// Settings of the overlapped-training experiment.
+#[derive(Clone, Debug)]
+pub struct TrainingConfig {
+    /// Ranks.
+    pub world: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Collective time as a multiple of its overlap window (forward and backward).
+    pub comm_ratio: f64,
+    /// Tokens per rank per step (one sequence per rank).
+    pub tokens: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// Seed of the token windows.
+    pub seed: u64,
+}
+
+/// What the training experiment measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct TrainingReport {
+    /// Ranks.
+    pub world: usize,
+    /// Collective time / overlap window.
+    pub comm_ratio: f64,
+    /// Steps run.
+    pub steps: usize,
+    /// Tokens per rank per step.
+    pub tokens: usize,
+    /// FarSkip forward: share of comm time covered by compute.
+    pub fwd_overlap_pct: f64,
+    /// FarSkip backward: share of comm time covered by compute.
+    pub bwd_overlap_pct: f64,
+    /// Blocking baseline's forward and backward overlap.
+    pub blocking_overlap_pct: f64,
+    /// Standard connectivity, blocking collectives: median ms per step.
+    pub blocking_step_ms: f64,
+    /// FarSkip, overlapped schedule: median ms per step.
+    pub farskip_step_ms: f64,
+    /// The busiest rank's compute per step (FarSkip).
+    pub compute_step_ms: f64,
+    /// `blocking_step_ms / farskip_step_ms`.
+    pub speedup: f64,
+    /// `farskip_step_ms / compute_step_ms`.
+    pub wall_over_compute: f64,
+    /// Max |EP loss − single-rank loss| over the steps.
+    pub loss_max_abs_diff: f64,
+    /// Max over parameters of max|g_EP − g_1| / max|g_1| after the last step's backward.
+    pub grad_max_rel_diff: f64,
+    /// Single-rank losses per step.
+    pub losses: Vec<f64>,
+    #[serde(skip)]
+    /// Trace of the last FarSkip step.
+    pub trace: Trace,
+    #[serde(skip)]
+    /// Trace of the last blocking step.
+    pub blocking_trace: Trace,
+}
+
+/// Gradients by parameter name.
+type NamedGrads = Vec<(String, Vec<f32>)>;
+
+/// Per-parameter gradients by structural name, for comparing a rank's (sliced) model with the full one.
+fn named_grads(model: &Model, grads: &burn::optim::GradientsParams) -> Vec<(String, Vec<f32>)> {
+    use farskip_model::model::Ffn;
+    let mut out = Vec::new();
+    let read = |t: Tensor<3>| {
+        t.into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap_or_default()
+    };
+    for (id, dims) in crate::training::param_list(model) {
+        let v = match dims.len() {
+            1 => grads.get::<1>(id).map(|t| {
+                t.into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .unwrap_or_default()
+            }),
+            2 => grads.get::<2>(id).map(|t| {
+                t.into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .unwrap_or_default()
+            }),
+            _ => None,
+        };
+        if let Some(v) = v {
+            out.push((format!("{id:?}"), v));
+        }
+    }
+    for (i, layer) in model.layers.iter().enumerate() {
+        if let Ffn::Moe(moe) = &layer.ffn {
+            for (name, p) in [
+                ("gate_up", &moe.experts.gate_up),
+                ("down", &moe.experts.down),
+            ] {
+                if let Some(g) = grads.get::<3>(p.id) {
+                    out.push((format!("layer{i}.{name}"), read(g)));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn windows_training(trace: &Trace, world: usize, num_layers: usize) -> Windows {
+    use crate::training::bwd_ops;
+    let mut w = windows(trace, Parallel::Expert, world, num_layers);
+    let spans = trace.spans();
+    let time = |op: &str, layer: Option<usize>| -> Duration {
+        (0..world)
+            .map(|r| {
+                spans
+                    .iter()
+                    .filter(|s| {
+                        s.rank == r && s.stream == Stream::Compute && s.layer == layer && s.op == op
+                    })
+                    .map(Span::duration)
+                    .sum::<Duration>()
+            })
+            .max()
+            .unwrap_or_default()
+    };
+    let layer_bwd = |k: usize| {
+        [
+            bwd_ops::JOIN,
+            bwd_ops::ATTN,
+            bwd_ops::EXPERTS,
+            bwd_ops::SHARED,
+            bwd_ops::ROUTER,
+        ]
+        .iter()
+        .map(|op| time(op, Some(k)))
+        .sum::<Duration>()
+    };
+    for k in 0..num_layers {
+        w.insert((bwd_ops::COMBINE_BWD, k), time(bwd_ops::ATTN, Some(k)));
+        w.insert((bwd_ops::DISPATCH_BWD, k), time(bwd_ops::SHARED, Some(k)));
+        let below = if k > 0 {
+            layer_bwd(k - 1)
+        } else {
+            time(bwd_ops::HEAD, None) / 2
+        };
+        w.insert((bwd_ops::GRAD_ALLREDUCE, k), below);
+    }
+    w
+}
+
+/// Runs `steps` EP training steps on `world` ranks; returns per-step global losses, the last step's
+/// gradients of every rank (by name) and the median step wall time.
+fn ep_train(
+    model: &Model,
+    cfg: &TrainingConfig,
+    windows_per_step: &[Tensor<2, Int>],
+    link: LinkModel,
+    trace: &Trace,
+) -> Result<(Vec<f64>, Vec<NamedGrads>, f64), RunError> {
+    use crate::comm::Communicator;
+    use burn::optim::AdamWConfig;
+    let world = cfg.world;
+    let config = LocalWorldConfig::new(link).with_trace(trace.clone());
+    let results = LocalWorld::run_with(world, config, |comm: &LocalComm| {
+        let r = comm.rank();
+        let mut rank = crate::training::EpTrainRank::new(model, r, world)?;
+        let mut optim = AdamWConfig::new().with_epsilon(1e-8).init();
+        let mut losses = Vec::new();
+        let mut walls = Vec::new();
+        let mut last = Vec::new();
+        for (s, w) in windows_per_step.iter().enumerate() {
+            trace.clear();
+            comm.barrier(CollectiveTag::new("step_start")).wait()?;
+            let t0 = Instant::now();
+            let rows = w.dims()[0] / world;
+            let step = rank.step(comm, trace, w.clone().narrow(0, r * rows, rows))?;
+            walls.push(t0.elapsed().as_secs_f64() * 1e3);
+            let total = comm
+                .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
+                .wait()?;
+            losses.push(total[0] as f64);
+            if s + 1 == windows_per_step.len() {
+                last = named_grads(rank.model(), &step.grads);
+            }
+            let m = optim.step(cfg.lr, rank.model().clone(), step.grads);
+            rank.set_model(m);
+        }
+        Ok::<_, ScheduleError>((losses, last, walls))
+    })?;
+    let mut all = Vec::new();
+    let mut losses = Vec::new();
+    let mut walls = Vec::new();
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok((l, g, w)) => {
+                losses = l;
+                all.push(g);
+                walls.extend(w);
+            }
+            Err(e) => {
+                return Err(RunError::Rank {
+                    rank,
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok((losses, all, median(walls)))
+}
+
+use crate::comm::CollectiveTag;
+
+/// Single-rank FarSkip training on the whole batch: losses per step and the last step's gradients by name.
+fn reference_train(
+    model: &Model,
+    cfg: &TrainingConfig,
+    windows_per_step: &[Tensor<2, Int>],
+) -> (Vec<f64>, Vec<(String, Vec<f32>)>) {
+    use burn::optim::{AdamWConfig, GradientsParams};
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let mut m = model.clone().train().fork(&device.autodiff());
+    let mut optim = AdamWConfig::new().with_epsilon(1e-8).init();
+    let mut losses = Vec::new();
+    let mut last = Vec::new();
+    for (s, w) in windows_per_step.iter().enumerate() {
+        let [b, t1] = w.dims();
+        let t = t1 - 1;
+        let logits = m.forward_unchecked(w.clone().narrow(1, 0, t), None);
+        let v = logits.dims()[2];
+        let logp = burn::tensor::activation::log_softmax(logits.reshape([b * t, v]), 1);
+        let loss = logp
+            .gather(1, w.clone().narrow(1, 1, t).reshape([b * t, 1]))
+            .neg()
+            .mean();
+        losses.push(loss.clone().into_scalar::<f64>());
+        let grads = GradientsParams::from_grads(loss.backward(), &m);
+        if s + 1 == windows_per_step.len() {
+            last = named_grads(&m, &grads);
+        }
+        m = optim.step(cfg.lr, m, grads);
+    }
+    (losses, last)
+}
+
+/// Compares rank gradients (replicated ones by id on every rank, experts as the owner's slice) with the
+/// single-rank ones: max over parameters of max|Δ| / max|g|.
+fn grad_rel_diff(
+    model: &Model,
+    world: usize,
+    reference: &[(String, Vec<f32>)],
+    ranks: &[Vec<(String, Vec<f32>)>],
+) -> f64 {
+    let sharding = model
+        .config()
+        .moe
+        .as_ref()
+        .map(|m| crate::dispatch::ExpertSharding::new(m.num_experts, world));
+    let mut worst = 0.0f64;
+    for (name, g_ref) in reference {
+        let scale = g_ref.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-12) as f64;
+        if name.starts_with("layer") {
+            // Experts: concatenate the owners' slices in rank order.
+            let joined: Vec<f32> = ranks
+                .iter()
+                .flat_map(|r| {
+                    r.iter()
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let _ = &sharding;
+            let d = joined
+                .iter()
+                .zip(g_ref)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max) as f64;
+            worst = worst.max(if joined.len() == g_ref.len() {
+                d / scale
+            } else {
+                f64::INFINITY
+            });
+        } else {
+            for r in ranks {
+                let d = match r.iter().find(|(n, _)| n == name) {
+                    Some((_, v)) => {
+                        v.iter()
+                            .zip(g_ref)
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0.0f32, f32::max) as f64
+                            / scale
+                    }
+                    None => f64::INFINITY,
+                };
+                worst = worst.max(d);
+            }
+        }
+    }
+    worst
+}
+
+/// Runs the training experiment: single-rank FarSkip (reference), EP FarSkip overlapped, EP standard blocking.
+pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingReport, RunError> {
+    if cfg.world == 0 || cfg.steps == 0 || cfg.tokens == 0 {
+        return Err(RunError::Invalid(
+            "world, steps and tokens must be > 0".into(),
+        ));
+    }
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let vocab = model.config().vocab_size;
+    let windows_per_step: Vec<Tensor<2, Int>> = (0..cfg.steps)
+        .map(|s| {
+            random_ids(
+                cfg.world,
+                cfg.tokens + 1,
+                vocab,
+                cfg.seed + s as u64,
+                &device,
+            )
+        })
+        .collect();
+    let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
+    let standard = model.clone().with_connectivity(Connectivity::Standard)?;
+    let (ref_losses, ref_grads) = reference_train(&farskip, cfg, &windows_per_step);
+
+    // Calibrate the windows with a free link (a one-step warm-up, then one measured step).
+    let t = Trace::new();
+    let calib = &windows_per_step[..1];
+    ep_train(
+        &farskip,
+        &TrainingConfig {
+            steps: 1,
+            ..cfg.clone()
+        },
+        calib,
+        LinkModel::instant(),
+        &t,
+    )?;
+    let t = Trace::new();
+    ep_train(
+        &farskip,
+        &TrainingConfig {
+            steps: 1,
+            ..cfg.clone()
+        },
+        calib,
+        LinkModel::instant(),
+        &t,
+    )?;
+    let win = Arc::new(windows_training(&t, cfg.world, model.layers.len()));
+
+    let trace = Trace::new();
+    let (losses, grads, farskip_step_ms) = ep_train(
+        &farskip,
+        cfg,
+        &windows_per_step,
+        calibrated_link(win.clone(), cfg.comm_ratio),
+        &trace,
+    )?;
+    let blocking_trace = Trace::new();
+    let (_, _, blocking_step_ms) = ep_train(
+        &standard,
+        cfg,
+        &windows_per_step,
+        calibrated_link(win, cfg.comm_ratio),
+        &blocking_trace,
+    )?;
+    let compute = max_over_ranks(cfg.world, |r| {
+        compute_time(&trace, r, Phase::Forward) + compute_time(&trace, r, Phase::Backward)
+    });
+    let compute_step_ms = compute.as_secs_f64() * 1e3;
+    let blocking_overlap = {
+        let f = crate::trace::hidden_comm_time;
+        let (mut hidden, mut total) = (Duration::ZERO, Duration::ZERO);
+        for r in 0..cfg.world {
+            for p in [Phase::Forward, Phase::Backward] {
+                hidden += f(&blocking_trace, r, p);
+                total += comm_time(&blocking_trace, r, p);
+            }
+        }
+        if total.is_zero() {
+            0.0
+        } else {
+            100.0 * hidden.as_secs_f64() / total.as_secs_f64()
+        }
+    };
+    Ok(TrainingReport {
+        world: cfg.world,
+        comm_ratio: cfg.comm_ratio,
+        steps: cfg.steps,
+        tokens: cfg.tokens,
+        fwd_overlap_pct: overlap_pct(&trace, Phase::Forward).unwrap_or(0.0),
+        bwd_overlap_pct: overlap_pct(&trace, Phase::Backward).unwrap_or(0.0),
+        blocking_overlap_pct: blocking_overlap,
+        blocking_step_ms,
+        farskip_step_ms,
+        compute_step_ms,
+        speedup: blocking_step_ms / farskip_step_ms,
+        wall_over_compute: farskip_step_ms / compute_step_ms,
+        loss_max_abs_diff: losses
+            .iter()
+            .zip(&ref_losses)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max),
+        grad_max_rel_diff: grad_rel_diff(model, cfg.world, &ref_grads, &grads),
+        losses: ref_losses,
+        trace,
+        blocking_trace,
+    })
+}

@@ -1,5 +1,33 @@
 //! Distributed runtime for FarSkip-Collective MoE models: async collectives, the expert-parallel
-//! token dispatcher and the trace that measures how much communication the schedules hide.
+//! token dispatcher, the overlapped schedules and the trace that measures how much communication
+//! they hide.
+//!
+//! ```
+//! use burn::prelude::*;
+//! use farskip_dist::experiment::{Parallel, max_abs_diff, run_forward};
+//! use farskip_dist::{CollectiveTag, Communicator, LinkModel, LocalWorld, Trace};
+//! use farskip_model::{Connectivity, Model, ModelConfig};
+//!
+//! // Ranks as threads of this process. A collective returns at once with a `Pending`.
+//! let sums = LocalWorld::run(2, LinkModel::instant(), |comm| {
+//!     let pending = comm.all_reduce(CollectiveTag::new("sum"), vec![comm.rank() as f32 + 1.0]);
+//!     // ... compute here while the all-reduce is in flight ...
+//!     pending.wait()
+//! })?;
+//! for sum in sums {
+//!     assert_eq!(sum?, vec![3.0]);
+//! }
+//!
+//! // An expert-parallel FarSkip forward over two ranks equals the single-rank forward bit for bit.
+//! let device = Device::flex();
+//! let config = ModelConfig::small_moe(64, 32, 2, 4, 2, 8, 4, 2, 16, None);
+//! let model = Model::new(&config, &device)?.with_connectivity(Connectivity::farskip())?;
+//! let ids = Tensor::<2, Int>::from_ints([[1, 2, 3, 4], [5, 6, 7, 8]], &device);
+//! let link = LinkModel::instant();
+//! let (logits, _wall) = run_forward(&model, Parallel::Expert, 2, &ids, link, &Trace::disabled())?;
+//! assert_eq!(max_abs_diff(logits, model.forward(ids)?), 0.0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! What lives here (DESIGN.md §3-5):
 //! - [`comm`]: the [`Communicator`] trait whose collectives return a `#[must_use]` [`Pending`],
@@ -10,10 +38,15 @@
 //!   NCCL unique id.
 //! - [`mod@dispatch`]: expert-parallel `dispatch` → [`DispatchPlan`] → `combine`, bit-exact against
 //!   a single rank.
+//! - [`schedule`]: the expert- and tensor-parallel inference schedules (`EpRank`, `TpRank`), which
+//!   drive a model's named sub-steps in the FarSkip order so that collectives overlap compute.
+//! - [`training`]: expert-parallel training steps with overlapped forward and backward
+//!   communication.
+//! - [`experiment`]: running a batch on a `LocalWorld` and the calibrated overlap experiment.
 //! - [`trace`]: compute/comm intervals per rank, the overlap metric, Chrome-trace JSON and SVG.
 //!
-//! What does not live here: model layers (farskip-model) and the FarSkip schedules that drive a
-//! model's sub-steps (added on top of these pieces).
+//! What does not live here: model layers (farskip-model) and losses or optimisers
+//! (farskip-train).
 #![warn(missing_docs)]
 
 pub mod comm;
@@ -34,3 +67,4 @@ pub use dispatch::{
 pub use trace::{Phase, Span, SpanGuard, Stream, Trace, comm_time, compute_time, overlap_pct};
 pub mod experiment;
 pub mod schedule;
+pub mod training;

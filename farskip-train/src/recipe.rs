@@ -86,7 +86,7 @@ impl RecipeConfig {
             teacher_lr: 3e-3,
             recovery_steps: 300,
             recovery_lr: 1e-3,
-            l2_weight: 0.1,
+            l2_weight: 1.0,
             valid_windows: 96,
             valid_fraction: 0.05,
             seed: 7,
@@ -99,8 +99,8 @@ impl RecipeConfig {
         Self {
             teacher: ModelConfig::small_moe(256, 128, 4, 4, 2, 32, 8, 2, 96, Some(96)),
             tokens_per_batch: 2048,
-            teacher_steps: 400,
-            recovery_steps: 80,
+            teacher_steps: 320,
+            recovery_steps: 64,
             valid_windows: 48,
             ..Self::full(corpus)
         }

@@ -1,0 +1,716 @@
+//! Expert-parallel training with overlapped forward and backward communication.
+//!
+//! The all-to-alls cut the autodiff graph (rows travel through host buffers), so every rank runs its part of the
+//! step as small graphs ("segments") whose inputs are fresh leaves, and backpropagates them one by one with the
+//! gradient of their outputs as seed — the Rust counterpart of the paper's custom autograd functions and hooks.
+//! Per MoE layer k (FarSkip, converted):
+//!
+//! - forward: attention part 1 on A_k → wait Combine(k−1) → join → norm + router → async Dispatch(k) →
+//!   attention part 2 → wait → routed experts (on their owner) → async Combine(k) → shared experts;
+//! - backward: join → async exchange of the expert-output gradients (the backward of Combine, dispatch-shaped)
+//!   hidden behind attention's backward → experts' backward on the owner → async return of the input gradients
+//!   (the backward of Dispatch, combine-shaped) hidden behind the shared expert's backward → router and norm.
+//!   Expert gradients stay on their owner; the replicated gradients of each layer are all-reduced
+//!   asynchronously as soon as they are complete, hidden behind the backward of the layers below.
+//!
+//! Standard connectivity runs the same segments in the stock order with every collective waited for at once
+//! (the blocking baseline). Gradients equal single-rank training up to float rounding.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::Gradients;
+use farskip_model::model::Ffn;
+use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
+use farskip_model::{Connectivity, DecoderLayer, Model};
+
+use crate::comm::{CollectiveTag, Communicator, Pending};
+use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, combine_start, dispatch_start};
+use crate::schedule::{Result, ScheduleError, ops};
+use crate::trace::{Phase, Trace};
+
+/// Names of the backward intervals in traces.
+pub mod bwd_ops {
+    /// Join (residual adds and the weighted combine).
+    pub const JOIN: &str = "join_bwd";
+    /// Attention backward.
+    pub const ATTN: &str = "attn_bwd";
+    /// Shared expert backward.
+    pub const SHARED: &str = "shared_bwd";
+    /// Routed experts backward (on the owner).
+    pub const EXPERTS: &str = "experts_bwd";
+    /// Router, slot gather and norm backward.
+    pub const ROUTER: &str = "router_bwd";
+    /// LM head, final norm, loss and embedding backward.
+    pub const HEAD: &str = "head_bwd";
+    /// Gradient exchange: backward of Combine (expert-output gradients to the owners).
+    pub const COMBINE_BWD: &str = "combine_bwd";
+    /// Gradient exchange: backward of Dispatch (expert-input gradients back to the tokens' ranks).
+    pub const DISPATCH_BWD: &str = "dispatch_bwd";
+    /// All-reduce of replicated gradients.
+    pub const GRAD_ALLREDUCE: &str = "grad_allreduce";
+}
+
+/// A fresh autodiff leaf holding `t`'s value: the input of a segment.
+fn leaf<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
+    t.clone().detach().autodiff().require_grad()
+}
+
+/// `Σ outputs · seeds`: backpropagating it gives the vector-Jacobian product of a segment.
+fn seeded(pairs: Vec<(Tensor<2>, Tensor<2>)>) -> Option<Tensor<1>> {
+    pairs
+        .into_iter()
+        .map(|(out, seed)| (out * seed).sum())
+        .reduce(|a, b| a + b)
+}
+
+fn flat3(x: Tensor<3>) -> Tensor<2> {
+    let [b, t, h] = x.dims();
+    x.reshape([b * t, h])
+}
+
+/// One rank of expert-parallel training: replicated non-expert weights, a block of each layer's experts.
+pub struct EpTrainRank {
+    model: Model,
+    sharding: ExpertSharding,
+    rank: usize,
+    world: usize,
+}
+
+/// The forward record of one MoE layer, kept for its backward.
+struct LayerTape {
+    /// Attention segment: leaf input and output.
+    attn_in: Tensor<3>,
+    attn_out: Tensor<3>,
+    /// Norm segment: leaf (R, or R' under standard connectivity) and output m (flattened).
+    norm_in: Tensor<3>,
+    norm_out: Tensor<2>,
+    /// Router segment: leaf m, outputs slot rows and routing weights.
+    router_in: Tensor<2>,
+    slots: Tensor<2>,
+    weights: Tensor<2>,
+    /// Shared segment: leaf m and output.
+    shared_in: Tensor<2>,
+    shared_out: Option<Tensor<2>>,
+    /// Experts segment (this rank as owner): leaf rows and outputs, and the dispatch it came from.
+    expert_in: Tensor<2>,
+    expert_out: Tensor<2>,
+    /// Join segment leaves and outputs.
+    join_residual: Tensor<3>,
+    join_attn: Tensor<3>,
+    join_shared: Option<Tensor<3>>,
+    join_slots: Tensor<2>,
+    join_weights: Tensor<2>,
+    join_full: Tensor<3>,
+    join_routed_free: Tensor<3>,
+    slot_experts: Vec<usize>,
+}
+
+/// What a layer's forward leaves pending for the next one.
+struct Inflight {
+    combine: Pending<Tensor<2>>,
+    residual: Tensor<3>,
+    attn: Tensor<3>,
+    shared: Option<Tensor<2>>,
+    weights: Tensor<2>,
+    tape: PartialTape,
+}
+
+/// A tape without its join segment yet.
+struct PartialTape {
+    attn_in: Tensor<3>,
+    attn_out: Tensor<3>,
+    norm_in: Tensor<3>,
+    norm_out: Tensor<2>,
+    router_in: Tensor<2>,
+    slots: Tensor<2>,
+    weights: Tensor<2>,
+    shared_in: Tensor<2>,
+    shared_out: Option<Tensor<2>>,
+    expert_in: Tensor<2>,
+    expert_out: Tensor<2>,
+    slot_experts: Vec<usize>,
+}
+
+/// The result of one rank's step.
+pub struct RankStep {
+    /// This rank's share of the loss (`local mean / world`); the sum over ranks is the global mean loss.
+    pub loss: f64,
+    /// Gradients of every parameter this rank holds: replicated ones already all-reduced (global), expert ones
+    /// summed over every rank's tokens.
+    pub grads: GradientsParams,
+}
+
+/// Collects `(id, dims)` of the float parameters a module holds, in visit order.
+#[derive(Default)]
+struct ParamList(Vec<(ParamId, Vec<usize>)>);
+
+impl ModuleVisitor for ParamList {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push((param.id, param.dims().to_vec()));
+    }
+}
+
+/// Moves gradients of listed parameters between `GradientsParams` and a flat buffer.
+struct Flatten<'a> {
+    grads: &'a mut GradientsParams,
+    buffer: Vec<f32>,
+    /// Which parameters had a gradient (the others, e.g. a non-trainable bias, get none back).
+    present: Vec<bool>,
+}
+
+impl ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n: usize = param.dims().iter().product();
+        self.present.push(self.grads.get::<D>(param.id).is_some());
+        match self.grads.remove::<D>(param.id) {
+            Some(g) => self.buffer.extend(
+                g.into_data()
+                    .convert::<f32>()
+                    .try_into_vec::<f32>()
+                    .unwrap_or_else(|_| vec![0.0; n]),
+            ),
+            None => self.buffer.extend(std::iter::repeat_n(0.0, n)),
+        }
+    }
+}
+
+struct Unflatten<'a> {
+    grads: &'a mut GradientsParams,
+    buffer: &'a [f32],
+    present: &'a [bool],
+    index: usize,
+    offset: usize,
+    device: Device,
+}
+
+impl ModuleVisitor for Unflatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let dims = param.dims();
+        let n: usize = dims.iter().product();
+        let v = self.buffer[self.offset..self.offset + n].to_vec();
+        self.offset += n;
+        let present = self.present.get(self.index).copied().unwrap_or(false);
+        self.index += 1;
+        if present {
+            self.grads.register::<D>(
+                param.id,
+                Tensor::from_data(TensorData::new(v, dims), &self.device),
+            );
+        }
+    }
+}
+
+/// The replicated (non-expert) parameters of a layer, visited in a fixed order.
+fn visit_replicated_layer<V: ModuleVisitor>(layer: &DecoderLayer, v: &mut V) {
+    layer.input_norm.visit(v);
+    layer.attention.visit(v);
+    layer.post_norm.visit(v);
+    match &layer.ffn {
+        Ffn::Dense(m) => m.visit(v),
+        Ffn::Moe(moe) => {
+            moe.router.visit(v);
+            if let Some(s) = &moe.shared {
+                s.visit(v);
+            }
+        }
+    }
+}
+
+fn visit_replicated_outer<V: ModuleVisitor>(model: &Model, v: &mut V) {
+    model.embed.visit(v);
+    model.norm.visit(v);
+    if let Some(h) = &model.lm_head {
+        h.visit(v);
+    }
+}
+
+impl EpTrainRank {
+    /// Rank `rank` of `world` of a model with every layer MoE, on the autodiff device.
+    pub fn new(model: &Model, rank: usize, world: usize) -> Result<Self> {
+        let moe = model.config().moe.as_ref().ok_or_else(|| {
+            ScheduleError::Model(farskip_model::ModelError::InvalidInput(
+                "expert-parallel training needs an MoE model".into(),
+            ))
+        })?;
+        if model.layers.iter().any(|l| !matches!(l.ffn, Ffn::Moe(_))) {
+            return Err(ScheduleError::Model(
+                farskip_model::ModelError::InvalidInput(
+                    "the EP training schedule supports models whose every layer is MoE".into(),
+                ),
+            ));
+        }
+        match model.connectivity() {
+            Connectivity::Standard => {}
+            Connectivity::FarSkip(f)
+                if f.start == 0
+                    && f.end.is_none()
+                    && f.variant == farskip_model::FarSkipVariant::Full => {}
+            other => {
+                return Err(ScheduleError::Model(
+                    farskip_model::ModelError::InvalidInput(format!(
+                        "the EP training schedule supports standard or all-layer FarSkip connectivity, not {other}"
+                    )),
+                ));
+            }
+        }
+        let sharding = ExpertSharding::new(moe.num_experts, world)?;
+        let device = model
+            .devices()
+            .first()
+            .cloned()
+            .unwrap_or_else(Device::flex);
+        let mut model = model.valid();
+        for layer in model.layers.iter_mut() {
+            if let Ffn::Moe(moe) = &mut layer.ffn {
+                moe.experts = moe.experts.slice(sharding.local_range(rank));
+            }
+        }
+        let model = model.train().fork(&device.inner().autodiff());
+        Ok(Self {
+            model,
+            sharding,
+            rank,
+            world,
+        })
+    }
+
+    /// This rank's model (replicated weights and its experts).
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Replaces this rank's model (after an optimizer step).
+    pub fn set_model(&mut self, model: Model) {
+        self.model = model;
+    }
+
+    /// One forward + backward on this rank's token windows `[batch, seq + 1]` (cross-entropy; the loss is the
+    /// mean over all ranks' tokens, so every rank must hold the same number of tokens).
+    pub fn step<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        windows: Tensor<2, Int>,
+    ) -> Result<RankStep> {
+        let farskip = self.model.connectivity().keeps_routed_free_stream();
+        let fwd = Phase::Forward;
+        let bwd = Phase::Backward;
+        let rank = self.rank;
+        let span = |layer: Option<usize>, op: &'static str, phase: Phase| {
+            trace.compute(rank, layer, op, phase)
+        };
+        let tag = |name: &'static str, layer: usize, phase: Phase| {
+            CollectiveTag::new(name).at_layer(layer).in_phase(phase)
+        };
+        let [b, t1] = windows.dims();
+        let t = t1 - 1;
+        let x_ids = windows.clone().narrow(1, 0, t);
+        let y_ids = windows.narrow(1, 1, t);
+
+        // ---- forward ----
+        let g = span(None, ops::HEAD, fwd);
+        let emb = self.model.embed(x_ids);
+        let h0 = emb.clone().detach();
+        g.finish();
+        let mut full = h0.clone();
+        let mut routed_free = h0.clone();
+        let mut inflight: Option<(usize, Inflight)> = None;
+        let mut tapes: Vec<LayerTape> = Vec::with_capacity(self.model.layers.len());
+        let join =
+            |i: usize, p: Inflight, tapes: &mut Vec<LayerTape>| -> Result<(Tensor<3>, Tensor<3>)> {
+                let slot_out = p.combine.wait()?;
+                let gj = span(Some(i), ops::COMBINE, fwd);
+                let moe = self.moe(i);
+                let shape = p.residual.dims();
+                let (r, a, s, y, w) = (
+                    leaf(&p.residual),
+                    leaf(&p.attn),
+                    p.shared.as_ref().map(|s| leaf(&s.clone().reshape(shape))),
+                    leaf(&slot_out),
+                    leaf(&p.weights),
+                );
+                let routing = ModelRouting {
+                    weights: w.clone(),
+                    experts: Tensor::zeros([1, 1], &w.device()),
+                };
+                let routed = moe.combine_slots(y.clone(), &routing).reshape(shape);
+                let post_attention = r.clone() + a.clone();
+                let (next_full, next_rf) = match &s {
+                    Some(s) => (
+                        post_attention.clone() + (routed + s.clone()),
+                        post_attention + s.clone(),
+                    ),
+                    None => (post_attention.clone() + routed, post_attention),
+                };
+                let tp = p.tape;
+                tapes.push(LayerTape {
+                    attn_in: tp.attn_in,
+                    attn_out: tp.attn_out,
+                    norm_in: tp.norm_in,
+                    norm_out: tp.norm_out,
+                    router_in: tp.router_in,
+                    slots: tp.slots,
+                    weights: tp.weights,
+                    shared_in: tp.shared_in,
+                    shared_out: tp.shared_out,
+                    expert_in: tp.expert_in,
+                    expert_out: tp.expert_out,
+                    join_residual: r,
+                    join_attn: a,
+                    join_shared: s,
+                    join_slots: y,
+                    join_weights: w,
+                    join_full: next_full.clone(),
+                    join_routed_free: next_rf.clone(),
+                    slot_experts: tp.slot_experts,
+                });
+                gj.finish();
+                Ok((next_full.detach(), next_rf.detach()))
+            };
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let moe = self.moe(i);
+            // Attention part 1 reads A (FarSkip) — known while the previous combine is in flight.
+            let g = span(Some(i), ops::ATTN_1, fwd);
+            let attn_in = leaf(if farskip { &routed_free } else { &full });
+            let qkv = layer
+                .attention
+                .project(layer.input_norm.forward(attn_in.clone()), 0, None);
+            g.finish();
+            if let Some((k, p)) = inflight.take() {
+                // The routed-free stream was already formed from the same values at the end of layer k.
+                let (f, _) = join(k, p, &mut tapes)?;
+                full = f;
+            }
+            let (attn_out, norm_src) = if farskip {
+                // MoE reads the pre-attention stream R: route and dispatch before attention part 2.
+                (None, full.clone())
+            } else {
+                let g = span(Some(i), ops::ATTN_2, fwd);
+                let a = layer.attention.attend(qkv.clone());
+                g.finish();
+                let post = full.clone() + a.clone().detach();
+                (Some(a), post)
+            };
+            let g = span(Some(i), ops::ROUTER, fwd);
+            let norm_in = leaf(&norm_src);
+            let norm_out = flat3(layer.post_norm.forward(norm_in.clone()));
+            let router_in = leaf(&norm_out);
+            let routing = moe.route(router_in.clone());
+            let plan = SlotPlan::from_experts(&routing.experts, self.sharding.num_experts());
+            let slots = moe.slot_inputs(router_in.clone(), &routing);
+            g.finish();
+            let dispatched = self.send_slots(
+                comm,
+                slots.clone().detach(),
+                &plan.slot_experts,
+                tag(ops::DISPATCH, i, fwd),
+            )?;
+            let attn_out = match attn_out {
+                Some(a) => a,
+                None => {
+                    let g = span(Some(i), ops::ATTN_2, fwd);
+                    let a = layer.attention.attend(qkv);
+                    g.finish();
+                    a
+                }
+            };
+            let (inputs, dplan) = dispatched.wait()?;
+            let g = span(Some(i), ops::EXPERTS, fwd);
+            let expert_in = leaf(&inputs.tokens);
+            let expert_out = moe
+                .experts
+                .forward_grouped(expert_in.clone(), &inputs.counts);
+            g.finish();
+            let combine = combine_start(
+                comm,
+                expert_out.clone().detach(),
+                dplan,
+                tag(ops::COMBINE, i, fwd),
+            )?;
+            let g = span(Some(i), ops::SHARED, fwd);
+            let shared_in = leaf(&norm_out.clone().detach());
+            let shared_out = moe.shared(shared_in.clone());
+            g.finish();
+            let residual = if farskip {
+                full.clone()
+            } else {
+                norm_src.clone()
+            };
+            let p = Inflight {
+                combine,
+                residual: if farskip { residual } else { norm_src.clone() },
+                attn: if farskip {
+                    attn_out.clone().detach()
+                } else {
+                    Tensor::zeros(full.dims(), &full.device())
+                },
+                shared: shared_out.clone().map(|s| s.detach()),
+                weights: routing.weights.clone().detach(),
+                tape: PartialTape {
+                    attn_in,
+                    attn_out,
+                    norm_in,
+                    norm_out,
+                    router_in,
+                    slots,
+                    weights: routing.weights,
+                    shared_in,
+                    shared_out,
+                    expert_in,
+                    expert_out,
+                    slot_experts: plan.slot_experts,
+                },
+            };
+            if farskip {
+                // A_{k+1} = (R + a) + s is known now, before the combine returns (same ops as the join).
+                let post_attention = p.residual.clone() + p.attn.clone();
+                routed_free = match &p.shared {
+                    Some(s) => post_attention + s.clone().reshape(full.dims()),
+                    None => post_attention,
+                };
+                inflight = Some((i, p));
+            } else {
+                let (f, rf) = join(i, p, &mut tapes)?;
+                full = f;
+                routed_free = rf;
+            }
+        }
+        if let Some((k, p)) = inflight.take() {
+            let (f, _) = join(k, p, &mut tapes)?;
+            full = f;
+        }
+        let g = span(None, ops::HEAD, fwd);
+        let final_in = leaf(&full);
+        let logits = self.model.logits(final_in.clone());
+        let [_, _, v] = logits.dims();
+        let logp = burn::tensor::activation::log_softmax(logits.reshape([b * t, v]), 1);
+        let nll = logp.gather(1, y_ids.reshape([b * t, 1])).neg().mean();
+        let loss = nll.mul_scalar(1.0 / self.world as f64);
+        let loss_value = loss.clone().into_scalar::<f64>();
+        g.finish();
+
+        // ---- backward ----
+        let mut acc = GradientsParams::new();
+        let absorb = |acc: &mut GradientsParams, grads: Gradients| {
+            let gp = GradientsParams::from_grads(grads, &self.model);
+            merge(acc, gp, &self.model);
+        };
+        let g = span(None, bwd_ops::HEAD, bwd);
+        let grads = loss.backward();
+        let mut g_full = final_in
+            .grad(&grads)
+            .expect("final stream is a leaf")
+            .detach();
+        absorb(&mut acc, grads);
+        g.finish();
+        let mut g_rf: Option<Tensor<3>> = None;
+        let mut pending_grads: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)> = Vec::new();
+        for (i, tape) in tapes.into_iter().enumerate().rev() {
+            let layer = &self.model.layers[i];
+            // Join: seeds are the gradients of the streams it produced.
+            let gj = span(Some(i), bwd_ops::JOIN, bwd);
+            let mut seed = vec![(flat3(tape.join_full.clone()), flat3(g_full.clone()))];
+            if let Some(grf) = &g_rf {
+                seed.push((flat3(tape.join_routed_free.clone()), flat3(grf.clone())));
+            }
+            let grads = seeded(seed).expect("non-empty").backward();
+            let g_res = tape.join_residual.grad(&grads).expect("leaf");
+            let g_attn = tape.join_attn.grad(&grads).expect("leaf");
+            let g_shared = tape.join_shared.as_ref().and_then(|s| s.grad(&grads));
+            let g_y = tape.join_slots.grad(&grads).expect("leaf");
+            let g_w = tape.join_weights.grad(&grads).expect("leaf");
+            gj.finish();
+            // Backward of Combine: expert-output gradients travel to the experts' owners.
+            let to_owner = self.send_slots(
+                comm,
+                g_y,
+                &tape.slot_experts,
+                tag(bwd_ops::COMBINE_BWD, i, bwd),
+            )?;
+            let g_attn_in;
+            let mut g_norm_src_extra: Option<Tensor<3>> = None;
+            if farskip {
+                // Attention's backward hides the exchange.
+                let ga = span(Some(i), bwd_ops::ATTN, bwd);
+                let grads = (tape.attn_out.clone() * g_attn.clone()).sum().backward();
+                g_attn_in = tape.attn_in.grad(&grads).expect("leaf");
+                absorb(&mut acc, grads);
+                ga.finish();
+            } else {
+                g_attn_in = Tensor::zeros(g_res.dims(), &g_res.device());
+            }
+            let (g_rows, back_plan) = to_owner.wait()?;
+            let ge = span(Some(i), bwd_ops::EXPERTS, bwd);
+            let grads = (tape.expert_out.clone() * g_rows.tokens).sum().backward();
+            let g_expert_in = tape.expert_in.grad(&grads).expect("leaf");
+            absorb(&mut acc, grads);
+            ge.finish();
+            // Backward of Dispatch: input gradients return to the tokens' ranks.
+            let back = combine_start(
+                comm,
+                g_expert_in,
+                back_plan,
+                tag(bwd_ops::DISPATCH_BWD, i, bwd),
+            )?;
+            let gs = span(Some(i), bwd_ops::SHARED, bwd);
+            let mut g_m: Option<Tensor<2>> = None;
+            if let (Some(out), Some(gsh)) = (&tape.shared_out, &g_shared) {
+                let grads = (out.clone() * flat3(gsh.clone())).sum().backward();
+                g_m = tape.shared_in.grad(&grads);
+                absorb(&mut acc, grads);
+            }
+            gs.finish();
+            let g_slots = back.wait()?;
+            let gr = span(Some(i), bwd_ops::ROUTER, bwd);
+            let grads = seeded(vec![
+                (tape.slots.clone(), g_slots),
+                (tape.weights.clone(), g_w),
+            ])
+            .expect("non-empty")
+            .backward();
+            let g_router_in = tape.router_in.grad(&grads).expect("leaf");
+            absorb(&mut acc, grads);
+            let g_m = match g_m {
+                Some(a) => a + g_router_in,
+                None => g_router_in,
+            };
+            let grads = (tape.norm_out.clone() * g_m).sum().backward();
+            let g_norm_in = tape.norm_in.grad(&grads).expect("leaf");
+            absorb(&mut acc, grads);
+            gr.finish();
+            if !farskip {
+                // Stock order: the MoE read R' = R + a, so attention's backward waits for it.
+                let g_post = g_res.clone() + g_norm_in.clone();
+                let ga = span(Some(i), bwd_ops::ATTN, bwd);
+                let grads = (tape.attn_out.clone() * g_post.clone()).sum().backward();
+                let g_in = tape.attn_in.grad(&grads).expect("leaf");
+                absorb(&mut acc, grads);
+                ga.finish();
+                g_norm_src_extra = Some(g_in);
+                g_full = g_post;
+                g_rf = None;
+            } else {
+                // R fed the residual add and the norm; A fed attention.
+                g_full = g_res + g_norm_in;
+                g_rf = Some(g_attn_in);
+            }
+            if let Some(extra) = g_norm_src_extra {
+                g_full = g_full + extra;
+            }
+            // This layer's replicated gradients are complete: all-reduce them while the layers below run.
+            let mut f = Flatten {
+                grads: &mut acc,
+                buffer: Vec::new(),
+                present: Vec::new(),
+            };
+            visit_replicated_layer(layer, &mut f);
+            let (buffer, present) = (f.buffer, f.present);
+            pending_grads.push((
+                i,
+                present,
+                comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, bwd), buffer),
+            ));
+        }
+        // Embedding: its output fed both streams at layer 0.
+        let g = span(None, bwd_ops::HEAD, bwd);
+        let g_emb = match g_rf {
+            Some(grf) => g_full + grf,
+            None => g_full,
+        };
+        let grads = (flat3(emb) * flat3(g_emb)).sum().backward();
+        absorb(&mut acc, grads);
+        g.finish();
+        let device = h0.device().inner();
+        let mut f = Flatten {
+            grads: &mut acc,
+            buffer: Vec::new(),
+            present: Vec::new(),
+        };
+        visit_replicated_outer(&self.model, &mut f);
+        let (buffer, outer_present) = (f.buffer, f.present);
+        let outer = comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, usize::MAX, bwd), buffer);
+        for (i, present, p) in pending_grads {
+            let buffer = p.wait()?;
+            let mut u = Unflatten {
+                grads: &mut acc,
+                buffer: &buffer,
+                present: &present,
+                index: 0,
+                offset: 0,
+                device: device.clone(),
+            };
+            visit_replicated_layer(&self.model.layers[i], &mut u);
+        }
+        let buffer = outer.wait()?;
+        let mut u = Unflatten {
+            grads: &mut acc,
+            buffer: &buffer,
+            present: &outer_present,
+            index: 0,
+            offset: 0,
+            device,
+        };
+        visit_replicated_outer(&self.model, &mut u);
+        Ok(RankStep {
+            loss: loss_value,
+            grads: acc,
+        })
+    }
+
+    fn moe(&self, i: usize) -> &MoeBlock {
+        match &self.model.layers[i].ffn {
+            Ffn::Moe(m) => m,
+            Ffn::Dense(_) => unreachable!("checked in new: every layer is MoE"),
+        }
+    }
+
+    /// Sends slot rows (token-major, `top_k` per token) to the owners of `slot_experts`.
+    fn send_slots<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        rows: Tensor<2>,
+        slot_experts: &[usize],
+        tag: CollectiveTag,
+    ) -> Result<Pending<(crate::dispatch::ExpertInputs, DispatchPlan)>> {
+        let ones = Tensor::<2>::ones([slot_experts.len(), 1], &rows.device());
+        let routing = Routing::new(slot_experts.to_vec(), ones)?;
+        Ok(dispatch_start(
+            comm,
+            &self.sharding,
+            rows.without_autodiff(),
+            &routing,
+            tag,
+        )?)
+    }
+}
+
+/// Adds `more` into `acc` parameter by parameter.
+fn merge(acc: &mut GradientsParams, mut more: GradientsParams, model: &Model) {
+    struct Merge<'a> {
+        acc: &'a mut GradientsParams,
+        more: &'a mut GradientsParams,
+    }
+    impl ModuleVisitor for Merge<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.more.remove::<D>(param.id) {
+                let sum = match self.acc.remove::<D>(param.id) {
+                    Some(a) => a + g,
+                    None => g,
+                };
+                self.acc.register::<D>(param.id, sum);
+            }
+        }
+    }
+    model.visit(&mut Merge {
+        acc,
+        more: &mut more,
+    });
+}
+
+/// Ids and shapes of every float parameter of `model`, in visit order (for comparing gradients across ranks).
+pub fn param_list(model: &Model) -> Vec<(ParamId, Vec<usize>)> {
+    let mut l = ParamList::default();
+    model.visit(&mut l);
+    l.0
+}
