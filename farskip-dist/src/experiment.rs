@@ -226,8 +226,9 @@ pub fn random_ids(
 
 type Windows = HashMap<(&'static str, usize), Duration>;
 
-/// Per-(collective, layer) overlap windows from a trace of the FarSkip schedule: the busiest rank's compute that
-/// the schedule runs while the collective is in flight.
+/// Per-(collective, layer) overlap windows from a trace of the FarSkip schedule: the compute the schedule runs
+/// while the collective is in flight, on the rank with the least of it (a collective spans all ranks, so this is
+/// the window every rank can offer).
 fn windows(trace: &Trace, parallel: Parallel, world: usize, num_layers: usize) -> Windows {
     let spans = trace.spans();
     let time = |op: &str, layer: usize| -> Duration {
@@ -244,7 +245,7 @@ fn windows(trace: &Trace, parallel: Parallel, world: usize, num_layers: usize) -
                     .map(Span::duration)
                     .sum::<Duration>()
             })
-            .max()
+            .min()
             .unwrap_or_default()
     };
     let mut w = Windows::new();
@@ -274,6 +275,19 @@ fn windows(trace: &Trace, parallel: Parallel, world: usize, num_layers: usize) -
         }
     }
     w
+}
+
+/// The per-key median of several calibration passes.
+fn median_windows(runs: &[Windows]) -> Windows {
+    let mut out = Windows::new();
+    if let Some(first) = runs.first() {
+        for key in first.keys() {
+            let mut v: Vec<Duration> = runs.iter().filter_map(|w| w.get(key).copied()).collect();
+            v.sort();
+            out.insert(*key, v[v.len() / 2]);
+        }
+    }
+    out
 }
 
 fn calibrated_link(windows: Arc<Windows>, ratio: f64) -> LinkModel {
@@ -332,8 +346,8 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
     let layers = model.layers.len();
 
     // Calibrate the windows on the FarSkip schedule with a free link (two passes, the second is kept: warm).
-    let mut win = Windows::new();
-    for _ in 0..2 {
+    let mut runs = Vec::new();
+    for pass in 0..4 {
         let t = Trace::new();
         run_forward(
             &farskip,
@@ -343,8 +357,11 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
             LinkModel::instant(),
             &t,
         )?;
-        win = windows(&t, cfg.parallel, cfg.world, layers);
+        if pass > 0 {
+            runs.push(windows(&t, cfg.parallel, cfg.world, layers));
+        }
     }
+    let win = median_windows(&runs);
     let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
     let win = Arc::new(win);
 
@@ -514,7 +531,7 @@ fn windows_training(trace: &Trace, world: usize, num_layers: usize) -> Windows {
                     .map(Span::duration)
                     .sum::<Duration>()
             })
-            .max()
+            .min()
             .unwrap_or_default()
     };
     let layer_bwd = |k: usize| {
@@ -726,30 +743,20 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
     let (ref_losses, ref_grads) = reference_train(&farskip, cfg, &windows_per_step);
 
     // Calibrate the windows with a free link (a one-step warm-up, then one measured step).
-    let t = Trace::new();
     let calib = &windows_per_step[..1];
-    ep_train(
-        &farskip,
-        &TrainingConfig {
+    let mut runs = Vec::new();
+    for pass in 0..4 {
+        let t = Trace::new();
+        let one = TrainingConfig {
             steps: 1,
             ..cfg.clone()
-        },
-        calib,
-        LinkModel::instant(),
-        &t,
-    )?;
-    let t = Trace::new();
-    ep_train(
-        &farskip,
-        &TrainingConfig {
-            steps: 1,
-            ..cfg.clone()
-        },
-        calib,
-        LinkModel::instant(),
-        &t,
-    )?;
-    let win = Arc::new(windows_training(&t, cfg.world, model.layers.len()));
+        };
+        ep_train(&farskip, &one, calib, LinkModel::instant(), &t)?;
+        if pass > 0 {
+            runs.push(windows_training(&t, cfg.world, model.layers.len()));
+        }
+    }
+    let win = Arc::new(median_windows(&runs));
 
     let trace = Trace::new();
     let (losses, grads, farskip_step_ms) = ep_train(

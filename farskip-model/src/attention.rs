@@ -9,11 +9,16 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::{
     AttentionConfig, GqaConfig, LayerConfig, MaskKind, MlaConfig, ModelConfig, QkNorm,
 };
 use crate::rope::Rope;
+
+/// Queries per block in [`Attention::attend`].
+const QUERY_BLOCK: usize = 128;
 
 /// Keys and values of earlier positions for one layer.
 #[derive(Clone, Debug, Default)]
@@ -323,37 +328,76 @@ impl Attention {
 
     /// Part 2: scores, mask, softmax, weighted values and the output projection.
     ///
+    /// Long causal inputs run in blocks of queries, each against the keys up to its last query only, which
+    /// skips most of the masked half of the scores. Without autodiff on flex each block is flex's fused
+    /// attention kernel (no score tensor, grouped K/V heads read in place, the causal mask computed on the
+    /// fly). Otherwise the query heads are grouped by the K/V head they share (`[batch, kv_heads, group *
+    /// seq, dim]`), so K and V are never repeated per query head.
+    ///
     /// # Shapes
     /// - output: `[batch, seq, hidden]`
     pub fn attend(&self, qkv: ProjectedQkv) -> Tensor<3> {
         let ProjectedQkv { q, k, v, offset } = qkv;
         let [b, heads, t, _] = q.dims();
-        let [_, kv_heads, s, _] = k.dims();
+        let s = k.dims()[2];
         let dv = v.dims()[3];
-        let (k, v) = if kv_heads == heads {
-            (k, v)
+        let out = if t >= 2 * QUERY_BLOCK && offset + t == s {
+            let blocks = (0..t).step_by(QUERY_BLOCK).map(|start| {
+                let len = QUERY_BLOCK.min(t - start);
+                let keys = offset + start + len;
+                self.attend_block(
+                    q.clone().narrow(2, start, len),
+                    k.clone().narrow(2, 0, keys),
+                    v.clone().narrow(2, 0, keys),
+                    offset + start,
+                )
+            });
+            Tensor::cat(blocks.collect(), 2)
         } else {
-            let g = heads / kv_heads;
-            let rep = |x: Tensor<4>| {
-                let [_, _, s, d] = x.dims();
-                x.unsqueeze_dim::<5>(2)
-                    .expand([b, kv_heads, g, s, d])
-                    .reshape([b, heads, s, d])
-            };
-            (rep(k), rep(v))
+            self.attend_block(q, k, v, offset)
         };
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(self.scale);
-        if let Some(mask) = self.mask_tensor(offset, t, s, &scores.device()) {
-            scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
-        }
-        let out = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, t, heads * dv]);
+        let out = out.swap_dims(1, 2).reshape([b, t, heads * dv]);
         match &self.kind {
             AttentionKind::Gqa(a) => a.o_proj.forward(out),
             AttentionKind::Mla(a) => a.o_proj.forward(out),
         }
+    }
+
+    /// Softmax attention of queries at positions `offset..` over keys at positions `0..`.
+    ///
+    /// # Shapes
+    /// - `q`: `[batch, heads, seq, dim]`; `k`: `[batch, kv_heads, keys, dim]`; `v`: `[batch, kv_heads, keys,
+    ///   value_dim]` -> `[batch, heads, seq, value_dim]`
+    fn attend_block(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, offset: usize) -> Tensor<4> {
+        let [b, heads, t, d] = q.dims();
+        let [_, kv_heads, s, _] = k.dims();
+        let dv = v.dims()[3];
+        let device = q.device();
+        if !device.is_autodiff() && device == Device::flex() {
+            let causal = self.mask == MaskKind::Causal && offset + t == s;
+            let mask = match causal {
+                true => None,
+                false => self
+                    .mask_tensor(offset, t, s, &device)
+                    .map(|m| m.unsqueeze::<4>()),
+            };
+            let options = AttentionModuleOptions {
+                scale: Some(self.scale),
+                softcap: None,
+                is_causal: causal,
+            };
+            return attention(q, k, v, mask, None, options);
+        }
+        let g = heads / kv_heads;
+        let q = q.mul_scalar(self.scale).reshape([b, kv_heads, g * t, d]);
+        let mut scores = q.matmul(k.swap_dims(2, 3));
+        if let Some(mask) = self.mask_tensor(offset, t, s, &device) {
+            scores = scores
+                .reshape([b, kv_heads, g, t, s])
+                .mask_fill(mask.reshape([1, 1, 1, t, s]), f32::NEG_INFINITY)
+                .reshape([b, kv_heads, g * t, s]);
+        }
+        softmax(scores, 3).matmul(v).reshape([b, heads, t, dv])
     }
 
     /// `true` where query `offset + i` may NOT see key `j`; `None` when everything is visible.

@@ -218,6 +218,10 @@ pub struct TrainConfig {
     pub checkpoint_dir: Option<PathBuf>,
     /// Checkpoint every this many steps.
     pub checkpoint_every: usize,
+    /// Stop this invocation after this step (a later call with the same checkpoint directory resumes); `None`
+    /// runs to `steps`.
+    #[serde(default)]
+    pub stop_after: Option<usize>,
 }
 
 impl TrainConfig {
@@ -238,6 +242,7 @@ impl TrainConfig {
             seed: 0,
             checkpoint_dir: None,
             checkpoint_every: (steps / 4).max(1),
+            stop_after: None,
         }
     }
 
@@ -471,6 +476,15 @@ pub fn train(
             save_checkpoint(dir, &step_module, &optim, step, &curves, best.as_ref())?;
         }
         if stopped_early.is_some() {
+            break;
+        }
+        if cfg.stop_after == Some(step) {
+            if let Some(dir) = &cfg.checkpoint_dir
+                && step % cfg.checkpoint_every != 0
+            {
+                save_checkpoint(dir, &step_module, &optim, step, &curves, best.as_ref())?;
+            }
+            stopped_early = Some(format!("step {step}: stop_after"));
             break;
         }
     }

@@ -61,6 +61,18 @@ pub fn loss_curves_svg<S: AsRef<str>>(
     title: &str,
     series: &[(S, Vec<(f64, f64)>)],
 ) -> Result<(), PlotError> {
+    line_chart_svg(path, title, ("step", "validation loss"), series)
+}
+
+/// Writes an SVG line chart with the given axis labels `(x, y)`, one line and legend entry per series.
+///
+/// Non-finite points are skipped; a series with none left is an error.
+pub fn line_chart_svg<S: AsRef<str>>(
+    path: impl AsRef<Path>,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[(S, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
     let path = path.as_ref();
     if series.is_empty() {
         return Err(PlotError::NoSeries {
@@ -105,8 +117,8 @@ pub fn loss_curves_svg<S: AsRef<str>>(
         .map_err(|e| draw_err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("step")
-        .y_desc("validation loss")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()
         .map_err(|e| draw_err(&e))?;
     for (i, (name, points)) in finite.into_iter().enumerate() {

@@ -50,7 +50,7 @@ impl ExpertBank {
     /// Runs rows grouped by expert: the first `counts[0]` rows through expert 0, the next `counts[1]` through
     /// expert 1, and so on.
     ///
-    /// The experts run as two batched matmuls over `[batch, cap, hidden]` blocks of rows (see [`ExpertBatches`]),
+    /// The experts run as two batched matmuls over `[batch, cap, hidden]` blocks of rows (see `ExpertBatches`),
     /// not one small matmul per expert: flex splits a batch across threads, and the weights are used whole, so
     /// the backward pass produces each weight gradient in one piece instead of summing one zero-padded
     /// full-size gradient per expert. Inference on very uneven counts (decoding, say) keeps the per-expert loop,
@@ -66,7 +66,12 @@ impl ExpertBank {
             return Tensor::zeros([0, hidden], &xs.device());
         }
         let tracked = xs.is_autodiff() || self.gate_up.is_autodiff();
-        match ExpertBatches::plan(counts, tracked) {
+        let plan = match std::env::var("FARSKIP_EXPERTS").as_deref() {
+            Ok("loop") => None,
+            Ok("seg") => ExpertBatches::plan(counts, true),
+            _ => ExpertBatches::plan(counts, tracked),
+        };
+        match plan {
             Some(batches) => self.forward_batched(xs, &batches),
             None => self.forward_loop(xs, counts),
         }
@@ -81,12 +86,17 @@ impl ExpertBank {
         let (n, cap) = (batches.len(), batches.cap);
         let (gate_up, down) = match &batches.experts {
             None => (self.gate_up.val(), self.down.val()),
+            // Gathered as `[experts, rows * cols]` matrices: flex copies (and scatter-adds backward) whole rows
+            // in 2-D, element by element in 3-D.
             Some(experts) => {
                 let idx = index_tensor(experts, &device);
-                (
-                    self.gate_up.val().select(0, idx.clone()),
-                    self.down.val().select(0, idx),
-                )
+                let gather = |w: Tensor<3>| {
+                    let [e, r, c] = w.dims();
+                    w.reshape([e, r * c])
+                        .select(0, idx.clone())
+                        .reshape([experts.len(), r, c])
+                };
+                (gather(self.gate_up.val()), gather(self.down.val()))
             }
         };
         let x = xs
@@ -139,8 +149,11 @@ struct ExpertBatches {
 }
 
 impl ExpertBatches {
-    /// Padding allowed in one-block-per-expert form, as a multiple of the real rows.
+    /// Padding allowed in one-block-per-expert form when no gradient is taken, as a multiple of the real rows.
     const MAX_PADDING_FACTOR: usize = 2;
+    /// What a block with gathered weights costs, in padding rows: the weight copy forward and its scatter-add
+    /// backward (measured on the small preset, 2-core flex: the best cap was about twice the mean count).
+    const GATHER_COST_ROWS: usize = 96;
 
     /// Plans the blocks for `counts`, or `None` when the per-expert loop is the better choice: uneven counts
     /// and no gradient to take, where gathering weights for segments costs more than the loop.
@@ -150,13 +163,28 @@ impl ExpertBatches {
         if rows == 0 {
             return None;
         }
-        if counts.len() * max <= Self::MAX_PADDING_FACTOR * rows {
-            return Some(Self::blocks(counts, max, |e| vec![(e, counts[e])]));
+        let identity = || Self::blocks(counts, max, |e| vec![(e, counts[e])]);
+        let padded = counts.len() * max;
+        if padded <= Self::MAX_PADDING_FACTOR * rows {
+            return Some(identity());
         }
         if !tracked {
             return None;
         }
-        let cap = rows.div_ceil(counts.len());
+        // Caps from the mean count up to the largest count, doubling; each costs its padded rows plus its
+        // gathers.
+        let cost = |cap: usize| {
+            let blocks: usize = counts.iter().map(|c| c.div_ceil(cap)).sum();
+            blocks * (cap + Self::GATHER_COST_ROWS)
+        };
+        let (best, cap) = std::iter::successors(Some(rows.div_ceil(counts.len())), |&c| {
+            (c < max).then(|| (2 * c).min(max))
+        })
+        .map(|cap| (cost(cap), cap))
+        .min()?;
+        if padded <= best {
+            return Some(identity());
+        }
         Some(Self::blocks(counts, cap, |e| {
             (0..counts[e].div_ceil(cap))
                 .map(|j| (e, (counts[e] - j * cap).min(cap)))
