@@ -3,7 +3,9 @@
 //! `cargo run --release -p farskip-examples --example bench -- --preset small --tokens 512 --json`
 //!
 //! The end-to-end passes run without extra syncs. The breakdown pass re-runs the forward layer by layer from the
-//! model's public sub-steps and reads a tiny slice back after each part, so each part's time is its own.
+//! model's public sub-steps and reads a tiny slice back after each part, so each part's time is its own. Wall
+//! times are medians; `*_cpu_ms` is the mean CPU time of all threads (steadier than wall time on a busy machine).
+//! `threads` is `RAYON_NUM_THREADS` if set, else the cores available (flex uses rayon's global pool).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -37,7 +39,7 @@ struct Args {
     /// Timed runs of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Untimed warm-up runs before each measurement.
+    /// Untimed warm-up runs before each measurement (the first also initialises lazily created weights).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Skip the training step.
@@ -48,7 +50,7 @@ struct Args {
     json: bool,
 }
 
-/// Milliseconds per forward part, in breakdown order.
+/// The forward's parts, as the breakdown times them.
 const PARTS: [&str; 6] = [
     "attention",
     "router",

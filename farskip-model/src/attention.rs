@@ -328,11 +328,11 @@ impl Attention {
 
     /// Part 2: scores, mask, softmax, weighted values and the output projection.
     ///
-    /// Long causal inputs run in blocks of queries, each against the keys up to its last query only, which
-    /// skips most of the masked half of the scores. Without autodiff on flex each block is flex's fused
-    /// attention kernel (no score tensor, grouped K/V heads read in place, the causal mask computed on the
-    /// fly). Otherwise the query heads are grouped by the K/V head they share (`[batch, kv_heads, group *
-    /// seq, dim]`), so K and V are never repeated per query head.
+    /// Long inputs run in blocks of 128 queries, each against the keys up to its last query only (every mask
+    /// kind is causal), which skips most of the masked triangle: 3/8 of all scores at 512 tokens. Without
+    /// autodiff on flex each block is flex's fused attention kernel (no score tensor, grouped K/V heads read in
+    /// place, the causal mask computed on the fly). Otherwise the query heads are grouped by the K/V head they
+    /// share (`[batch, kv_heads, group * seq, dim]`), so K and V are never repeated per query head.
     ///
     /// # Shapes
     /// - output: `[batch, seq, hidden]`
@@ -430,4 +430,95 @@ impl Attention {
 fn l2_norm(x: Tensor<4>, eps: f64) -> Tensor<4> {
     let rms = (x.clone().square().mean_dim(3) + eps).sqrt();
     x / rms
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The straightforward form: K/V repeated per query head, the whole score matrix, an explicit mask.
+    fn reference(attn: &Attention, qkv: ProjectedQkv) -> Tensor<3> {
+        let ProjectedQkv { q, k, v, offset } = qkv;
+        let [b, heads, t, _] = q.dims();
+        let [_, kv_heads, s, d] = k.dims();
+        let dv = v.dims()[3];
+        let g = heads / kv_heads;
+        let rep = |x: Tensor<4>, d: usize| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kv_heads, g, s, d])
+                .reshape([b, heads, s, d])
+        };
+        let mut scores = q.matmul(rep(k, d).swap_dims(2, 3)).mul_scalar(attn.scale);
+        if let Some(mask) = attn.mask_tensor(offset, t, s, &scores.device()) {
+            scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
+        }
+        let out = softmax(scores, 3)
+            .matmul(rep(v, dv))
+            .swap_dims(1, 2)
+            .reshape([b, t, heads * dv]);
+        match &attn.kind {
+            AttentionKind::Gqa(a) => a.o_proj.forward(out),
+            AttentionKind::Mla(a) => a.o_proj.forward(out),
+        }
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Long inputs (query blocks), grouped heads, a cache offset and every mask kind, on the fused path (plain
+    /// flex) and the composite path (autodiff, gradients included).
+    #[test]
+    fn blocked_and_fused_attention_match_the_reference() {
+        let cfg = ModelConfig::small_moe(32, 32, 1, 4, 2, 8, 4, 2, 16, None);
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            device.seed(3);
+            let mut attn = Attention::new(&cfg, &cfg.layers[0], &device);
+            for mask in [
+                MaskKind::Causal,
+                MaskKind::Chunked { size: 100 },
+                MaskKind::SlidingWindow { window: 70 },
+            ] {
+                attn.mask = mask;
+                for (t, offset) in [(2 * QUERY_BLOCK + 44, 0), (2 * QUERY_BLOCK + 4, 40), (5, 7)] {
+                    let s = offset + t;
+                    let r = |shape: [usize; 4]| {
+                        let x = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+                        match device.is_autodiff() {
+                            true => x.require_grad(),
+                            false => x,
+                        }
+                    };
+                    let (q, k, v) = (r([1, 4, t, 8]), r([1, 2, s, 8]), r([1, 2, s, 8]));
+                    let qkv = ProjectedQkv {
+                        q: q.clone(),
+                        k: k.clone(),
+                        v: v.clone(),
+                        offset,
+                    };
+                    let probe =
+                        Tensor::<3>::random([1, t, 32], Distribution::Normal(0.0, 1.0), &device);
+                    let got = attn.attend(qkv.clone());
+                    let want = reference(&attn, qkv);
+                    let diff = max_diff(got.clone(), want.clone());
+                    assert!(
+                        diff < 1e-5,
+                        "{mask:?}, t {t}, offset {offset}: output differs by {diff}"
+                    );
+                    if device.is_autodiff() {
+                        let g_got = (got * probe.clone()).sum().backward();
+                        let g_want = (want * probe).sum().backward();
+                        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                            let diff = max_diff(x.grad(&g_got).unwrap(), x.grad(&g_want).unwrap());
+                            assert!(
+                                diff < 1e-5,
+                                "{mask:?}, t {t}, offset {offset}: d{name} differs by {diff}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -71,7 +71,7 @@ fn fcsd_moves_the_student_towards_the_teacher() {
         .unwrap();
     let teacher_logits = TeacherLogits::new(&model, &valid, &device);
     let before = farskip_train::evaluate(&student, &valid, Some(&teacher_logits), &device);
-    let mut cfg = TrainConfig::new("fcsd", Method::Fcsd { temperature: 1.0 }, 12, 5e-3);
+    let mut cfg = TrainConfig::new("fcsd", Method::Fcsd { temperature: 1.0 }, 30, 2e-3);
     cfg.eval_every = 4;
     let out = train(
         student,

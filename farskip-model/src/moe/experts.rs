@@ -50,42 +50,40 @@ impl ExpertBank {
     /// Runs rows grouped by expert: the first `counts[0]` rows through expert 0, the next `counts[1]` through
     /// expert 1, and so on.
     ///
-    /// The experts run as two batched matmuls over `[batch, cap, hidden]` blocks of rows (see `ExpertBatches`),
-    /// not one small matmul per expert: flex splits a batch across threads, and the weights are used whole, so
-    /// the backward pass produces each weight gradient in one piece instead of summing one zero-padded
-    /// full-size gradient per expert. Inference on very uneven counts (decoding, say) keeps the per-expert loop,
-    /// which reads the weights in place.
+    /// When a gradient will be taken, the experts run as two batched matmuls over `[block, cap, hidden]` blocks
+    /// of rows (see `ExpertBatches`) instead of one matmul pair per expert: the backward pass then produces each
+    /// weight gradient in one piece, where the loop's backward sums one zero-padded full-size gradient per
+    /// expert. Inference uses the blocks only for nearly equal counts (flex splits a batch across threads) and
+    /// otherwise keeps the per-expert loop, which reads the weights in place and pads nothing.
     ///
     /// # Shapes
     /// - `xs`: `[sum(counts), hidden]` -> `[sum(counts), hidden]`
     pub fn forward_grouped(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
         let [m, hidden] = xs.dims();
         debug_assert_eq!(m, counts.iter().sum::<usize>());
-        debug_assert_eq!(counts.len(), self.num_experts());
         if m == 0 {
             return Tensor::zeros([0, hidden], &xs.device());
         }
         let tracked = xs.is_autodiff() || self.gate_up.is_autodiff();
-        let plan = match std::env::var("FARSKIP_EXPERTS").as_deref() {
-            Ok("loop") => None,
-            Ok("seg") => ExpertBatches::plan(counts, true),
-            _ => ExpertBatches::plan(counts, tracked),
-        };
-        match plan {
+        match ExpertBatches::plan(counts, tracked) {
             Some(batches) => self.forward_batched(xs, &batches),
             None => self.forward_loop(xs, counts),
         }
     }
 
     /// The rows of [`Self::forward_grouped`] laid out by `batches`: one gather, two batched matmuls, one gather
-    /// back. Padding rows compute garbage that is never read (and gets a zero gradient).
+    /// back. Padding rows repeat row 0; their outputs are dropped (so they get a zero gradient).
     fn forward_batched(&self, xs: Tensor<2>, batches: &ExpertBatches) -> Tensor<2> {
         let [_, hidden] = xs.dims();
         let device = xs.device();
         let inter = self.intermediate_size();
         let (n, cap) = (batches.len(), batches.cap);
         let (gate_up, down) = match &batches.experts {
-            None => (self.gate_up.val(), self.down.val()),
+            None if n == self.num_experts() => (self.gate_up.val(), self.down.val()),
+            None => (
+                self.gate_up.val().narrow(0, 0, n),
+                self.down.val().narrow(0, 0, n),
+            ),
             // Gathered as `[experts, rows * cols]` matrices: flex copies (and scatter-adds backward) whole rows
             // in 2-D, element by element in 3-D.
             Some(experts) => {
@@ -132,10 +130,10 @@ impl ExpertBank {
 
 /// How [`ExpertBank::forward_grouped`] packs rows grouped by expert into equal blocks for batched matmuls.
 ///
-/// Balanced counts (the common case) give one block per expert, `cap = max(counts)` rows each, using the
-/// weights as stored. Uneven counts would spend most of such blocks on padding, so they are cut into segments
-/// of at most `cap = ceil(rows / experts)` rows instead (at most twice the rows, at most twice the experts),
-/// each block with a gathered copy of its expert's weights.
+/// Balanced counts give one block per expert, `cap = max(counts)` rows each, using the weights as stored.
+/// Uneven counts would spend most of such blocks on padding, so they are cut into segments of at most `cap`
+/// rows instead, each block with a gathered copy of its expert's weights; `cap` (the mean count times a power
+/// of two) balances padding against gathers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ExpertBatches {
     /// Expert of each block; `None` when block `e` is expert `e` for every expert.
@@ -149,8 +147,11 @@ struct ExpertBatches {
 }
 
 impl ExpertBatches {
-    /// Padding allowed in one-block-per-expert form when no gradient is taken, as a multiple of the real rows.
-    const MAX_PADDING_FACTOR: usize = 2;
+    /// Padded rows allowed in one-block-per-expert form, as a multiple `(num, den)` of the real rows, with a
+    /// gradient (the loop's backward sums one full-size zero-padded gradient per expert, so blocks win easily)
+    /// and without (a busy 2-core flex box ran the loop single-threaded as fast as blocks padded by a third).
+    const MAX_PADDING_TRACKED: (usize, usize) = (2, 1);
+    const MAX_PADDING_UNTRACKED: (usize, usize) = (5, 4);
     /// What a block with gathered weights costs, in padding rows: the weight copy forward and its scatter-add
     /// backward (measured on the small preset, 2-core flex: the best cap was about twice the mean count).
     const GATHER_COST_ROWS: usize = 96;
@@ -165,7 +166,11 @@ impl ExpertBatches {
         }
         let identity = || Self::blocks(counts, max, |e| vec![(e, counts[e])]);
         let padded = counts.len() * max;
-        if padded <= Self::MAX_PADDING_FACTOR * rows {
+        let (num, den) = match tracked {
+            true => Self::MAX_PADDING_TRACKED,
+            false => Self::MAX_PADDING_UNTRACKED,
+        };
+        if den * padded <= num * rows {
             return Some(identity());
         }
         if !tracked {
@@ -304,4 +309,118 @@ impl SlotPlan {
 pub fn index_tensor(idx: &[usize], device: &Device) -> Tensor<1, Int> {
     let v: Vec<i64> = idx.iter().map(|&i| i as i64).collect();
     Tensor::from_data(TensorData::new(v, [idx.len()]), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    fn bank(device: &Device) -> ExpertBank {
+        device.seed(7);
+        // Larger weights than the default init, so that errors would show.
+        let w = |shape: [usize; 3]| {
+            Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, 0.5),
+                device,
+            ))
+        };
+        ExpertBank {
+            gate_up: w([4, 8, 12]),
+            down: w([4, 6, 8]),
+        }
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Every grouped row has a block row that reads it back, and blocks hold at most `cap` real rows.
+    fn check_layout(b: &ExpertBatches, counts: &[usize]) {
+        let rows: usize = counts.iter().sum();
+        assert_eq!(b.dst.len(), rows);
+        assert_eq!(b.src.len(), b.len() * b.cap);
+        for (r, &d) in b.dst.iter().enumerate() {
+            assert_eq!(b.src[d], r, "{b:?}");
+        }
+        let mut seen = b.dst.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), rows, "two rows share a block row: {b:?}");
+    }
+
+    #[test]
+    fn plans_one_block_per_expert_when_balanced_and_segments_otherwise() {
+        let balanced = [3, 3, 3, 2];
+        let b = ExpertBatches::plan(&balanced, false).unwrap();
+        assert_eq!((b.experts.clone(), b.cap, b.len()), (None, 3, 4));
+        check_layout(&b, &balanced);
+        // Padding by half: blocks only when a gradient is taken.
+        let loose = [3, 2, 3, 0];
+        assert_eq!(ExpertBatches::plan(&loose, false), None);
+        let b = ExpertBatches::plan(&loose, true).unwrap();
+        assert_eq!((b.experts.clone(), b.cap, b.len()), (None, 3, 4));
+        check_layout(&b, &loose);
+
+        let uneven = [0, 300, 1, 3];
+        assert_eq!(ExpertBatches::plan(&uneven, false), None);
+        let b = ExpertBatches::plan(&uneven, true).unwrap();
+        check_layout(&b, &uneven);
+        let experts = b.experts.clone().unwrap();
+        assert!(experts.windows(2).all(|w| w[0] <= w[1]), "{experts:?}");
+        assert!(!experts.contains(&0), "an empty expert got a block");
+        assert!(b.len() * b.cap <= 2 * 304 + 3 * b.cap, "{b:?}");
+        assert_eq!(ExpertBatches::plan(&[0, 0], true), None);
+    }
+
+    #[test]
+    fn batched_experts_match_the_per_expert_loop_with_gradients() {
+        let device = Device::flex().autodiff();
+        let bank = bank(&device);
+        for counts in [[3, 2, 3, 2], [0, 9, 1, 2], [5, 0, 0, 0]] {
+            let m = counts.iter().sum();
+            let xs = Tensor::<2>::random([m, 8], Distribution::Normal(0.0, 1.0), &device);
+            let probe = Tensor::<2>::random([m, 8], Distribution::Normal(0.0, 1.0), &device);
+            let run = |batches: Option<ExpertBatches>| {
+                let x = xs.clone().detach().require_grad();
+                let out = match batches {
+                    Some(b) => bank.forward_batched(x.clone(), &b),
+                    None => bank.forward_loop(x.clone(), &counts),
+                };
+                let grads = (out.clone() * probe.clone()).sum().backward();
+                let g = |t: &Tensor<3>| t.grad(&grads).unwrap();
+                (
+                    out.inner(),
+                    x.grad(&grads).unwrap(),
+                    g(&bank.gate_up.val()),
+                    g(&bank.down.val()),
+                )
+            };
+            let want = run(None);
+            let rows: usize = m;
+            let identity = ExpertBatches::blocks(&counts, *counts.iter().max().unwrap(), |e| {
+                vec![(e, counts[e])]
+            });
+            let segments = ExpertBatches::blocks(&counts, 2, |e| {
+                (0..counts[e].div_ceil(2))
+                    .map(|j| (e, (counts[e] - j * 2).min(2)))
+                    .collect()
+            });
+            assert!(segments.experts.is_some() && rows > 0);
+            for batches in [identity, segments] {
+                let got = run(Some(batches.clone()));
+                let diffs = [
+                    max_diff(got.0, want.0.clone()),
+                    max_diff(got.1, want.1.clone()),
+                    max_diff(got.2, want.2.clone()),
+                    max_diff(got.3, want.3.clone()),
+                ];
+                assert!(
+                    diffs.iter().all(|&d| d < 1e-4),
+                    "counts {counts:?}, {batches:?}: output / d_x / d_gate_up / d_down differ by {diffs:?}"
+                );
+            }
+        }
+    }
 }
