@@ -95,3 +95,23 @@ pub fn write_tensors(path: &Path, writer: &TensorWriter) -> Result<()> {
         .write(path, None)
         .with_context(|| format!("writing {}", path.display()))
 }
+
+/// Writes a trace's SVG timeline to `path` and the blocking baseline's next to it (`<stem>_blocking.svg`).
+pub fn write_timelines(
+    path: &Path,
+    title: &str,
+    trace: &farskip_dist::trace::Trace,
+    blocking: &farskip_dist::trace::Trace,
+) -> Result<()> {
+    std::fs::write(path, trace.to_svg(&format!("FarSkip: {title}")))
+        .with_context(|| format!("writing {}", path.display()))?;
+    let stem = path
+        .file_stem()
+        .map_or("timeline".into(), |s| s.to_string_lossy());
+    let other = path.with_file_name(format!("{stem}_blocking.svg"));
+    std::fs::write(
+        &other,
+        blocking.to_svg(&format!("standard, blocking: {title}")),
+    )
+    .with_context(|| format!("writing {}", other.display()))
+}

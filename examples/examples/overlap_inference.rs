@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{init_logging, load_model};
+use farskip_examples::{init_logging, load_model, write_timelines};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -75,22 +75,10 @@ fn main() -> Result<()> {
     }
     if let Some(p) = &args.svg {
         let title = format!(
-            "FarSkip {:?} world {} comm_ratio {}",
+            "{:?} world {} comm_ratio {}",
             args.parallel, args.world, args.comm_ratio
         );
-        std::fs::write(p, report.trace.to_svg(&title))
-            .with_context(|| format!("writing {}", p.display()))?;
-        let blocking = p.with_file_name(format!(
-            "{}_blocking.svg",
-            p.file_stem()
-                .map_or("timeline".into(), |s| s.to_string_lossy())
-        ));
-        let title = format!(
-            "standard (blocking) {:?} world {} comm_ratio {}",
-            args.parallel, args.world, args.comm_ratio
-        );
-        std::fs::write(&blocking, report.blocking_trace.to_svg(&title))
-            .with_context(|| format!("writing {}", blocking.display()))?;
+        write_timelines(p, &title, &report.trace, &report.blocking_trace)?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -77,24 +77,9 @@ pub struct EpTrainRank {
     world: usize,
 }
 
-/// The forward record of one MoE layer, kept for its backward.
+/// The forward record of one MoE layer, kept for its backward: the segments before the combine, then the join.
 struct LayerTape {
-    /// Attention segment: leaf input and output.
-    attn_in: Tensor<3>,
-    attn_out: Tensor<3>,
-    /// Norm segment: leaf (R, or R' under standard connectivity) and output m (flattened).
-    norm_in: Tensor<3>,
-    norm_out: Tensor<2>,
-    /// Router segment: leaf m, outputs slot rows and routing weights.
-    router_in: Tensor<2>,
-    slots: Tensor<2>,
-    weights: Tensor<2>,
-    /// Shared segment: leaf m and output.
-    shared_in: Tensor<2>,
-    shared_out: Option<Tensor<2>>,
-    /// Experts segment (this rank as owner): leaf rows and outputs, and the dispatch it came from.
-    expert_in: Tensor<2>,
-    expert_out: Tensor<2>,
+    part: PartialTape,
     /// Join segment leaves and outputs.
     join_residual: Tensor<3>,
     join_attn: Tensor<3>,
@@ -103,7 +88,6 @@ struct LayerTape {
     join_weights: Tensor<2>,
     join_full: Tensor<3>,
     join_routed_free: Tensor<3>,
-    slot_experts: Vec<usize>,
 }
 
 /// What a layer's forward leaves pending for the next one.
@@ -343,19 +327,8 @@ impl EpTrainRank {
                     ),
                     None => (post_attention.clone() + routed, post_attention),
                 };
-                let tp = p.tape;
                 tapes.push(LayerTape {
-                    attn_in: tp.attn_in,
-                    attn_out: tp.attn_out,
-                    norm_in: tp.norm_in,
-                    norm_out: tp.norm_out,
-                    router_in: tp.router_in,
-                    slots: tp.slots,
-                    weights: tp.weights,
-                    shared_in: tp.shared_in,
-                    shared_out: tp.shared_out,
-                    expert_in: tp.expert_in,
-                    expert_out: tp.expert_out,
+                    part: p.tape,
                     join_residual: r,
                     join_attn: a,
                     join_shared: s,
@@ -363,7 +336,6 @@ impl EpTrainRank {
                     join_weights: w,
                     join_full: next_full.clone(),
                     join_routed_free: next_rf.clone(),
-                    slot_experts: tp.slot_experts,
                 });
                 gj.finish();
                 Ok((next_full.detach(), next_rf.detach()))
@@ -525,7 +497,7 @@ impl EpTrainRank {
             let to_owner = self.send_slots(
                 comm,
                 g_y,
-                &tape.slot_experts,
+                &tape.part.slot_experts,
                 tag(bwd_ops::COMBINE_BWD, i, bwd),
             )?;
             let g_attn_in;
@@ -533,8 +505,10 @@ impl EpTrainRank {
             if farskip {
                 // Attention's backward hides the exchange.
                 let ga = span(Some(i), bwd_ops::ATTN, bwd);
-                let grads = (tape.attn_out.clone() * g_attn.clone()).sum().backward();
-                g_attn_in = tape.attn_in.grad(&grads).expect("leaf");
+                let grads = (tape.part.attn_out.clone() * g_attn.clone())
+                    .sum()
+                    .backward();
+                g_attn_in = tape.part.attn_in.grad(&grads).expect("leaf");
                 absorb(&mut acc, grads);
                 ga.finish();
             } else {
@@ -542,8 +516,10 @@ impl EpTrainRank {
             }
             let (g_rows, back_plan) = to_owner.wait()?;
             let ge = span(Some(i), bwd_ops::EXPERTS, bwd);
-            let grads = (tape.expert_out.clone() * g_rows.tokens).sum().backward();
-            let g_expert_in = tape.expert_in.grad(&grads).expect("leaf");
+            let grads = (tape.part.expert_out.clone() * g_rows.tokens)
+                .sum()
+                .backward();
+            let g_expert_in = tape.part.expert_in.grad(&grads).expect("leaf");
             absorb(&mut acc, grads);
             ge.finish();
             // Backward of Dispatch: input gradients return to the tokens' ranks.
@@ -555,36 +531,38 @@ impl EpTrainRank {
             )?;
             let gs = span(Some(i), bwd_ops::SHARED, bwd);
             let mut g_m: Option<Tensor<2>> = None;
-            if let (Some(out), Some(gsh)) = (&tape.shared_out, &g_shared) {
+            if let (Some(out), Some(gsh)) = (&tape.part.shared_out, &g_shared) {
                 let grads = (out.clone() * flat3(gsh.clone())).sum().backward();
-                g_m = tape.shared_in.grad(&grads);
+                g_m = tape.part.shared_in.grad(&grads);
                 absorb(&mut acc, grads);
             }
             gs.finish();
             let g_slots = back.wait()?;
             let gr = span(Some(i), bwd_ops::ROUTER, bwd);
             let grads = seeded(vec![
-                (tape.slots.clone(), g_slots),
-                (tape.weights.clone(), g_w),
+                (tape.part.slots.clone(), g_slots),
+                (tape.part.weights.clone(), g_w),
             ])
             .expect("non-empty")
             .backward();
-            let g_router_in = tape.router_in.grad(&grads).expect("leaf");
+            let g_router_in = tape.part.router_in.grad(&grads).expect("leaf");
             absorb(&mut acc, grads);
             let g_m = match g_m {
                 Some(a) => a + g_router_in,
                 None => g_router_in,
             };
-            let grads = (tape.norm_out.clone() * g_m).sum().backward();
-            let g_norm_in = tape.norm_in.grad(&grads).expect("leaf");
+            let grads = (tape.part.norm_out.clone() * g_m).sum().backward();
+            let g_norm_in = tape.part.norm_in.grad(&grads).expect("leaf");
             absorb(&mut acc, grads);
             gr.finish();
             if !farskip {
                 // Stock order: the MoE read R' = R + a, so attention's backward waits for it.
                 let g_post = g_res.clone() + g_norm_in.clone();
                 let ga = span(Some(i), bwd_ops::ATTN, bwd);
-                let grads = (tape.attn_out.clone() * g_post.clone()).sum().backward();
-                let g_in = tape.attn_in.grad(&grads).expect("leaf");
+                let grads = (tape.part.attn_out.clone() * g_post.clone())
+                    .sum()
+                    .backward();
+                let g_in = tape.part.attn_in.grad(&grads).expect("leaf");
                 absorb(&mut acc, grads);
                 ga.finish();
                 g_norm_src_extra = Some(g_in);
