@@ -69,25 +69,8 @@ pub fn read_ids(path: &Path, name: &str, device: &Device) -> Result<Tensor<2, In
     ))
 }
 
-/// Uniform random token ids, seeded.
-pub fn random_ids(
-    batch: usize,
-    seq: usize,
-    vocab: usize,
-    seed: u64,
-    device: &Device,
-) -> Tensor<2, Int> {
-    let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let v: Vec<i64> = (0..batch * seq)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % vocab as u64) as i64
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(v, [batch, seq]), device)
-}
+/// Uniform random token ids, seeded (the distributed experiments' generator, so every example draws alike).
+pub use farskip_dist::experiment::random_ids;
 
 /// Writes named tensors to a safetensors file.
 pub fn write_tensors(path: &Path, writer: &TensorWriter) -> Result<()> {
