@@ -20,6 +20,7 @@ use farskip_model::connectivity::FfnInput;
 use farskip_model::moe::{SlotPlan, index_tensor};
 use farskip_model::{Connectivity, Ffn, Model};
 use farskip_train::losses::cross_entropy;
+use farskip_train::optim::FusedAdamWConfig;
 
 #[derive(Parser, Debug)]
 #[command(about = "Forward and training-step throughput with a per-part forward breakdown")]
@@ -45,9 +46,21 @@ struct Args {
     /// Skip the training step.
     #[arg(long)]
     no_train: bool,
+    /// The training step's optimizer: `fused` (farskip-train's one-pass CPU AdamW) or `burn` (burn's AdamW).
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Fused)]
+    optimizer: OptimizerKind,
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+}
+
+/// Which AdamW the training step uses.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum OptimizerKind {
+    /// `farskip_train::optim::FusedAdamW`.
+    Fused,
+    /// `burn::optim::AdamW`.
+    Burn,
 }
 
 /// The forward's parts, as the breakdown times them.
@@ -163,7 +176,10 @@ fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<([f64; 4], Option<f
     let ids = Tensor::<2, Int>::from_data(ids.into_data(), &device);
     let input = ids.clone().narrow(1, 0, args.tokens);
     let target = ids.narrow(1, 1, args.tokens);
-    let mut optim = AdamWConfig::new().init();
+    let mut optim = match args.optimizer {
+        OptimizerKind::Fused => FusedAdamWConfig::new().init(),
+        OptimizerKind::Burn => AdamWConfig::new().init(),
+    };
     let mut phases: Vec<[f64; 4]> = Vec::with_capacity(args.runs);
     let mut cpu_start = None;
     for run in 0..args.warmup + args.runs {

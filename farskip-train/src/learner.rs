@@ -16,7 +16,9 @@ use burn::lr_scheduler::{
     module_lr_scheduler::ModuleLrScheduler, sequential::SequentialLrSchedulerConfig,
 };
 use burn::module::Module;
-use burn::optim::{AdamWConfig, ModuleOptimizer};
+use burn::optim::ModuleOptimizer;
+
+use crate::optim::FusedAdamWConfig;
 use burn::prelude::*;
 use burn::train::{InferenceStep, RegressionOutput, TrainOutput, TrainStep};
 use farskip_model::Model;
@@ -292,7 +294,7 @@ impl TrainConfig {
     }
 
     fn optimizer(&self) -> ModuleOptimizer {
-        AdamWConfig::new()
+        FusedAdamWConfig::new()
             .with_weight_decay(self.weight_decay as f32)
             .with_epsilon(1e-8)
             .with_grad_clipping(

@@ -33,6 +33,7 @@
 //! - [`learner`]: [`Method`], [`TrainConfig`], the burn-train step [`DistillStep`] and the [`train`] loop (evaluation,
 //!   early stopping, checkpoint/resume).
 //! - [`data`]: byte-level and Hugging Face tokenized corpora, the train/validation split, seeded batches.
+//! - [`optim`]: AdamW fused into one pass per parameter on the CPU (burn's AdamW state, so checkpoints carry over).
 //! - [`eval`]: held-out loss, perplexity, and agreement and KL with the teacher.
 //! - [`early_stop`]: early stopping with a guard against late mode collapse, and the non-finite loss check.
 //! - [`recipe`]: the end-to-end recipe (teacher, conversion, FCSD / SFT / KL + L2, report).
@@ -44,6 +45,7 @@ pub mod early_stop;
 pub mod eval;
 pub mod learner;
 pub mod losses;
+pub mod optim;
 pub mod plot;
 
 pub use eval::{Evaluation, TeacherLogits, evaluate};
