@@ -1,7 +1,10 @@
 //! The FCSD recipe on the bundled corpus: train a small MoE teacher, convert it to FarSkip, recover it with
 //! FCSD, SFT and KL + L2, and print the comparison.
 //!
-//! `cargo run --release -p farskip-examples --example recipe -- [--quick] [--corpus FILE] [--model DIR] [--json]`
+//! `cargo run --release -p farskip-examples --example recipe -- [--quick] [--corpus FILE] [--model DIR] [--world N] [--json]`
+//!
+//! `--world N` runs the recovery runs (FCSD, SFT, KL + L2) expert-parallel on N in-process ranks; the results
+//! equal `--world 1` up to float rounding.
 
 use std::path::PathBuf;
 
@@ -32,12 +35,26 @@ struct Args {
     /// Seed.
     #[arg(long)]
     seed: Option<u64>,
+    /// Expert-parallel ranks (threads of this process) for the recovery runs; 1 is single-process training.
+    /// The batch's sequences must divide by it and it may not exceed the experts per layer.
+    #[arg(long, default_value_t = 1, value_parser = parse_world)]
+    world: usize,
     /// Where recipe.md and loss_curves.svg go.
     #[arg(long, default_value = "report")]
     report_dir: PathBuf,
     /// Print the results as one JSON line at the end.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_world(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("--world must be at least 1 (1 = single-process training)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!(
+            "--world expects a whole number of ranks >= 1, got `{s}`: {e}"
+        )),
+    }
 }
 
 fn main() -> Result<()> {
@@ -59,6 +76,7 @@ fn main() -> Result<()> {
     if let Some(s) = args.seed {
         cfg.seed = s;
     }
+    cfg.world = args.world;
     let report = run_recipe(&cfg, &Device::default())?;
     println!("\n{}", report.table());
     if let Some(f) = report.recovered_fraction("fcsd") {

@@ -125,6 +125,136 @@ pub struct RankStep {
     pub grads: GradientsParams,
 }
 
+/// The loss a rank's step minimises. Every variant is a mean over all ranks' tokens: each rank scales its local
+/// mean by `1 / world`, so every rank must hold the same number of tokens.
+#[derive(Clone, Debug)]
+pub enum Objective {
+    /// Next-token cross-entropy on the windows (pre-training, SFT).
+    CrossEntropy,
+    /// FCSD: `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`, mean over tokens — the same arithmetic as
+    /// `farskip_train::losses::kl_distill`.
+    Distill {
+        /// The frozen teacher's logits on this rank's windows, `[batch, seq, vocab]` (any device; no gradient).
+        teacher_logits: Tensor<3>,
+        /// Softmax temperature, finite and > 0.
+        temperature: f64,
+    },
+    /// The KL + L2 baseline: [`Objective::Distill`] plus `l2_weight ·` the mean over layers of the mean squared
+    /// difference between the student's and the teacher's full residual stream after every layer (the same
+    /// arithmetic as `farskip_train::losses::kl_l2`).
+    DistillHidden {
+        /// The frozen teacher's logits on this rank's windows, `[batch, seq, vocab]`.
+        teacher_logits: Tensor<3>,
+        /// The teacher's full residual stream after every layer, `[batch, seq, hidden]` each.
+        teacher_hidden: Vec<Tensor<3>>,
+        /// Softmax temperature, finite and > 0.
+        temperature: f64,
+        /// Weight of the hidden-state term, finite and ≥ 0.
+        l2_weight: f64,
+    },
+}
+
+impl Objective {
+    /// Checks the teacher tensors against this rank's `[batch, seq]` tokens, `vocab`, `hidden` and `layers`.
+    fn check(&self, tokens: [usize; 2], vocab: usize, hidden: usize, layers: usize) -> Result<()> {
+        let bad = |m: String| {
+            Err(ScheduleError::Model(
+                farskip_model::ModelError::InvalidInput(m),
+            ))
+        };
+        let [b, t] = tokens;
+        let (logits, temperature) = match self {
+            Self::CrossEntropy => return Ok(()),
+            Self::Distill {
+                teacher_logits,
+                temperature,
+            } => (teacher_logits, *temperature),
+            Self::DistillHidden {
+                teacher_logits,
+                teacher_hidden,
+                temperature,
+                l2_weight,
+            } => {
+                if !(l2_weight.is_finite() && *l2_weight >= 0.0) {
+                    return bad(format!(
+                        "distillation l2_weight must be finite and >= 0, got {l2_weight}"
+                    ));
+                }
+                if teacher_hidden.len() != layers {
+                    return bad(format!(
+                        "teacher_hidden has {} layers but the student has {layers}",
+                        teacher_hidden.len()
+                    ));
+                }
+                for (i, h) in teacher_hidden.iter().enumerate() {
+                    if h.dims() != [b, t, hidden] {
+                        return bad(format!(
+                            "teacher_hidden[{i}] has shape {:?} but this rank's student stream is {:?}",
+                            h.dims(),
+                            [b, t, hidden]
+                        ));
+                    }
+                }
+                (teacher_logits, *temperature)
+            }
+        };
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return bad(format!(
+                "distillation temperature must be finite and > 0, got {temperature}"
+            ));
+        }
+        if logits.dims() != [b, t, vocab] {
+            return bad(format!(
+                "teacher_logits has shape {:?} but this rank's student logits are {:?}",
+                logits.dims(),
+                [b, t, vocab]
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// This rank's share of the distillation loss: `T² · Σ_tokens KL(teacher ‖ student) / (tokens · world)`.
+///
+/// The arithmetic is `farskip_train::losses::kl_distill`'s (log-softmax of the logits times `1/T`, the KL summed
+/// over every element), with its final scale `T² / tokens` replaced by `T² / (tokens · world)`: with equal tokens
+/// per rank, that is the single-rank scale `T² / global tokens` and the sum over ranks is the global mean.
+///
+/// # Shapes
+/// - `student_logits`, `teacher_logits`: `[tokens, vocab]` (the teacher is detached)
+/// - output: `[1]`
+///
+/// # Panics
+/// If the shapes differ, there are no tokens, `world` is 0 or `temperature` is not finite and positive
+/// ([`EpTrainRank::step_with`] checks its [`Objective`] first and returns an error instead).
+pub fn distill_loss(
+    student_logits: Tensor<2>,
+    teacher_logits: Tensor<2>,
+    temperature: f64,
+    world: usize,
+) -> Tensor<1> {
+    assert!(
+        student_logits.dims() == teacher_logits.dims() && student_logits.dims()[0] > 0,
+        "distill_loss: student logits {:?} and teacher logits {:?} must have the same non-empty shape",
+        student_logits.dims(),
+        teacher_logits.dims()
+    );
+    assert!(
+        temperature.is_finite() && temperature > 0.0 && world > 0,
+        "distill_loss: temperature must be finite and > 0 (got {temperature}) and world > 0 (got {world})"
+    );
+    let n_tokens = student_logits.dims()[0] as f64;
+    let log_p_teacher = burn::tensor::activation::log_softmax(
+        teacher_logits.detach().mul_scalar(1.0 / temperature),
+        1,
+    );
+    let log_p_student =
+        burn::tensor::activation::log_softmax(student_logits.mul_scalar(1.0 / temperature), 1);
+    (log_p_teacher.clone().exp() * (log_p_teacher - log_p_student))
+        .sum()
+        .mul_scalar(temperature * temperature / (n_tokens * world as f64))
+}
+
 /// Collects `(id, dims)` of the float parameters a module holds, in visit order.
 #[derive(Default)]
 struct ParamList(Vec<(ParamId, Vec<usize>)>);
@@ -269,6 +399,20 @@ impl EpTrainRank {
         self.model = model;
     }
 
+    /// Replaces this rank's model by `f(model)` (an optimizer step), without keeping a second handle on the
+    /// weights alive (so an in-place optimizer does not have to copy them).
+    pub fn map_model(self, f: impl FnOnce(Model) -> Model) -> Self {
+        Self {
+            model: f(self.model),
+            ..self
+        }
+    }
+
+    /// This rank's block of each MoE layer's experts (global expert ids).
+    pub fn local_experts(&self) -> std::ops::Range<usize> {
+        self.sharding.local_range(self.rank)
+    }
+
     /// One forward + backward on this rank's token windows `[batch, seq + 1]` (cross-entropy; the loss is the
     /// mean over all ranks' tokens, so every rank must hold the same number of tokens).
     pub fn step<C: Communicator + ?Sized>(
@@ -276,6 +420,18 @@ impl EpTrainRank {
         comm: &C,
         trace: &Trace,
         windows: Tensor<2, Int>,
+    ) -> Result<RankStep> {
+        self.step_with(comm, trace, windows, &Objective::CrossEntropy)
+    }
+
+    /// [`EpTrainRank::step`] with another loss: cross-entropy, FCSD's KL to a teacher, or KL + L2 on the hidden
+    /// states. The teacher tensors of `objective` hold this rank's rows; a shape that does not fit is an error.
+    pub fn step_with<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        windows: Tensor<2, Int>,
+        objective: &Objective,
     ) -> Result<RankStep> {
         let farskip = self.model.connectivity().keeps_routed_free_stream();
         let fwd = Phase::Forward;
@@ -288,7 +444,21 @@ impl EpTrainRank {
             CollectiveTag::new(name).at_layer(layer).in_phase(phase)
         };
         let [b, t1] = windows.dims();
+        if t1 < 2 || b == 0 {
+            return Err(ScheduleError::Model(
+                farskip_model::ModelError::InvalidInput(format!(
+                    "training windows must be [batch >= 1, seq + 1 >= 2], got [{b}, {t1}]"
+                )),
+            ));
+        }
         let t = t1 - 1;
+        let config = self.model.config();
+        objective.check(
+            [b, t],
+            config.vocab_size,
+            config.hidden_size,
+            self.model.layers.len(),
+        )?;
         let x_ids = windows.clone().narrow(1, 0, t);
         let y_ids = windows.narrow(1, 1, t);
 
@@ -456,9 +626,49 @@ impl EpTrainRank {
         let final_in = leaf(&full);
         let logits = self.model.logits(final_in.clone());
         let [_, _, v] = logits.dims();
-        let logp = burn::tensor::activation::log_softmax(logits.reshape([b * t, v]), 1);
-        let nll = logp.gather(1, y_ids.reshape([b * t, 1])).neg().mean();
-        let loss = nll.mul_scalar(1.0 / self.world as f64);
+        let logits = logits.reshape([b * t, v]);
+        let kl = |teacher: &Tensor<3>, temperature: f64| {
+            distill_loss(
+                logits.clone(),
+                teacher.clone().reshape([b * t, v]),
+                temperature,
+                self.world,
+            )
+        };
+        // KL + L2: the hidden-state term reads each layer's full output stream through a fresh leaf, whose
+        // gradient joins the stream's gradient when the backward reaches that layer.
+        let mut hidden_leaves: Vec<Tensor<3>> = Vec::new();
+        let loss = match objective {
+            Objective::CrossEntropy => {
+                let logp = burn::tensor::activation::log_softmax(logits.clone(), 1);
+                let nll = logp.gather(1, y_ids.reshape([b * t, 1])).neg().mean();
+                nll.mul_scalar(1.0 / self.world as f64)
+            }
+            Objective::Distill {
+                teacher_logits,
+                temperature,
+            } => kl(teacher_logits, *temperature),
+            Objective::DistillHidden {
+                teacher_logits,
+                teacher_hidden,
+                temperature,
+                l2_weight,
+            } => {
+                hidden_leaves = tapes.iter().map(|tape| leaf(&tape.join_full)).collect();
+                let n_layers = hidden_leaves.len() as f64;
+                let mse = hidden_leaves
+                    .iter()
+                    .zip(teacher_hidden)
+                    .map(|(s, th)| (s.clone() - th.clone().detach()).square().mean())
+                    .reduce(|acc, layer| acc + layer)
+                    .map(|sum| sum.mul_scalar(1.0 / n_layers));
+                let kl = kl(teacher_logits, *temperature);
+                match mse {
+                    Some(mse) => kl + mse.mul_scalar(*l2_weight / self.world as f64),
+                    None => kl,
+                }
+            }
+        };
         let loss_value = loss.clone().into_scalar::<f64>();
         g.finish();
 
@@ -474,12 +684,18 @@ impl EpTrainRank {
             .grad(&grads)
             .expect("final stream is a leaf")
             .detach();
+        let mut g_hidden: Vec<Option<Tensor<3>>> =
+            hidden_leaves.iter().map(|h| h.grad(&grads)).collect();
         absorb(&mut acc, grads);
         g.finish();
         let mut g_rf: Option<Tensor<3>> = None;
         let mut pending_grads: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)> = Vec::new();
         for (i, tape) in tapes.into_iter().enumerate().rev() {
             let layer = &self.model.layers[i];
+            if let Some(gh) = g_hidden.get_mut(i).and_then(Option::take) {
+                // KL + L2: this layer's output stream also fed the hidden-state term.
+                g_full = g_full + gh;
+            }
             // Join: seeds are the gradients of the streams it produced.
             let gj = span(Some(i), bwd_ops::JOIN, bwd);
             let mut seed = vec![(flat3(tape.join_full.clone()), flat3(g_full.clone()))];
@@ -691,4 +907,67 @@ pub fn param_list(model: &Model) -> Vec<(ParamId, Vec<usize>)> {
     let mut l = ParamList::default();
     model.visit(&mut l);
     l.0
+}
+
+/// Joins the models of the ranks of one expert-parallel world (in rank order, as [`EpTrainRank::model`] holds
+/// them) back into one model: rank 0's replicated weights and, for every MoE layer, the ranks' expert blocks
+/// concatenated in rank order. The result is on rank 0's device without autodiff.
+///
+/// Replicated weights are taken from rank 0 only: after all-reduced gradients and identical optimizer steps they
+/// are identical on every rank.
+pub fn merge_rank_models(ranks: &[Model]) -> Result<Model> {
+    let bad = |m: String| {
+        Err(ScheduleError::Model(
+            farskip_model::ModelError::InvalidInput(m),
+        ))
+    };
+    let Some(first) = ranks.first() else {
+        return bad("merging expert-parallel ranks needs at least one rank".into());
+    };
+    let mut merged = first.valid();
+    for (r, m) in ranks.iter().enumerate() {
+        if m.layers.len() != merged.layers.len() {
+            return bad(format!(
+                "rank {r} has {} layers but rank 0 has {}",
+                m.layers.len(),
+                merged.layers.len()
+            ));
+        }
+    }
+    for (i, layer) in merged.layers.iter_mut().enumerate() {
+        let Ffn::Moe(moe) = &mut layer.ffn else {
+            continue;
+        };
+        let mut gate_up = Vec::with_capacity(ranks.len());
+        let mut down = Vec::with_capacity(ranks.len());
+        for (r, m) in ranks.iter().enumerate() {
+            match &m.layers[i].ffn {
+                Ffn::Moe(other) => {
+                    gate_up.push(other.experts.gate_up.val().inner());
+                    down.push(other.experts.down.val().inner());
+                }
+                Ffn::Dense(_) => {
+                    return bad(format!("layer {i} is MoE on rank 0 but dense on rank {r}"));
+                }
+            }
+        }
+        for (name, parts) in [("gate_up", &gate_up), ("down", &down)] {
+            let tail = parts[0].dims()[1..].to_vec();
+            if let Some((r, p)) = parts
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.dims()[1..] != tail[..])
+            {
+                return bad(format!(
+                    "layer {i} experts.{name}: rank {r} holds blocks of shape {:?}, rank 0 {:?}",
+                    p.dims(),
+                    parts[0].dims()
+                ));
+            }
+        }
+        let (gate_up_id, down_id) = (moe.experts.gate_up.id, moe.experts.down.id);
+        moe.experts.gate_up = Param::initialized(gate_up_id, Tensor::cat(gate_up, 0));
+        moe.experts.down = Param::initialized(down_id, Tensor::cat(down, 0));
+    }
+    Ok(merged)
 }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{RandomBatches, ValidationSet, inputs_targets};
 use crate::early_stop::{Decision, EarlyStopping, check_finite};
+use crate::ep::EpTrainer;
 use crate::eval::{Evaluation, TeacherLogits, evaluate};
 use crate::losses::{cross_entropy, kl_distill, kl_l2};
 use crate::plot::ProgressReporter;
@@ -90,6 +91,16 @@ pub enum TrainError {
     /// The method needs a teacher and none was given.
     #[error("method {0} needs a teacher model")]
     MissingTeacher(&'static str),
+    /// The expert-parallel world failed (a rank's error, or every rank's when several failed).
+    #[error("training {label} on {world} expert-parallel ranks: {message}")]
+    Distributed {
+        /// The run.
+        label: String,
+        /// Ranks in the world.
+        world: usize,
+        /// What went wrong, naming the rank.
+        message: String,
+    },
     /// A checkpoint could not be written or read.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {
@@ -224,6 +235,16 @@ pub struct TrainConfig {
     /// runs to `steps`.
     #[serde(default)]
     pub stop_after: Option<usize>,
+    /// Ranks of expert-parallel training on an in-process world (threads of this process). 1 (the default) is
+    /// the single-process loop; above 1 the steps run on [`crate::ep::EpTrainer`], which needs every layer MoE,
+    /// standard or all-layer FarSkip connectivity, a batch whose rows divide by `world` and no checkpointing. The
+    /// result equals single-process training up to float rounding.
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainConfig {
@@ -245,6 +266,7 @@ impl TrainConfig {
             checkpoint_dir: None,
             checkpoint_every: (steps / 4).max(1),
             stop_after: None,
+            world: 1,
         }
     }
 
@@ -267,6 +289,18 @@ impl TrainConfig {
         }
         if self.eval_every == 0 || self.checkpoint_every == 0 || self.log_every == 0 {
             return bad("eval_every", "intervals must be > 0".into());
+        }
+        if self.world == 0 {
+            return bad("world", "must be >= 1".into());
+        }
+        if self.world > 1 && self.checkpoint_dir.is_some() {
+            return bad(
+                "world",
+                format!(
+                    "checkpointing is single-process only: unset checkpoint_dir or train with world 1 (got {})",
+                    self.world
+                ),
+            );
         }
         Ok(())
     }
@@ -302,6 +336,14 @@ impl TrainConfig {
                     .map(|c| GradientClippingConfig::Norm(c as f32)),
             )
             .init()
+    }
+
+    /// [`TrainConfig::optimizer`] without gradient clipping: the expert-parallel ranks clip by themselves (an
+    /// expert bank's norm spans every rank).
+    pub(crate) fn unclipped_optimizer(&self) -> ModuleOptimizer {
+        let mut cfg = self.clone();
+        cfg.grad_clip = None;
+        cfg.optimizer()
     }
 }
 
@@ -365,7 +407,33 @@ fn selection_metric(method: &Method, e: &Evaluation) -> f64 {
     }
 }
 
+/// How the steps run: one process with burn's optimizer, or the expert-parallel ranks.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per training run, moved once per step"
+)]
+enum Engine {
+    Single {
+        step: DistillStep,
+        optim: ModuleOptimizer,
+    },
+    Expert(EpTrainer),
+}
+
+impl Engine {
+    /// The student as it stands, without autodiff.
+    fn model(&mut self) -> Result<Model, TrainError> {
+        match self {
+            Self::Single { step, .. } => Ok(step.student.valid()),
+            Self::Expert(ep) => ep.gather(),
+        }
+    }
+}
+
 /// Trains `student` (a plain-device model; it is moved to the autodiff device here) and returns the best model.
+///
+/// With `cfg.world > 1` the steps run expert-parallel on that many in-process ranks ([`crate::ep::EpTrainer`]);
+/// evaluation, early stopping and best-model selection run here on the gathered model, as in one process.
 pub fn train(
     student: Model,
     teacher: Option<&Model>,
@@ -380,8 +448,25 @@ pub fn train(
         .cloned()
         .unwrap_or_else(Device::flex);
     let ad = plain.clone().autodiff();
-    let mut step_module = DistillStep::new(student.train().fork(&ad), teacher, cfg.method.clone())?;
-    let mut optim = cfg.optimizer();
+    let mut engine = if cfg.world > 1 {
+        let batch = data.batches.shape().batch_size();
+        if !batch.is_multiple_of(cfg.world) {
+            return Err(TrainError::InvalidConfig {
+                key: "world",
+                message: format!(
+                    "expert parallelism splits the batch's rows over the ranks: {batch} sequences per batch do not \
+                     divide evenly over {} ranks",
+                    cfg.world
+                ),
+            });
+        }
+        Engine::Expert(EpTrainer::new(&student, teacher, cfg)?)
+    } else {
+        Engine::Single {
+            step: DistillStep::new(student.train().fork(&ad), teacher, cfg.method.clone())?,
+            optim: cfg.optimizer(),
+        }
+    };
     let mut sched = cfg.scheduler()?;
     let mut curves = Curves::default();
     let mut stopper = match &cfg.early_stopping {
@@ -399,7 +484,15 @@ pub fn train(
     let mut start_step = 0;
 
     // Resume: model weights, optimizer state, the scheduler and the batch stream are restored exactly.
-    if let Some(dir) = &cfg.checkpoint_dir {
+    // (`validate` refuses a checkpoint directory with world > 1.)
+    if let (
+        Some(dir),
+        Engine::Single {
+            step: step_module,
+            optim,
+        },
+    ) = (&cfg.checkpoint_dir, &mut engine)
+    {
         let state_path = dir.join("state.json");
         if state_path.exists() {
             let text = std::fs::read_to_string(&state_path).map_err(|e| ck_err(&state_path, e))?;
@@ -413,7 +506,7 @@ pub fn train(
                 .map_err(|e| ck_err(&model_path, format!("{e:?}")))?;
             step_module.student = student;
             let optim_path = dir.join("optim");
-            optim = optim
+            *optim = std::mem::replace(optim, cfg.optimizer())
                 .load(&optim_path)
                 .map_err(|e| ck_err(&optim_path, format!("{e:?}")))?;
             for _ in 0..state.step {
@@ -444,19 +537,38 @@ pub fn train(
     for step in start_step + 1..=cfg.steps {
         let lr = sched.step();
         let windows = data.batches.next().expect("the batch stream is endless");
-        let out = TrainStep::step(&step_module, windows);
-        let loss = out.item.loss.clone().into_scalar::<f64>();
-        check_finite(step, loss).map_err(|source| TrainError::NonFinite {
+        let non_finite = |source| TrainError::NonFinite {
             label: cfg.label.clone(),
             source,
-        })?;
-        step_module = step_module.optimize(&mut optim, lr.clone(), out.grads);
+        };
+        let loss;
+        engine = match engine {
+            Engine::Single {
+                step: step_module,
+                mut optim,
+            } => {
+                let out = TrainStep::step(&step_module, windows);
+                loss = out.item.loss.clone().into_scalar::<f64>();
+                check_finite(step, loss).map_err(non_finite)?;
+                let step_module = step_module.optimize(&mut optim, lr.clone(), out.grads);
+                Engine::Single {
+                    step: step_module,
+                    optim,
+                }
+            }
+            Engine::Expert(mut ep) => {
+                // The ranks step their optimizers along with the loss; a non-finite loss still ends the run here.
+                loss = ep.step(windows, lr.base())?;
+                check_finite(step, loss).map_err(non_finite)?;
+                Engine::Expert(ep)
+            }
+        };
         curves.train.push((step, loss));
         progress.update(step, loss, lr.base());
         steps_run = step;
 
         if step % cfg.eval_every == 0 || step == cfg.steps {
-            let model = step_module.student.valid();
+            let model = engine.model()?;
             let e = evaluate(&model, data.valid, data.teacher_logits, &plain);
             curves.valid.push((step, e));
             let metric = selection_metric(&cfg.method, &e);
@@ -472,27 +584,41 @@ pub fn train(
                 stopped_early = Some(why);
             }
         }
-        if let Some(dir) = &cfg.checkpoint_dir
+        if let (
+            Some(dir),
+            Engine::Single {
+                step: step_module,
+                optim,
+            },
+        ) = (&cfg.checkpoint_dir, &engine)
             && (step % cfg.checkpoint_every == 0 || step == cfg.steps)
         {
-            save_checkpoint(dir, &step_module, &optim, step, &curves, best.as_ref())?;
+            save_checkpoint(dir, step_module, optim, step, &curves, best.as_ref())?;
         }
         if stopped_early.is_some() {
             break;
         }
         if cfg.stop_after == Some(step) {
-            if let Some(dir) = &cfg.checkpoint_dir
+            if let (
+                Some(dir),
+                Engine::Single {
+                    step: step_module,
+                    optim,
+                },
+            ) = (&cfg.checkpoint_dir, &engine)
                 && step % cfg.checkpoint_every != 0
             {
-                save_checkpoint(dir, &step_module, &optim, step, &curves, best.as_ref())?;
+                save_checkpoint(dir, step_module, optim, step, &curves, best.as_ref())?;
             }
             stopped_early = Some(format!("step {step}: stop_after"));
             break;
         }
     }
     progress.finish();
-    let (best_step, _, model) =
-        best.unwrap_or_else(|| (steps_run, f64::NAN, step_module.student.valid()));
+    let (best_step, _, model) = match best {
+        Some(b) => b,
+        None => (steps_run, f64::NAN, engine.model()?),
+    };
     Ok(TrainOutcome {
         model,
         curves,

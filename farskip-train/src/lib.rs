@@ -35,6 +35,8 @@
 //! - [`data`]: byte-level and Hugging Face tokenized corpora, the train/validation split, seeded batches.
 //! - [`optim`]: AdamW fused into one pass per parameter on the CPU (burn's AdamW state, so checkpoints carry over).
 //! - [`eval`]: held-out loss, perplexity, and agreement and KL with the teacher.
+//! - [`ep`]: expert-parallel training on in-process ranks (`TrainConfig::world > 1`), equal to one process up to
+//!   float rounding.
 //! - [`early_stop`]: early stopping with a guard against late mode collapse, and the non-finite loss check.
 //! - [`recipe`]: the end-to-end recipe (teacher, conversion, FCSD / SFT / KL + L2, report).
 //! - [`plot`]: SVG loss curves and terminal/plain progress output.
@@ -42,6 +44,7 @@
 
 pub mod data;
 pub mod early_stop;
+pub mod ep;
 pub mod eval;
 pub mod learner;
 pub mod losses;

@@ -71,6 +71,14 @@ pub struct RecipeConfig {
     pub seed: u64,
     /// Where recipe.md and loss_curves.svg go.
     pub report_dir: PathBuf,
+    /// Expert-parallel ranks (threads of this process) for the recovery runs (FCSD, SFT, KL + L2); the teacher
+    /// always trains in one process. 1, the default, is single-process training; see [`TrainConfig::world`].
+    #[serde(default = "one")]
+    pub world: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl RecipeConfig {
@@ -91,6 +99,7 @@ impl RecipeConfig {
             valid_fraction: 0.05,
             seed: 7,
             report_dir: PathBuf::from("report"),
+            world: 1,
         }
     }
 
@@ -326,13 +335,21 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
     for (name, method) in methods {
         let mut tc = TrainConfig::new(name, method, cfg.recovery_steps, cfg.recovery_lr);
         tc.seed = cfg.seed + 1;
+        tc.world = cfg.world;
         tc.early_stopping = Some(EarlyStopConfig {
             patience: 4,
             min_rel_improvement: 1e-3,
             // Only a collapse (the metric doubling) stops a run at once; noise on a small KL must not.
             max_rel_degradation: 1.0,
         });
-        eprintln!("recovering with {name}: {} steps", cfg.recovery_steps);
+        if cfg.world > 1 {
+            eprintln!(
+                "recovering with {name}: {} steps, expert-parallel on {} ranks",
+                cfg.recovery_steps, cfg.world
+            );
+        } else {
+            eprintln!("recovering with {name}: {} steps", cfg.recovery_steps);
+        }
         let out = train(
             converted.clone(),
             Some(&teacher),
