@@ -48,6 +48,9 @@ struct Args {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+    /// EP: keep experts in contiguous blocks per rank instead of placing them by measured load.
+    #[arg(long)]
+    no_balance: bool,
 }
 
 fn main() -> Result<()> {
@@ -67,6 +70,7 @@ fn main() -> Result<()> {
         tokens: args.tokens,
         repeats: args.repeats,
         seed: 1,
+        balance: !args.no_balance,
     };
     let report = overlap_inference(&model, &cfg)?;
     if let Some(p) = &args.trace {

@@ -47,6 +47,9 @@ struct Args {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+    /// Keep experts in contiguous blocks per rank instead of placing them by measured load.
+    #[arg(long)]
+    no_balance: bool,
 }
 
 fn main() -> Result<()> {
@@ -66,6 +69,7 @@ fn main() -> Result<()> {
         tokens: args.tokens,
         lr: args.lr,
         seed: 3,
+        balance: !args.no_balance,
     };
     let report = overlap_training(&model, &cfg)?;
     if let Some(p) = &args.trace {

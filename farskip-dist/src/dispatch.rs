@@ -90,6 +90,9 @@ pub enum DispatchError {
         /// Rows dispatched to this rank.
         expected: usize,
     },
+    /// An expert placement does not fit the loads or the model.
+    #[error("expert placement: {0}")]
+    Placement(String),
     /// A tensor could not be read back to the host.
     #[error("reading {what} back to the host failed: {detail}")]
     Read {

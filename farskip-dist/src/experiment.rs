@@ -12,6 +12,7 @@ use burn::prelude::*;
 use farskip_model::{Connectivity, Model};
 use serde::Serialize;
 
+use crate::balance::{ExpertLoads, Placement};
 use crate::comm::{CommError, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, RankError};
 use crate::schedule::{EpRank, ScheduleError, TpRank, ops};
 use crate::trace::{Phase, Span, Stream, Trace, comm_time, compute_time, overlap_pct};
@@ -72,6 +73,19 @@ pub fn run_forward(
     link: LinkModel,
     trace: &Trace,
 ) -> Result<(Tensor<3>, Duration), RunError> {
+    run_forward_with(model, parallel, world, input_ids, link, trace, None)
+}
+
+/// Like [`run_forward`]; EP ranks also add the rows routed to each expert into `loads`.
+pub fn run_forward_with(
+    model: &Model,
+    parallel: Parallel,
+    world: usize,
+    input_ids: &Tensor<2, Int>,
+    link: LinkModel,
+    trace: &Trace,
+    loads: Option<&ExpertLoads>,
+) -> Result<(Tensor<3>, Duration), RunError> {
     let [batch, seq] = input_ids.dims();
     if parallel == Parallel::Expert && !batch.is_multiple_of(world) {
         return Err(RunError::Invalid(format!(
@@ -95,23 +109,31 @@ pub fn run_forward(
                 Parallel::Expert => input_ids.clone().narrow(0, r * rows, rows),
                 Parallel::Tensor => input_ids.clone(),
             };
-            let out = match parallel {
+            enum AnyRank {
+                Ep(EpRank),
+                Tp(TpRank),
+            }
+            let rank = match parallel {
                 Parallel::Expert => {
-                    let rank = EpRank::new(model, r, world)?;
-                    started
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(Instant::now);
-                    rank.forward(comm, trace, ids)?
+                    let mut rank = EpRank::new(model, r, world)?;
+                    if let Some(l) = loads {
+                        rank = rank.with_loads(l.clone());
+                    }
+                    AnyRank::Ep(rank)
                 }
-                Parallel::Tensor => {
-                    let rank = TpRank::new(model, r, world)?;
-                    started
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get_or_insert_with(Instant::now);
-                    rank.forward(comm, trace, ids)?
-                }
+                Parallel::Tensor => AnyRank::Tp(TpRank::new(model, r, world)?),
+            };
+            // Every rank has its weights: start together, so set-up time is neither measured nor skews the
+            // first collective.
+            comm.barrier(crate::comm::CollectiveTag::new("start"))
+                .wait()?;
+            started
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(Instant::now);
+            let out = match rank {
+                AnyRank::Ep(rank) => rank.forward(comm, trace, ids)?,
+                AnyRank::Tp(rank) => rank.forward(comm, trace, ids)?,
             };
             Ok(out)
         },
@@ -156,6 +178,9 @@ pub struct OverlapConfig {
     pub repeats: usize,
     /// Seed of the random input ids.
     pub seed: u64,
+    /// EP: place experts by their load on a separate calibration batch ([`crate::balance`]) instead of in
+    /// contiguous blocks.
+    pub balance: bool,
 }
 
 /// What the experiment measured (the example prints it as JSON).
@@ -191,6 +216,11 @@ pub struct OverlapReport {
     pub max_abs_diff: f64,
     /// Max |distributed standard logits − single-rank standard logits|.
     pub blocking_max_abs_diff: f64,
+    /// EP: `balanced` (experts placed by load) or `contiguous`; TP: `none`.
+    pub expert_placement: &'static str,
+    /// EP: rows of the busiest rank over the mean, averaged over layers, on the measured batch, with
+    /// contiguous placement and with the placement used.
+    pub load_imbalance: Option<(f64, f64)>,
     #[serde(skip)]
     /// The trace of the last FarSkip run.
     pub trace: Trace,
@@ -265,26 +295,30 @@ fn windows(trace: &Trace, parallel: Parallel, world: usize, num_layers: usize) -
                     (ops::AR_ATTN, k),
                     time(ops::EXPERTS, k) + time(ops::ROUTER, k),
                 );
-                // The last layer's routed all-reduce has no next attention: its own attention is the proxy.
-                let next = if k + 1 < num_layers { k + 1 } else { k };
-                w.insert(
-                    (ops::AR_MOE, k),
-                    time(ops::ATTN, next) + time(ops::ATTN_1, next),
-                );
+                // The last layer's routed all-reduce has no next attention to hide behind: like EP's last
+                // combine (without a shared expert) its window, and so its link time, is zero.
+                let window = if k + 1 < num_layers {
+                    time(ops::ATTN, k + 1) + time(ops::ATTN_1, k + 1)
+                } else {
+                    Duration::ZERO
+                };
+                w.insert((ops::AR_MOE, k), window);
             }
         }
     }
     w
 }
 
-/// The per-key median of several calibration passes.
-fn median_windows(runs: &[Windows]) -> Windows {
+/// The per-key minimum of several calibration passes: the window the schedule offers even on its fastest
+/// pass, so that a link with `comm_ratio` ≤ 1 can really be hidden completely (DESIGN.md §4); with the median,
+/// half the passes would be too short for R = 1.
+fn min_windows(runs: &[Windows]) -> Windows {
     let mut out = Windows::new();
     if let Some(first) = runs.first() {
         for key in first.keys() {
-            let mut v: Vec<Duration> = runs.iter().filter_map(|w| w.get(key).copied()).collect();
-            v.sort();
-            out.insert(*key, v[v.len() / 2]);
+            if let Some(min) = runs.iter().filter_map(|w| w.get(key).copied()).min() {
+                out.insert(*key, min);
+            }
         }
     }
     out
@@ -307,6 +341,44 @@ fn max_over_ranks(world: usize, f: impl Fn(usize) -> Duration) -> Duration {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// A placement of `model`'s experts over `world` EP ranks balanced for the loads its FarSkip forward routes
+/// on `ids` (`[world × rows, seq]`, split by rows as in [`run_forward`]).
+///
+/// # Errors
+/// If the forward fails or the model has no experts to place.
+pub fn balanced_placement(
+    model: &Model,
+    world: usize,
+    ids: &Tensor<2, Int>,
+) -> Result<Placement, RunError> {
+    let loads = expert_loads(model, world, ids)?;
+    Placement::balanced(&loads, world).map_err(|e| RunError::Invalid(e.to_string()))
+}
+
+/// Rows routed to each expert of each layer (`[layer][expert]`) by `model`'s FarSkip forward on `ids`, run on
+/// `world` EP ranks.
+///
+/// # Errors
+/// If the forward fails.
+pub fn expert_loads(
+    model: &Model,
+    world: usize,
+    ids: &Tensor<2, Int>,
+) -> Result<Vec<Vec<usize>>, RunError> {
+    let loads = ExpertLoads::new();
+    let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
+    run_forward_with(
+        &farskip,
+        Parallel::Expert,
+        world,
+        ids,
+        LinkModel::instant(),
+        &Trace::disabled(),
+        Some(&loads),
+    )?;
+    Ok(loads.snapshot())
 }
 
 /// Runs the experiment on `model` (its connectivity is ignored: both are run).
@@ -339,13 +411,47 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         cfg.seed,
         &device,
     );
+    // The references come from the model as given: expert placement must not change the function.
+    let reference = model
+        .clone()
+        .with_connectivity(Connectivity::farskip())?
+        .forward_unchecked(ids.clone(), None);
+    let reference_std = model
+        .clone()
+        .with_connectivity(Connectivity::Standard)?
+        .forward_unchecked(ids.clone(), None);
+    let ep = cfg.parallel == Parallel::Expert && model.config().moe.is_some();
+    let (model, expert_placement, load_imbalance) = if ep {
+        // Loads from a different batch than the one measured (as a deployment would use past traffic); the
+        // imbalance is reported on the measured batch.
+        let calibration = random_ids(
+            batch,
+            cfg.tokens,
+            model.config().vocab_size,
+            cfg.seed.wrapping_add(0x5EED),
+            &device,
+        );
+        let placement = balanced_placement(model, cfg.world, &calibration)?;
+        let (contiguous, balanced) = placement
+            .imbalance(&expert_loads(model, cfg.world, &ids)?, cfg.world)
+            .map_err(|e| RunError::Invalid(e.to_string()))?;
+        if cfg.balance && cfg.world > 1 {
+            let placed = placement
+                .apply(model)
+                .map_err(|e| RunError::Invalid(e.to_string()))?;
+            (placed, "balanced", Some((contiguous, balanced)))
+        } else {
+            (model.clone(), "contiguous", Some((contiguous, contiguous)))
+        }
+    } else {
+        (model.clone(), "none", None)
+    };
+    let model = &model;
     let standard = model.clone().with_connectivity(Connectivity::Standard)?;
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
-    let reference = farskip.forward_unchecked(ids.clone(), None);
-    let reference_std = standard.forward_unchecked(ids.clone(), None);
     let layers = model.layers.len();
 
-    // Calibrate the windows on the FarSkip schedule with a free link (two passes, the second is kept: warm).
+    // Calibrate the windows on the FarSkip schedule with a free link: one warm-up pass, then the minimum of three.
     let mut runs = Vec::new();
     for pass in 0..4 {
         let t = Trace::new();
@@ -361,13 +467,14 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
             runs.push(windows(&t, cfg.parallel, cfg.world, layers));
         }
     }
-    let win = median_windows(&runs);
+    let win = min_windows(&runs);
     let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
     let win = Arc::new(win);
 
+    // Each run is repeated; the repeat with the median wall time is reported whole (its wall time, trace,
+    // overlap and compute time), so the figures of one report describe one run.
     let measure = |m: &Model| -> Result<(f64, Trace, Tensor<3>), RunError> {
-        let mut walls = Vec::new();
-        let mut last = None;
+        let mut repeats = Vec::with_capacity(cfg.repeats);
         for _ in 0..cfg.repeats {
             let t = Trace::new();
             let (logits, wall) = run_forward(
@@ -378,11 +485,10 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
                 calibrated_link(win.clone(), cfg.comm_ratio),
                 &t,
             )?;
-            walls.push(wall.as_secs_f64() * 1e3);
-            last = Some((t, logits));
+            repeats.push((wall.as_secs_f64() * 1e3, t, logits));
         }
-        let (t, logits) = last.expect("repeats > 0");
-        Ok((median(walls), t, logits))
+        repeats.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(repeats.swap_remove(repeats.len() / 2))
     };
     let (blocking_ms, blocking_trace, blocking_logits) = measure(&standard)?;
     let (farskip_ms, trace, farskip_logits) = measure(&farskip)?;
@@ -405,6 +511,8 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         wall_over_compute: farskip_ms / compute_ms,
         max_abs_diff: max_abs_diff(farskip_logits, reference),
         blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std),
+        expert_placement,
+        load_imbalance,
         trace,
         blocking_trace,
     })
@@ -425,6 +533,9 @@ pub struct TrainingConfig {
     pub lr: f64,
     /// Seed of the token windows.
     pub seed: u64,
+    /// Place experts by their load on a calibration batch ([`crate::balance`]) instead of in contiguous
+    /// blocks; the single-rank reference runs the same relabelled model.
+    pub balance: bool,
 }
 
 /// What the training experiment measured.
@@ -458,6 +569,8 @@ pub struct TrainingReport {
     pub loss_max_abs_diff: f64,
     /// Max over parameters of max|g_EP − g_1| / max|g_1| after the last step's backward.
     pub grad_max_rel_diff: f64,
+    /// The parameter where `grad_max_rel_diff` was found.
+    pub grad_max_rel_diff_param: String,
     /// Single-rank losses per step.
     pub losses: Vec<f64>,
     #[serde(skip)]
@@ -559,6 +672,12 @@ fn windows_training(trace: &Trace, world: usize, num_layers: usize) -> Windows {
     w
 }
 
+/// Adam's ε in the training comparison: burn's default. With ε = 1e-8, gradients at float-rounding level
+/// (~1e-9, where the EP and single-rank sums round differently) become whole `lr`-sized steps of either
+/// sign, and three steps later the two runs differ by much more than rounding; ε = 1e-5 keeps such noise
+/// at the noise level.
+const ADAM_EPSILON: f32 = 1e-5;
+
 /// Runs `steps` EP training steps on `world` ranks; returns per-step global losses, the last step's
 /// gradients of every rank (by name) and the median step wall time.
 fn ep_train(
@@ -572,10 +691,25 @@ fn ep_train(
     use burn::optim::AdamWConfig;
     let world = cfg.world;
     let config = LocalWorldConfig::new(link).with_trace(trace.clone());
+    // Replicated gradients are all-reduced on a second communicator (their own comm thread per rank),
+    // as a data-parallel group next to the expert-parallel one.
+    let grad_comms: Vec<Mutex<Option<LocalComm>>> = LocalWorld::with_config(world, config.clone())?
+        .into_iter()
+        .map(|c| Mutex::new(Some(c)))
+        .collect();
     let results = LocalWorld::run_with(world, config, |comm: &LocalComm| {
         let r = comm.rank();
+        let grad_comm = grad_comms[r]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                ScheduleError::Comm(CommError::InvalidArgument(format!(
+                    "the gradient communicator of rank {r} was already taken"
+                )))
+            })?;
         let mut rank = crate::training::EpTrainRank::new(model, r, world)?;
-        let mut optim = AdamWConfig::new().with_epsilon(1e-8).init();
+        let mut optim = AdamWConfig::new().with_epsilon(ADAM_EPSILON).init();
         let mut losses = Vec::new();
         let mut walls = Vec::new();
         let mut last = Vec::new();
@@ -584,7 +718,13 @@ fn ep_train(
             comm.barrier(CollectiveTag::new("step_start")).wait()?;
             let t0 = Instant::now();
             let rows = w.dims()[0] / world;
-            let step = rank.step(comm, trace, w.clone().narrow(0, r * rows, rows))?;
+            let step = rank.step_on(
+                comm,
+                &grad_comm,
+                trace,
+                w.clone().narrow(0, r * rows, rows),
+                &crate::training::Objective::CrossEntropy,
+            )?;
             walls.push(t0.elapsed().as_secs_f64() * 1e3);
             let total = comm
                 .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
@@ -634,7 +774,7 @@ fn reference_train(
         .cloned()
         .unwrap_or_else(Device::flex);
     let mut m = model.clone().train().fork(&device.autodiff());
-    let mut optim = AdamWConfig::new().with_epsilon(1e-8).init();
+    let mut optim = AdamWConfig::new().with_epsilon(ADAM_EPSILON).init();
     let mut losses = Vec::new();
     let mut last = Vec::new();
     for (s, w) in windows_per_step.iter().enumerate() {
@@ -664,13 +804,13 @@ fn grad_rel_diff(
     world: usize,
     reference: &[(String, Vec<f32>)],
     ranks: &[Vec<(String, Vec<f32>)>],
-) -> f64 {
+) -> (f64, String) {
     let sharding = model
         .config()
         .moe
         .as_ref()
         .map(|m| crate::dispatch::ExpertSharding::new(m.num_experts, world));
-    let mut worst = 0.0f64;
+    let mut worst = (0.0f64, String::new());
     for (name, g_ref) in reference {
         let scale = g_ref.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-12) as f64;
         if name.starts_with("layer") {
@@ -690,11 +830,14 @@ fn grad_rel_diff(
                 .zip(g_ref)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max) as f64;
-            worst = worst.max(if joined.len() == g_ref.len() {
+            let d = if joined.len() == g_ref.len() {
                 d / scale
             } else {
                 f64::INFINITY
-            });
+            };
+            if d > worst.0 {
+                worst = (d, name.clone());
+            }
         } else {
             for r in ranks {
                 let d = match r.iter().find(|(n, _)| n == name) {
@@ -707,7 +850,9 @@ fn grad_rel_diff(
                     }
                     None => f64::INFINITY,
                 };
-                worst = worst.max(d);
+                if d > worst.0 {
+                    worst = (d, name.clone());
+                }
             }
         }
     }
@@ -738,6 +883,22 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             )
         })
         .collect();
+    let placed;
+    let model = if cfg.balance && cfg.world > 1 && model.config().moe.is_some() {
+        let calibration = random_ids(
+            cfg.world,
+            cfg.tokens,
+            vocab,
+            cfg.seed.wrapping_add(0x5EED),
+            &device,
+        );
+        placed = balanced_placement(model, cfg.world, &calibration)?
+            .apply(model)
+            .map_err(|e| RunError::Invalid(e.to_string()))?;
+        &placed
+    } else {
+        model
+    };
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
     let standard = model.clone().with_connectivity(Connectivity::Standard)?;
     let (ref_losses, ref_grads) = reference_train(&farskip, cfg, &windows_per_step);
@@ -756,7 +917,7 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             runs.push(windows_training(&t, cfg.world, model.layers.len()));
         }
     }
-    let win = Arc::new(median_windows(&runs));
+    let win = Arc::new(min_windows(&runs));
 
     let trace = Trace::new();
     let (losses, grads, farskip_step_ms) = ep_train(
@@ -793,6 +954,7 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             100.0 * hidden.as_secs_f64() / total.as_secs_f64()
         }
     };
+    let grad_diff = grad_rel_diff(model, cfg.world, &ref_grads, &grads);
     Ok(TrainingReport {
         world: cfg.world,
         comm_ratio: cfg.comm_ratio,
@@ -811,7 +973,8 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             .zip(&ref_losses)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f64::max),
-        grad_max_rel_diff: grad_rel_diff(model, cfg.world, &ref_grads, &grads),
+        grad_max_rel_diff: grad_diff.0,
+        grad_max_rel_diff_param: grad_diff.1,
         losses: ref_losses,
         trace,
         blocking_trace,

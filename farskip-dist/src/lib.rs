@@ -42,6 +42,8 @@
 //!   drive a model's named sub-steps in the FarSkip order so that collectives overlap compute.
 //! - [`training`]: expert-parallel training steps with overlapped forward and backward
 //!   communication.
+//! - [`balance`]: expert placement by measured load (relabelled experts, the same function), so EP ranks
+//!   reach their collectives together.
 //! - [`experiment`]: running a batch on a `LocalWorld` and the calibrated overlap experiment.
 //! - [`trace`]: compute/comm intervals per rank, the overlap metric, Chrome-trace JSON and SVG.
 //!
@@ -65,6 +67,7 @@ pub use dispatch::{
     dispatch, dispatch_start, weighted_sum_slots,
 };
 pub use trace::{Phase, Span, SpanGuard, Stream, Trace, comm_time, compute_time, overlap_pct};
+pub mod balance;
 pub mod experiment;
 pub mod schedule;
 pub mod training;

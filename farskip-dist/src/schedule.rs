@@ -21,6 +21,7 @@ use farskip_model::model::Ffn;
 use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
 use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
 
+use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchError, ExpertSharding, Routing, combine_start, dispatch_start};
 use crate::trace::{Phase, Trace};
@@ -276,6 +277,7 @@ trait RankSchedule {
 pub struct EpRank {
     model: Model,
     sharding: Option<ExpertSharding>,
+    loads: Option<ExpertLoads>,
 }
 
 /// What an EP layer has in flight: the combine.
@@ -301,7 +303,18 @@ impl EpRank {
                 }
             }
         }
-        Ok(Self { model, sharding })
+        Ok(Self {
+            model,
+            sharding,
+            loads: None,
+        })
+    }
+
+    /// The same rank, adding the rows its tokens route to each expert (global ids) into `loads` on every
+    /// forward — the input of [`Placement::balanced`](crate::balance::Placement::balanced).
+    pub fn with_loads(mut self, loads: ExpertLoads) -> Self {
+        self.loads = Some(loads);
+        self
     }
 
     /// The forward pass of this rank's sequences; the schedule follows the model's connectivity.
@@ -362,6 +375,9 @@ impl RankSchedule for EpRank {
             let routing = moe.route(x2.clone());
             let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
             let slots = moe.slot_inputs(x2.clone(), &routing);
+            if let Some(loads) = &self.loads {
+                loads.record(i, &plan.counts);
+            }
             (routing, slots, plan.slot_experts)
         });
         // Slot rows travel one by one (top_k = 1, weight 1): the routing weights stay home and are applied by

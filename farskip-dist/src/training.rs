@@ -433,6 +433,32 @@ impl EpTrainRank {
         windows: Tensor<2, Int>,
         objective: &Objective,
     ) -> Result<RankStep> {
+        self.step_on(comm, comm, trace, windows, objective)
+    }
+
+    /// [`EpTrainRank::step_with`] with the replicated-gradient all-reduces on their own communicator
+    /// `grad_comm` (a second stream, like a data-parallel process group next to the expert-parallel one),
+    /// so a long gradient all-reduce does not hold back the next layer's all-to-all queued behind it.
+    /// `grad_comm` must span the same ranks in the same order as `comm`.
+    pub fn step_on<C: Communicator + ?Sized, G: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        grad_comm: &G,
+        trace: &Trace,
+        windows: Tensor<2, Int>,
+        objective: &Objective,
+    ) -> Result<RankStep> {
+        if grad_comm.rank() != comm.rank() || grad_comm.world_size() != comm.world_size() {
+            return Err(ScheduleError::Model(
+                farskip_model::ModelError::InvalidInput(format!(
+                    "the gradient communicator is rank {} of {} but the expert-parallel one is rank {} of {}",
+                    grad_comm.rank(),
+                    grad_comm.world_size(),
+                    comm.rank(),
+                    comm.world_size()
+                )),
+            ));
+        }
         let farskip = self.model.connectivity().keeps_routed_free_stream();
         let fwd = Phase::Forward;
         let bwd = Phase::Backward;
@@ -803,7 +829,7 @@ impl EpTrainRank {
             pending_grads.push((
                 i,
                 present,
-                comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, bwd), buffer),
+                grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, bwd), buffer),
             ));
         }
         // Embedding: its output fed both streams at layer 0.
@@ -823,7 +849,7 @@ impl EpTrainRank {
         };
         visit_replicated_outer(&self.model, &mut f);
         let (buffer, outer_present) = (f.buffer, f.present);
-        let outer = comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, usize::MAX, bwd), buffer);
+        let outer = grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, usize::MAX, bwd), buffer);
         for (i, present, p) in pending_grads {
             let buffer = p.wait()?;
             let mut u = Unflatten {

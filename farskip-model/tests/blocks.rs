@@ -1499,3 +1499,63 @@ fn save_load_round_trip_with_a_generated_config() {
         true,
     );
 }
+
+/// Relabelling the experts of every MoE layer (gate columns, correction bias and expert weights together)
+/// leaves the logits unchanged — for every family, including group-limited routing with a correction bias
+/// (DeepSeek-V3), where whole groups move. Orders that are not permutations, or split a routing group, are
+/// refused with an error that shows the order.
+#[test]
+fn permuting_experts_keeps_the_model_function() -> Result<(), ModelError> {
+    let device = dev();
+    let mut rng = TestRng::new(11);
+    for family in FAMILIES {
+        let model = Model::from_pretrained(fixture(family), &device)?;
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(rng.ints(24, 256), [2, 12]), &device);
+        let before = model.forward(ids.clone())?;
+        let mut permuted = model.clone();
+        for layer in permuted.layers.iter_mut() {
+            if let Ffn::Moe(moe) = &mut layer.ffn {
+                let n = moe.experts.num_experts();
+                let groups = moe
+                    .router
+                    .config()
+                    .group_limit
+                    .as_ref()
+                    .map_or(1, |g| g.num_groups);
+                let size = n / groups;
+                // Groups in reverse order, members of each group reversed too.
+                let order: Vec<usize> = (0..groups)
+                    .rev()
+                    .flat_map(|g| (g * size..(g + 1) * size).rev())
+                    .collect();
+                *moe = moe.permute_experts(&order)?;
+            }
+        }
+        let after = permuted.forward(ids)?;
+        let diff = values(before - after)
+            .into_iter()
+            .fold(0.0f64, |a, b| a.max(b.abs()));
+        assert!(
+            diff <= 1e-5,
+            "{family}: permuted experts change the logits by {diff}"
+        );
+    }
+    let model = Model::from_pretrained(fixture("deepseek_v3"), &device)?;
+    let moe = model
+        .layers
+        .iter()
+        .find_map(|l| match &l.ffn {
+            Ffn::Moe(m) => Some(m.clone()),
+            Ffn::Dense(_) => None,
+        })
+        .expect("deepseek_v3 fixture has an MoE layer");
+    let err = moe.permute_experts(&[0, 1, 2]).unwrap_err().to_string();
+    assert!(err.contains("not a permutation"), "{err}");
+    // 8 experts in 4 groups of 2: [1, 2] mixes groups 0 and 1.
+    let err = moe
+        .permute_experts(&[1, 2, 0, 3, 4, 5, 6, 7])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("splits a routing group"), "{err}");
+    Ok(())
+}

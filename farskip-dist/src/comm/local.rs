@@ -36,6 +36,10 @@ pub struct LocalWorldConfig {
     pub timeout: Duration,
     /// Where comm threads record their collectives (stream `Comm`); disabled by default.
     pub trace: Trace,
+    /// Threads of each rank's own rayon pool, which the rank's tensor ops run on (flex parallelises with
+    /// rayon), so ranks do not compete for one shared pool; `None` gives each rank an equal share of the
+    /// machine's cores (at least one). Used by [`LocalWorld::run`] and [`LocalWorld::run_with`].
+    pub threads_per_rank: Option<usize>,
 }
 
 impl LocalWorldConfig {
@@ -45,7 +49,14 @@ impl LocalWorldConfig {
             link,
             timeout: DEFAULT_TIMEOUT,
             trace: Trace::disabled(),
+            threads_per_rank: None,
         }
+    }
+
+    /// The same settings with `threads` threads per rank (see [`LocalWorldConfig::threads_per_rank`]).
+    pub fn with_threads_per_rank(mut self, threads: usize) -> Self {
+        self.threads_per_rank = Some(threads);
+        self
     }
 
     /// The same settings with another timeout.
@@ -130,15 +141,46 @@ impl LocalWorld {
         T: Send,
         E: Display + Send,
     {
+        let threads = match config.threads_per_rank {
+            Some(0) => {
+                return Err(CommError::InvalidArgument(
+                    "threads_per_rank must be at least 1".to_owned(),
+                ));
+            }
+            Some(n) => n,
+            None => (thread::available_parallelism().map_or(1, usize::from) / size).max(1),
+        };
         let comms = Self::with_config(size, config)?;
         let f = &f;
         Ok(thread::scope(|s| {
             let handles: Vec<_> = comms
                 .into_iter()
                 .map(|comm| {
+                    let rank = comm.rank;
                     thread::Builder::new()
-                        .name(format!("farskip-rank-{}", comm.rank))
-                        .spawn_scoped(s, move || run_rank(comm, f))
+                        .name(format!("farskip-rank-{rank}"))
+                        .spawn_scoped(s, move || {
+                            // The rank runs on its own pool, so its tensor ops use its share of the cores.
+                            match rayon::ThreadPoolBuilder::new()
+                                .num_threads(threads)
+                                .thread_name(move |i| format!("farskip-rank-{rank}-{i}"))
+                                .build()
+                            {
+                                Ok(pool) => pool.install(|| run_rank(comm, f)),
+                                Err(e) => {
+                                    let detail = e.to_string();
+                                    comm.world.mark_failed(
+                                        rank,
+                                        format!("could not start its thread pool: {detail}"),
+                                    );
+                                    Err(RankError::Start(CommError::Backend {
+                                        backend: "local",
+                                        op: format!("building the thread pool of rank {rank}"),
+                                        detail,
+                                    }))
+                                }
+                            }
+                        })
                 })
                 .collect();
             handles
@@ -193,7 +235,10 @@ struct Job {
     seq: u64,
     call: CollectiveCall,
     payload: Payload,
-    reply: mpsc::SyncSender<Result<Output, CommError>>,
+    /// When the rank issued it.
+    posted: Instant,
+    /// The result and the modelled arrival time of the data.
+    reply: mpsc::SyncSender<Result<(Output, Instant), CommError>>,
 }
 
 /// The issue side of a rank: sequence numbers must be handed out in the order jobs are queued.
@@ -266,6 +311,7 @@ impl LocalComm {
             seq,
             call,
             payload,
+            posted: Instant::now(),
             reply,
         };
         let sent = queue.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
@@ -279,7 +325,27 @@ impl LocalComm {
         Pending::from_waiter(op.clone(), self.world.timeout, move |timeout| {
             let started = Instant::now();
             match answer.recv_timeout(timeout) {
-                Ok(result) => result.and_then(|out| extract(out, &op)),
+                Ok(result) => result.and_then(|(out, arrive)| {
+                    // The data is there when the link model says so, unless that is past the timeout.
+                    let give_up = started + timeout;
+                    let sleep_until = |t: Instant| {
+                        let now = Instant::now();
+                        if t > now {
+                            thread::sleep(t - now);
+                        }
+                    };
+                    if arrive > give_up {
+                        sleep_until(give_up);
+                        world.mark_failed(rank, format!("gave up on {op} after {timeout:?}"));
+                        return Err(CommError::Timeout {
+                            op: op.clone(),
+                            waited: started.elapsed(),
+                            missing: Vec::new(),
+                        });
+                    }
+                    sleep_until(arrive);
+                    extract(out, &op)
+                }),
                 Err(RecvTimeoutError::Timeout) => {
                     let missing = world.missing(seq);
                     world.mark_failed(rank, format!("gave up on {op} after {timeout:?}"));
@@ -309,28 +375,49 @@ fn comm_thread_gone(rank: usize, op: &str) -> CommError {
 }
 
 fn comm_thread(rank: usize, world: &World, jobs: &mpsc::Receiver<Job>) {
+    // Collectives of one rank use its link one after another, like kernels on one CUDA stream.
+    let mut link_free = Instant::now();
     for job in jobs {
         let started = Instant::now();
         let tag = job.call.tag.clone();
-        let result = world.execute(rank, job.seq, job.call, job.payload, started);
-        // The comm span is the transfer: from the moment every rank has joined until the data arrives. Time spent
-        // waiting for a late peer is skew, not link time; it shows as idle time in the timeline.
-        let result = result.map(|(out, joined)| {
-            if world.trace.is_enabled() {
-                world.trace.record(Span {
-                    rank,
-                    stream: Stream::Comm,
-                    layer: tag.layer,
-                    op: tag.name,
-                    phase: tag.phase,
-                    start: world.trace.offset_of(joined.max(started)),
-                    end: world.trace.now(),
-                });
+        let result = world.execute(
+            rank,
+            job.seq,
+            job.call,
+            job.payload,
+            (job.posted, started, link_free),
+        );
+        // The comm span is the modelled transfer: from the moment every rank has issued the collective
+        // until the data arrives. Time spent waiting for a late peer is skew, not link time; it shows as
+        // idle time in the timeline.
+        let arrive = match result {
+            Ok((out, start, arrive)) => {
+                if world.trace.is_enabled() {
+                    world.trace.record(Span {
+                        rank,
+                        stream: Stream::Comm,
+                        layer: tag.layer,
+                        op: tag.name,
+                        phase: tag.phase,
+                        start: world.trace.offset_of(start),
+                        end: world.trace.offset_of(arrive),
+                    });
+                }
+                // The caller may have dropped its Pending; the collective still had to run for peers.
+                let _ = job.reply.send(Ok((out, arrive)));
+                arrive
             }
-            out
-        });
-        // The caller may have dropped its Pending; the collective still had to run for peers.
-        let _ = job.reply.send(result);
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+                Instant::now()
+            }
+        };
+        // The next collective's transfer starts after this one's.
+        let now = Instant::now();
+        if arrive > now {
+            thread::sleep(arrive - now);
+        }
+        link_free = arrive;
     }
 }
 

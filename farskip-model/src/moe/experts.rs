@@ -47,6 +47,19 @@ impl ExpertBank {
         }
     }
 
+    /// The experts `order[0], order[1], …` (global ids) as a new bank, in that order.
+    ///
+    /// # Panics
+    /// If an id is out of range.
+    pub fn select(&self, order: &[usize]) -> Self {
+        let device = self.gate_up.device();
+        let idx = index_tensor(order, &device);
+        Self {
+            gate_up: Param::from_tensor(self.gate_up.val().select(0, idx.clone())),
+            down: Param::from_tensor(self.down.val().select(0, idx)),
+        }
+    }
+
     /// Runs rows grouped by expert: the first `counts[0]` rows through expert 0, the next `counts[1]` through
     /// expert 1, and so on.
     ///

@@ -7,12 +7,13 @@
 pub mod experts;
 pub mod router;
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::prelude::*;
 
 pub use experts::{ExpertBank, SlotPlan, index_tensor};
 pub use router::{Router, Routing};
 
+use crate::ModelError;
 use crate::config::{MoeConfig, WeightOn};
 use crate::mlp::{Mlp, SharedExpert};
 
@@ -56,6 +57,52 @@ impl MoeBlock {
                 }),
             }),
         }
+    }
+
+    /// The same block with its experts relabelled: new expert `i` is old expert `order[i]`. The router's
+    /// scores (gate columns, DeepSeek-V3 correction bias) move with their experts, so the block computes the
+    /// same function; expert-parallel placement uses this to put experts on ranks by load (see
+    /// `farskip_dist::balance`).
+    ///
+    /// # Errors
+    /// If `order` is not a permutation of the experts, or (group-limited routing) it splits a group: every
+    /// new group must hold exactly the members of one old group, so group scores are unchanged.
+    pub fn permute_experts(&self, order: &[usize]) -> Result<Self, ModelError> {
+        let n = self.experts.num_experts();
+        let mut seen = vec![false; n];
+        let is_permutation = order.len() == n
+            && order
+                .iter()
+                .all(|&e| e < n && !std::mem::replace(&mut seen[e], true));
+        if !is_permutation {
+            return Err(ModelError::InvalidInput(format!(
+                "expert order {order:?} is not a permutation of 0..{n}"
+            )));
+        }
+        if let Some(g) = &self.router.cfg.group_limit {
+            let size = n / g.num_groups.max(1);
+            for (new_group, members) in order.chunks(size.max(1)).enumerate() {
+                let old = members[0] / size;
+                if members.iter().any(|&e| e / size != old) {
+                    return Err(ModelError::InvalidInput(format!(
+                        "expert order {order:?} splits a routing group: new group {new_group} mixes old groups \
+                         (group-limited routing needs whole groups moved together)"
+                    )));
+                }
+            }
+        }
+        let device = self.experts.gate_up.device();
+        let idx = index_tensor(order, &device);
+        let mut out = self.clone();
+        out.router.gate.weight =
+            Param::from_tensor(self.router.gate.weight.val().select(1, idx.clone()));
+        out.router.correction_bias = self
+            .router
+            .correction_bias
+            .as_ref()
+            .map(|b| Param::from_tensor(b.val().select(0, idx)));
+        out.experts = self.experts.select(order);
+        Ok(out)
     }
 
     /// Routes, runs the experts and the shared expert on one rank.

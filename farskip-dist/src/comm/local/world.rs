@@ -29,6 +29,8 @@ enum RankStatus {
 struct Entry {
     call: CollectiveCall,
     payload: Arc<Payload>,
+    /// When the rank issued the collective (stamped on the rank's thread).
+    posted: Instant,
 }
 
 /// The rendezvous of one collective (one sequence number).
@@ -117,16 +119,18 @@ impl World {
     }
 
     /// Runs collective `seq` for `rank`: joins it, waits for every peer (or a failure, or the
-    /// timeout counted from `started`), checks that all calls agree, computes this rank's result
-    /// and sleeps until the link model says the data has arrived.
+    /// timeout counted from `started`), checks that all calls agree and computes this rank's result.
+    /// Returns it with the modelled transfer: it starts when the last rank issued the collective (or
+    /// when this rank's link is free, `link_free`) and lasts what the link model says. Timing comes from
+    /// the ranks' issue times, not from when this comm thread got a core.
     pub(super) fn execute(
         &self,
         rank: usize,
         seq: u64,
         call: CollectiveCall,
         payload: Payload,
-        started: Instant,
-    ) -> Result<(Output, Instant), CommError> {
+        (posted, started, link_free): (Instant, Instant, Instant),
+    ) -> Result<(Output, Instant, Instant), CommError> {
         let op = semantics::describe(&call, seq, rank);
         let deadline = started + self.timeout;
         let mut st = self.lock();
@@ -147,10 +151,11 @@ impl World {
         slot.entries[rank] = Some(Entry {
             call,
             payload: Arc::new(payload),
+            posted,
         });
         slot.joined += 1;
         if slot.joined == size {
-            slot.complete_at = Some(Instant::now());
+            slot.complete_at = slot.entries.iter().flatten().map(|e| e.posted).max();
             self.changed.notify_all();
         }
 
@@ -221,12 +226,8 @@ impl World {
         let payloads: Vec<&Payload> = entries.iter().map(|(_, p)| p.as_ref()).collect();
         let out = semantics::result_for(calls[rank], &payloads, rank, &op)?;
         let bytes = semantics::wire_bytes(calls[rank], &payloads);
-        let arrive = complete_at + self.link.duration(calls[rank], bytes);
-        let now = Instant::now();
-        if arrive > now {
-            std::thread::sleep(arrive - now);
-        }
-        Ok((out, complete_at))
+        let start = complete_at.max(link_free);
+        Ok((out, start, start + self.link.duration(calls[rank], bytes)))
     }
 
     /// The error for a peer that can no longer join `seq`, if any (this rank's own abort first).
