@@ -56,7 +56,7 @@ fn main() -> Result<()> {
                 tokens: args.tokens,
                 repeats: 3,
                 seed: 1,
-                balance: true,
+                balance: false,
             };
             let rep = overlap_inference(&model, &cfg)?;
             println!("{}", serde_json::to_string(&rep)?);

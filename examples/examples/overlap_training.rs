@@ -47,9 +47,11 @@ struct Args {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
-    /// Keep experts in contiguous blocks per rank instead of placing them by measured load.
+    /// Place experts on ranks by their load on a calibration batch (farskip_dist::balance) instead of in
+    /// contiguous blocks. Helps when expert popularity is stable (trained routers); a random-initialised
+    /// router's loads change from batch to batch, so it is off by default.
     #[arg(long)]
-    no_balance: bool,
+    balance: bool,
 }
 
 fn main() -> Result<()> {
@@ -69,7 +71,7 @@ fn main() -> Result<()> {
         tokens: args.tokens,
         lr: args.lr,
         seed: 3,
-        balance: !args.no_balance,
+        balance: args.balance,
     };
     let report = overlap_training(&model, &cfg)?;
     if let Some(p) = &args.trace {

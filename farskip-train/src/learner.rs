@@ -531,7 +531,7 @@ pub fn train(
         }
     }
 
-    let progress = ProgressReporter::new(cfg.steps, cfg.log_every);
+    let progress = ProgressReporter::new(cfg.steps, cfg.log_every).with_label(cfg.label.clone());
     let mut stopped_early = None;
     let mut steps_run = start_step;
     for step in start_step + 1..=cfg.steps {

@@ -156,16 +156,29 @@ pub struct ProgressReporter {
     every: usize,
     start: Instant,
     bar: Option<ProgressBar>,
+    label: String,
 }
+
+/// Bars drawn right now: a second concurrent run (the recipe trains its baselines side by side) prints
+/// labelled plain lines instead of a bar that would overwrite the first one.
+static ACTIVE_BARS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl ProgressReporter {
     /// A bar if stderr is a terminal, else a plain line every `every` steps (and at the last step).
     pub fn new(total_steps: usize, every: usize) -> Self {
-        if std::io::stderr().is_terminal() {
+        if std::io::stderr().is_terminal()
+            && ACTIVE_BARS.load(std::sync::atomic::Ordering::SeqCst) == 0
+        {
             Self::bar(total_steps)
         } else {
             Self::plain(total_steps, every)
         }
+    }
+
+    /// The same reporter with every line (or the bar's message) prefixed by `[label]`.
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
     }
 
     /// Plain `eprintln!` lines every `every` steps (at least 1) and at the last step, whatever stderr is.
@@ -175,6 +188,7 @@ impl ProgressReporter {
             every: every.max(1),
             start: Instant::now(),
             bar: None,
+            label: String::new(),
         }
     }
 
@@ -184,11 +198,13 @@ impl ProgressReporter {
             ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} [{elapsed_precise} < {eta}]")
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
         let bar = ProgressBar::new(total_steps as u64).with_style(style);
+        ACTIVE_BARS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Self {
             total: total_steps,
             every: 1,
             start: Instant::now(),
             bar: Some(bar),
+            label: String::new(),
         }
     }
 
@@ -197,11 +213,12 @@ impl ProgressReporter {
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step as u64);
-                bar.set_message(format!("loss {loss:.4} lr {lr:.2e}"));
+                bar.set_message(format!("{}loss {loss:.4} lr {lr:.2e}", self.prefix()));
             }
             None if self.should_print(step) => {
                 eprintln!(
-                    "{}",
+                    "{}{}",
+                    self.prefix(),
                     progress_line(step, self.total, loss, lr, self.start.elapsed())
                 );
             }
@@ -214,10 +231,26 @@ impl ProgressReporter {
         step.is_multiple_of(self.every) || step == self.total
     }
 
+    fn prefix(&self) -> String {
+        if self.label.is_empty() {
+            String::new()
+        } else {
+            format!("[{}] ", self.label)
+        }
+    }
+
     /// Closes the bar (plain mode prints nothing more).
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish();
+        }
+    }
+}
+
+impl Drop for ProgressReporter {
+    fn drop(&mut self) {
+        if self.bar.is_some() {
+            ACTIVE_BARS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }

@@ -38,6 +38,9 @@ pub enum RecipeError {
     /// The corpus does not fit the model.
     #[error("{0}")]
     Mismatch(String),
+    /// A recovery run's thread could not start or panicked.
+    #[error("{0}")]
+    Run(String),
 }
 
 /// Recipe settings.
@@ -107,7 +110,7 @@ impl RecipeConfig {
     pub fn quick(corpus: impl Into<PathBuf>) -> Self {
         Self {
             teacher_steps: 320,
-            recovery_steps: 64,
+            recovery_steps: 96,
             valid_windows: 48,
             ..Self::full(corpus)
         }
@@ -332,6 +335,9 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
             },
         ),
     ];
+    // The three recovery runs are independent (same converted start, same batches): they train side by side,
+    // each on its own thread, sharing the cores (their results do not depend on it).
+    let mut runs = Vec::with_capacity(methods.len());
     for (name, method) in methods {
         let mut tc = TrainConfig::new(name, method, cfg.recovery_steps, cfg.recovery_lr);
         tc.seed = cfg.seed + 1;
@@ -350,23 +356,50 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
         } else {
             eprintln!("recovering with {name}: {} steps", cfg.recovery_steps);
         }
-        let out = train(
-            converted.clone(),
-            Some(&teacher),
-            TrainData {
-                batches: batches(cfg.seed + 1)?,
-                valid: &valid,
-                teacher_logits: Some(&teacher_logits),
-            },
-            &tc,
-        )?;
-        let e = evaluate(&out.model, &valid, Some(&teacher_logits), device);
-        rows.push(RecipeRow {
-            name: name.into(),
-            eval: e,
-            curve: valid_curve(&out.curves),
-            seconds: out.seconds,
-        });
+        runs.push((name, tc, batches(cfg.seed + 1)?));
+    }
+    let outcomes = std::thread::scope(|scope| {
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|(name, tc, batches)| {
+                let (converted, teacher, valid, teacher_logits) =
+                    (&converted, &teacher, &valid, &teacher_logits);
+                let handle = std::thread::Builder::new()
+                    .name(format!("recipe-{name}"))
+                    .spawn_scoped(scope, move || {
+                        let out = train(
+                            converted.clone(),
+                            Some(teacher),
+                            TrainData {
+                                batches,
+                                valid,
+                                teacher_logits: Some(teacher_logits),
+                            },
+                            &tc,
+                        )?;
+                        let e = evaluate(&out.model, valid, Some(teacher_logits), device);
+                        Ok::<_, RecipeError>(RecipeRow {
+                            name: name.into(),
+                            eval: e,
+                            curve: valid_curve(&out.curves),
+                            seconds: out.seconds,
+                        })
+                    });
+                (name, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(name, handle)| {
+                handle
+                    .map_err(|e| RecipeError::Run(format!("could not start the {name} run: {e}")))?
+                    .join()
+                    .map_err(|_| RecipeError::Run(format!("the {name} run panicked")))?
+            })
+            .collect::<Vec<_>>()
+    });
+    for row in outcomes {
+        rows.push(row?);
     }
     let report = RecipeReport {
         rows,
