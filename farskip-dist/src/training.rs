@@ -51,6 +51,17 @@ pub mod bwd_ops {
     pub const GRAD_ALLREDUCE: &str = "grad_allreduce";
 }
 
+/// How many layers' output streams the KL + L2 baseline compares with the teacher's: the intermediate ones,
+/// every layer but the last (the last layer's output is what the KL term already matches through the head);
+/// all of them for a one-layer model.
+pub fn l2_compared_layers(num_layers: usize) -> usize {
+    if num_layers > 1 {
+        num_layers - 1
+    } else {
+        num_layers
+    }
+}
+
 /// A fresh autodiff leaf holding `t`'s value: the input of a segment.
 fn leaf<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
     t.clone().detach().autodiff().require_grad()
@@ -139,9 +150,9 @@ pub enum Objective {
         /// Softmax temperature, finite and > 0.
         temperature: f64,
     },
-    /// The KL + L2 baseline: [`Objective::Distill`] plus `l2_weight ·` the mean over layers of the mean squared
-    /// difference between the student's and the teacher's full residual stream after every layer (the same
-    /// arithmetic as `farskip_train::losses::kl_l2`).
+    /// The KL + L2 baseline: [`Objective::Distill`] plus `l2_weight ·` the mean over the intermediate layers
+    /// ([`l2_compared_layers`]) of the mean squared difference between the student's and the teacher's full
+    /// residual stream after the layer (the same arithmetic as `farskip_train::losses::kl_l2`).
     DistillHidden {
         /// The frozen teacher's logits on this rank's windows, `[batch, seq, vocab]`.
         teacher_logits: Tensor<3>,
@@ -680,7 +691,10 @@ impl EpTrainRank {
                 temperature,
                 l2_weight,
             } => {
-                hidden_leaves = tapes.iter().map(|tape| leaf(&tape.join_full)).collect();
+                hidden_leaves = tapes[..l2_compared_layers(tapes.len())]
+                    .iter()
+                    .map(|tape| leaf(&tape.join_full))
+                    .collect();
                 let n_layers = hidden_leaves.len() as f64;
                 let mse = hidden_leaves
                     .iter()

@@ -43,7 +43,8 @@ pub enum Method {
     },
     /// Supervised fine-tuning of the converted model on the data (baseline).
     Sft,
-    /// KL plus the mean squared difference of the full residual stream after every layer (baseline).
+    /// KL plus the mean squared difference of the full residual stream after every intermediate layer (every layer
+    /// but the last; see `farskip_dist::training::l2_compared_layers`) (baseline, the paper's KL + L2).
     KlL2 {
         /// Softmax temperature.
         temperature: f64,
@@ -157,7 +158,9 @@ impl DistillStep {
             } => {
                 let (tl, th) = teacher().forward_with_hidden(x.clone());
                 let (sl, sh) = self.student.forward_with_hidden(x);
-                kl_l2(sl, tl, &sh, &th, *temperature, *l2_weight)
+                // The intermediate layers: every layer's output stream but the last.
+                let k = farskip_dist::training::l2_compared_layers(sh.len());
+                kl_l2(sl, tl, &sh[..k], &th[..k], *temperature, *l2_weight)
             }
         }
     }
