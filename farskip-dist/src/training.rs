@@ -772,11 +772,21 @@ impl EpTrainRank {
             }
             let (g_rows, back_plan) = to_owner.wait()?;
             let ge = span(Some(i), bwd_ops::EXPERTS, bwd);
-            let grads = (tape.part.expert_out.clone() * g_rows.tokens)
-                .sum()
-                .backward();
-            let g_expert_in = tape.part.expert_in.grad(&grads).expect("leaf");
-            absorb(&mut acc, grads);
+            let g_expert_in = if tape.part.expert_in.dims()[0] == 0 {
+                // No rows reached this rank's experts in this layer: nothing to differentiate (their
+                // weights get no gradient from this layer), and an empty product has no graph to walk.
+                Tensor::zeros(
+                    tape.part.expert_in.dims(),
+                    &tape.part.expert_in.device().inner(),
+                )
+            } else {
+                let grads = (tape.part.expert_out.clone() * g_rows.tokens)
+                    .sum()
+                    .backward();
+                let g = tape.part.expert_in.grad(&grads).expect("leaf");
+                absorb(&mut acc, grads);
+                g
+            };
             ge.finish();
             // Backward of Dispatch: input gradients return to the tokens' ranks.
             let back = combine_start(
