@@ -99,6 +99,7 @@ pub fn run_forward_with(
     };
     let config = LocalWorldConfig::new(link).with_trace(trace.clone());
     let started = Mutex::new(None::<Instant>);
+    let finished = Mutex::new(None::<Instant>);
     let results = LocalWorld::run_with(
         world,
         config,
@@ -131,17 +132,28 @@ pub fn run_forward_with(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get_or_insert_with(Instant::now);
-            let out = match rank {
+            let out = match &rank {
                 AnyRank::Ep(rank) => rank.forward(comm, trace, ids)?,
                 AnyRank::Tp(rank) => rank.forward(comm, trace, ids)?,
             };
+            // The forward ends when the last rank has its logits (dropping the rank's weight copy and the
+            // thread pool afterwards is set-up cost, not the forward).
+            let now = Instant::now();
+            let mut end = finished.lock().unwrap_or_else(|e| e.into_inner());
+            *end = Some(end.map_or(now, |e| e.max(now)));
+            drop(end);
+            drop(rank);
             Ok(out)
         },
     )?;
-    let wall = started
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .map_or(Duration::ZERO, |s| s.elapsed());
+    let wall = match (
+        started.into_inner().unwrap_or_else(|e| e.into_inner()),
+        finished.into_inner().unwrap_or_else(|e| e.into_inner()),
+    ) {
+        (Some(s), Some(e)) => e.saturating_duration_since(s),
+        (Some(s), None) => s.elapsed(),
+        _ => Duration::ZERO,
+    };
     let mut logits = Vec::with_capacity(world);
     for (rank, r) in results.into_iter().enumerate() {
         match r {
