@@ -597,8 +597,33 @@ pub struct TrainingReport {
 type NamedGrads = Vec<(String, Vec<f32>)>;
 
 /// Per-parameter gradients by structural name, for comparing a rank's (sliced) model with the full one.
+/// The module path of every float parameter (`layers.0.attention.q_proj.weight`, …), by id.
+fn param_paths(model: &Model) -> HashMap<burn::module::ParamId, String> {
+    use burn::module::{Module, ModuleVisitor, ParamId};
+    struct Paths(HashMap<ParamId, String>, Vec<String>);
+    impl ModuleVisitor for Paths {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.1.push(name.to_owned());
+            }
+        }
+        fn exit_module(&mut self, _name: &str, container_type: &str) {
+            if !container_type.starts_with("Enum:") {
+                self.1.pop();
+            }
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            self.0.insert(param.id, self.1.join("."));
+        }
+    }
+    let mut paths = Paths(HashMap::new(), Vec::new());
+    model.visit(&mut paths);
+    paths.0
+}
+
 fn named_grads(model: &Model, grads: &burn::optim::GradientsParams) -> Vec<(String, Vec<f32>)> {
     use farskip_model::model::Ffn;
+    let paths = param_paths(model);
     let mut out = Vec::new();
     let read = |t: Tensor<3>| {
         t.into_data()
@@ -623,7 +648,10 @@ fn named_grads(model: &Model, grads: &burn::optim::GradientsParams) -> Vec<(Stri
             _ => None,
         };
         if let Some(v) = v {
-            out.push((format!("{id:?}"), v));
+            out.push((
+                paths.get(&id).cloned().unwrap_or_else(|| format!("{id:?}")),
+                v,
+            ));
         }
     }
     for (i, layer) in model.layers.iter().enumerate() {
@@ -633,7 +661,7 @@ fn named_grads(model: &Model, grads: &burn::optim::GradientsParams) -> Vec<(Stri
                 ("down", &moe.experts.down),
             ] {
                 if let Some(g) = grads.get::<3>(p.id) {
-                    out.push((format!("layer{i}.{name}"), read(g)));
+                    out.push((format!("experts:layers.{i}.{name}"), read(g)));
                 }
             }
         }
@@ -825,7 +853,7 @@ fn grad_rel_diff(
     let mut worst = (0.0f64, String::new());
     for (name, g_ref) in reference {
         let scale = g_ref.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-12) as f64;
-        if name.starts_with("layer") {
+        if name.starts_with("experts:") {
             // Experts: concatenate the owners' slices in rank order.
             let joined: Vec<f32> = ranks
                 .iter()
