@@ -31,6 +31,20 @@ pub fn load_model(model: Option<&Path>, preset: Option<&str>, device: &Device) -
     }
 }
 
+/// Like [`load_model`], with `--preset small` when neither `--model` nor `--preset` is given (the overlap
+/// examples' default).
+pub fn load_model_or_small(
+    model: Option<&Path>,
+    preset: Option<&str>,
+    device: &Device,
+) -> Result<Model> {
+    let preset = match (model, preset) {
+        (None, None) => Some("small"),
+        (_, p) => p,
+    };
+    load_model(model, preset, device)
+}
+
 /// Configs of the presets.
 pub fn preset_config(name: &str) -> Result<ModelConfig> {
     match name {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{init_logging, load_model};
+use farskip_examples::{init_logging, load_model_or_small};
 use farskip_train::plot::line_chart_svg;
 
 #[derive(Parser, Debug)]
@@ -39,12 +39,7 @@ fn main() -> Result<()> {
     init_logging();
     let args = Args::parse();
     let device = Device::default();
-    let preset = if args.model.is_none() && args.preset.is_none() {
-        Some("small")
-    } else {
-        args.preset.as_deref()
-    };
-    let model = load_model(args.model.as_deref(), preset, &device)?;
+    let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for parallel in [Parallel::Expert, Parallel::Tensor] {
         let (mut overlap, mut speedup) = (Vec::new(), Vec::new());

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{TrainingConfig, overlap_training};
-use farskip_examples::{init_logging, load_model, write_timelines};
+use farskip_examples::{init_logging, load_model_or_small, write_timelines};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,12 +58,7 @@ fn main() -> Result<()> {
     init_logging();
     let args = Args::parse();
     let device = Device::default();
-    let preset = if args.model.is_none() && args.preset.is_none() {
-        Some("small")
-    } else {
-        args.preset.as_deref()
-    };
-    let model = load_model(args.model.as_deref(), preset, &device)?;
+    let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;
     let cfg = TrainingConfig {
         world: args.world,
         steps: args.steps,

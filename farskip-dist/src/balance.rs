@@ -173,6 +173,13 @@ impl Placement {
         Ok(Self { orders })
     }
 
+    /// Every layer's experts in their own order: contiguous blocks, as [`ExpertSharding`] places them.
+    pub fn contiguous(loads: &[Vec<usize>]) -> Self {
+        Self {
+            orders: loads.iter().map(|l| (0..l.len()).collect()).collect(),
+        }
+    }
+
     /// Mean over MoE layers of [`imbalance`] for `loads` under contiguous placement and under this one.
     ///
     /// # Errors

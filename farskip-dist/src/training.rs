@@ -24,7 +24,7 @@ use farskip_model::model::Ffn;
 use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
 use farskip_model::{Connectivity, DecoderLayer, Model};
 
-use crate::comm::{CollectiveTag, Communicator, Pending};
+use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, combine_start, dispatch_start};
 use crate::schedule::{Result, ScheduleError, ops};
 use crate::trace::{Phase, Trace};
@@ -460,15 +460,13 @@ impl EpTrainRank {
         objective: &Objective,
     ) -> Result<RankStep> {
         if grad_comm.rank() != comm.rank() || grad_comm.world_size() != comm.world_size() {
-            return Err(ScheduleError::Model(
-                farskip_model::ModelError::InvalidInput(format!(
-                    "the gradient communicator is rank {} of {} but the expert-parallel one is rank {} of {}",
-                    grad_comm.rank(),
-                    grad_comm.world_size(),
-                    comm.rank(),
-                    comm.world_size()
-                )),
-            ));
+            return Err(ScheduleError::Comm(CommError::InvalidArgument(format!(
+                "the gradient communicator is rank {} of {} but the expert-parallel one is rank {} of {}",
+                grad_comm.rank(),
+                grad_comm.world_size(),
+                comm.rank(),
+                comm.world_size()
+            ))));
         }
         let farskip = self.model.connectivity().keeps_routed_free_stream();
         let fwd = Phase::Forward;

@@ -683,8 +683,9 @@ impl Loader<'_> {
             gate_up.push(Tensor::cat(vec![g.transpose(), u.transpose()], 1));
             down.push(d.transpose());
         }
-        bank.gate_up = Param::from_tensor(contiguous(Tensor::stack(gate_up, 0)));
-        bank.down = Param::from_tensor(contiguous(Tensor::stack(down, 0)));
+        // `stack` writes a new row-major tensor: no second copy needed.
+        bank.gate_up = Param::from_tensor(Tensor::stack(gate_up, 0));
+        bank.down = Param::from_tensor(Tensor::stack(down, 0));
         Ok(())
     }
 }

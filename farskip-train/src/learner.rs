@@ -424,6 +424,23 @@ enum Engine {
 }
 
 impl Engine {
+    /// Writes a checkpoint (single process only: `validate` refuses a checkpoint directory with world > 1).
+    fn save_checkpoint(
+        &self,
+        dir: &Path,
+        step: usize,
+        curves: &Curves,
+        best: Option<&(usize, f64, Model)>,
+    ) -> Result<(), TrainError> {
+        match self {
+            Self::Single {
+                step: step_module,
+                optim,
+            } => save_checkpoint(dir, step_module, optim, step, curves, best),
+            Self::Expert(_) => Ok(()),
+        }
+    }
+
     /// The student as it stands, without autodiff.
     fn model(&mut self) -> Result<Model, TrainError> {
         match self {
@@ -587,31 +604,20 @@ pub fn train(
                 stopped_early = Some(why);
             }
         }
-        if let (
-            Some(dir),
-            Engine::Single {
-                step: step_module,
-                optim,
-            },
-        ) = (&cfg.checkpoint_dir, &engine)
-            && (step % cfg.checkpoint_every == 0 || step == cfg.steps)
+        let checkpoint_due = step % cfg.checkpoint_every == 0 || step == cfg.steps;
+        if let Some(dir) = &cfg.checkpoint_dir
+            && checkpoint_due
         {
-            save_checkpoint(dir, step_module, optim, step, &curves, best.as_ref())?;
+            engine.save_checkpoint(dir, step, &curves, best.as_ref())?;
         }
         if stopped_early.is_some() {
             break;
         }
         if cfg.stop_after == Some(step) {
-            if let (
-                Some(dir),
-                Engine::Single {
-                    step: step_module,
-                    optim,
-                },
-            ) = (&cfg.checkpoint_dir, &engine)
-                && step % cfg.checkpoint_every != 0
+            if let Some(dir) = &cfg.checkpoint_dir
+                && !checkpoint_due
             {
-                save_checkpoint(dir, step_module, optim, step, &curves, best.as_ref())?;
+                engine.save_checkpoint(dir, step, &curves, best.as_ref())?;
             }
             stopped_early = Some(format!("step {step}: stop_after"));
             break;

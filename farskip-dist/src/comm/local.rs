@@ -328,12 +328,6 @@ impl LocalComm {
                 Ok(result) => result.and_then(|(out, arrive)| {
                     // The data is there when the link model says so, unless that is past the timeout.
                     let give_up = started + timeout;
-                    let sleep_until = |t: Instant| {
-                        let now = Instant::now();
-                        if t > now {
-                            thread::sleep(t - now);
-                        }
-                    };
                     if arrive > give_up {
                         sleep_until(give_up);
                         world.mark_failed(rank, format!("gave up on {op} after {timeout:?}"));
@@ -371,6 +365,14 @@ fn comm_thread_gone(rank: usize, op: &str) -> CommError {
         backend: "local",
         op: op.to_owned(),
         detail: format!("the comm thread of rank {rank} has stopped"),
+    }
+}
+
+/// Sleeps until `t` (returns at once if it has passed).
+fn sleep_until(t: Instant) {
+    let now = Instant::now();
+    if t > now {
+        thread::sleep(t - now);
     }
 }
 
@@ -413,10 +415,7 @@ fn comm_thread(rank: usize, world: &World, jobs: &mpsc::Receiver<Job>) {
             }
         };
         // The next collective's transfer starts after this one's.
-        let now = Instant::now();
-        if arrive > now {
-            thread::sleep(arrive - now);
-        }
+        sleep_until(arrive);
         link_free = arrive;
     }
 }
