@@ -434,26 +434,29 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         .forward_unchecked(ids.clone(), None);
     let ep = cfg.parallel == Parallel::Expert && model.config().moe.is_some();
     let (model, expert_placement, load_imbalance) = if ep {
-        // Loads from a different batch than the one measured (as a deployment would use past traffic); the
-        // imbalance is reported on the measured batch.
-        let calibration = random_ids(
-            batch,
-            cfg.tokens,
-            model.config().vocab_size,
-            cfg.seed.wrapping_add(0x5EED),
-            &device,
-        );
-        let placement = balanced_placement(model, cfg.world, &calibration)?;
-        let (contiguous, balanced) = placement
-            .imbalance(&expert_loads(model, cfg.world, &ids)?, cfg.world)
-            .map_err(|e| RunError::Invalid(e.to_string()))?;
+        // The imbalance is reported on the measured batch.
+        let measured = expert_loads(model, cfg.world, &ids)?;
+        let invalid = |e: crate::DispatchError| RunError::Invalid(e.to_string());
         if cfg.balance && cfg.world > 1 {
+            // Loads from a different batch than the one measured (as a deployment would use past traffic).
+            let calibration = random_ids(
+                batch,
+                cfg.tokens,
+                model.config().vocab_size,
+                cfg.seed.wrapping_add(0x5EED),
+                &device,
+            );
+            let placement = balanced_placement(model, cfg.world, &calibration)?;
+            let imbalance = placement.imbalance(&measured, cfg.world).map_err(invalid)?;
             let placed = placement
                 .apply(model)
                 .map_err(|e| RunError::Invalid(e.to_string()))?;
-            (placed, "balanced", Some((contiguous, balanced)))
+            (placed, "balanced", Some(imbalance))
         } else {
-            (model.clone(), "contiguous", Some((contiguous, contiguous)))
+            let imbalance = Placement::contiguous(&measured)
+                .imbalance(&measured, cfg.world)
+                .map_err(invalid)?;
+            (model.clone(), "contiguous", Some(imbalance))
         }
     } else {
         (model.clone(), "none", None)
