@@ -15,10 +15,14 @@ use burn::tensor::ops::AttentionModuleOptions;
 use crate::config::{
     AttentionConfig, GqaConfig, LayerConfig, MaskKind, MlaConfig, ModelConfig, QkNorm,
 };
+use crate::lanes;
 use crate::rope::Rope;
 
 /// Queries per block in [`Attention::attend`].
 const QUERY_BLOCK: usize = 128;
+
+/// Positions per lane below which [`Attention::project`] and the output projection run in place.
+const LANE_POSITIONS: usize = 64;
 
 /// Keys and values of earlier positions for one layer.
 #[derive(Clone, Debug, Default)]
@@ -233,12 +237,42 @@ impl Attention {
     ///
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]`; `offset`: absolute position of `x[:, 0]` (= cached length)
+    ///
+    /// Without autodiff on flex, long inputs are cut into runs of positions that are projected side by side on
+    /// [`lanes`] (every op here acts on each position alone), each single-threaded.
     pub fn project(
         &self,
         x: Tensor<3>,
         offset: usize,
         cache: Option<&mut LayerKvCache>,
     ) -> ProjectedQkv {
+        let [_, t, _] = x.dims();
+        let device = x.device();
+        let ranges = lanes::split_rows(t, lanes::available(&device), LANE_POSITIONS);
+        let (q, k, v) = if ranges.len() < 2 {
+            self.project_positions(x, offset)
+        } else {
+            let parts = ranges
+                .into_iter()
+                .map(|r| (x.clone().narrow(1, r.start, r.len()), offset + r.start))
+                .collect();
+            let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+            for (q, k, v) in lanes::map(&device, parts, |(x, at)| self.project_positions(x, at)) {
+                qs.push(q);
+                ks.push(k);
+                vs.push(v);
+            }
+            (Tensor::cat(qs, 2), Tensor::cat(ks, 2), Tensor::cat(vs, 2))
+        };
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v),
+            None => (k, v),
+        };
+        ProjectedQkv { q, k, v, offset }
+    }
+
+    /// [`Self::project`] without the cache: `(q, k, v)` for the positions `offset..offset + seq` of `x`.
+    fn project_positions(&self, x: Tensor<3>, offset: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let device = x.device();
         let tables = self.rope.as_ref().map(|r| r.tables(offset, t, &device));
@@ -246,7 +280,7 @@ impl Attention {
             (Some(r), Some((cos, sin))) => r.apply(x, cos, sin),
             _ => x,
         };
-        let (q, k, v) = match &self.kind {
+        match &self.kind {
             AttentionKind::Gqa(a) => {
                 let g = &a.cfg;
                 let mut q = a.q_proj.forward(x.clone());
@@ -318,12 +352,7 @@ impl Attention {
                 let k = Tensor::cat(vec![k_nope, k_rot.expand([b, m.num_heads, t, rd])], 3);
                 (q, k, v)
             }
-        };
-        let (k, v) = match cache {
-            Some(c) => c.append(k, v),
-            None => (k, v),
-        };
-        ProjectedQkv { q, k, v, offset }
+        }
     }
 
     /// Part 2: scores, mask, softmax, weighted values and the output projection.
@@ -356,11 +385,14 @@ impl Attention {
         } else {
             self.attend_block(q, k, v, offset)
         };
-        let out = out.swap_dims(1, 2).reshape([b, t, heads * dv]);
-        match &self.kind {
-            AttentionKind::Gqa(a) => a.o_proj.forward(out),
-            AttentionKind::Mla(a) => a.o_proj.forward(out),
-        }
+        let out = out.swap_dims(1, 2).reshape([b * t, heads * dv]);
+        let o_proj = match &self.kind {
+            AttentionKind::Gqa(a) => &a.o_proj,
+            AttentionKind::Mla(a) => &a.o_proj,
+        };
+        let out = lanes::rows(out, LANE_POSITIONS, |x| o_proj.forward(x));
+        let h = out.dims()[1];
+        out.reshape([b, t, h])
     }
 
     /// Softmax attention of queries at positions `offset..` over keys at positions `0..`.

@@ -32,6 +32,7 @@ pub mod connectivity;
 pub mod error;
 pub mod generate;
 pub mod hf;
+pub mod lanes;
 pub mod mlp;
 pub mod model;
 pub mod moe;

@@ -6,6 +6,8 @@ use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
+use crate::lanes;
+
 /// Stacked SwiGLU experts.
 #[derive(Module, Debug)]
 pub struct ExpertBank {
@@ -120,14 +122,43 @@ impl ExpertBank {
             .select(0, index_tensor(&batches.dst, &device))
     }
 
-    /// One matmul pair per expert, reading each expert's weights in place.
+    /// One matmul pair per expert, reading each expert's weights in place. Without autodiff on flex the rows
+    /// are cut into equal ranges (an expert's rows may span two) that run side by side on
+    /// [`lanes`](crate::lanes), each single-threaded: these matmuls gain little from flex's split over cores.
     fn forward_loop(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
+        let device = xs.device();
+        let rows = xs.dims()[0];
+        let ranges = lanes::split_rows(rows, lanes::available(&device), Self::MIN_LANE_ROWS);
+        if ranges.len() < 2 {
+            let segments: Vec<(usize, usize)> = counts.iter().copied().enumerate().collect();
+            return self.forward_segments(xs, &segments);
+        }
+        let parts = ranges
+            .into_iter()
+            .map(|r| {
+                (
+                    xs.clone().narrow(0, r.start, r.len()),
+                    segments_in(counts, r),
+                )
+            })
+            .collect();
+        let outs = lanes::map(&device, parts, |(x, segments)| {
+            self.forward_segments(x, &segments)
+        });
+        Tensor::cat(outs, 0)
+    }
+
+    /// Rows of one lane below which splitting the loop is not worth a thread hand-off.
+    const MIN_LANE_ROWS: usize = 64;
+
+    /// `segments` as `(expert, rows)`: the first rows of `xs` through the first segment's expert, and so on.
+    fn forward_segments(&self, xs: Tensor<2>, segments: &[(usize, usize)]) -> Tensor<2> {
         let inter = self.intermediate_size();
         let gate_up = self.gate_up.val();
         let down = self.down.val();
-        let mut outs = Vec::with_capacity(counts.len());
+        let mut outs = Vec::with_capacity(segments.len());
         let mut offset = 0;
-        for (e, &c) in counts.iter().enumerate() {
+        for &(e, c) in segments {
             if c == 0 {
                 continue;
             }
@@ -139,6 +170,20 @@ impl ExpertBank {
         }
         Tensor::cat(outs, 0)
     }
+}
+
+/// The `(expert, rows)` segments of the grouped rows `range` (rows grouped by expert as `counts` says).
+fn segments_in(counts: &[usize], range: std::ops::Range<usize>) -> Vec<(usize, usize)> {
+    let mut start = 0;
+    let mut segments = Vec::new();
+    for (e, &c) in counts.iter().enumerate() {
+        let (lo, hi) = (start.max(range.start), (start + c).min(range.end));
+        if lo < hi {
+            segments.push((e, hi - lo));
+        }
+        start += c;
+    }
+    segments
 }
 
 /// How [`ExpertBank::forward_grouped`] packs rows grouped by expert into equal blocks for batched matmuls.

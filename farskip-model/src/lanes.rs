@@ -1,0 +1,237 @@
+//! Lanes: independent tensor work side by side on the CPU, one single-threaded rayon pool per lane.
+//!
+//! flex splits each matmul over the whole rayon pool. For the shapes of an MoE layer that split gains little
+//! on a few cores: on the 2-core build machine an expert's `[64, 512] × [512, 1024]` matmul ran as fast
+//! single-threaded as split over both cores, and a layer's 16 expert matmul pairs took 24.7 ms either way,
+//! but 12.7 ms when the rows were cut in two and each half ran single-threaded on its own core. Lanes do
+//! the latter: [`map`] runs one closure per lane at once, each inside a one-thread pool, so every flex op in
+//! it runs single-threaded and the lanes never wait for each other.
+//!
+//! Lanes are used only where they are safe and useful, otherwise the work runs in place, in order:
+//! - the device is flex without autodiff (an autodiff graph is built by one thread at a time here);
+//! - the caller is not already inside a rayon pool (a rank of a `LocalWorld` runs on its own pool, with its
+//!   own share of the cores);
+//! - no other thread holds the lanes (two callers never queue behind each other; the second runs in place).
+//!
+//! Results do not depend on whether lanes were used: each piece of work is the same ops on the same rows.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
+
+use burn::prelude::*;
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+/// The lane pools (one thread each), built on first use; empty if they could not be built.
+fn pools() -> &'static [ThreadPool] {
+    static POOLS: OnceLock<Vec<ThreadPool>> = OnceLock::new();
+    POOLS.get_or_init(|| {
+        // Outside any pool, `current_num_threads` is the global pool's size (RAYON_NUM_THREADS or the cores).
+        let n = rayon::current_num_threads();
+        if n < 2 {
+            return Vec::new();
+        }
+        (0..n)
+            .map(|i| {
+                ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(move |_| format!("farskip-lane-{i}"))
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_default()
+    })
+}
+
+/// Held while lanes run, so two callers never share them.
+static BUSY: Mutex<()> = Mutex::new(());
+
+/// Calls of [`map`] that ran on lanes (for tests and diagnostics).
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many times work has run on lanes in this process.
+pub fn runs() -> usize {
+    RUNS.load(Ordering::Relaxed)
+}
+
+/// The lanes, if work on `device` may use them now (see the module docs), with the guard that reserves them.
+fn acquire(device: &Device) -> Option<(MutexGuard<'static, ()>, &'static [ThreadPool])> {
+    if device.is_autodiff() || *device != Device::flex() || rayon::current_thread_index().is_some()
+    {
+        return None;
+    }
+    let pools = pools();
+    if pools.len() < 2 {
+        return None;
+    }
+    let guard = match BUSY.try_lock() {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return None,
+    };
+    Some((guard, pools))
+}
+
+/// How many lanes work on `device` would get now: 1 when it would run in place.
+pub fn available(device: &Device) -> usize {
+    acquire(device).map_or(1, |(_, pools)| pools.len())
+}
+
+/// `f` over `items`, the items spread over the lanes (item `i` on lane `i mod lanes`) and run at once;
+/// results in item order. Runs in place, in order, when lanes are not available for `device`.
+///
+/// A panic in `f` is re-raised here after every lane has stopped.
+pub fn map<T: Send, R: Send>(device: &Device, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let Some((_guard, pools)) = acquire(device).filter(|_| items.len() > 1) else {
+        return items.into_iter().map(f).collect();
+    };
+    RUNS.fetch_add(1, Ordering::Relaxed);
+    let n = pools.len().min(items.len());
+    let mut buckets: Vec<Vec<(usize, T)>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, item) in items.into_iter().enumerate() {
+        buckets[i % n].push((i, item));
+    }
+    let f = &f;
+    let run = |bucket: Vec<(usize, T)>| -> Vec<(usize, R)> {
+        bucket.into_iter().map(|(i, t)| (i, f(t))).collect()
+    };
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let mut lanes = buckets.into_iter().zip(pools);
+        let (first, pool0) = lanes.next().expect("at least two buckets");
+        let others: Vec<_> = lanes
+            .map(|(bucket, pool)| s.spawn(move || pool.install(|| run(bucket))))
+            .collect();
+        let mut done = pool0.install(|| run(first));
+        for h in others {
+            done.extend(h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+        }
+        done
+    });
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Cuts `rows` rows into at most `lanes` consecutive ranges of about equal length, none shorter than
+/// `min_rows` (one range when `rows < 2 * min_rows`).
+pub fn split_rows(rows: usize, lanes: usize, min_rows: usize) -> Vec<std::ops::Range<usize>> {
+    let n = lanes.min(rows / min_rows.max(1)).max(1);
+    (0..n)
+        .map(|i| (i * rows / n)..((i + 1) * rows / n))
+        .collect()
+}
+
+/// Runs `f` on row ranges of `x` (`[rows, ...]` along dim 0) on the lanes and concatenates the results along
+/// dim 0; `f` must act on each row independently. In place when lanes are not available or `x` has fewer
+/// than `2 * min_rows` rows.
+pub fn rows<const D: usize, const E: usize>(
+    x: Tensor<D>,
+    min_rows: usize,
+    f: impl Fn(Tensor<D>) -> Tensor<E> + Sync,
+) -> Tensor<E> {
+    let device = x.device();
+    let n = x.dims()[0];
+    let ranges = split_rows(n, available(&device), min_rows);
+    if ranges.len() < 2 {
+        return f(x);
+    }
+    let parts = ranges
+        .into_iter()
+        .map(|r| x.clone().narrow(0, r.start, r.len()))
+        .collect();
+    Tensor::cat(map(&device, parts, f), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Distribution;
+
+    /// The tests that use lanes run one at a time, so none finds them taken by another.
+    fn serial() -> MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[test]
+    fn split_rows_covers_every_row_once() {
+        for rows in [0, 1, 7, 64, 127, 128, 1000] {
+            for lanes in [1, 2, 3, 8] {
+                let r = split_rows(rows, lanes, 32);
+                assert_eq!(r.first().map(|r| r.start), Some(0));
+                assert_eq!(r.last().map(|r| r.end), Some(rows));
+                assert!(r.windows(2).all(|w| w[0].end == w[1].start));
+                assert!(r.len() <= lanes.max(1));
+                if r.len() > 1 {
+                    assert!(
+                        r.iter().all(|r| r.len() >= 32),
+                        "{rows} rows, {lanes} lanes: {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn map_keeps_item_order_and_rows_match_in_place() {
+        let _serial = serial();
+        let device = Device::flex();
+        let out = map(&device, (0..9).collect(), |i: usize| i * i);
+        assert_eq!(out, (0..9).map(|i| i * i).collect::<Vec<_>>());
+
+        let x = Tensor::<2>::random([300, 24], Distribution::Default, &device);
+        let w = Tensor::<2>::random([24, 40], Distribution::Default, &device);
+        let laned = rows(x.clone(), 16, |x| x.matmul(w.clone()).exp());
+        let direct = x.matmul(w).exp();
+        let diff: f32 = (laned - direct).abs().max().into_scalar();
+        assert_eq!(diff, 0.0);
+    }
+
+    /// The whole model (expert loop, projections, output projection on lanes) against the same forward inside
+    /// a one-thread pool, where lanes are off.
+    #[test]
+    fn model_forward_on_lanes_matches_the_forward_without_them() -> crate::Result<()> {
+        let _serial = serial();
+        use crate::{Connectivity, Model, ModelConfig};
+        let device = Device::flex();
+        let config = ModelConfig::small_moe(64, 48, 2, 4, 2, 12, 4, 2, 40, Some(24));
+        let model = Model::new(&config, &device)?.with_connectivity(Connectivity::farskip())?;
+        let ids: Vec<i64> = (0..2 * 300).map(|i| (i * 37 % 64) as i64).collect();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 300]), &device);
+        // Another test's forward may hold the lanes for a moment: retry until this one ran on them.
+        let (mut laned, mut used) = (None, false);
+        for _ in 0..50 {
+            let before = runs();
+            laned = Some(model.forward(ids.clone())?);
+            used = runs() > before;
+            if used || pools().len() < 2 {
+                break;
+            }
+        }
+        assert!(used || pools().len() < 2, "the forward never ran on lanes");
+        let laned = laned.expect("at least one forward");
+        let pool = ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("a one-thread pool");
+        let in_place = pool.install(|| {
+            assert_eq!(available(&device), 1, "lanes must be off inside a pool");
+            model.forward(ids)
+        })?;
+        let diff: f32 = (laned - in_place).abs().max().into_scalar();
+        assert!(diff <= 1e-5, "lanes changed the logits by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_panic_in_a_lane_reaches_the_caller_and_frees_the_lanes() {
+        let _serial = serial();
+        let device = Device::flex();
+        let caught = std::panic::catch_unwind(|| {
+            map(&device, vec![0, 1, 2, 3], |i: i32| {
+                assert!(i != 3, "lane failure");
+                i
+            })
+        });
+        assert!(caught.is_err());
+        assert_eq!(map(&device, vec![1, 2], |i: i32| i + 1), vec![2, 3]);
+    }
+}
