@@ -371,7 +371,8 @@ impl Attention {
         let s = k.dims()[2];
         let dv = v.dims()[3];
         let out = if t >= 2 * QUERY_BLOCK && offset + t == s {
-            let blocks = (0..t).step_by(QUERY_BLOCK).map(|start| {
+            let starts: Vec<usize> = (0..t).step_by(QUERY_BLOCK).collect();
+            let block = |start: usize| {
                 let len = QUERY_BLOCK.min(t - start);
                 let keys = offset + start + len;
                 self.attend_block(
@@ -380,8 +381,19 @@ impl Attention {
                     v.clone().narrow(2, 0, keys),
                     offset + start,
                 )
-            });
-            Tensor::cat(blocks.collect(), 2)
+            };
+            // Later blocks see more keys; the snake order (see `lanes::snake`) gives every lane equal work.
+            let order = lanes::snake(starts.len(), lanes::available(&q.device()));
+            let outs = lanes::map(
+                &q.device(),
+                order.iter().map(|&i| starts[i]).collect(),
+                block,
+            );
+            let mut by_block: Vec<Option<Tensor<4>>> = (0..starts.len()).map(|_| None).collect();
+            for (i, out) in order.into_iter().zip(outs) {
+                by_block[i] = Some(out);
+            }
+            Tensor::cat(by_block.into_iter().flatten().collect(), 2)
         } else {
             self.attend_block(q, k, v, offset)
         };

@@ -110,6 +110,25 @@ pub fn map<T: Send, R: Send>(device: &Device, items: Vec<T>, f: impl Fn(T) -> R 
     done.into_iter().map(|(_, r)| r).collect()
 }
 
+/// An order of `n` items of increasing cost (item `i` costs about `i + 1`) for [`map`] on `lanes` lanes:
+/// each round of `lanes` items alternates direction, so lane 0 gets the cheapest item of one round and the
+/// dearest of the next (2 lanes, 4 items: `[0, 1, 3, 2]`, lane 0 runs items 0 and 3, lane 1 items 1 and 2).
+pub fn snake(n: usize, lanes: usize) -> Vec<usize> {
+    let l = lanes.max(1);
+    (0..n)
+        .map(|p| {
+            let (round, j) = (p / l, p % l);
+            let i = if round % 2 == 1 {
+                round * l + (l - 1 - j)
+            } else {
+                p
+            };
+            // A short last round keeps its items in order.
+            if i < n { i } else { p }
+        })
+        .collect()
+}
+
 /// Cuts `rows` rows into at most `lanes` consecutive ranges of about equal length, none shorter than
 /// `min_rows` (one range when `rows < 2 * min_rows`).
 pub fn split_rows(rows: usize, lanes: usize, min_rows: usize) -> Vec<std::ops::Range<usize>> {
@@ -149,6 +168,24 @@ mod tests {
     fn serial() -> MutexGuard<'static, ()> {
         static SERIAL: Mutex<()> = Mutex::new(());
         SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[test]
+    fn snake_is_a_permutation_that_evens_out_rising_costs() {
+        assert_eq!(snake(4, 2), vec![0, 1, 3, 2]);
+        assert_eq!(snake(3, 1), vec![0, 1, 2]);
+        for n in 0..12 {
+            for lanes in 1..5 {
+                let order = snake(n, lanes);
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(
+                    sorted,
+                    (0..n).collect::<Vec<_>>(),
+                    "n {n}, lanes {lanes}: {order:?}"
+                );
+            }
+        }
     }
 
     #[test]
