@@ -5,7 +5,8 @@
 //! The end-to-end passes run without extra syncs. The breakdown pass re-runs the forward layer by layer from the
 //! model's public sub-steps and reads a tiny slice back after each part, so each part's time is its own. Wall
 //! times are medians; `*_cpu_ms` is the mean CPU time of all threads (steadier than wall time on a busy machine).
-//! `threads` is `RAYON_NUM_THREADS` if set, else the cores available (flex uses rayon's global pool).
+//! `threads` is `RAYON_NUM_THREADS` if set, else the cores available (flex uses rayon's global pool). The forward
+//! runs on `farskip_model::lanes` unless `--lanes false`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -46,6 +47,10 @@ struct Args {
     /// Skip the training step.
     #[arg(long)]
     no_train: bool,
+    /// Run the forward's independent work side by side on single-threaded lanes (`farskip_model::lanes`); the
+    /// training step never uses them.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    lanes: bool,
     /// The training step's optimizer: `fused` (farskip-train's one-pass CPU AdamW) or `burn` (burn's AdamW).
     #[arg(long, value_enum, default_value_t = OptimizerKind::Fused)]
     optimizer: OptimizerKind,
@@ -77,6 +82,7 @@ fn main() -> Result<()> {
     init_logging();
     let args = Args::parse();
     ensure!(args.runs > 0, "--runs must be at least 1");
+    farskip_model::lanes::set_enabled(args.lanes);
     let device = Device::default();
     let model = load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
         .with_connectivity(args.connectivity.clone())?;
@@ -104,6 +110,8 @@ fn main() -> Result<()> {
     let (train, train_cpu_ms) = match args.no_train {
         true => (None, None),
         false => {
+            // Lanes are for inference only (see `farskip_model::lanes`).
+            farskip_model::lanes::set_enabled(false);
             let (t, cpu) = train_step_ms(&args, ids.clone())?;
             (Some(t), cpu)
         }
@@ -132,6 +140,7 @@ fn main() -> Result<()> {
                 "connectivity": args.connectivity.to_string(),
                 "tokens": args.tokens,
                 "threads": threads,
+                "lanes": args.lanes,
                 "runs": args.runs,
                 "forward_ms": round(forward_ms),
                 "forward_tok_s": round(tok_s(forward_ms)),

@@ -51,6 +51,8 @@ struct Args {
 fn main() -> Result<()> {
     init_logging();
     let args = Args::parse();
+    // Inference only: independent work runs side by side on single-threaded lanes.
+    farskip_model::lanes::set_enabled(true);
     let device = Device::default();
     let model = load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
         .with_connectivity(args.connectivity.clone())?;
