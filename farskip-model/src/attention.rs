@@ -247,22 +247,20 @@ impl Attention {
         cache: Option<&mut LayerKvCache>,
     ) -> ProjectedQkv {
         let [_, t, _] = x.dims();
-        let device = x.device();
-        let ranges = lanes::split_rows(t, lanes::available(&device), LANE_POSITIONS);
-        let (q, k, v) = if ranges.len() < 2 {
-            self.project_positions(x, offset)
-        } else {
-            let parts = ranges
-                .into_iter()
-                .map(|r| (x.clone().narrow(1, r.start, r.len()), offset + r.start))
-                .collect();
-            let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
-            for (q, k, v) in lanes::map(&device, parts, |(x, at)| self.project_positions(x, at)) {
-                qs.push(q);
-                ks.push(k);
-                vs.push(v);
+        let mut parts = lanes::ranges(&x.device(), t, LANE_POSITIONS, |r| {
+            self.project_positions(x.clone().narrow(1, r.start, r.len()), offset + r.start)
+        });
+        let (q, k, v) = match parts.len() {
+            1 => parts.remove(0),
+            _ => {
+                let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+                for (q, k, v) in parts {
+                    qs.push(q);
+                    ks.push(k);
+                    vs.push(v);
+                }
+                (Tensor::cat(qs, 2), Tensor::cat(ks, 2), Tensor::cat(vs, 2))
             }
-            (Tensor::cat(qs, 2), Tensor::cat(ks, 2), Tensor::cat(vs, 2))
         };
         let (k, v) = match cache {
             Some(c) => c.append(k, v),
@@ -389,11 +387,9 @@ impl Attention {
                 order.iter().map(|&i| starts[i]).collect(),
                 block,
             );
-            let mut by_block: Vec<Option<Tensor<4>>> = (0..starts.len()).map(|_| None).collect();
-            for (i, out) in order.into_iter().zip(outs) {
-                by_block[i] = Some(out);
-            }
-            Tensor::cat(by_block.into_iter().flatten().collect(), 2)
+            let mut by_block: Vec<(usize, Tensor<4>)> = order.into_iter().zip(outs).collect();
+            by_block.sort_by_key(|(i, _)| *i);
+            Tensor::cat(by_block.into_iter().map(|(_, out)| out).collect(), 2)
         } else {
             self.attend_block(q, k, v, offset)
         };

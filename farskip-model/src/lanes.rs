@@ -109,9 +109,35 @@ pub fn available(device: &Device) -> usize {
 ///
 /// A panic in `f` is re-raised here after every lane has stopped.
 pub fn map<T: Send, R: Send>(device: &Device, items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let Some((_guard, pools)) = acquire(device).filter(|_| items.len() > 1) else {
-        return items.into_iter().map(f).collect();
-    };
+    match acquire(device).filter(|_| items.len() > 1) {
+        Some((_guard, pools)) => run_on(pools, items, f),
+        None => items.into_iter().map(f).collect(),
+    }
+}
+
+/// `f` over consecutive ranges of `0..n` of about equal length, one per lane and none shorter than `min_len`
+/// (see [`split_rows`]), run at once; results in range order. One range, `0..n`, run in place, when lanes are
+/// not available for `device` or `n < 2 * min_len`.
+pub fn ranges<R: Send>(
+    device: &Device,
+    n: usize,
+    min_len: usize,
+    f: impl Fn(std::ops::Range<usize>) -> R + Sync,
+) -> Vec<R> {
+    let lanes = acquire(device);
+    let ranges = split_rows(n, lanes.as_ref().map_or(1, |(_, p)| p.len()), min_len);
+    match lanes.filter(|_| ranges.len() > 1) {
+        Some((_guard, pools)) => run_on(pools, ranges, f),
+        None => ranges.into_iter().map(f).collect(),
+    }
+}
+
+/// [`map`] on lanes already reserved.
+fn run_on<T: Send, R: Send>(
+    pools: &[ThreadPool],
+    items: Vec<T>,
+    f: impl Fn(T) -> R + Sync,
+) -> Vec<R> {
     RUNS.fetch_add(1, Ordering::Relaxed);
     let n = pools.len().min(items.len());
     let mut buckets: Vec<Vec<(usize, T)>> = (0..n).map(|_| Vec::new()).collect();
@@ -124,7 +150,7 @@ pub fn map<T: Send, R: Send>(device: &Device, items: Vec<T>, f: impl Fn(T) -> R 
     };
     let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
         let mut lanes = buckets.into_iter().zip(pools);
-        let (first, pool0) = lanes.next().expect("at least two buckets");
+        let (first, pool0) = lanes.next().expect("at least one bucket");
         let others: Vec<_> = lanes
             .map(|(bucket, pool)| s.spawn(move || pool.install(|| run(bucket))))
             .collect();
@@ -174,17 +200,14 @@ pub fn rows<const D: usize, const E: usize>(
     min_rows: usize,
     f: impl Fn(Tensor<D>) -> Tensor<E> + Sync,
 ) -> Tensor<E> {
-    let device = x.device();
     let n = x.dims()[0];
-    let ranges = split_rows(n, available(&device), min_rows);
-    if ranges.len() < 2 {
-        return f(x);
+    let mut parts = ranges(&x.device(), n, min_rows, |r| {
+        f(x.clone().narrow(0, r.start, r.len()))
+    });
+    match parts.len() {
+        1 => parts.remove(0),
+        _ => Tensor::cat(parts, 0),
     }
-    let parts = ranges
-        .into_iter()
-        .map(|r| x.clone().narrow(0, r.start, r.len()))
-        .collect();
-    Tensor::cat(map(&device, parts, f), 0)
 }
 
 #[cfg(test)]

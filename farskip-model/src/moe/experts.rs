@@ -126,26 +126,15 @@ impl ExpertBank {
     /// are cut into equal ranges (an expert's rows may span two) that run side by side on
     /// [`lanes`](crate::lanes), each single-threaded: these matmuls gain little from flex's split over cores.
     fn forward_loop(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
-        let device = xs.device();
         let rows = xs.dims()[0];
-        let ranges = lanes::split_rows(rows, lanes::available(&device), Self::MIN_LANE_ROWS);
-        if ranges.len() < 2 {
-            let segments: Vec<(usize, usize)> = counts.iter().copied().enumerate().collect();
-            return self.forward_segments(xs, &segments);
-        }
-        let parts = ranges
-            .into_iter()
-            .map(|r| {
-                (
-                    xs.clone().narrow(0, r.start, r.len()),
-                    segments_in(counts, r),
-                )
-            })
-            .collect();
-        let outs = lanes::map(&device, parts, |(x, segments)| {
-            self.forward_segments(x, &segments)
+        let mut outs = lanes::ranges(&xs.device(), rows, Self::MIN_LANE_ROWS, |r| {
+            let segments = segments_in(counts, r.clone());
+            self.forward_segments(xs.clone().narrow(0, r.start, r.len()), &segments)
         });
-        Tensor::cat(outs, 0)
+        match outs.len() {
+            1 => outs.remove(0),
+            _ => Tensor::cat(outs, 0),
+        }
     }
 
     /// Rows of one lane below which splitting the loop is not worth a thread hand-off.
