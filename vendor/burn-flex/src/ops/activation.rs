@@ -103,7 +103,12 @@ impl ActivationOps<Flex> for Flex {
     }
 
     fn sigmoid(tensor: FloatTensor<Flex>) -> FloatTensor<Flex> {
-        unary_op(tensor, sigmoid_f32, sigmoid_f64)
+        crate::ops::unary::unary_f32_kernel(
+            tensor,
+            crate::simd::exp::sigmoid_inplace_f32,
+            sigmoid_f32,
+            sigmoid_f64,
+        )
     }
 
     fn sigmoid_backward(output: FloatTensor<Flex>, grad: FloatTensor<Flex>) -> FloatTensor<Flex> {
@@ -169,14 +174,10 @@ impl ActivationOps<Flex> for Flex {
     }
 }
 
+/// Branch-free over the vectorisable `exp` (farskip-rs patch; both tails come out exactly 0 and 1).
 #[inline]
 fn sigmoid_f32(x: f32) -> f32 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    crate::simd::exp::sigmoid_f32(x)
 }
 
 #[inline]
@@ -378,12 +379,8 @@ fn softmax_row_f32_simd<S: macerator::Simd>(input: &[f32], output: &mut [f32]) {
     // Scalar exp (no SIMD exp in macerator). This pass is the one that
     // actually does memory reads + writes on the whole row, so scalar
     // here still lands us at memory bandwidth.
-    let mut sum = 0.0f32;
-    for idx in 0..len {
-        let e = (input[idx] - max_val).exp();
-        output[idx] = e;
-        sum += e;
-    }
+    // (farskip-rs patch: the vectorisable exp of `simd::exp`, inlined here for S's instruction set.)
+    let sum = crate::simd::exp::exp_shifted_sum_f32(input, output, max_val);
 
     // Pass 3: normalize.
     // SIMD splat + multiply, scalar tail.

@@ -422,6 +422,18 @@ trait FlashGemm: Float + Pod + Copy + core::ops::AddAssign + Send + Sync {
     /// # Safety
     /// All pointers must be valid for the given dimensions and strides.
     unsafe fn block_gemm(args: BlockGemmArgs<Self>);
+
+    /// `row[i] = e^(row[i] - shift)`, returning the sum of the results (farskip-rs patch: f32 uses the
+    /// vectorised exp of `simd::exp`).
+    fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+        let mut sum = Self::zero();
+        for x in row.iter_mut() {
+            let e = (*x - shift).exp();
+            *x = e;
+            sum += e;
+        }
+        sum
+    }
 }
 
 /// Arguments for a block matrix multiply: dst = alpha * dst + beta * (lhs @ rhs).
@@ -444,8 +456,15 @@ struct BlockGemmArgs<T> {
 }
 
 macro_rules! impl_flash_gemm {
-    ($ty:ty) => {
+    ($ty:ty, fast_exp) => {
+        impl_flash_gemm!($ty, fn exp_shifted_sum(row: &mut [Self], shift: Self) -> Self {
+            crate::simd::exp::exp_shifted_sum_row_f32(row, shift)
+        });
+    };
+    ($ty:ty $(, $extra:item)?) => {
         impl FlashGemm for $ty {
+            $($extra)?
+
             unsafe fn block_gemm(a: BlockGemmArgs<Self>) {
                 unsafe {
                     gemm::gemm(
@@ -475,7 +494,7 @@ macro_rules! impl_flash_gemm {
     };
 }
 
-impl_flash_gemm!(f32);
+impl_flash_gemm!(f32, fast_exp);
 impl_flash_gemm!(f64);
 
 /// Scratch buffers reused across heads within a Rayon job or the serial loop.
@@ -518,6 +537,15 @@ impl<T> AttentionParams<T> {
             .saturating_mul(self.seq_kv)
             .saturating_mul(self.head_dim.saturating_add(self.val_dim));
         num_heads > 1 && work >= PARALLEL_THRESHOLD
+    }
+}
+
+/// How many of the `len` keys starting at key `start` query `qi` may see under a causal mask with `offset`
+/// (`kv_idx > qi + offset` is hidden); all `len` without one (farskip-rs patch).
+fn causal_visible(offset: Option<isize>, qi: usize, start: usize, len: usize) -> usize {
+    match offset {
+        Some(offset) => (qi as isize + offset + 1 - start as isize).clamp(0, len as isize) as usize,
+        None => len,
     }
 }
 
@@ -600,10 +628,14 @@ fn flash_attention_head<T: FlashGemm>(
         // Step 2: Apply scale/softcap/mask/bias, online softmax, rescale output
         for qi in 0..seq_q {
             let score_row = &mut scores[qi * tile_kv..(qi + 1) * tile_kv];
+            // (farskip-rs patch: causally hidden keys skipped, vectorised exp; see `naive_attention_head`.)
+            let visible = causal_visible(causal_offset, qi, kv_start, tile_kv);
+            let (head, tail) = score_row.split_at_mut(visible);
+            tail.fill(T::zero());
 
             let mut tile_max = neg_inf;
 
-            for (ki, score) in score_row.iter_mut().enumerate() {
+            for (ki, score) in head.iter_mut().enumerate() {
                 let kv_idx = kv_start + ki;
                 let mut val = *score * scale;
 
@@ -613,12 +645,6 @@ fn flash_attention_head<T: FlashGemm>(
 
                 if let Some(m) = mask
                     && m[qi * seq_kv + kv_idx] != 0
-                {
-                    val = neg_inf;
-                }
-
-                if let Some(offset) = causal_offset
-                    && (kv_idx as isize) > (qi as isize) + offset
                 {
                     val = neg_inf;
                 }
@@ -635,9 +661,7 @@ fn flash_attention_head<T: FlashGemm>(
 
             if tile_max == neg_inf {
                 // All masked: zero out scores so gemm contributes nothing
-                for score in score_row.iter_mut() {
-                    *score = T::zero();
-                }
+                head.fill(T::zero());
                 continue;
             }
 
@@ -647,12 +671,7 @@ fn flash_attention_head<T: FlashGemm>(
                 tile_max
             };
 
-            let mut tile_sum = T::zero();
-            for score in score_row.iter_mut() {
-                let e = (*score - new_max).exp();
-                *score = e;
-                tile_sum += e;
-            }
+            let tile_sum = T::exp_shifted_sum(head, new_max);
 
             let correction = if row_max[qi] == neg_inf {
                 T::zero()
@@ -956,53 +975,58 @@ fn naive_attention_head<T: FlashGemm>(
         });
     }
 
+    // (farskip-rs patch: keys a causal mask hides are skipped instead of scored -inf and exponentiated, and the
+    // row's exp is `FlashGemm::exp_shifted_sum`, vectorised for f32.)
+    let plain = softcap.is_none() && mask.is_none() && bias.is_none();
     for qi in 0..seq_q {
         let row = &mut scores[qi * seq_kv..(qi + 1) * seq_kv];
+        let visible = causal_visible(causal_offset, qi, 0, seq_kv);
+        let (head, tail) = row.split_at_mut(visible);
 
         let mut row_max = neg_inf;
-        for (ki, s) in row.iter_mut().enumerate() {
-            let mut val = *s * scale;
-
-            if let Some(cap) = softcap {
-                val = cap * (val / cap).tanh();
+        if plain {
+            for s in head.iter_mut() {
+                let val = *s * scale;
+                *s = val;
+                if val > row_max {
+                    row_max = val;
+                }
             }
+        } else {
+            for (ki, s) in head.iter_mut().enumerate() {
+                let mut val = *s * scale;
 
-            if let Some(m) = mask
-                && m[qi * seq_kv + ki] != 0
-            {
-                val = neg_inf;
-            }
+                if let Some(cap) = softcap {
+                    val = cap * (val / cap).tanh();
+                }
 
-            if let Some(offset) = causal_offset
-                && (ki as isize) > (qi as isize) + offset
-            {
-                val = neg_inf;
-            }
+                if let Some(m) = mask
+                    && m[qi * seq_kv + ki] != 0
+                {
+                    val = neg_inf;
+                }
 
-            if let Some(b) = bias {
-                val += b[qi * seq_kv + ki];
-            }
+                if let Some(b) = bias {
+                    val += b[qi * seq_kv + ki];
+                }
 
-            *s = val;
-            if val > row_max {
-                row_max = val;
+                *s = val;
+                if val > row_max {
+                    row_max = val;
+                }
             }
         }
+        tail.fill(T::zero());
 
         if row_max == neg_inf {
-            row.fill(T::zero());
+            head.fill(T::zero());
             continue;
         }
 
-        let mut sum = T::zero();
-        for s in row.iter_mut() {
-            let e = (*s - row_max).exp();
-            *s = e;
-            sum += e;
-        }
+        let sum = T::exp_shifted_sum(head, row_max);
 
         let inv_sum = T::one() / sum;
-        for s in row.iter_mut() {
+        for s in head.iter_mut() {
             *s = *s * inv_sum;
         }
     }

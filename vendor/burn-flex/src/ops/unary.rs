@@ -161,9 +161,52 @@ where
 // Specific unary operations
 // ============================================================================
 
+/// f32 through a slice kernel that runs in place (the vectorised `exp`/`sigmoid` of `simd::exp`; farskip-rs
+/// patch); other dtypes through `unary_op` with `f32_op` / `f64_op`, which must compute the same function.
+pub(crate) fn unary_f32_kernel<F32Op, F64Op>(
+    tensor: FlexTensor,
+    kernel: fn(&mut [f32]),
+    f32_op: F32Op,
+    f64_op: F64Op,
+) -> FlexTensor
+where
+    F32Op: Fn(f32) -> f32 + Copy,
+    F64Op: Fn(f64) -> f64 + Copy,
+{
+    if tensor.dtype() != DType::F32 {
+        return unary_op(tensor, f32_op, f64_op);
+    }
+    let n = tensor.layout().num_elements();
+    let mut tensor = if tensor.is_unique()
+        && tensor.layout().is_contiguous()
+        && tensor.layout().start_offset() == 0
+    {
+        tensor
+    } else if let Some((start, end)) = tensor.layout().contiguous_offsets() {
+        // A shared buffer or a window of one: copy the window (cheap next to the kernel).
+        let src: &[f32] = tensor.storage();
+        FlexTensor::new(
+            Bytes::from_elems(src[start..end].to_vec()),
+            Layout::contiguous(tensor.layout().shape().clone()),
+            DType::F32,
+        )
+    } else {
+        // A strided view: gathered into a new contiguous buffer.
+        tensor.into_contiguous()
+    };
+    let storage: &mut [f32] = tensor.storage_mut();
+    kernel(&mut storage[..n]);
+    tensor
+}
+
 /// Exponential: e^x
 pub fn exp(tensor: FlexTensor) -> FlexTensor {
-    unary_op(tensor, |x| x.exp(), |x| x.exp())
+    unary_f32_kernel(
+        tensor,
+        crate::simd::exp::exp_inplace_f32,
+        crate::simd::exp::exp_f32,
+        |x| x.exp(),
+    )
 }
 
 /// Natural logarithm: ln(x)

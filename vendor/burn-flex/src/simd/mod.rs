@@ -9,6 +9,9 @@
 //!
 //! Enable with the `simd` feature flag (enabled by default).
 
+// Vectorisable exp / sigmoid (farskip-rs patch)
+pub mod exp;
+
 // Portable SIMD kernels using macerator (reductions, scatter-add)
 #[cfg(feature = "simd")]
 pub mod kernels;
