@@ -17,6 +17,22 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Keeps freed memory in the process instead of handing it back to the kernel after every tensor (glibc only;
+/// elsewhere a no-op). A training step allocates and frees tens of buffers of 1–32 MiB; with glibc's defaults
+/// each is a fresh `mmap` whose pages the kernel zeroes on first touch and a `munmap` that flushes the other
+/// cores' TLBs (perf: ~15 % of the step in the kernel). Allocation only: results are unchanged.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before the program's threads allocate much.
+    unsafe {
+        // Blocks below 32 MiB (glibc's ceiling for this threshold) come from the heap, not from mmap.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        // Freed heap memory stays mapped (no trimming), and the heap grows in 64 MiB steps.
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 /// A model from `--model DIR` or a named `--preset` (random weights, seeded).
 pub fn load_model(model: Option<&Path>, preset: Option<&str>, device: &Device) -> Result<Model> {
     match (model, preset) {

@@ -15,7 +15,7 @@ use anyhow::{Result, ensure};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use clap::Parser;
-use farskip_examples::{init_logging, load_model, random_ids};
+use farskip_examples::{init_logging, load_model, random_ids, tune_allocator};
 use farskip_model::config::WeightOn;
 use farskip_model::connectivity::FfnInput;
 use farskip_model::moe::{SlotPlan, index_tensor};
@@ -80,6 +80,7 @@ const PARTS: [&str; 6] = [
 
 fn main() -> Result<()> {
     init_logging();
+    tune_allocator();
     let args = Args::parse();
     ensure!(args.runs > 0, "--runs must be at least 1");
     farskip_model::lanes::set_enabled(args.lanes);

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
-use farskip_examples::init_logging;
+use farskip_examples::{init_logging, tune_allocator};
 use farskip_train::{RecipeConfig, run_recipe};
 
 #[derive(Parser, Debug)]
@@ -59,6 +59,7 @@ fn parse_world(s: &str) -> Result<usize, String> {
 
 fn main() -> Result<()> {
     init_logging();
+    tune_allocator();
     let args = Args::parse();
     let mut cfg = if args.quick {
         RecipeConfig::quick(&args.corpus)

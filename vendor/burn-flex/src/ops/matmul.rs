@@ -261,8 +261,10 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
     let rhs_ptr = unsafe { rhs_data.as_ptr().add(rhs.layout().start_offset()) };
 
     let out_shape = Shape::from(vec![m, n]);
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
-    let out_data: &mut [T] = output.storage_mut();
+    if k == 0 {
+        return FlexTensor::empty(out_shape, T::dtype());
+    }
+    let mut out_data = gemm_output_buffer::<T>(m * n);
 
     let parallelism = get_parallelism(m, n, k);
 
@@ -271,7 +273,7 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             m,
             n,
             k,
-            out_data.as_mut_ptr(),
+            out_data.as_mut_ptr().cast::<T>(),
             1,
             n as isize,
             lhs_ptr,
@@ -282,9 +284,38 @@ fn matmul_2d_strided<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexTen
             rhs_row_stride,
             parallelism,
         );
+        // gemm wrote all m × n elements.
+        gemm_output_tensor(out_data, out_shape)
     }
+}
 
-    output
+/// farskip-rs patch: the output buffer of a gemm call with `read_dst = false`, left unwritten. gemm writes every
+/// element of its `m × n` output when `k > 0` (the callers handle `k == 0` with zeros), so the buffer is not
+/// zeroed first: on the MoE training step zeroing matmul outputs was ~5 % of all CPU time.
+fn gemm_output_buffer<T>(len: usize) -> Vec<core::mem::MaybeUninit<T>> {
+    let mut buffer = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { buffer.set_len(len) };
+    buffer
+}
+
+/// The tensor of a buffer from [`gemm_output_buffer`].
+///
+/// # Safety
+/// Every element of `buffer` has been written.
+unsafe fn gemm_output_tensor<T: GemmScalar>(
+    buffer: Vec<core::mem::MaybeUninit<T>>,
+    shape: Shape,
+) -> FlexTensor {
+    let mut buffer = core::mem::ManuallyDrop::new(buffer);
+    let (ptr, len, cap) = (buffer.as_mut_ptr().cast::<T>(), buffer.len(), buffer.capacity());
+    // SAFETY: same allocation, layout and length; the caller guarantees every element is initialised.
+    let values = unsafe { Vec::from_raw_parts(ptr, len, cap) };
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(shape),
+        T::dtype(),
+    )
 }
 
 /// Strided gemm call for one matrix. Wraps `gemm::gemm` with GemmScalar zero/one.
@@ -364,13 +395,15 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
     out_dims.push(n);
     let out_shape = Shape::from(out_dims);
 
-    let mut output = FlexTensor::empty(out_shape, T::dtype());
+    if k == 0 {
+        return FlexTensor::empty(out_shape, T::dtype());
+    }
+    let mut out_data = gemm_output_buffer::<T>(batch_size * out_matrix_size);
 
     let lhs_data: &[T] = lhs.storage();
     let rhs_data: &[T] = rhs.storage();
     let lhs_start = lhs.layout().start_offset() as isize;
     let rhs_start = rhs.layout().start_offset() as isize;
-    let out_data: &mut [T] = output.storage_mut();
 
     let per_matrix_ops = m.saturating_mul(n).saturating_mul(k);
 
@@ -409,7 +442,7 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         if per_matrix_ops >= PARALLEL_THRESHOLD && !prefer_batch_parallel {
             let parallelism = gemm::Parallelism::Rayon(0);
             for b in 0..batch_size {
-                run_one(out_data[b * out_matrix_size..].as_mut_ptr(), b, parallelism);
+                run_one(out_data[b * out_matrix_size..].as_mut_ptr().cast::<T>(), b, parallelism);
             }
         } else if total_ops >= BATCH_PARALLEL_THRESHOLD && batch_size > 1 {
             use rayon::prelude::*;
@@ -418,12 +451,12 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
                 .par_chunks_mut(out_matrix_size)
                 .enumerate()
                 .for_each(|(b, out_chunk)| {
-                    run_one(out_chunk.as_mut_ptr(), b, gemm::Parallelism::None);
+                    run_one(out_chunk.as_mut_ptr().cast::<T>(), b, gemm::Parallelism::None);
                 });
         } else {
             for b in 0..batch_size {
                 run_one(
-                    out_data[b * out_matrix_size..].as_mut_ptr(),
+                    out_data[b * out_matrix_size..].as_mut_ptr().cast::<T>(),
                     b,
                     gemm::Parallelism::None,
                 );
@@ -436,14 +469,15 @@ fn matmul_batched_gemm<T: GemmScalar>(lhs: FlexTensor, rhs: FlexTensor) -> FlexT
         let _ = per_matrix_ops;
         for b in 0..batch_size {
             run_one(
-                out_data[b * out_matrix_size..].as_mut_ptr(),
+                out_data[b * out_matrix_size..].as_mut_ptr().cast::<T>(),
                 b,
                 gemm::Parallelism::None,
             );
         }
     }
 
-    output
+    // SAFETY: one gemm call per batch element wrote each `m × n` output matrix.
+    unsafe { gemm_output_tensor(out_data, out_shape) }
 }
 
 // ============================================================================
