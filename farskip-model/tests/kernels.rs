@@ -8,7 +8,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 fn values(t: Tensor<1>) -> Vec<f32> {
-    t.into_data().to_vec().unwrap()
+    t.into_data().try_into_vec::<f32>().unwrap()
 }
 
 /// Inputs over the whole f32 range of exp, including its edges and special values.
@@ -108,8 +108,8 @@ fn softmax_matches_f64_and_sums_to_one() {
             burn::tensor::Distribution::Normal(0.0, 4.0),
             &device,
         );
-        let xs: Vec<f32> = x.clone().into_data().to_vec().unwrap();
-        let got: Vec<f32> = softmax(x, 1).into_data().to_vec().unwrap();
+        let xs: Vec<f32> = x.clone().into_data().try_into_vec::<f32>().unwrap();
+        let got: Vec<f32> = softmax(x, 1).into_data().try_into_vec::<f32>().unwrap();
         for r in 0..5 {
             let row = &xs[r * cols..(r + 1) * cols];
             let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
@@ -198,7 +198,8 @@ fn fused_attention_matches_f64_causal_and_masked() {
             softcap: None,
             is_causal: !masked,
         };
-        let flat = |t: &Tensor<4>| -> Vec<f32> { t.clone().into_data().to_vec().unwrap() };
+        let flat =
+            |t: &Tensor<4>| -> Vec<f32> { t.clone().into_data().try_into_vec::<f32>().unwrap() };
         let want = reference_head(
             &flat(&q),
             &flat(&k),

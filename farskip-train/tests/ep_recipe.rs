@@ -19,6 +19,18 @@ const TEXT: &str = "It is a truth universally acknowledged, that a single man in
 must be in want of a wife. However little known the feelings or views of such a man may be on his first \
 entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families.";
 
+/// Seeding and drawing from burn's global RNG, one test at a time: the tests of this file run in parallel threads,
+/// and without the lock a test's random models depended on what the others drew meanwhile (a different model each
+/// run, so the single-process vs EP comparison below checked a different case every time).
+static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn seeded<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = SEEDED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    f()
+}
+
 struct Setup {
     teacher: Model,
     student: Model,
@@ -29,16 +41,19 @@ struct Setup {
 
 fn setup(shared: Option<usize>) -> Setup {
     let device = Device::flex();
-    device.seed(5);
     let cfg = ModelConfig::small_moe(256, 32, 2, 2, 1, 16, 4, 2, 32, shared);
-    let teacher = Model::new(&cfg, &device).unwrap();
-    // A freshly converted random model is almost its own teacher (KL ≈ 1e-7, all rounding): distil another
-    // random model instead, so that the KL and its gradients are of order one.
-    device.seed(6);
-    let student = Model::new(&cfg, &device)
-        .unwrap()
-        .with_connectivity(Connectivity::farskip())
-        .unwrap();
+    let (teacher, student) = seeded(|| {
+        device.seed(5);
+        let teacher = Model::new(&cfg, &device).unwrap();
+        // A freshly converted random model is almost its own teacher (KL ≈ 1e-7, all rounding): distil another
+        // random model instead, so that the KL and its gradients are of order one.
+        device.seed(6);
+        let student = Model::new(&cfg, &device)
+            .unwrap()
+            .with_connectivity(Connectivity::farskip())
+            .unwrap();
+        (teacher, student)
+    });
     let split = ByteCorpus::from_text(TEXT).unwrap().split(0.25).unwrap();
     // 4 sequences of 16 tokens per batch: 2 rows per rank at world 2.
     let shape = BatchShape::new(16, 64).unwrap();
@@ -192,17 +207,17 @@ fn ep_sft_and_kl_l2_match_single_process() {
 #[test]
 fn distributed_kl_is_kl_distill() {
     let device = Device::flex();
-    device.seed(2);
-    let student = Tensor::<3>::random(
-        [3, 5, 11],
-        burn::tensor::Distribution::Normal(0.0, 2.0),
-        &device,
-    );
-    let teacher = Tensor::<3>::random(
-        [3, 5, 11],
-        burn::tensor::Distribution::Normal(0.0, 2.0),
-        &device,
-    );
+    let (student, teacher) = seeded(|| {
+        device.seed(2);
+        let draw = || {
+            Tensor::<3>::random(
+                [3, 5, 11],
+                burn::tensor::Distribution::Normal(0.0, 2.0),
+                &device,
+            )
+        };
+        (draw(), draw())
+    });
     for t in [1.0, 0.5, 2.0] {
         let reference = kl_distill(student.clone(), teacher.clone(), t).into_scalar::<f64>();
         for world in [1, 2, 4] {
