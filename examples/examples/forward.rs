@@ -9,7 +9,9 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use clap::Parser;
-use farskip_examples::{init_logging, load_model, random_ids, read_ids, write_tensors};
+use farskip_examples::{
+    init_logging, load_model, random_ids, read_ids, tune_allocator, write_tensors,
+};
 use farskip_model::Connectivity;
 use farskip_model::checkpoint::TensorWriter;
 
@@ -50,6 +52,7 @@ struct Args {
 
 fn main() -> Result<()> {
     init_logging();
+    tune_allocator();
     let args = Args::parse();
     // Inference only: independent work runs side by side on single-threaded lanes.
     farskip_model::lanes::set_enabled(true);

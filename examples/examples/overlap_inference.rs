@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{init_logging, load_model_or_small, write_timelines};
+use farskip_examples::{init_logging, load_model_or_small, tune_allocator, write_timelines};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,6 +57,7 @@ struct Args {
 
 fn main() -> Result<()> {
     init_logging();
+    tune_allocator();
     let args = Args::parse();
     let device = Device::default();
     let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;

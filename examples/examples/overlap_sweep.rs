@@ -9,7 +9,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{init_logging, load_model_or_small};
+use farskip_examples::{init_logging, load_model_or_small, tune_allocator};
 use farskip_train::plot::line_chart_svg;
 
 #[derive(Parser, Debug)]
@@ -37,6 +37,7 @@ struct Args {
 
 fn main() -> Result<()> {
     init_logging();
+    tune_allocator();
     let args = Args::parse();
     let device = Device::default();
     let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;
