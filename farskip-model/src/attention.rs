@@ -369,8 +369,8 @@ impl Attention {
         let s = k.dims()[2];
         let dv = v.dims()[3];
         let out = if t >= 2 * QUERY_BLOCK && offset + t == s {
-            let starts: Vec<usize> = (0..t).step_by(QUERY_BLOCK).collect();
-            let block = |start: usize| {
+            let block = |i: usize| {
+                let start = i * QUERY_BLOCK;
                 let len = QUERY_BLOCK.min(t - start);
                 let keys = offset + start + len;
                 self.attend_block(
@@ -380,16 +380,9 @@ impl Attention {
                     offset + start,
                 )
             };
-            // Later blocks see more keys; the snake order (see `lanes::snake`) gives every lane equal work.
-            let order = lanes::snake(starts.len(), lanes::available(&q.device()));
-            let outs = lanes::map(
-                &q.device(),
-                order.iter().map(|&i| starts[i]).collect(),
-                block,
-            );
-            let mut by_block: Vec<(usize, Tensor<4>)> = order.into_iter().zip(outs).collect();
-            by_block.sort_by_key(|(i, _)| *i);
-            Tensor::cat(by_block.into_iter().map(|(_, out)| out).collect(), 2)
+            // Later blocks see more keys: `map_increasing` spreads them so every lane gets equal work.
+            let outs = lanes::map_increasing(&q.device(), t.div_ceil(QUERY_BLOCK), block);
+            Tensor::cat(outs, 2)
         } else {
             self.attend_block(q, k, v, offset)
         };

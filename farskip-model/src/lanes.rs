@@ -115,6 +115,25 @@ pub fn map<T: Send, R: Send>(device: &Device, items: Vec<T>, f: impl Fn(T) -> R 
     }
 }
 
+/// `f` over `0..n`, where item `i` costs about `i + 1` (query blocks that see ever more keys), spread over the
+/// lanes in [`snake`] order so every lane gets equal work; results in index order. Runs in place, in order, when
+/// lanes are not available for `device`.
+pub fn map_increasing<R: Send>(device: &Device, n: usize, f: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    match acquire(device).filter(|_| n > 1) {
+        Some((_guard, pools)) => {
+            let order = snake(n, pools.len());
+            let mut out: Vec<(usize, R)> = order
+                .iter()
+                .copied()
+                .zip(run_on(pools, order.clone(), f))
+                .collect();
+            out.sort_by_key(|(i, _)| *i);
+            out.into_iter().map(|(_, r)| r).collect()
+        }
+        None => (0..n).map(f).collect(),
+    }
+}
+
 /// `f` over consecutive ranges of `0..n` of about equal length, one per lane and none shorter than `min_len`
 /// (see [`split_rows`]), run at once; results in range order. One range, `0..n`, run in place, when lanes are
 /// not available for `device` or `n < 2 * min_len`.
@@ -268,6 +287,10 @@ mod tests {
         let device = Device::flex();
         let out = map(&device, (0..9).collect(), |i: usize| i * i);
         assert_eq!(out, (0..9).map(|i| i * i).collect::<Vec<_>>());
+        for n in [0, 1, 2, 5, 9] {
+            let out = map_increasing(&device, n, |i| i * i);
+            assert_eq!(out, (0..n).map(|i| i * i).collect::<Vec<_>>());
+        }
 
         let x = Tensor::<2>::random([300, 24], Distribution::Default, &device);
         let w = Tensor::<2>::random([24, 40], Distribution::Default, &device);

@@ -7,9 +7,9 @@ use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-fn values(t: Tensor<1>) -> Vec<f32> {
-    t.into_data().try_into_vec::<f32>().unwrap()
-}
+mod common;
+
+use common::values;
 
 /// Inputs over the whole f32 range of exp, including its edges and special values.
 fn exp_inputs() -> Vec<f32> {
@@ -37,16 +37,13 @@ fn exp_is_within_a_few_ulp_of_f64_over_the_whole_range() {
     for (&x, &g) in xs.iter().zip(&got) {
         let want = (x as f64).exp();
         if want > f32::MAX as f64 {
-            assert_eq!(g, f32::INFINITY, "exp({x})");
+            assert_eq!(g, f64::INFINITY, "exp({x})");
         } else if want >= f32::MIN_POSITIVE as f64 {
-            let rel = ((g as f64) - want).abs() / want;
+            let rel = (g - want).abs() / want;
             assert!(rel < 3e-7, "exp({x}) = {g}, want {want} (rel {rel:e})");
         } else {
             // Denormal results carry fewer bits.
-            assert!(
-                ((g as f64) - want).abs() < 3e-45,
-                "exp({x}) = {g}, want {want}"
-            );
+            assert!((g - want).abs() < 3e-45, "exp({x}) = {g}, want {want}");
         }
     }
     let nan = values(Tensor::<1>::from_floats([f32::NAN], &Device::flex()).exp());
@@ -81,13 +78,13 @@ fn sigmoid_and_silu_match_f64() {
         let x64 = x as f64;
         let want = 1.0 / (1.0 + (-x64).exp());
         assert!(
-            (s[i] as f64 - want).abs() <= 5e-7 * want + 1e-44,
+            (s[i] - want).abs() <= 5e-7 * want + 1e-44,
             "sigmoid({x}) = {}, want {want}",
             s[i]
         );
         let want_silu = x64 * want;
         assert!(
-            (u[i] as f64 - want_silu).abs() <= 6e-7 * want_silu.abs() + 1e-43,
+            (u[i] - want_silu).abs() <= 6e-7 * want_silu.abs() + 1e-43,
             "silu({x}) = {}, want {want_silu}",
             u[i]
         );
@@ -108,15 +105,15 @@ fn softmax_matches_f64_and_sums_to_one() {
             burn::tensor::Distribution::Normal(0.0, 4.0),
             &device,
         );
-        let xs: Vec<f32> = x.clone().into_data().try_into_vec::<f32>().unwrap();
-        let got: Vec<f32> = softmax(x, 1).into_data().try_into_vec::<f32>().unwrap();
+        let xs = values(x.clone());
+        let got = values(softmax(x, 1));
         for r in 0..5 {
             let row = &xs[r * cols..(r + 1) * cols];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = row.iter().map(|&v| (v - max).exp()).sum();
             for c in 0..cols {
-                let want = (row[c] as f64 - max).exp() / sum;
-                let g = got[r * cols + c] as f64;
+                let want = (row[c] - max).exp() / sum;
+                let g = got[r * cols + c];
                 assert!((g - want).abs() < 1e-6, "row {r} col {c}: {g} vs {want}");
             }
         }
@@ -125,9 +122,9 @@ fn softmax_matches_f64_and_sums_to_one() {
 
 /// Softmax attention in f64 for one `[seq_q, d] × [seq_kv, d]` head; `hidden(i, j)` masks key `j` for query `i`.
 fn reference_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
     (seq_q, seq_kv, d): (usize, usize, usize),
     scale: f64,
     hidden: impl Fn(usize, usize) -> bool,
@@ -137,12 +134,7 @@ fn reference_head(
         let scores: Vec<f64> = (0..seq_kv)
             .map(|j| match hidden(i, j) {
                 true => f64::NEG_INFINITY,
-                false => {
-                    (0..d)
-                        .map(|x| q[i * d + x] as f64 * k[j * d + x] as f64)
-                        .sum::<f64>()
-                        * scale
-                }
+                false => (0..d).map(|x| q[i * d + x] * k[j * d + x]).sum::<f64>() * scale,
             })
             .collect();
         let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -150,7 +142,7 @@ fn reference_head(
         let sum: f64 = w.iter().sum();
         for j in 0..seq_kv {
             for x in 0..d {
-                out[i * d + x] += w[j] / sum * v[j * d + x] as f64;
+                out[i * d + x] += w[j] / sum * v[j * d + x];
             }
         }
     }
@@ -198,21 +190,19 @@ fn fused_attention_matches_f64_causal_and_masked() {
             softcap: None,
             is_causal: !masked,
         };
-        let flat =
-            |t: &Tensor<4>| -> Vec<f32> { t.clone().into_data().try_into_vec::<f32>().unwrap() };
         let want = reference_head(
-            &flat(&q),
-            &flat(&k),
-            &flat(&v),
+            &values(q.clone()),
+            &values(k.clone()),
+            &values(v.clone()),
             (seq_q, seq_kv, d),
             scale,
             hidden,
         );
-        let got = flat(&attention(q, k, v, mask, None, options));
+        let got = values(attention(q, k, v, mask, None, options));
         let worst = got
             .iter()
             .zip(&want)
-            .map(|(&g, &w)| (g as f64 - w).abs())
+            .map(|(&g, &w)| (g - w).abs())
             .fold(0.0, f64::max);
         assert!(
             worst < 2e-5,
