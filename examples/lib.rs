@@ -30,6 +30,7 @@ pub fn tune_allocator() {
         // Freed heap memory stays mapped (no trimming), and the heap grows in 64 MiB steps.
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
     }
 }
 

@@ -1,8 +1,11 @@
 //! The CPU kernels the models lean on, checked against f64 references: exp, sigmoid/SiLU, softmax and the fused
 //! attention kernel (its small-shape and tiled paths, causal and masked). They matter because the vendored
-//! burn-flex replaces libm's `expf` with a vectorised polynomial (vendor/burn-flex/PATCHED.md).
+//! burn-flex replaces libm's `expf` with a vectorised polynomial (vendor/burn-flex/PATCHED.md). The last tests
+//! check the vendored multi-threaded paths of the memory-bound kernels (elementwise ops, `select` scatter-add,
+//! zero buffers), which only start above ~128 K elements, against the same arithmetic done on the host.
 
 use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -208,5 +211,83 @@ fn fused_attention_matches_f64_causal_and_masked() {
             worst < 2e-5,
             "seq_q {seq_q} seq_kv {seq_kv} masked {masked}: max diff {worst:e}"
         );
+    }
+}
+
+/// Deterministic values in [-1, 1] (not burn's RNG, which parallel tests share).
+fn ramp(n: usize, seed: u32) -> Vec<f32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+        .collect()
+}
+
+fn tensor2(v: &[f32], shape: [usize; 2]) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(v.to_vec(), shape), &Device::flex())
+}
+
+#[test]
+fn large_elementwise_ops_split_across_threads_equal_the_serial_arithmetic() {
+    // 640 × 320 = 204 800 elements: above the threshold where flex splits elementwise work across threads.
+    let (r, c) = (640, 320);
+    let (a, b, m) = (ramp(r * c, 1), ramp(c, 2), ramp(r * c, 3));
+    let ta = tensor2(&a, [r, c]);
+    let tb = tensor2(&b, [1, c]);
+    let tm = tensor2(&m, [c, r]);
+
+    // Shared operands: the allocating loop nest, with a broadcast row.
+    let sum = values(ta.clone() + tb.clone());
+    // A strided (transposed) operand.
+    let prod = values(ta.clone() * tm.clone().transpose());
+    // A uniquely owned left operand: written in place.
+    let diff = values(ta.clone().mul_scalar(2.0) - tb.clone());
+    // Contiguous, same shape: the SIMD in-place kernels.
+    let quot = values(ta.clone().add_scalar(3.0) / tm.clone().reshape([r, c]));
+    let exp = values(ta.clone().mul_scalar(4.0).exp());
+    for i in 0..r {
+        for j in 0..c {
+            let k = i * c + j;
+            assert_eq!(sum[k], (a[k] + b[j]) as f64, "add at {k}");
+            assert_eq!(prod[k], (a[k] * m[j * r + i]) as f64, "mul at {k}");
+            assert_eq!(diff[k], (a[k] * 2.0 - b[j]) as f64, "sub at {k}");
+            assert_eq!(quot[k], ((a[k] + 3.0) / m[k]) as f64, "div at {k}");
+            let want = ((a[k] * 4.0) as f64).exp();
+            assert!((exp[k] - want).abs() <= 3e-7 * want, "exp at {k}");
+        }
+    }
+}
+
+#[test]
+fn large_select_add_with_repeated_indices_equals_the_serial_scatter() {
+    // 48 updates of 4096-wide rows into 16 rows, each row hit several times (as the backward of an expert
+    // weight gather is), plus a 2-wide case whose columns cannot be split.
+    for (rows, cols, n) in [(16, 4096, 48), (70_000, 2, 70_000)] {
+        let base = ramp(rows * cols, 5);
+        let upd = ramp(n * cols, 6);
+        let idx: Vec<i64> = (0..n).map(|i| ((i * 7 + i / 3) % rows) as i64).collect();
+        let got = values(tensor2(&base, [rows, cols]).select_assign(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(idx.clone(), [n]), &Device::flex()),
+            tensor2(&upd, [n, cols]),
+            IndexingUpdateOp::Add,
+        ));
+        let mut want = base.clone();
+        for (i, &row) in idx.iter().enumerate() {
+            for j in 0..cols {
+                want[row as usize * cols + j] += upd[i * cols + j];
+            }
+        }
+        for (k, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w as f64, "[{rows}, {cols}] element {k}");
+        }
+    }
+}
+
+#[test]
+fn large_zero_buffers_are_zero_after_the_heap_held_other_data() {
+    for _ in 0..3 {
+        let junk = Tensor::<2>::ones([1024, 1024], &Device::flex()).mul_scalar(7.0);
+        assert_eq!(values(junk.sum())[0], 7.0 * 1024.0 * 1024.0);
+        let zeros = values(Tensor::<2>::zeros([1024, 1024], &Device::flex()));
+        assert!(zeros.iter().all(|&z| z == 0.0));
     }
 }

@@ -303,6 +303,143 @@ where
 }
 
 // ============================================================================
+// farskip-rs patch: the same loops split across threads for large operands
+// ============================================================================
+
+/// Elements above which [`zip_map_par`] and [`zip_apply_inplace_par`] split the nest across threads.
+#[cfg(feature = "rayon")]
+pub(crate) const ZIP_PARALLEL_ELEMS: usize = 128 * 1024;
+
+impl ZipNest {
+    /// Elements in one step of the outermost collapsed dim.
+    fn outer_step(&self) -> usize {
+        self.shape[1..self.ndim].iter().product()
+    }
+
+    /// The nest restricted to outer indices `start..start + len`, its lhs side starting at `lhs_offset`.
+    fn outer_part(&self, start: usize, len: usize, lhs_offset: usize) -> Self {
+        let mut part = *self;
+        part.shape[0] = len;
+        part.lhs_offset = lhs_offset;
+        part.rhs_offset = (self.rhs_offset as isize + start as isize * self.rhs_strides[0]) as usize;
+        part
+    }
+
+    /// Outer indices per thread when worth splitting, else `None`.
+    #[cfg(feature = "rayon")]
+    fn par_rows(&self) -> Option<usize> {
+        let threads = rayon::current_num_threads();
+        let numel: usize = self.shape[..self.ndim].iter().product();
+        if self.ndim == 0 || threads < 2 || numel < ZIP_PARALLEL_ELEMS || self.shape[0] < 2 {
+            return None;
+        }
+        Some(self.shape[0].div_ceil(threads))
+    }
+}
+
+/// [`zip_map`], with the outermost dim split across threads when the operands are large. Elementwise, so the
+/// results are identical.
+pub(crate) fn zip_map_par<L, R, Out, F>(
+    lhs: &[L],
+    lhs_layout: &Layout,
+    rhs: &[R],
+    rhs_layout: &Layout,
+    op: F,
+) -> Option<Vec<Out>>
+where
+    L: Copy + Sync,
+    R: Copy + Sync,
+    Out: Send,
+    F: Fn(L, R) -> Out + Sync,
+{
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        let numel = lhs_layout.num_elements();
+        let nest = collapse_for_zip(lhs_layout, rhs_layout)?;
+        if let Some(rows) = nest.par_rows() {
+            let step = nest.outer_step();
+            let mut out: Vec<Out> = Vec::with_capacity(numel);
+            out.spare_capacity_mut()[..numel]
+                .par_chunks_mut(rows * step)
+                .enumerate()
+                .for_each(|(p, chunk)| {
+                    let start = p * rows;
+                    let part = ZipNest {
+                        lhs_offset: (nest.lhs_offset as isize + start as isize * nest.lhs_strides[0])
+                            as usize,
+                        ..nest.outer_part(start, chunk.len() / step, 0)
+                    };
+                    let (len, l_st, r_st) = part.inner();
+                    let mut k = 0;
+                    part.for_each_run(|lb, rb| {
+                        let o = &mut chunk[k..k + len];
+                        match (l_st, r_st) {
+                            (1, 1) => {
+                                for ((o, &a), &b) in o.iter_mut().zip(&lhs[lb..lb + len]).zip(&rhs[rb..rb + len]) {
+                                    o.write(op(a, b));
+                                }
+                            }
+                            (1, 0) => {
+                                let b = rhs[rb];
+                                for (o, &a) in o.iter_mut().zip(&lhs[lb..lb + len]) {
+                                    o.write(op(a, b));
+                                }
+                            }
+                            (0, 1) => {
+                                let a = lhs[lb];
+                                for (o, &b) in o.iter_mut().zip(&rhs[rb..rb + len]) {
+                                    o.write(op(a, b));
+                                }
+                            }
+                            _ => {
+                                for (i, o) in o.iter_mut().enumerate() {
+                                    o.write(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize]));
+                                }
+                            }
+                        }
+                        k += len;
+                    });
+                    debug_assert_eq!(k, chunk.len());
+                });
+            // SAFETY: the chunks cover all `numel` elements and every run wrote each of its elements once.
+            unsafe { out.set_len(numel) };
+            return Some(out);
+        }
+    }
+    zip_map(lhs, lhs_layout, rhs, rhs_layout, op)
+}
+
+/// [`zip_apply_inplace`], with the outermost dim split across threads when the operands are large (same
+/// preconditions; elementwise, so the results are identical).
+pub(crate) fn zip_apply_inplace_par<D, S, F>(nest: &ZipNest, dst: &mut [D], src: &[S], op: F)
+where
+    D: Copy + Send,
+    S: Copy + Sync,
+    F: Fn(D, S) -> D + Sync,
+{
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        if nest.lhs_offset == 0
+            && let Some(rows) = nest.par_rows()
+        {
+            let step = nest.outer_step();
+            let numel = nest.shape[0] * step;
+            dst[..numel]
+                .par_chunks_mut(rows * step)
+                .enumerate()
+                .for_each(|(p, chunk)| {
+                    let part = nest.outer_part(p * rows, chunk.len() / step, 0);
+                    zip_apply_inplace(&part, chunk, src, &op);
+                });
+            return;
+        }
+    }
+    zip_apply_inplace(nest, dst, src, op)
+}
+
+// ============================================================================
 // 3-way zip support (for mask_where and ternary operations)
 // ============================================================================
 

@@ -1036,7 +1036,7 @@ fn select_update<E, F>(
 ) -> FlexTensor
 where
     E: Element + Pod + Default + Copy + Send + Sync,
-    F: Fn(&mut E, E) + Copy,
+    F: Fn(&mut E, E) + Copy + Send + Sync,
 {
     let indices = indices.to_contiguous();
     let value = value.to_contiguous();
@@ -1170,7 +1170,7 @@ where
 /// Optimized 2D select update.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn select_update_2d<E: Copy, F: Fn(&mut E, E)>(
+fn select_update_2d<E: Copy + Send + Sync, F: Fn(&mut E, E) + Copy + Send + Sync>(
     result: &mut [E],
     indices_data: &[isize],
     value_data: &[E],
@@ -1182,14 +1182,39 @@ fn select_update_2d<E: Copy, F: Fn(&mut E, E)>(
 ) {
     let dim_size = if dim == 0 { tensor_rows } else { tensor_cols };
     if dim == 0 {
-        for (i, &idx) in indices_data.iter().enumerate() {
-            let dst_row = checked_index(idx, dim_size);
-            let dst_start = dst_row * tensor_cols;
-            let src_start = i * tensor_cols;
-            for j in 0..tensor_cols {
-                update(&mut result[dst_start + j], value_data[src_start + j]);
+        // farskip-rs patch: whole-row slices (the element loop indexed `result[dst_start + j]` with a bounds
+        // check per element and did not vectorise), and large updates split by columns across threads: each
+        // thread walks every index over its own column range, so repeated indices stay race-free and every
+        // element sees its updates in index order (results are identical to the serial loop).
+        let rows: Vec<usize> = indices_data
+            .iter()
+            .map(|&idx| checked_index(idx, dim_size))
+            .collect();
+        let columns = |lo: usize, hi: usize, out: &mut [E]| {
+            for (i, &dst_row) in rows.iter().enumerate() {
+                let dst = &mut out[dst_row * tensor_cols + lo..dst_row * tensor_cols + hi];
+                let src = &value_data[i * tensor_cols + lo..i * tensor_cols + hi];
+                for (d, &v) in dst.iter_mut().zip(src) {
+                    update(d, v);
+                }
+            }
+        };
+        #[cfg(feature = "rayon")]
+        {
+            let parts = rayon::current_num_threads().min(tensor_cols / SELECT_UPDATE_MIN_COLS);
+            if parts > 1 && num_indices * tensor_cols >= SELECT_UPDATE_PARALLEL_ELEMS {
+                let out = SharedMut(result.as_mut_ptr(), result.len());
+                (0..parts).into_par_iter().for_each(|p| {
+                    let (lo, hi) = (p * tensor_cols / parts, (p + 1) * tensor_cols / parts);
+                    // SAFETY: part `p` only touches columns `lo..hi` of each row, disjoint from every other
+                    // part's columns; `result` outlives the parallel loop.
+                    let out = unsafe { out.slice() };
+                    columns(lo, hi, out);
+                });
+                return;
             }
         }
+        columns(0, tensor_cols, result);
     } else {
         for row in 0..tensor_rows {
             for (j, &idx) in indices_data.iter().enumerate() {
@@ -1200,6 +1225,38 @@ fn select_update_2d<E: Copy, F: Fn(&mut E, E)>(
                 );
             }
         }
+    }
+}
+
+/// Updated elements above which [`select_update_2d`] splits its columns across threads.
+#[cfg(feature = "rayon")]
+const SELECT_UPDATE_PARALLEL_ELEMS: usize = 128 * 1024;
+/// Columns per thread below which splitting a row is not worth it.
+#[cfg(feature = "rayon")]
+const SELECT_UPDATE_MIN_COLS: usize = 64;
+
+/// A mutable slice handed to threads that write disjoint parts of it.
+#[cfg(feature = "rayon")]
+#[derive(Clone, Copy)]
+struct SharedMut<E>(*mut E, usize);
+
+#[cfg(feature = "rayon")]
+// SAFETY: only used by `select_update_2d`, whose parts write disjoint elements.
+unsafe impl<E: Send> Send for SharedMut<E> {}
+#[cfg(feature = "rayon")]
+// SAFETY: as above.
+unsafe impl<E: Send> Sync for SharedMut<E> {}
+
+#[cfg(feature = "rayon")]
+impl<E> SharedMut<E> {
+    /// The whole slice.
+    ///
+    /// # Safety
+    /// Concurrent callers must write disjoint elements, and the slice must outlive them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self) -> &mut [E] {
+        // SAFETY: the caller's contract.
+        unsafe { core::slice::from_raw_parts_mut(self.0, self.1) }
     }
 }
 

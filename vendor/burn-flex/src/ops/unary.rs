@@ -195,6 +195,18 @@ where
         tensor.into_contiguous()
     };
     let storage: &mut [f32] = tensor.storage_mut();
+    #[cfg(feature = "rayon")]
+    {
+        // farskip-rs patch: large tensors in one piece per thread (elementwise: identical results).
+        let threads = rayon::current_num_threads();
+        if threads > 1 && n >= crate::zip::ZIP_PARALLEL_ELEMS {
+            use rayon::prelude::*;
+            storage[..n]
+                .par_chunks_mut(n.div_ceil(threads).next_multiple_of(64))
+                .for_each(kernel);
+            return tensor;
+        }
+    }
     kernel(&mut storage[..n]);
     tensor
 }
