@@ -2,7 +2,7 @@
 //! attention kernel (its small-shape and tiled paths, causal and masked). They matter because the vendored
 //! burn-flex replaces libm's `expf` with a vectorised polynomial (vendor/burn-flex/PATCHED.md). The last tests
 //! check the vendored multi-threaded paths of the memory-bound kernels (elementwise ops, `select` scatter-add,
-//! zero buffers), which only start above ~128 K elements, against the same arithmetic done on the host.
+//! zero buffers), which only start above 128–256 K elements, against the same arithmetic done on the host.
 
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
@@ -227,8 +227,8 @@ fn tensor2(v: &[f32], shape: [usize; 2]) -> Tensor<2> {
 
 #[test]
 fn large_elementwise_ops_split_across_threads_equal_the_serial_arithmetic() {
-    // 640 × 320 = 204 800 elements: above the threshold where flex splits elementwise work across threads.
-    let (r, c) = (640, 320);
+    // 720 × 400 = 288 000 elements: above the size (256 K) where flex splits elementwise work across threads.
+    let (r, c) = (720, 400);
     let (a, b, m) = (ramp(r * c, 1), ramp(c, 2), ramp(r * c, 3));
     let ta = tensor2(&a, [r, c]);
     let tb = tensor2(&b, [1, c]);

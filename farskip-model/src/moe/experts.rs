@@ -200,8 +200,10 @@ impl ExpertBatches {
     const MAX_PADDING_TRACKED: (usize, usize) = (2, 1);
     const MAX_PADDING_UNTRACKED: (usize, usize) = (5, 4);
     /// What a block with gathered weights costs, in padding rows: the weight copy forward and its scatter-add
-    /// backward (measured on the small preset, 2-core flex: the best cap was about twice the mean count).
-    const GATHER_COST_ROWS: usize = 96;
+    /// backward (measured on the small preset, 2-core flex: 96 when flex zero-filled and scatter-added on one
+    /// thread; 32 since it spreads them over the cores — 32 beat 96 and 8. A second group of small blocks
+    /// for the stragglers of a skewed router padded less but was slower: one more full-size gradient).
+    const GATHER_COST_ROWS: usize = 32;
 
     /// Plans the blocks for `counts`, or `None` when the per-expert loop is the better choice: uneven counts
     /// and no gradient to take, where gathering weights for segments costs more than the loop.

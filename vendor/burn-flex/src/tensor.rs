@@ -812,9 +812,9 @@ fn copy_inner_contiguous_run<E: Copy>(
 }
 
 /// Minimum number of elements required to trigger parallel 2D tiled copy.
-/// Avoids thread fork/steal overhead on ~1MB cache-resident tensors.
+/// farskip-rs patch: more than 256 K elements (was 1 M; see `zip::ZIP_PARALLEL_ELEMS`).
 #[cfg(any(feature = "rayon", test))]
-pub(crate) const COPY_2D_PARALLEL_THRESHOLD: usize = 1_048_576;
+pub(crate) const COPY_2D_PARALLEL_THRESHOLD: usize = 256 * 1024 + 1;
 
 /// Tiled 2D copy from a strided source into a contiguous destination.
 /// The loop nesting is chosen so the innermost read walks whichever

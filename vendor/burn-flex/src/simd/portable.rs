@@ -9,9 +9,9 @@ use macerator::{Scalar, Simd, VBitAnd, VBitOr, VBitXor, vload_unaligned, vstore_
 use rayon::prelude::*;
 
 /// Threshold for parallel execution (elements).
-/// For memory-bound operations, parallelism helps when data exceeds L3 cache.
+/// farskip-rs patch: more than 256 K elements (was 4 M; see `zip::ZIP_PARALLEL_ELEMS`).
 #[cfg(feature = "rayon")]
-const PARALLEL_THRESHOLD: usize = 256 * 1024;
+const PARALLEL_THRESHOLD: usize = 256 * 1024 + 1;
 
 #[cfg(feature = "rayon")]
 const CHUNK_SIZE: usize = 4096;
