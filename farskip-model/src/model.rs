@@ -1,7 +1,7 @@
 //! The decoder: embeddings, layers (attention + dense MLP or MoE), final norm and LM head, driven by a
 //! [`Connectivity`]. The layer exposes its sub-steps so distributed schedules can reorder them.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 
@@ -141,9 +141,27 @@ pub struct Model {
 
 impl Model {
     /// A randomly initialised model (standard connectivity).
+    ///
+    /// Every weight is drawn before this returns. (burn initialises a new module's parameters lazily, on first
+    /// use: a model made right after `device.seed(s)` would otherwise draw its weights whenever it is first
+    /// used, from whatever state the process-wide RNG has reached by then — after another thread's draws, a
+    /// different model each run.)
     pub fn new(config: &ModelConfig, device: &Device) -> Result<Self> {
         config.validate()?;
-        Ok(Self {
+        let model = Self::new_lazy(config, device);
+        struct Draw;
+        impl ModuleVisitor for Draw {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let _ = param.val();
+            }
+        }
+        model.visit(&mut Draw);
+        Ok(model)
+    }
+
+    /// [`Self::new`] with burn's lazy parameters (drawn on first use); `config` already validated.
+    fn new_lazy(config: &ModelConfig, device: &Device) -> Self {
+        Self {
             embed: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
                 .with_initializer(burn::nn::Initializer::Normal {
                     mean: 0.0,
@@ -167,7 +185,7 @@ impl Model {
             }),
             config: config.clone(),
             connectivity: Connectivity::Standard,
-        })
+        }
     }
 
     /// The configuration.
