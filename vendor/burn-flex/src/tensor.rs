@@ -32,16 +32,12 @@ impl fmt::Debug for FlexTensor {
     }
 }
 
-/// Elements above which [`zeroed_vec`] zeroes on every thread.
-#[cfg(feature = "rayon")]
-const PARALLEL_ZERO_ELEMS: usize = 256 * 1024;
-
 /// `vec![T::zeroed(); n]`, zeroed in parallel when large (farskip-rs patch). A reused heap block is zeroed by
 /// `calloc`'s single-threaded `memset`: the zero-filled gradients of `select` / `slice` backward (full-size,
 /// tens of MiB for an expert bank) spent ~7 % of the MoE training step there.
 fn zeroed_vec<T: bytemuck::Zeroable + Copy + Send + Sync>(n: usize) -> Vec<T> {
     #[cfg(feature = "rayon")]
-    if n >= PARALLEL_ZERO_ELEMS && rayon::current_num_threads() > 1 {
+    if n >= crate::ops::PARALLEL_THRESHOLD && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
         let mut v: Vec<T> = Vec::with_capacity(n);
         v.spare_capacity_mut()

@@ -216,33 +216,56 @@ where
         out.push(op(lhs[nest.lhs_offset], rhs[nest.rhs_offset]));
         return Some(out);
     }
-
-    let (len, l_st, r_st) = nest.inner();
-    match (l_st, r_st) {
-        (1, 1) => nest.for_each_run(|lb, rb| {
-            out.extend(
-                lhs[lb..lb + len]
-                    .iter()
-                    .zip(&rhs[rb..rb + len])
-                    .map(|(&a, &b)| op(a, b)),
-            );
-        }),
-        (1, 0) => nest.for_each_run(|lb, rb| {
-            let b = rhs[rb];
-            out.extend(lhs[lb..lb + len].iter().map(|&a| op(a, b)));
-        }),
-        (0, 1) => nest.for_each_run(|lb, rb| {
-            let a = lhs[lb];
-            out.extend(rhs[rb..rb + len].iter().map(|&b| op(a, b)));
-        }),
-        _ => nest.for_each_run(|lb, rb| {
-            out.extend(
-                (0..len).map(|i| op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize])),
-            );
-        }),
-    }
-    debug_assert_eq!(out.len(), numel);
+    write_runs(&nest, lhs, rhs, &mut out.spare_capacity_mut()[..numel], &op);
+    // SAFETY: `write_runs` wrote all `numel` elements.
+    unsafe { out.set_len(numel) };
     Some(out)
+}
+
+/// `op` over every run of `nest` (`ndim >= 1`), written in row-major order into `out`, which holds exactly the
+/// nest's elements (farskip-rs patch: shared by [`zip_map`] and the threads of [`zip_map_par`]).
+fn write_runs<L, R, Out, F>(
+    nest: &ZipNest,
+    lhs: &[L],
+    rhs: &[R],
+    out: &mut [core::mem::MaybeUninit<Out>],
+    op: &F,
+) where
+    L: Copy,
+    R: Copy,
+    F: Fn(L, R) -> Out,
+{
+    let (len, l_st, r_st) = nest.inner();
+    let mut k = 0;
+    nest.for_each_run(|lb, rb| {
+        let o = &mut out[k..k + len];
+        match (l_st, r_st) {
+            (1, 1) => {
+                for ((o, &a), &b) in o.iter_mut().zip(&lhs[lb..lb + len]).zip(&rhs[rb..rb + len]) {
+                    o.write(op(a, b));
+                }
+            }
+            (1, 0) => {
+                let b = rhs[rb];
+                for (o, &a) in o.iter_mut().zip(&lhs[lb..lb + len]) {
+                    o.write(op(a, b));
+                }
+            }
+            (0, 1) => {
+                let a = lhs[lb];
+                for (o, &b) in o.iter_mut().zip(&rhs[rb..rb + len]) {
+                    o.write(op(a, b));
+                }
+            }
+            _ => {
+                for (i, o) in o.iter_mut().enumerate() {
+                    o.write(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize]));
+                }
+            }
+        }
+        k += len;
+    });
+    assert_eq!(k, out.len(), "write_runs: the nest does not cover `out`");
 }
 
 /// Apply `op` over a collapsed nest *in place*, writing the result back
@@ -319,12 +342,13 @@ impl ZipNest {
         self.shape[1..self.ndim].iter().product()
     }
 
-    /// The nest restricted to outer indices `start..start + len`, its lhs side starting at `lhs_offset`.
-    fn outer_part(&self, start: usize, len: usize, lhs_offset: usize) -> Self {
+    /// The nest restricted to outer indices `start..start + len`.
+    fn outer_part(&self, start: usize, len: usize) -> Self {
+        let advance = |offset: usize, stride: isize| (offset as isize + start as isize * stride) as usize;
         let mut part = *self;
         part.shape[0] = len;
-        part.lhs_offset = lhs_offset;
-        part.rhs_offset = (self.rhs_offset as isize + start as isize * self.rhs_strides[0]) as usize;
+        part.lhs_offset = advance(self.lhs_offset, self.lhs_strides[0]);
+        part.rhs_offset = advance(self.rhs_offset, self.rhs_strides[0]);
         part
     }
 
@@ -367,45 +391,10 @@ where
                 .par_chunks_mut(rows * step)
                 .enumerate()
                 .for_each(|(p, chunk)| {
-                    let start = p * rows;
-                    let part = ZipNest {
-                        lhs_offset: (nest.lhs_offset as isize + start as isize * nest.lhs_strides[0])
-                            as usize,
-                        ..nest.outer_part(start, chunk.len() / step, 0)
-                    };
-                    let (len, l_st, r_st) = part.inner();
-                    let mut k = 0;
-                    part.for_each_run(|lb, rb| {
-                        let o = &mut chunk[k..k + len];
-                        match (l_st, r_st) {
-                            (1, 1) => {
-                                for ((o, &a), &b) in o.iter_mut().zip(&lhs[lb..lb + len]).zip(&rhs[rb..rb + len]) {
-                                    o.write(op(a, b));
-                                }
-                            }
-                            (1, 0) => {
-                                let b = rhs[rb];
-                                for (o, &a) in o.iter_mut().zip(&lhs[lb..lb + len]) {
-                                    o.write(op(a, b));
-                                }
-                            }
-                            (0, 1) => {
-                                let a = lhs[lb];
-                                for (o, &b) in o.iter_mut().zip(&rhs[rb..rb + len]) {
-                                    o.write(op(a, b));
-                                }
-                            }
-                            _ => {
-                                for (i, o) in o.iter_mut().enumerate() {
-                                    o.write(op(lhs[lb + i * l_st as usize], rhs[rb + i * r_st as usize]));
-                                }
-                            }
-                        }
-                        k += len;
-                    });
-                    debug_assert_eq!(k, chunk.len());
+                    let part = nest.outer_part(p * rows, chunk.len() / step);
+                    write_runs(&part, lhs, rhs, chunk, &op);
                 });
-            // SAFETY: the chunks cover all `numel` elements and every run wrote each of its elements once.
+            // SAFETY: the chunks cover all `numel` elements and `write_runs` wrote each chunk whole.
             unsafe { out.set_len(numel) };
             return Some(out);
         }
@@ -433,7 +422,11 @@ where
                 .par_chunks_mut(rows * step)
                 .enumerate()
                 .for_each(|(p, chunk)| {
-                    let part = nest.outer_part(p * rows, chunk.len() / step, 0);
+                    // `chunk` starts at the part's first destination element.
+                    let part = ZipNest {
+                        lhs_offset: 0,
+                        ..nest.outer_part(p * rows, chunk.len() / step)
+                    };
                     zip_apply_inplace(&part, chunk, src, &op);
                 });
             return;

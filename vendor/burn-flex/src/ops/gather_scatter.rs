@@ -1190,31 +1190,37 @@ fn select_update_2d<E: Copy + Send + Sync, F: Fn(&mut E, E) + Copy + Send + Sync
             .iter()
             .map(|&idx| checked_index(idx, dim_size))
             .collect();
-        let columns = |lo: usize, hi: usize, out: &mut [E]| {
-            for (i, &dst_row) in rows.iter().enumerate() {
-                let dst = &mut out[dst_row * tensor_cols + lo..dst_row * tensor_cols + hi];
-                let src = &value_data[i * tensor_cols + lo..i * tensor_cols + hi];
-                for (d, &v) in dst.iter_mut().zip(src) {
-                    update(d, v);
-                }
+        let update_run = |dst: &mut [E], src: &[E]| {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                update(d, v);
             }
         };
         #[cfg(feature = "rayon")]
         {
             let parts = rayon::current_num_threads().min(tensor_cols / SELECT_UPDATE_MIN_COLS);
             if parts > 1 && num_indices * tensor_cols >= SELECT_UPDATE_PARALLEL_ELEMS {
-                let out = SharedMut(result.as_mut_ptr(), result.len());
+                let out = super::SendMutPtr::new(result.as_mut_ptr());
                 (0..parts).into_par_iter().for_each(|p| {
                     let (lo, hi) = (p * tensor_cols / parts, (p + 1) * tensor_cols / parts);
-                    // SAFETY: part `p` only touches columns `lo..hi` of each row, disjoint from every other
-                    // part's columns; `result` outlives the parallel loop.
-                    let out = unsafe { out.slice() };
-                    columns(lo, hi, out);
+                    for (i, &row) in rows.iter().enumerate() {
+                        let src = &value_data[i * tensor_cols + lo..i * tensor_cols + hi];
+                        // SAFETY: `row < tensor_rows`, so the run lies inside `result`, which outlives the
+                        // loop; part `p` alone touches columns `lo..hi`, and this run is its only live view.
+                        let dst = unsafe {
+                            core::slice::from_raw_parts_mut(out.ptr_add(row * tensor_cols + lo), hi - lo)
+                        };
+                        update_run(dst, src);
+                    }
                 });
                 return;
             }
         }
-        columns(0, tensor_cols, result);
+        for (i, &row) in rows.iter().enumerate() {
+            update_run(
+                &mut result[row * tensor_cols..(row + 1) * tensor_cols],
+                &value_data[i * tensor_cols..(i + 1) * tensor_cols],
+            );
+        }
     } else {
         for row in 0..tensor_rows {
             for (j, &idx) in indices_data.iter().enumerate() {
@@ -1234,31 +1240,6 @@ const SELECT_UPDATE_PARALLEL_ELEMS: usize = 128 * 1024;
 /// Columns per thread below which splitting a row is not worth it.
 #[cfg(feature = "rayon")]
 const SELECT_UPDATE_MIN_COLS: usize = 64;
-
-/// A mutable slice handed to threads that write disjoint parts of it.
-#[cfg(feature = "rayon")]
-#[derive(Clone, Copy)]
-struct SharedMut<E>(*mut E, usize);
-
-#[cfg(feature = "rayon")]
-// SAFETY: only used by `select_update_2d`, whose parts write disjoint elements.
-unsafe impl<E: Send> Send for SharedMut<E> {}
-#[cfg(feature = "rayon")]
-// SAFETY: as above.
-unsafe impl<E: Send> Sync for SharedMut<E> {}
-
-#[cfg(feature = "rayon")]
-impl<E> SharedMut<E> {
-    /// The whole slice.
-    ///
-    /// # Safety
-    /// Concurrent callers must write disjoint elements, and the slice must outlive them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self) -> &mut [E] {
-        // SAFETY: the caller's contract.
-        unsafe { core::slice::from_raw_parts_mut(self.0, self.1) }
-    }
-}
 
 /// Compute row-major strides for a shape.
 #[inline]
