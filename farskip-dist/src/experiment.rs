@@ -582,7 +582,7 @@ pub struct TrainingReport {
     pub wall_over_compute: f64,
     /// Max |EP loss − single-rank loss| over the steps.
     pub loss_max_abs_diff: f64,
-    /// Max over parameters of max|g_EP − g_1| / max|g_1| after the last step's backward.
+    /// Max over parameters of max|g_EP − g_1| / max(max|g_1|, [`GRAD_SCALE_FLOOR`]) after the last step's backward.
     pub grad_max_rel_diff: f64,
     /// The parameter where `grad_max_rel_diff` was found.
     pub grad_max_rel_diff_param: String,
@@ -840,6 +840,10 @@ fn reference_train(
     (losses, last)
 }
 
+/// Gradient magnitude below which [`TrainingReport::grad_max_rel_diff`] compares absolutely (differences over
+/// this floor instead of over the parameter's largest gradient).
+pub const GRAD_SCALE_FLOOR: f32 = 1e-6;
+
 /// Compares rank gradients (replicated ones by id on every rank, experts as the owner's slice) with the
 /// single-rank ones: max over parameters of max|Δ| / max|g|.
 fn grad_rel_diff(
@@ -855,19 +859,33 @@ fn grad_rel_diff(
         .map(|m| crate::dispatch::ExpertSharding::new(m.num_experts, world));
     let mut worst = (0.0f64, String::new());
     for (name, g_ref) in reference {
-        let scale = g_ref.iter().fold(0.0f32, |a, b| a.max(b.abs())).max(1e-12) as f64;
+        // A gradient that is zero up to rounding has no relative error (e.g. the router of a top-1 router
+        // with renormalised weights: its weight is always 1, so its gradient is 0 analytically and ~1e-14 in
+        // f32): below GRAD_SCALE_FLOOR, differences are measured against the floor.
+        let scale = g_ref
+            .iter()
+            .fold(0.0f32, |a, b| a.max(b.abs()))
+            .max(GRAD_SCALE_FLOOR) as f64;
         if name.starts_with("experts:") {
-            // Experts: concatenate the owners' slices in rank order.
+            // Experts: concatenate the owners' slices in rank order. A rank whose experts received no rows in
+            // that layer has no gradient for them: zeros.
+            let per_expert = sharding
+                .as_ref()
+                .and_then(|s| s.as_ref().ok())
+                .map(|s| (s, g_ref.len() / s.num_experts().max(1)));
             let joined: Vec<f32> = ranks
                 .iter()
-                .flat_map(|r| {
+                .enumerate()
+                .flat_map(|(rank, r)| {
                     r.iter()
                         .find(|(n, _)| n == name)
                         .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
+                        .unwrap_or_else(|| match per_expert {
+                            Some((s, len)) => vec![0.0; len * s.num_local(rank)],
+                            None => Vec::new(),
+                        })
                 })
                 .collect();
-            let _ = &sharding;
             let d = joined
                 .iter()
                 .zip(g_ref)

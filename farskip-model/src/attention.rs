@@ -421,6 +421,13 @@ impl Attention {
             };
             return attention(q, k, v, mask, None, options);
         }
+        if device.is_autodiff()
+            && let Some(out) = crate::attention_core::attention(&q, &k, &v, self.scale, |dev| {
+                self.mask_tensor(offset, t, s, dev)
+            })
+        {
+            return out;
+        }
         let g = heads / kv_heads;
         let q = q.mul_scalar(self.scale).reshape([b, kv_heads, g * t, d]);
         let mut scores = q.matmul(k.swap_dims(2, 3));

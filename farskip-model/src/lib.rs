@@ -26,6 +26,7 @@
 #![allow(clippy::large_enum_variant)]
 
 pub mod attention;
+mod attention_core;
 pub mod checkpoint;
 pub mod config;
 pub mod connectivity;

@@ -4,6 +4,7 @@
 //! [`MoeBlock::combine_slots`], [`MoeBlock::shared`]) let the distributed schedules run the same maths with
 //! an all-to-all between them. [`MoeBlock::forward`] runs them in order on one rank.
 
+mod backward;
 pub mod experts;
 pub mod router;
 
