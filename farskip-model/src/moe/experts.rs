@@ -65,10 +65,12 @@ impl ExpertBank {
     /// Runs rows grouped by expert: the first `counts[0]` rows through expert 0, the next `counts[1]` through
     /// expert 1, and so on.
     ///
-    /// When a gradient will be taken, the experts run as two batched matmuls over `[block, cap, hidden]` blocks
-    /// of rows (see `ExpertBatches`) instead of one matmul pair per expert: the backward pass then produces each
-    /// weight gradient in one piece, where the loop's backward sums one zero-padded full-size gradient per
-    /// expert. Inference uses the blocks only for nearly equal counts (flex splits a batch across threads) and
+    /// When a gradient will be taken on flex, the step is one autodiff operation with a hand-written backward
+    /// (`moe::backward`): the per-expert loop on the real rows, each bank gradient assembled once. On other
+    /// autodiff backends the experts run as two batched matmuls over `[block, cap, hidden]` blocks of rows (see
+    /// `ExpertBatches`) instead of one matmul pair per expert: the backward pass then produces each weight
+    /// gradient in one piece, where the loop's backward sums one zero-padded full-size gradient per expert.
+    /// Inference uses the blocks only for nearly equal counts (flex splits a batch across threads) and
     /// otherwise keeps the per-expert loop, which reads the weights in place and pads nothing.
     ///
     /// # Shapes
