@@ -76,7 +76,8 @@ impl Backward<Flex, 3> for AttentionCore {
     }
 }
 
-fn into_flex<const D: usize>(t: Tensor<D>) -> burn_flex::FlexTensor {
+/// The flex primitive of a (non-autodiff) flex tensor; the hand-written backwards compute on those.
+pub(crate) fn into_flex<const D: usize>(t: Tensor<D>) -> burn_flex::FlexTensor {
     t.try_into_primitive::<Flex>()
         .expect("the backward computes on flex tensors")
 }

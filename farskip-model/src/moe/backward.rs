@@ -24,6 +24,8 @@ use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::Flex;
+
+use crate::attention_core::into_flex;
 use rayon::prelude::*;
 
 type Ad = Autodiff<Flex>;
@@ -115,11 +117,6 @@ impl Backward<Flex, 3> for GroupedExperts {
             grads.register::<Flex>(node.id, into_flex(dx));
         }
     }
-}
-
-fn into_flex<const D: usize>(t: Tensor<D>) -> burn_flex::FlexTensor {
-    t.try_into_primitive::<Flex>()
-        .expect("the backward computes on flex tensors")
 }
 
 /// The grouped expert step under autodiff on flex with the hand-written backward, or `None` when the tensors
