@@ -845,7 +845,7 @@ fn reference_train(
 pub const GRAD_SCALE_FLOOR: f32 = 1e-6;
 
 /// Compares rank gradients (replicated ones by id on every rank, experts as the owner's slice) with the
-/// single-rank ones: max over parameters of max|Δ| / max|g|.
+/// single-rank ones: max over parameters of max|Δ| / max(max|g|, [`GRAD_SCALE_FLOOR`]).
 fn grad_rel_diff(
     model: &Model,
     world: usize,

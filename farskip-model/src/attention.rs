@@ -8,7 +8,6 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
@@ -402,9 +401,9 @@ impl Attention {
     /// - `q`: `[batch, heads, seq, dim]`; `k`: `[batch, kv_heads, keys, dim]`; `v`: `[batch, kv_heads, keys,
     ///   value_dim]` -> `[batch, heads, seq, value_dim]`
     fn attend_block(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, offset: usize) -> Tensor<4> {
-        let [b, heads, t, d] = q.dims();
-        let [_, kv_heads, s, _] = k.dims();
-        let dv = v.dims()[3];
+        let q_dims = q.dims();
+        let t = q_dims[2];
+        let s = k.dims()[2];
         let device = q.device();
         if !device.is_autodiff() && device == Device::flex() {
             let causal = self.mask == MaskKind::Causal && offset + t == s;
@@ -428,16 +427,13 @@ impl Attention {
         {
             return out;
         }
-        let g = heads / kv_heads;
-        let q = q.mul_scalar(self.scale).reshape([b, kv_heads, g * t, d]);
-        let mut scores = q.matmul(k.swap_dims(2, 3));
-        if let Some(mask) = self.mask_tensor(offset, t, s, &device) {
-            scores = scores
-                .reshape([b, kv_heads, g, t, s])
-                .mask_fill(mask.reshape([1, 1, 1, t, s]), f32::NEG_INFINITY)
-                .reshape([b, kv_heads, g * t, s]);
-        }
-        softmax(scores, 3).matmul(v).reshape([b, heads, t, dv])
+        let (_, p) = crate::attention_core::probabilities(
+            q,
+            k,
+            self.scale,
+            self.mask_tensor(offset, t, s, &device),
+        );
+        crate::attention_core::weighted_values(p, v, q_dims)
     }
 
     /// `true` where query `offset + i` may NOT see key `j`; `None` when everything is visible.
@@ -476,6 +472,7 @@ fn l2_norm(x: Tensor<4>, eps: f64) -> Tensor<4> {
 mod tests {
     use super::*;
     use burn::tensor::Distribution;
+    use burn::tensor::activation::softmax;
 
     /// The straightforward form: K/V repeated per query head, the whole score matrix, an explicit mask.
     fn reference(attn: &Attention, qkv: ProjectedQkv) -> Tensor<3> {

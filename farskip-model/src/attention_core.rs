@@ -82,6 +82,40 @@ pub(crate) fn into_flex<const D: usize>(t: Tensor<D>) -> burn_flex::FlexTensor {
         .expect("the backward computes on flex tensors")
 }
 
+/// The composed form's first half: the scaled queries with a group's heads stacked along the rows, `[b, kv,
+/// g·t, d]`, and the attention probabilities `P = softmax((q·scale)·kᵀ, masked)`, `[b, kv, g·t, s]`. `mask`:
+/// `[t, s]`, `true` where the key is hidden from the query. The hand-written operation runs it on the inner
+/// tensors; other backends differentiate it as composed.
+///
+/// # Shapes
+/// - `q`: `[b, heads, t, d]`; `k`: `[b, kv_heads, s, d]`
+pub(crate) fn probabilities(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    scale: f64,
+    mask: Option<Tensor<2, Bool>>,
+) -> (Tensor<4>, Tensor<4>) {
+    let [b, heads, t, d] = q.dims();
+    let [_, kv, s, _] = k.dims();
+    let g = heads / kv;
+    let q_scaled = q.mul_scalar(scale).reshape([b, kv, g * t, d]);
+    let mut scores = q_scaled.clone().matmul(k.swap_dims(2, 3));
+    if let Some(mask) = mask {
+        scores = scores
+            .reshape([b, kv, g, t, s])
+            .mask_fill(mask.reshape([1, 1, 1, t, s]), f32::NEG_INFINITY)
+            .reshape([b, kv, g * t, s]);
+    }
+    (q_scaled, softmax(scores, 3))
+}
+
+/// The composed form's second half: `P · v` back in `[b, heads, t, dv]` (`q_dims` = the queries' dims).
+pub(crate) fn weighted_values(p: Tensor<4>, v: Tensor<4>, q_dims: [usize; 4]) -> Tensor<4> {
+    let [b, heads, t, _] = q_dims;
+    let dv = v.dims()[3];
+    p.matmul(v).reshape([b, heads, t, dv])
+}
+
 /// `softmax(q·scale·kᵀ, masked) · v` under autodiff on flex with the hand-written backward, or `None` when the
 /// tensors are not autodiff-on-flex tensors (the caller then composes it from tensor ops). `hidden(t, s)`
 /// builds the `[t, s]` mask (`true` = key hidden from the query) on the device it is given, or `None`.
@@ -102,22 +136,9 @@ pub(crate) fn attention(
     let k_in = Tensor::<4>::from_primitive::<Flex>(k.primitive().clone());
     let v_in = Tensor::<4>::from_primitive::<Flex>(v.primitive().clone());
     let q_dims = q_in.dims();
-    let [b, heads, t, d] = q_dims;
-    let [_, kv, s, _] = k_in.dims();
-    let dv = v_in.dims()[3];
-    let g = heads / kv;
-    // The composed form's arithmetic, op for op.
-    let q_scaled = q_in.mul_scalar(scale).reshape([b, kv, g * t, d]);
-    let mut scores = q_scaled.clone().matmul(k_in.clone().swap_dims(2, 3));
-    if let Some(mask) = hidden(&k_in.device()) {
-        scores = scores
-            .reshape([b, kv, g, t, s])
-            .mask_fill(mask.reshape([1, 1, 1, t, s]), f32::NEG_INFINITY)
-            .reshape([b, kv, g * t, s]);
-    }
-    let p = softmax(scores, 3);
-    let out = p.clone().matmul(v_in.clone()).reshape([b, heads, t, dv]);
-    let out = into_flex(out);
+    let mask = hidden(&k_in.device());
+    let (q_scaled, p) = probabilities(q_in, k_in.clone(), scale, mask);
+    let out = into_flex(weighted_values(p.clone(), v_in.clone(), q_dims));
     let out = match AttentionCore
         .prepare::<NoCheckpointing>([q.node(), k.node(), v.node()])
         .compute_bound()
@@ -144,7 +165,7 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
-    /// The composed form (what burn-autodiff differentiates without this operation).
+    /// The composed form, differentiated by burn-autodiff op by op (what the operation replaces).
     fn composed(
         q: Tensor<4>,
         k: Tensor<4>,
@@ -152,19 +173,9 @@ mod tests {
         scale: f64,
         mask: Option<Tensor<2, Bool>>,
     ) -> Tensor<4> {
-        let [b, heads, t, d] = q.dims();
-        let [_, kv, s, _] = k.dims();
-        let dv = v.dims()[3];
-        let g = heads / kv;
-        let q = q.mul_scalar(scale).reshape([b, kv, g * t, d]);
-        let mut scores = q.matmul(k.swap_dims(2, 3));
-        if let Some(mask) = mask {
-            scores = scores
-                .reshape([b, kv, g, t, s])
-                .mask_fill(mask.reshape([1, 1, 1, t, s]), f32::NEG_INFINITY)
-                .reshape([b, kv, g * t, s]);
-        }
-        softmax(scores, 3).matmul(v).reshape([b, heads, t, dv])
+        let q_dims = q.dims();
+        let (_, p) = probabilities(q, k, scale, mask);
+        weighted_values(p, v, q_dims)
     }
 
     fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {

@@ -21,6 +21,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{sigmoid, silu};
 use burn_autodiff::Autodiff;
 use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::checkpoint::strategy::NoCheckpointing;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops, OpsKind};
 use burn_flex::Flex;
@@ -41,6 +42,8 @@ struct Saved {
     /// `[rows, inter]`: `silu(g) ⊙ u`.
     a: Tensor<2>,
     counts: Vec<usize>,
+    /// First row of each expert (`counts` summed before it).
+    offsets: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -58,17 +61,11 @@ impl Backward<Flex, 3> for GroupedExperts {
         let device = dy.device();
         // Experts are independent: their backward runs as rayon tasks (flex's own parallel kernels nest in the
         // same pool), then the pieces are assembled in expert order.
-        let mut offsets = Vec::with_capacity(experts);
-        let mut offset = 0;
-        for &c in &s.counts {
-            offsets.push(offset);
-            offset += c;
-        }
         let want_dx = xs_parent.is_some();
         let per_expert: Vec<(Tensor<3>, Tensor<3>, Option<Tensor<2>>)> = (0..experts)
             .into_par_iter()
             .map(|e| {
-                let (offset, c) = (offsets[e], s.counts[e]);
+                let (offset, c) = (s.offsets[e], s.counts[e]);
                 if c == 0 {
                     return (
                         Tensor::<3>::zeros([1, hidden, inter2], &device),
@@ -144,12 +141,14 @@ pub(crate) fn grouped_experts(
         Tensor::<3>::from_primitive::<Flex>(down.primitive().clone()),
     );
     let inter = d_in.dims()[1];
-    let mut offsets = Vec::with_capacity(counts.len());
-    let mut offset = 0;
-    for &c in counts {
-        offsets.push(offset);
-        offset += c;
-    }
+    let offsets: Vec<usize> = counts
+        .iter()
+        .scan(0, |start, &c| {
+            let first = *start;
+            *start += c;
+            Some(first)
+        })
+        .collect();
     // Experts are independent: rayon tasks, as in the backward; results in expert (= row) order.
     let per_expert: Vec<(Tensor<2>, Tensor<2>, Tensor<2>)> = (0..counts.len())
         .into_par_iter()
@@ -179,11 +178,7 @@ pub(crate) fn grouped_experts(
     let (h, a, y) = (cat(hs), cat(acts), cat(ys));
     let y = into_flex(y);
     let out = match GroupedExperts
-        .prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([
-            xs.node(),
-            gate_up.node(),
-            down.node(),
-        ])
+        .prepare::<NoCheckpointing>([xs.node(), gate_up.node(), down.node()])
         .compute_bound()
         .stateful()
     {
@@ -195,6 +190,7 @@ pub(crate) fn grouped_experts(
                 h,
                 a,
                 counts: counts.to_vec(),
+                offsets,
             },
             y,
         ),
