@@ -11,7 +11,9 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{init_logging, load_model_or_small, tune_allocator, write_timelines};
+use farskip_examples::{
+    EMBEDDING_STD_HELP, init_logging, load_model_or_small, tune_allocator, write_timelines,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,6 +32,8 @@ struct Args {
     /// A preset with random weights (small = the benchmark Qwen3-MoE config, tiny = a 4-layer toy).
     #[arg(long)]
     preset: Option<String>,
+    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
+    embedding_std: f64,
     /// Tokens per sequence (EP: one sequence per rank).
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -60,7 +64,12 @@ fn main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
-    let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;
+    let model = load_model_or_small(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        args.embedding_std,
+        &device,
+    )?;
     let cfg = OverlapConfig {
         world: args.world,
         parallel: args.parallel,

@@ -9,7 +9,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{init_logging, load_model_or_small, tune_allocator};
+use farskip_examples::{EMBEDDING_STD_HELP, init_logging, load_model_or_small, tune_allocator};
 use farskip_train::plot::line_chart_svg;
 
 #[derive(Parser, Debug)]
@@ -24,6 +24,8 @@ struct Args {
     /// Preset (small, tiny).
     #[arg(long)]
     preset: Option<String>,
+    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
+    embedding_std: f64,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -40,7 +42,12 @@ fn main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
-    let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;
+    let model = load_model_or_small(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        args.embedding_std,
+        &device,
+    )?;
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for parallel in [Parallel::Expert, Parallel::Tensor] {
         let (mut overlap, mut speedup) = (Vec::new(), Vec::new());

@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{TrainingConfig, overlap_training};
-use farskip_examples::{init_logging, load_model_or_small, tune_allocator, write_timelines};
+use farskip_examples::{
+    EMBEDDING_STD_HELP, init_logging, load_model_or_small, tune_allocator, write_timelines,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,6 +28,8 @@ struct Args {
     /// A preset with random weights (small, tiny).
     #[arg(long)]
     preset: Option<String>,
+    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
+    embedding_std: f64,
     /// Optimizer steps.
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -59,7 +63,12 @@ fn main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
-    let model = load_model_or_small(args.model.as_deref(), args.preset.as_deref(), &device)?;
+    let model = load_model_or_small(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        args.embedding_std,
+        &device,
+    )?;
     let cfg = TrainingConfig {
         world: args.world,
         steps: args.steps,

@@ -75,6 +75,17 @@ fn seeded(pairs: Vec<(Tensor<2>, Tensor<2>)>) -> Option<Tensor<1>> {
         .reduce(|a, b| a + b)
 }
 
+/// `pending` itself, or — when `blocking` — the collective already waited for (its result, or its error, is
+/// what the later `wait` returns), so nothing overlaps it.
+fn settled<T: Send + 'static>(pending: Pending<T>, blocking: bool) -> Pending<T> {
+    if blocking {
+        let op = pending.op().to_owned();
+        Pending::ready(op, pending.wait())
+    } else {
+        pending
+    }
+}
+
 fn flat3(x: Tensor<3>) -> Tensor<2> {
     let [b, t, h] = x.dims();
     x.reshape([b * t, h])
@@ -469,6 +480,8 @@ impl EpTrainRank {
             ))));
         }
         let farskip = self.model.connectivity().keeps_routed_free_stream();
+        // Standard connectivity is the blocking baseline: every collective is waited for as soon as it is issued.
+        let blocking = !farskip;
         let fwd = Phase::Forward;
         let bwd = Phase::Backward;
         let rank = self.rank;
@@ -599,12 +612,15 @@ impl EpTrainRank {
                 .experts
                 .forward_grouped(expert_in.clone(), &inputs.counts);
             g.finish();
-            let combine = combine_start(
-                comm,
-                expert_out.clone().detach(),
-                dplan,
-                tag(ops::COMBINE, i, fwd),
-            )?;
+            let combine = settled(
+                combine_start(
+                    comm,
+                    expert_out.clone().detach(),
+                    dplan,
+                    tag(ops::COMBINE, i, fwd),
+                )?,
+                blocking,
+            );
             let g = span(Some(i), ops::SHARED, fwd);
             let shared_in = leaf(&norm_out.clone().detach());
             let shared_out = moe.shared(shared_in.clone());
@@ -787,12 +803,15 @@ impl EpTrainRank {
             };
             ge.finish();
             // Backward of Dispatch: input gradients return to the tokens' ranks.
-            let back = combine_start(
-                comm,
-                g_expert_in,
-                back_plan,
-                tag(bwd_ops::DISPATCH_BWD, i, bwd),
-            )?;
+            let back = settled(
+                combine_start(
+                    comm,
+                    g_expert_in,
+                    back_plan,
+                    tag(bwd_ops::DISPATCH_BWD, i, bwd),
+                )?,
+                blocking,
+            );
             let gs = span(Some(i), bwd_ops::SHARED, bwd);
             let mut g_m: Option<Tensor<2>> = None;
             if let (Some(out), Some(gsh)) = (&tape.part.shared_out, &g_shared) {
@@ -851,7 +870,10 @@ impl EpTrainRank {
             pending_grads.push((
                 i,
                 present,
-                grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, bwd), buffer),
+                settled(
+                    grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, bwd), buffer),
+                    blocking,
+                ),
             ));
         }
         // Embedding: its output fed both streams at layer 0.
