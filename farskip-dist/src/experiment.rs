@@ -350,11 +350,6 @@ fn max_over_ranks(world: usize, f: impl Fn(usize) -> Duration) -> Duration {
     (0..world).map(f).max().unwrap_or_default()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// A placement of `model`'s experts over `world` EP ranks balanced for the loads its FarSkip forward routes
 /// on `ids` (`[world × rows, seq]`, split by rows as in [`run_forward`]).
 ///
@@ -570,11 +565,11 @@ pub struct TrainingReport {
     pub bwd_overlap_pct: f64,
     /// Blocking baseline's forward and backward overlap.
     pub blocking_overlap_pct: f64,
-    /// Standard connectivity, blocking collectives: median ms per step.
+    /// Standard connectivity, blocking collectives: the step with the median wall time (the slowest rank's), ms.
     pub blocking_step_ms: f64,
-    /// FarSkip, overlapped schedule: median ms per step.
+    /// FarSkip, overlapped schedule: the step with the median wall time, ms.
     pub farskip_step_ms: f64,
-    /// The busiest rank's compute per step (FarSkip).
+    /// The busiest rank's compute in that FarSkip step.
     pub compute_step_ms: f64,
     /// `blocking_step_ms / farskip_step_ms`.
     pub speedup: f64,
@@ -597,10 +592,10 @@ pub struct TrainingReport {
     /// Single-rank losses per step.
     pub losses: Vec<f64>,
     #[serde(skip)]
-    /// Trace of the last FarSkip step.
+    /// Trace of the FarSkip step with the median wall time (the step `farskip_step_ms` reports).
     pub trace: Trace,
     #[serde(skip)]
-    /// Trace of the last blocking step.
+    /// Trace of the blocking step with the median wall time.
     pub blocking_trace: Trace,
 }
 
@@ -730,18 +725,20 @@ fn windows_training(trace: &Trace, world: usize, num_layers: usize) -> Windows {
 const ADAM_EPSILON: f32 = 1e-5;
 
 /// Runs `steps` EP training steps on `world` ranks; returns per-step global losses, the last step's
-/// gradients of every rank (by name) and the median step wall time.
+/// gradients of every rank (by name) and the step with the median wall time, whole: its wall time (the slowest
+/// rank's) and its trace, so that the overlap, the compute time and the wall time of a report describe one step.
 fn ep_train(
     model: &Model,
     cfg: &TrainingConfig,
     windows_per_step: &[Tensor<2, Int>],
     link: LinkModel,
     trace: &Trace,
-) -> Result<(Vec<f64>, Vec<NamedGrads>, f64), RunError> {
+) -> Result<(Vec<f64>, Vec<NamedGrads>, (f64, Trace)), RunError> {
     use crate::comm::Communicator;
     use burn::optim::AdamWConfig;
     let world = cfg.world;
     let config = LocalWorldConfig::new(link).with_trace(trace.clone());
+    let step_traces: Mutex<Vec<Trace>> = Mutex::new(Vec::new());
     // Replicated gradients are all-reduced on a second communicator (their own comm thread per rank),
     // as a data-parallel group next to the expert-parallel one.
     let grad_comms: Vec<Mutex<Option<LocalComm>>> = LocalWorld::with_config(world, config.clone())?
@@ -781,6 +778,15 @@ fn ep_train(
                 .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
                 .wait()?;
             losses.push(total[0] as f64);
+            // Every rank's spans of this step are in (the loss all-reduce follows them all): keep a copy before
+            // any rank clears the trace for the next step.
+            if r == 0 {
+                step_traces
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Trace::from_spans(trace.spans()));
+            }
+            comm.barrier(CollectiveTag::new("step_end")).wait()?;
             if s + 1 == windows_per_step.len() {
                 last = named_grads(rank.model(), &step.grads);
             }
@@ -791,13 +797,17 @@ fn ep_train(
     })?;
     let mut all = Vec::new();
     let mut losses = Vec::new();
-    let mut walls = Vec::new();
+    // Per step, the slowest rank's wall time.
+    let mut walls: Vec<f64> = Vec::new();
     for (rank, r) in results.into_iter().enumerate() {
         match r {
             Ok((l, g, w)) => {
                 losses = l;
                 all.push(g);
-                walls.extend(w);
+                walls.resize(w.len().max(walls.len()), 0.0);
+                for (slot, ms) in walls.iter_mut().zip(w) {
+                    *slot = slot.max(ms);
+                }
             }
             Err(e) => {
                 return Err(RunError::Rank {
@@ -807,7 +817,14 @@ fn ep_train(
             }
         }
     }
-    Ok((losses, all, median(walls)))
+    let traces = step_traces.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut steps: Vec<(f64, Trace)> = walls.into_iter().zip(traces).collect();
+    steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if steps.is_empty() {
+        return Err(RunError::Invalid("no training step ran".into()));
+    }
+    let median_step = steps.swap_remove(steps.len() / 2);
+    Ok((losses, all, median_step))
 }
 
 use crate::comm::CollectiveTag;
@@ -981,28 +998,26 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             steps: 1,
             ..cfg.clone()
         };
-        ep_train(&farskip, &one, calib, LinkModel::instant(), &t)?;
+        let (_, _, (_, step)) = ep_train(&farskip, &one, calib, LinkModel::instant(), &t)?;
         if pass > 0 {
-            runs.push(windows_training(&t, cfg.world, model.layers.len()));
+            runs.push(windows_training(&step, cfg.world, model.layers.len()));
         }
     }
     let win = Arc::new(min_windows(&runs));
 
-    let trace = Trace::new();
-    let (losses, grads, farskip_step_ms) = ep_train(
+    let (losses, grads, (farskip_step_ms, trace)) = ep_train(
         &farskip,
         cfg,
         &windows_per_step,
         calibrated_link(win.clone(), cfg.comm_ratio),
-        &trace,
+        &Trace::new(),
     )?;
-    let blocking_trace = Trace::new();
-    let (_, _, blocking_step_ms) = ep_train(
+    let (_, _, (blocking_step_ms, blocking_trace)) = ep_train(
         &standard,
         cfg,
         &windows_per_step,
         calibrated_link(win, cfg.comm_ratio),
-        &blocking_trace,
+        &Trace::new(),
     )?;
     let compute = max_over_ranks(cfg.world, |r| {
         compute_time(&trace, r, Phase::Forward) + compute_time(&trace, r, Phase::Backward)
