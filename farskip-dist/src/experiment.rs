@@ -724,6 +724,9 @@ fn windows_training(trace: &Trace, world: usize, num_layers: usize) -> Windows {
 /// at the noise level.
 const ADAM_EPSILON: f32 = 1e-5;
 
+/// One training step's wall time (ms, the slowest rank's) and its trace.
+type TimedStep = (f64, Trace);
+
 /// Runs `steps` EP training steps on `world` ranks; returns per-step global losses, the last step's
 /// gradients of every rank (by name) and the step with the median wall time, whole: its wall time (the slowest
 /// rank's) and its trace, so that the overlap, the compute time and the wall time of a report describe one step.
@@ -733,7 +736,7 @@ fn ep_train(
     windows_per_step: &[Tensor<2, Int>],
     link: LinkModel,
     trace: &Trace,
-) -> Result<(Vec<f64>, Vec<NamedGrads>, (f64, Trace)), RunError> {
+) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
     use crate::comm::Communicator;
     use burn::optim::AdamWConfig;
     let world = cfg.world;
