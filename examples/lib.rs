@@ -1,6 +1,6 @@
 //! Helpers shared by the examples: model selection (`--model DIR` or `--preset`), tensor files, logging.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::module::Param;
@@ -59,35 +59,47 @@ pub fn load_model(model: Option<&Path>, preset: Option<&str>, device: &Device) -
     }
 }
 
-/// Like [`load_model`], with `--preset small` when neither `--model` nor `--preset` is given (the overlap
-/// examples' default), and a preset's token embeddings drawn from N(0, `embedding_std`²) (a checkpoint's are
-/// kept). See [`EMBEDDING_STD_HELP`].
-pub fn load_model_or_small(
-    model: Option<&Path>,
-    preset: Option<&str>,
-    embedding_std: f64,
-    device: &Device,
-) -> Result<Model> {
-    ensure!(
-        embedding_std.is_finite() && embedding_std > 0.0,
-        "--embedding-std must be finite and > 0, got {embedding_std}"
-    );
-    let preset = match (model, preset) {
-        (None, None) => Some("small"),
-        (_, p) => p,
-    };
-    let mut m = load_model(model, preset, device)?;
-    if model.is_none() {
-        // Seeded like the rest of the preset: the same model on every run.
-        device.seed(1);
-        let [vocab, hidden] = m.embed.weight.dims();
-        m.embed.weight = Param::from_tensor(Tensor::random(
-            [vocab, hidden],
-            Distribution::Normal(0.0, embedding_std),
-            device,
-        ));
+/// The model options of the overlap examples: `--model DIR` or `--preset NAME` (`small` when neither is given),
+/// and `--embedding-std` for a preset's token embeddings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OverlapModelArgs {
+    /// Hugging Face checkpoint directory (every layer MoE for expert parallelism).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A preset with random weights (small = the benchmark Qwen3-MoE config, tiny = a 4-layer toy); small when
+    /// neither --model nor --preset is given.
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
+    pub embedding_std: f64,
+}
+
+impl OverlapModelArgs {
+    /// The model: the checkpoint as it is, or the preset (default `small`) with its token embeddings drawn from
+    /// N(0, `embedding_std`²). See [`EMBEDDING_STD_HELP`].
+    pub fn load(&self, device: &Device) -> Result<Model> {
+        let std = self.embedding_std;
+        ensure!(
+            std.is_finite() && std > 0.0,
+            "--embedding-std must be finite and > 0, got {std}"
+        );
+        let preset = match (&self.model, &self.preset) {
+            (None, None) => Some("small"),
+            (_, p) => p.as_deref(),
+        };
+        let mut m = load_model(self.model.as_deref(), preset, device)?;
+        if self.model.is_none() {
+            // Seeded like the rest of the preset: the same model on every run.
+            device.seed(1);
+            let [vocab, hidden] = m.embed.weight.dims();
+            m.embed.weight = Param::from_tensor(Tensor::random(
+                [vocab, hidden],
+                Distribution::Normal(0.0, std),
+                device,
+            ));
+        }
+        Ok(m)
     }
-    Ok(m)
 }
 
 /// What `--embedding-std` of the overlap examples does (their help text).

@@ -11,9 +11,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{
-    EMBEDDING_STD_HELP, init_logging, load_model_or_small, tune_allocator, write_timelines,
-};
+use farskip_examples::{OverlapModelArgs, init_logging, tune_allocator, write_timelines};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,14 +24,8 @@ struct Args {
     /// ep (expert parallel) or tp (tensor parallel).
     #[arg(long, default_value = "ep")]
     parallel: Parallel,
-    /// Hugging Face checkpoint directory.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// A preset with random weights (small = the benchmark Qwen3-MoE config, tiny = a 4-layer toy).
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
-    embedding_std: f64,
+    #[command(flatten)]
+    model: OverlapModelArgs,
     /// Tokens per sequence (EP: one sequence per rank).
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -64,12 +56,7 @@ fn main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
-    let model = load_model_or_small(
-        args.model.as_deref(),
-        args.preset.as_deref(),
-        args.embedding_std,
-        &device,
-    )?;
+    let model = args.model.load(&device)?;
     let cfg = OverlapConfig {
         world: args.world,
         parallel: args.parallel,

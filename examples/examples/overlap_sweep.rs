@@ -9,7 +9,7 @@ use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{EMBEDDING_STD_HELP, init_logging, load_model_or_small, tune_allocator};
+use farskip_examples::{OverlapModelArgs, init_logging, tune_allocator};
 use farskip_train::plot::line_chart_svg;
 
 #[derive(Parser, Debug)]
@@ -18,14 +18,8 @@ struct Args {
     /// Ranks.
     #[arg(long, default_value_t = 2)]
     world: usize,
-    /// Hugging Face checkpoint directory.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Preset (small, tiny).
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
-    embedding_std: f64,
+    #[command(flatten)]
+    model: OverlapModelArgs,
     /// Tokens per sequence.
     #[arg(long, default_value_t = 256)]
     tokens: usize,
@@ -42,12 +36,7 @@ fn main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
-    let model = load_model_or_small(
-        args.model.as_deref(),
-        args.preset.as_deref(),
-        args.embedding_std,
-        &device,
-    )?;
+    let model = args.model.load(&device)?;
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for parallel in [Parallel::Expert, Parallel::Tensor] {
         let (mut overlap, mut speedup) = (Vec::new(), Vec::new());

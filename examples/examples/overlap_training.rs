@@ -10,9 +10,7 @@ use anyhow::{Context, Result};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{TrainingConfig, overlap_training};
-use farskip_examples::{
-    EMBEDDING_STD_HELP, init_logging, load_model_or_small, tune_allocator, write_timelines,
-};
+use farskip_examples::{OverlapModelArgs, init_logging, tune_allocator, write_timelines};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,14 +20,8 @@ struct Args {
     /// Ranks (threads of one process).
     #[arg(long, default_value_t = 2)]
     world: usize,
-    /// Hugging Face checkpoint directory (every layer MoE).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// A preset with random weights (small, tiny).
-    #[arg(long)]
-    preset: Option<String>,
-    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
-    embedding_std: f64,
+    #[command(flatten)]
+    model: OverlapModelArgs,
     /// Optimizer steps.
     #[arg(long, default_value_t = 3)]
     steps: usize,
@@ -65,12 +57,7 @@ fn main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
-    let model = load_model_or_small(
-        args.model.as_deref(),
-        args.preset.as_deref(),
-        args.embedding_std,
-        &device,
-    )?;
+    let model = args.model.load(&device)?;
     let cfg = TrainingConfig {
         world: args.world,
         steps: args.steps,
