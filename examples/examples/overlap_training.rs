@@ -39,7 +39,7 @@ struct Args {
     /// Write the FarSkip trace of the median step as Chrome-trace JSON.
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Write the last step's timelines (FarSkip and blocking) as SVG.
+    /// Write the median step's timelines (FarSkip and blocking) as SVG.
     #[arg(long)]
     svg: Option<PathBuf>,
     /// Print one JSON line.

@@ -234,10 +234,10 @@ pub struct OverlapReport {
     /// contiguous placement and with the placement used.
     pub load_imbalance: Option<(f64, f64)>,
     #[serde(skip)]
-    /// The trace of the last FarSkip run.
+    /// The trace of the FarSkip repeat with the median wall time (the one `farskip_ms` reports).
     pub trace: Trace,
     #[serde(skip)]
-    /// The trace of the last blocking run.
+    /// The trace of the blocking repeat with the median wall time.
     pub blocking_trace: Trace,
 }
 
@@ -573,7 +573,7 @@ pub struct TrainingReport {
     pub compute_step_ms: f64,
     /// `blocking_step_ms / farskip_step_ms`.
     pub speedup: f64,
-    /// Link time of the replicated-gradient all-reduces in the blocking baseline's last step (the busiest
+    /// Link time of the replicated-gradient all-reduces in the blocking baseline's median step (the busiest
     /// rank's). Standard connectivity could hide these behind the backward of the layers below, as DDP does;
     /// the blocking baseline waits for them like every other collective.
     pub blocking_grad_allreduce_ms: f64,
@@ -735,11 +735,12 @@ fn ep_train(
     cfg: &TrainingConfig,
     windows_per_step: &[Tensor<2, Int>],
     link: LinkModel,
-    trace: &Trace,
 ) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
     use crate::comm::Communicator;
     use burn::optim::AdamWConfig;
     let world = cfg.world;
+    // The ranks record into one trace, cleared at every step; each step's spans are copied out after it.
+    let trace = &Trace::new();
     let config = LocalWorldConfig::new(link).with_trace(trace.clone());
     let step_traces: Mutex<Vec<Trace>> = Mutex::new(Vec::new());
     // Replicated gradients are all-reduced on a second communicator (their own comm thread per rank),
@@ -996,12 +997,11 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
     let calib = &windows_per_step[..1];
     let mut runs = Vec::new();
     for pass in 0..4 {
-        let t = Trace::new();
         let one = TrainingConfig {
             steps: 1,
             ..cfg.clone()
         };
-        let (_, _, (_, step)) = ep_train(&farskip, &one, calib, LinkModel::instant(), &t)?;
+        let (_, _, (_, step)) = ep_train(&farskip, &one, calib, LinkModel::instant())?;
         if pass > 0 {
             runs.push(windows_training(&step, cfg.world, model.layers.len()));
         }
@@ -1013,14 +1013,12 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
         cfg,
         &windows_per_step,
         calibrated_link(win.clone(), cfg.comm_ratio),
-        &Trace::new(),
     )?;
     let (_, _, (blocking_step_ms, blocking_trace)) = ep_train(
         &standard,
         cfg,
         &windows_per_step,
         calibrated_link(win, cfg.comm_ratio),
-        &Trace::new(),
     )?;
     let compute = max_over_ranks(cfg.world, |r| {
         compute_time(&trace, r, Phase::Forward) + compute_time(&trace, r, Phase::Backward)
