@@ -15,7 +15,10 @@ use serde::Serialize;
 use crate::balance::{ExpertLoads, Placement};
 use crate::comm::{CommError, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, RankError};
 use crate::schedule::{EpRank, ScheduleError, TpRank, ops};
-use crate::trace::{Phase, Span, Stream, Trace, comm_time, compute_time, overlap_pct};
+use crate::trace::{
+    Phase, Span, Stream, Trace, comm_time, compute_time, hidden_comm_time, overlap_pct,
+    peer_wait_time,
+};
 
 /// How the model is split.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -224,6 +227,12 @@ pub struct OverlapReport {
     pub window_ms: f64,
     /// `farskip_ms / compute_ms`.
     pub wall_over_compute: f64,
+    /// The FarSkip run's comm time not covered by compute, summed over ranks (`100 − overlap_pct` of the total).
+    pub exposed_ms: f64,
+    /// How long the FarSkip run's collectives waited for a later peer, summed over ranks
+    /// ([`peer_wait_time`]): when it is close to `exposed_ms`, the uncovered time is skew between the ranks
+    /// (one had more expert rows, or its core ran slower), not a window the schedule failed to use.
+    pub peer_wait_ms: f64,
     /// Max |distributed FarSkip logits − single-rank FarSkip logits|.
     pub max_abs_diff: f64,
     /// Max |distributed standard logits − single-rank standard logits|.
@@ -344,6 +353,24 @@ fn calibrated_link(windows: Arc<Windows>, ratio: f64) -> LinkModel {
             .find(|((op, l), _)| *op == key.0 && *l == key.1)
             .map_or(Duration::ZERO, |(_, d)| d.mul_f64(ratio))
     })
+}
+
+/// Comm time of `phase` not covered by the same rank's compute, summed over ranks, in ms.
+fn exposed_ms(trace: &Trace, world: usize, phase: Phase) -> f64 {
+    (0..world)
+        .map(|r| comm_time(trace, r, phase).saturating_sub(hidden_comm_time(trace, r, phase)))
+        .sum::<Duration>()
+        .as_secs_f64()
+        * 1e3
+}
+
+/// [`peer_wait_time`] of `phase`, summed over ranks, in ms.
+fn peer_wait_ms(trace: &Trace, world: usize, phase: Phase) -> f64 {
+    (0..world)
+        .map(|r| peer_wait_time(trace, r, phase))
+        .sum::<Duration>()
+        .as_secs_f64()
+        * 1e3
 }
 
 fn max_over_ranks(world: usize, f: impl Fn(usize) -> Duration) -> Duration {
@@ -519,6 +546,8 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         comm_ms: comm.as_secs_f64() * 1e3,
         window_ms,
         wall_over_compute: farskip_ms / compute_ms,
+        exposed_ms: exposed_ms(&trace, cfg.world, Phase::Forward),
+        peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
         max_abs_diff: max_abs_diff(farskip_logits, reference),
         blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std),
         expert_placement,
@@ -583,6 +612,15 @@ pub struct TrainingReport {
     pub speedup_excluding_grad_allreduce: f64,
     /// `farskip_step_ms / compute_step_ms`.
     pub wall_over_compute: f64,
+    /// The reported FarSkip step's forward comm time not covered by compute, summed over ranks.
+    pub fwd_exposed_ms: f64,
+    /// How long its forward collectives waited for a later peer, summed over ranks ([`peer_wait_time`]; see
+    /// [`OverlapReport::peer_wait_ms`]).
+    pub fwd_peer_wait_ms: f64,
+    /// The same two for the backward.
+    pub bwd_exposed_ms: f64,
+    /// See `fwd_peer_wait_ms`.
+    pub bwd_peer_wait_ms: f64,
     /// Max |EP loss − single-rank loss| over the steps.
     pub loss_max_abs_diff: f64,
     /// Max over parameters of max|g_EP − g_1| / max(max|g_1|, [`GRAD_SCALE_FLOOR`]) after the last step's backward.
@@ -1025,7 +1063,7 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
     });
     let compute_step_ms = compute.as_secs_f64() * 1e3;
     let blocking_overlap = {
-        let f = crate::trace::hidden_comm_time;
+        let f = hidden_comm_time;
         let (mut hidden, mut total) = (Duration::ZERO, Duration::ZERO);
         for r in 0..cfg.world {
             for p in [Phase::Forward, Phase::Backward] {
@@ -1072,6 +1110,10 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
         speedup_excluding_grad_allreduce: (blocking_step_ms - blocking_grad_allreduce_ms)
             / farskip_step_ms,
         wall_over_compute: farskip_step_ms / compute_step_ms,
+        fwd_exposed_ms: exposed_ms(&trace, cfg.world, Phase::Forward),
+        fwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
+        bwd_exposed_ms: exposed_ms(&trace, cfg.world, Phase::Backward),
+        bwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Backward),
         loss_max_abs_diff: losses
             .iter()
             .zip(&ref_losses)

@@ -66,7 +66,9 @@ pub use dispatch::{
     DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine, combine_start,
     dispatch, dispatch_start, weighted_sum_slots,
 };
-pub use trace::{Phase, Span, SpanGuard, Stream, Trace, comm_time, compute_time, overlap_pct};
+pub use trace::{
+    Phase, Span, SpanGuard, Stream, Trace, comm_time, compute_time, overlap_pct, peer_wait_time,
+};
 pub mod balance;
 pub mod experiment;
 pub mod schedule;

@@ -16,7 +16,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-pub use overlap::{comm_time, compute_time, hidden_comm_time, overlap_pct, wall_time};
+pub use overlap::{
+    comm_time, compute_time, hidden_comm_time, overlap_pct, peer_wait_time, wall_time,
+};
 
 /// Which stream of a rank a span ran on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -86,6 +88,12 @@ pub struct Span {
     pub start: Duration,
     /// End, from the trace's epoch (`end >= start`).
     pub end: Duration,
+    /// Comm spans: when this rank issued the collective. `None` for compute spans.
+    pub issued: Option<Duration>,
+    /// Comm spans: when the last rank issued the collective. The transfer (`start..end`) cannot begin before
+    /// (it also waits for the rank's link to finish its previous transfer), so `all_issued − issued` is how
+    /// long this rank's collective waited for its peers ([`peer_wait_time`]). `None` for compute spans.
+    pub all_issued: Option<Duration>,
 }
 
 impl Span {
@@ -199,6 +207,8 @@ impl Trace {
                     phase,
                     start: self.now(),
                     end: Duration::ZERO,
+                    issued: None,
+                    all_issued: None,
                 },
             )),
         }

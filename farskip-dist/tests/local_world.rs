@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use farskip_dist::trace::{comm_time, hidden_comm_time};
+use farskip_dist::trace::{comm_time, hidden_comm_time, peer_wait_time};
 use farskip_dist::{
     CollectiveTag, CommError, Communicator, LinkModel, LocalWorld, LocalWorldConfig, Phase,
     RankError, Rows, Trace, overlap_pct,
@@ -175,6 +175,51 @@ fn a_rank_computes_while_its_collective_is_in_flight() -> Result<(), CommError> 
     }
     let pct = overlap_pct(&trace, Phase::Forward).unwrap_or(0.0);
     assert!(pct > 60.0, "overlap only {pct:.1}%");
+    Ok(())
+}
+
+#[test]
+fn a_late_rank_shows_as_its_peers_wait_and_exposed_time() -> Result<(), CommError> {
+    // Both ranks compute 100 ms behind a 100 ms collective (comm_ratio 1), but rank 1 issues it 80 ms late:
+    // rank 0 waits for it, and most of rank 0's transfer outlasts its compute.
+    let (link, late) = (Duration::from_millis(100), Duration::from_millis(80));
+    let trace = Trace::new();
+    let config = LocalWorldConfig::new(LinkModel::fixed_time_per_op(move |_, _| link))
+        .with_trace(trace.clone());
+    all_ok(LocalWorld::run_with(2, config, |c| {
+        if c.rank() == 1 {
+            std::thread::sleep(late);
+        }
+        let pending = c.all_reduce(tag("skewed").at_layer(0), vec![1.0; 4]);
+        {
+            let _compute = c.trace().compute(c.rank(), Some(0), "attn", Phase::Forward);
+            std::thread::sleep(link);
+        }
+        pending.wait()
+    })?);
+    let wait = |r| peer_wait_time(&trace, r, Phase::Forward);
+    let exposed =
+        |r| comm_time(&trace, r, Phase::Forward) - hidden_comm_time(&trace, r, Phase::Forward);
+    assert!(wait(0) >= late, "rank 0 waited {:?}", wait(0));
+    assert!(wait(1) < wait(0) / 4, "rank 1 waited {:?}", wait(1));
+    assert!(exposed(0) >= late / 2, "rank 0 exposed {:?}", exposed(0));
+    assert!(
+        exposed(0) > exposed(1),
+        "{:?} vs {:?}",
+        exposed(0),
+        exposed(1)
+    );
+    for s in trace
+        .spans()
+        .iter()
+        .filter(|s| s.stream == farskip_dist::Stream::Comm)
+    {
+        let (issued, last) = (
+            s.issued.expect("issue time"),
+            s.all_issued.expect("last issue"),
+        );
+        assert!(issued <= last && last <= s.start, "{s:?}");
+    }
     Ok(())
 }
 

@@ -391,9 +391,9 @@ fn comm_thread(rank: usize, world: &World, jobs: &mpsc::Receiver<Job>) {
         );
         // The comm span is the modelled transfer: from the moment every rank has issued the collective
         // until the data arrives. Time spent waiting for a late peer is skew, not link time; it shows as
-        // idle time in the timeline.
+        // idle time in the timeline, and the span keeps this rank's issue time to measure it.
         let arrive = match result {
-            Ok((out, start, arrive)) => {
+            Ok((out, all_issued, start, arrive)) => {
                 if world.trace.is_enabled() {
                     world.trace.record(Span {
                         rank,
@@ -403,6 +403,8 @@ fn comm_thread(rank: usize, world: &World, jobs: &mpsc::Receiver<Job>) {
                         phase: tag.phase,
                         start: world.trace.offset_of(start),
                         end: world.trace.offset_of(arrive),
+                        issued: Some(world.trace.offset_of(job.posted)),
+                        all_issued: Some(world.trace.offset_of(all_issued)),
                     });
                 }
                 // The caller may have dropped its Pending; the collective still had to run for peers.

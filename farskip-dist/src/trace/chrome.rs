@@ -39,7 +39,13 @@ pub(super) fn to_chrome_json(spans: &[Span]) -> String {
             "dur": s.duration().as_secs_f64() * 1e6,
             "pid": s.rank,
             "tid": tid(s.stream),
-            "args": { "op": s.op, "layer": s.layer, "phase": s.phase.name() },
+            "args": {
+                "op": s.op,
+                "layer": s.layer,
+                "phase": s.phase.name(),
+                "waited_for_peers_ms": s.issued.zip(s.all_issued)
+                    .map(|(own, last)| last.saturating_sub(own).as_secs_f64() * 1e3),
+            },
         }));
     }
     json!({ "traceEvents": events, "displayTimeUnit": "ms" }).to_string()
@@ -62,6 +68,8 @@ mod tests {
             phase: Phase::Backward,
             start: Duration::from_micros(1500),
             end: Duration::from_micros(2000),
+            issued: Some(Duration::from_micros(1250)),
+            all_issued: Some(Duration::from_micros(1400)),
         }]);
         let v: Value = serde_json::from_str(&trace.to_chrome_json())?;
         let events = v["traceEvents"].as_array().cloned().unwrap_or_default();
@@ -73,6 +81,7 @@ mod tests {
         assert_eq!(x[0]["ts"], 1500.0);
         assert_eq!(x[0]["dur"], 500.0);
         assert_eq!(x[0]["args"]["phase"], "backward");
+        assert_eq!(x[0]["args"]["waited_for_peers_ms"], 0.15);
         let names = events.iter().filter(|e| e["name"] == "thread_name").count();
         assert_eq!(names, 2);
         Ok(())

@@ -94,6 +94,19 @@ pub fn hidden_comm_time(trace: &Trace, rank: usize, phase: Phase) -> Duration {
     hidden_and_total(&trace.spans(), phase, Some(rank)).0
 }
 
+/// Σ over `rank`'s comm spans in `phase` of the time between its issuing the collective and the last rank's
+/// issuing it ([`Span::all_issued`]): how long its collectives waited for a later peer (zero for the last rank to
+/// join, and for spans without issue times). On the faster of two ranks this time comes out of its overlap window, so at
+/// `comm_ratio` 1 — a link time equal to the window — the comm time left uncovered (`comm_time −
+/// hidden_comm_time`) is about this much: exposed time that is skew between the ranks, not a schedule with
+/// nothing to overlap.
+pub fn peer_wait_time(trace: &Trace, rank: usize, phase: Phase) -> Duration {
+    comm_spans(&trace.spans(), phase)
+        .filter(|s| s.rank == rank)
+        .filter_map(|s| Some(s.all_issued?.saturating_sub(s.issued?)))
+        .sum()
+}
+
 /// From the first start to the last end of `phase`'s spans on any rank (zero if none). Compare
 /// it with `compute + comm` (nothing hidden) and `compute` alone (everything hidden).
 pub fn wall_time(trace: &Trace, phase: Phase) -> Duration {
@@ -125,6 +138,8 @@ mod tests {
             phase,
             start: ms(start),
             end: ms(end),
+            issued: None,
+            all_issued: None,
         }
     }
 
@@ -209,5 +224,29 @@ mod tests {
             comm(0, 0, 8),
         ];
         assert_eq!(pct(spans), Some(50.0));
+    }
+
+    #[test]
+    fn peer_wait_is_issue_to_transfer_start() {
+        let issued = |rank: usize, at: u64, start: u64, end: u64| Span {
+            issued: Some(ms(at)),
+            all_issued: Some(ms(5)),
+            ..comm(rank, start, end)
+        };
+        // Rank 0 issued at 2, rank 1 at 5: the transfer runs 5..9 on both; rank 0 waited 3 ms for rank 1.
+        // Rank 0 computed 2..6 (its window), so 6..9 of its transfer is exposed: about its wait.
+        let trace = Trace::from_spans(vec![
+            comp(0, 2, 6),
+            issued(0, 2, 5, 9),
+            comp(1, 5, 9),
+            issued(1, 5, 5, 9),
+            comm(1, 10, 12),
+        ]);
+        assert_eq!(peer_wait_time(&trace, 0, Phase::Forward), ms(3));
+        assert_eq!(peer_wait_time(&trace, 1, Phase::Forward), ms(0));
+        assert_eq!(peer_wait_time(&trace, 0, Phase::Backward), ms(0));
+        let exposed =
+            comm_time(&trace, 0, Phase::Forward) - hidden_comm_time(&trace, 0, Phase::Forward);
+        assert_eq!(exposed, ms(3));
     }
 }

@@ -165,7 +165,7 @@ fn write_box(out: &mut String, s: &Span, x0: f64, x1: f64, y: f64) {
     let label = s.label();
     let _ = write!(
         out,
-        r#"<g><title>rank {} {} {} [{}]: {:.3}–{:.3} ms ({:.3} ms)</title><rect x="{x0:.2}" y="{y}" width="{w:.2}" height="{LANE}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.5"/>"#,
+        r#"<g><title>rank {} {} {} [{}]: {:.3}–{:.3} ms ({:.3} ms){}</title><rect x="{x0:.2}" y="{y}" width="{w:.2}" height="{LANE}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.5"/>"#,
         s.rank,
         s.stream.name(),
         escape(&label),
@@ -173,6 +173,13 @@ fn write_box(out: &mut String, s: &Span, x0: f64, x1: f64, y: f64) {
         ms(s.start),
         ms(s.end),
         ms(s.duration()),
+        s.issued
+            .zip(s.all_issued)
+            .map_or_else(String::new, |(own, last)| format!(
+                ", issued at {:.3} ms, last rank at {:.3} ms",
+                ms(own),
+                ms(last)
+            )),
         colour(s)
     );
     // About 6.5 px per character at font-size 11.
@@ -210,6 +217,8 @@ mod tests {
             phase: Phase::Forward,
             start: Duration::from_millis(start),
             end: Duration::from_millis(end),
+            issued: None,
+            all_issued: None,
         }
     }
 

@@ -120,8 +120,8 @@ impl World {
 
     /// Runs collective `seq` for `rank`: joins it, waits for every peer (or a failure, or the
     /// timeout counted from `started`), checks that all calls agree and computes this rank's result.
-    /// Returns it with the modelled transfer: it starts when the last rank issued the collective (or
-    /// when this rank's link is free, `link_free`) and lasts what the link model says. Timing comes from
+    /// Returns it with when the last rank issued the collective and the modelled transfer: it starts then
+    /// (or when this rank's link is free, `link_free`) and lasts what the link model says. Timing comes from
     /// the ranks' issue times, not from when this comm thread got a core.
     pub(super) fn execute(
         &self,
@@ -130,7 +130,7 @@ impl World {
         call: CollectiveCall,
         payload: Payload,
         (posted, started, link_free): (Instant, Instant, Instant),
-    ) -> Result<(Output, Instant, Instant), CommError> {
+    ) -> Result<(Output, Instant, Instant, Instant), CommError> {
         let op = semantics::describe(&call, seq, rank);
         let deadline = started + self.timeout;
         let mut st = self.lock();
@@ -227,7 +227,12 @@ impl World {
         let out = semantics::result_for(calls[rank], &payloads, rank, &op)?;
         let bytes = semantics::wire_bytes(calls[rank], &payloads);
         let start = complete_at.max(link_free);
-        Ok((out, start, start + self.link.duration(calls[rank], bytes)))
+        Ok((
+            out,
+            complete_at,
+            start,
+            start + self.link.duration(calls[rank], bytes),
+        ))
     }
 
     /// The error for a peer that can no longer join `seq`, if any (this rank's own abort first).
