@@ -17,9 +17,12 @@ pub const FAMILIES: [&str; 7] = [
     "qwen3_moe",
 ];
 
-/// `tests/fixtures/<family>`.
+/// `tests/fixtures/<family>`. The crate's directory is read when the test runs (cargo sets `CARGO_MANIFEST_DIR`
+/// for test processes), falling back to where it was compiled, so a test binary cargo did not rebuild after the
+/// checkout moved still finds the fixtures.
 pub fn fixture_dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .join("fixtures")
         .join(family)
 }

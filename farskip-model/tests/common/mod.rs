@@ -9,8 +9,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
 
-/// `tests/fixtures` of the workspace.
-pub const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+/// `tests/fixtures` of the workspace. The crate's directory is read when the test runs (cargo sets
+/// `CARGO_MANIFEST_DIR` for test processes), falling back to where it was compiled: a test binary that cargo did
+/// not rebuild after the checkout moved (a shared target dir, a renamed clone) still finds the fixtures.
+pub fn fixtures() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("../tests/fixtures")
+}
 
 /// The seven fixture families.
 pub const FAMILIES: [&str; 7] = [
@@ -25,7 +31,7 @@ pub const FAMILIES: [&str; 7] = [
 
 /// `tests/fixtures/<family>`.
 pub fn fixture(family: &str) -> PathBuf {
-    Path::new(FIXTURES).join(family)
+    fixtures().join(family)
 }
 
 /// SplitMix64: small, seedable, good enough for test weights.
