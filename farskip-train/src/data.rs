@@ -331,6 +331,19 @@ impl ValidationSet {
         self
     }
 
+    /// Splits after the first `n` windows: `(first n, the rest)`; the rest is `None` when nothing is left
+    /// (`n` is at least 1). The recipe selects checkpoints on the first part and reports on the rest.
+    pub fn split_at(mut self, n: usize) -> (Self, Option<Self>) {
+        let n = n.clamp(1, self.offsets.len());
+        let rest = self.offsets.split_off(n);
+        let rest = (!rest.is_empty()).then(|| Self {
+            tokens: self.tokens.clone(),
+            shape: self.shape,
+            offsets: rest,
+        });
+        (self, rest)
+    }
+
     /// Number of windows.
     pub fn num_windows(&self) -> usize {
         self.offsets.len()
@@ -649,7 +662,13 @@ mod tests {
             batches[1],
             vec![10, 11, 12, 13, 14, 15, 15, 16, 17, 18, 19, 20]
         );
-        assert_eq!(set.truncated(3).num_windows(), 3);
+        assert_eq!(set.clone().truncated(3).num_windows(), 3);
+        let (first, rest) = set.clone().split_at(1);
+        assert_eq!(first.offsets(), &[0]);
+        assert_eq!(rest.expect("three left").offsets(), &[5, 10, 15]);
+        let (all, none) = set.clone().split_at(9);
+        assert_eq!((all.num_windows(), none.is_none()), (4, true));
+        assert_eq!(set.split_at(0).0.offsets(), &[0], "at least one window");
     }
 
     const WORD_LEVEL: &str = r#"{
