@@ -102,6 +102,39 @@ impl OverlapModelArgs {
     }
 }
 
+/// The output options of the overlap examples: `--trace FILE.json`, `--svg FILE.svg`, `--json`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OverlapOutputArgs {
+    /// Write the FarSkip run's trace as Chrome-trace JSON (opens in Perfetto).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+    /// Write the FarSkip and blocking timelines as SVG (the blocking one next to it, `FILE_blocking.svg`).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Print one JSON line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl OverlapOutputArgs {
+    /// Writes what `--trace` and `--svg` asked for: the FarSkip `trace` as Chrome JSON, both timelines as SVG.
+    pub fn write(
+        &self,
+        title: &str,
+        trace: &farskip_dist::trace::Trace,
+        blocking: &farskip_dist::trace::Trace,
+    ) -> Result<()> {
+        if let Some(p) = &self.trace {
+            std::fs::write(p, trace.to_chrome_json())
+                .with_context(|| format!("writing {}", p.display()))?;
+        }
+        if let Some(p) = &self.svg {
+            write_timelines(p, title, trace, blocking)?;
+        }
+        Ok(())
+    }
+}
+
 /// What `--embedding-std` of the overlap examples does (their help text).
 pub const EMBEDDING_STD_HELP: &str = "Standard deviation of a preset's token embeddings (a --model checkpoint keeps \
 its own). 1.0, PyTorch's nn.Embedding default, keeps each token's identity in the residual stream, so the random \

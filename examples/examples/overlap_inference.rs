@@ -5,13 +5,11 @@
 //! `cargo run --release -p farskip-examples --example overlap_inference -- --world 2 --parallel ep \
 //!     --preset small --tokens 256 --comm-ratio 1.0 --trace trace.json --svg timeline.svg --json`
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{OverlapModelArgs, init_logging, tune_allocator, write_timelines};
+use farskip_examples::{OverlapModelArgs, OverlapOutputArgs, init_logging, tune_allocator};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -35,15 +33,9 @@ struct Args {
     /// Timed repetitions (median reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
-    /// Write the FarSkip run's trace as Chrome-trace JSON (opens in Perfetto).
-    #[arg(long)]
-    trace: Option<PathBuf>,
-    /// Write the FarSkip and blocking timelines as SVG.
-    #[arg(long)]
-    svg: Option<PathBuf>,
-    /// Print one JSON line.
-    #[arg(long)]
-    json: bool,
+    /// --trace, --svg (of the step with the median wall time in training), --json.
+    #[command(flatten)]
+    out: OverlapOutputArgs,
     /// EP: place experts on ranks by their load on a calibration batch (farskip_dist::balance) instead of in
     /// contiguous blocks. Helps when expert popularity is stable (trained routers); a random-initialised
     /// router's loads change from batch to batch, so it is off by default.
@@ -67,23 +59,18 @@ fn main() -> Result<()> {
         balance: args.balance,
     };
     let report = overlap_inference(&model, &cfg)?;
-    if let Some(p) = &args.trace {
-        std::fs::write(p, report.trace.to_chrome_json())
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    if let Some(p) = &args.svg {
-        let title = format!(
-            "{:?} world {} comm_ratio {}",
-            args.parallel, args.world, args.comm_ratio
-        );
-        write_timelines(p, &title, &report.trace, &report.blocking_trace)?;
-    }
-    if args.json {
+    let title = format!(
+        "{:?} world {} comm_ratio {}",
+        args.parallel, args.world, args.comm_ratio
+    );
+    args.out
+        .write(&title, &report.trace, &report.blocking_trace)?;
+    if args.out.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
             "{:?} world {} comm_ratio {}: blocking {:.1} ms, FarSkip {:.1} ms ({:.2}x), overlap {:.1}% (blocking {:.1}%), \
-             compute bound {:.1} ms, max |diff| {:.2e}",
+             compute bound {:.1} ms, exposed comm {:.1} ms (waiting for a later peer {:.1} ms), max |diff| {:.2e}",
             report.parallel,
             report.world,
             report.comm_ratio,
@@ -93,6 +80,8 @@ fn main() -> Result<()> {
             report.overlap_pct,
             report.blocking_overlap_pct,
             report.compute_ms,
+            report.exposed_ms,
+            report.peer_wait_ms,
             report.max_abs_diff
         );
     }

@@ -4,13 +4,11 @@
 //! `cargo run --release -p farskip-examples --example overlap_training -- --world 2 --preset small \
 //!     --steps 3 --comm-ratio 1.0 --trace train.json --svg train.svg --json`
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{TrainingConfig, overlap_training};
-use farskip_examples::{OverlapModelArgs, init_logging, tune_allocator, write_timelines};
+use farskip_examples::{OverlapModelArgs, OverlapOutputArgs, init_logging, tune_allocator};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -36,15 +34,9 @@ struct Args {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// Write the FarSkip trace of the median step as Chrome-trace JSON.
-    #[arg(long)]
-    trace: Option<PathBuf>,
-    /// Write the median step's timelines (FarSkip and blocking) as SVG.
-    #[arg(long)]
-    svg: Option<PathBuf>,
-    /// Print one JSON line.
-    #[arg(long)]
-    json: bool,
+    /// --trace, --svg (of the step with the median wall time in training), --json.
+    #[command(flatten)]
+    out: OverlapOutputArgs,
     /// Place experts on ranks by their load on a calibration batch (farskip_dist::balance) instead of in
     /// contiguous blocks. Helps when expert popularity is stable (trained routers); a random-initialised
     /// router's loads change from batch to batch, so it is off by default.
@@ -68,23 +60,19 @@ fn main() -> Result<()> {
         balance: args.balance,
     };
     let report = overlap_training(&model, &cfg)?;
-    if let Some(p) = &args.trace {
-        std::fs::write(p, report.trace.to_chrome_json())
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
-    if let Some(p) = &args.svg {
-        let title = format!(
-            "EP training step, world {} comm_ratio {}",
-            args.world, args.comm_ratio
-        );
-        write_timelines(p, &title, &report.trace, &report.blocking_trace)?;
-    }
-    if args.json {
+    let title = format!(
+        "EP training step, world {} comm_ratio {}",
+        args.world, args.comm_ratio
+    );
+    args.out
+        .write(&title, &report.trace, &report.blocking_trace)?;
+    if args.out.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
             "world {} comm_ratio {}: blocking {:.1} ms/step, FarSkip {:.1} ms/step ({:.2}x), overlap fwd {:.1}% bwd {:.1}%, \
-             compute {:.1} ms, loss diff {:.2e}, grad rel diff {:.2e}",
+             exposed comm fwd {:.1} / bwd {:.1} ms (waiting for a later peer {:.1} / {:.1} ms), compute {:.1} ms, \
+             loss diff {:.2e}, grad rel diff {:.2e}",
             report.world,
             report.comm_ratio,
             report.blocking_step_ms,
@@ -92,6 +80,10 @@ fn main() -> Result<()> {
             report.speedup,
             report.fwd_overlap_pct,
             report.bwd_overlap_pct,
+            report.fwd_exposed_ms,
+            report.bwd_exposed_ms,
+            report.fwd_peer_wait_ms,
+            report.bwd_peer_wait_ms,
             report.compute_step_ms,
             report.loss_max_abs_diff,
             report.grad_max_rel_diff
