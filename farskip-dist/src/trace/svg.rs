@@ -1,6 +1,7 @@
 //! A hand-written SVG timeline: a title, per rank a compute lane and a comm lane with one box
 //! per span (colour by op, lighter for backward, label "op Lk" when it fits, tooltip with the
-//! exact times), and a time axis in milliseconds.
+//! exact times), a thin grey bar on the comm lane where a collective waited for a later rank to
+//! issue it, and a time axis in milliseconds.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -90,7 +91,7 @@ pub(super) fn to_svg(spans: &[Span], title: &str) -> String {
     );
     let _ = writeln!(
         out,
-        r##"<text x="{}" y="42" {FONT} font-size="11" fill="#555" text-anchor="middle">blue/green: compute, red/orange: comm; lighter boxes: backward</text>"##,
+        r##"<text x="{}" y="42" {FONT} font-size="11" fill="#555" text-anchor="middle">blue/green: compute, red/orange: comm; lighter boxes: backward; grey bar: waiting for a later rank to issue the collective</text>"##,
         WIDTH / 2.0
     );
 
@@ -113,6 +114,11 @@ pub(super) fn to_svg(spans: &[Span], title: &str) -> String {
                 .iter()
                 .filter(|s| s.rank == rank && s.stream == stream)
             {
+                if let (Some(own), Some(last)) = (s.issued, s.all_issued)
+                    && last > own
+                {
+                    write_wait(&mut out, s, x_of(ms(own)).max(LEFT), x_of(ms(last)), y);
+                }
                 write_box(&mut out, s, x_of(ms(s.start)), x_of(ms(s.end)), y);
             }
         }
@@ -154,6 +160,24 @@ fn format_ms(t: f64, step: f64) -> String {
         (-step.log10()).ceil() as usize
     };
     format!("{t:.decimals$}")
+}
+
+/// The time a collective waited for a later rank: a thin grey bar along the bottom of the comm lane.
+fn write_wait(out: &mut String, s: &Span, x0: f64, x1: f64, y: f64) {
+    let h = LANE / 4.0;
+    let _ = write!(
+        out,
+        r##"<g><title>rank {} {} [{}]: waiting for a later rank {:.3} ms</title><rect x="{x0:.2}" y="{:.2}" width="{:.2}" height="{h}" fill="#9a9a9a"/></g>"##,
+        s.rank,
+        escape(&s.label()),
+        s.phase.name(),
+        s.all_issued
+            .zip(s.issued)
+            .map_or(0.0, |(last, own)| ms(last.saturating_sub(own))),
+        y + LANE - h,
+        (x1 - x0).max(0.5),
+    );
+    out.push('\n');
 }
 
 fn write_box(out: &mut String, s: &Span, x0: f64, x1: f64, y: f64) {
@@ -246,6 +270,36 @@ mod tests {
         assert!(svg.contains("experts&lt;&amp;&gt;"));
         assert!(svg.contains("time (ms)"));
         assert_eq!(svg.matches("<g>").count(), 3);
+        assert!(
+            !svg.contains("]: waiting for a later rank"),
+            "no wait without issue times"
+        );
+    }
+
+    #[test]
+    fn a_collective_that_waited_for_a_peer_gets_a_wait_bar() {
+        let waited = Span {
+            issued: Some(Duration::from_millis(4)),
+            all_issued: Some(Duration::from_millis(10)),
+            ..span(0, Stream::Comm, "combine", 10, 30)
+        };
+        let last = Span {
+            issued: Some(Duration::from_millis(10)),
+            all_issued: Some(Duration::from_millis(10)),
+            ..span(1, Stream::Comm, "combine", 10, 30)
+        };
+        let svg = Trace::from_spans(vec![
+            span(0, Stream::Compute, "attn_1", 0, 12),
+            waited,
+            last,
+        ])
+        .to_svg("wait");
+        assert_eq!(
+            svg.matches("waiting for a later rank 6.000 ms").count(),
+            1,
+            "{svg}"
+        );
+        assert!(svg.contains("issued at 4.000 ms, last rank at 10.000 ms"));
     }
 
     #[test]
