@@ -16,8 +16,8 @@ use crate::balance::{ExpertLoads, Placement};
 use crate::comm::{CommError, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, RankError};
 use crate::schedule::{EpRank, ScheduleError, TpRank, ops};
 use crate::trace::{
-    Phase, Span, Stream, Trace, comm_time, compute_time, hidden_comm_time, overlap_pct,
-    peer_wait_time,
+    Phase, Span, Stream, Trace, comm_time, compute_time, exposed_comm_time, hidden_comm_time,
+    overlap_pct, peer_wait_time,
 };
 
 /// How the model is split.
@@ -355,15 +355,6 @@ fn calibrated_link(windows: Arc<Windows>, ratio: f64) -> LinkModel {
     })
 }
 
-/// Comm time of `phase` not covered by the same rank's compute, summed over ranks, in ms.
-fn exposed_ms(trace: &Trace, world: usize, phase: Phase) -> f64 {
-    (0..world)
-        .map(|r| comm_time(trace, r, phase).saturating_sub(hidden_comm_time(trace, r, phase)))
-        .sum::<Duration>()
-        .as_secs_f64()
-        * 1e3
-}
-
 /// [`peer_wait_time`] of `phase`, summed over ranks, in ms.
 fn peer_wait_ms(trace: &Trace, world: usize, phase: Phase) -> f64 {
     (0..world)
@@ -546,7 +537,7 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         comm_ms: comm.as_secs_f64() * 1e3,
         window_ms,
         wall_over_compute: farskip_ms / compute_ms,
-        exposed_ms: exposed_ms(&trace, cfg.world, Phase::Forward),
+        exposed_ms: exposed_comm_time(&trace, Phase::Forward).as_secs_f64() * 1e3,
         peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
         max_abs_diff: max_abs_diff(farskip_logits, reference),
         blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std),
@@ -1110,9 +1101,9 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
         speedup_excluding_grad_allreduce: (blocking_step_ms - blocking_grad_allreduce_ms)
             / farskip_step_ms,
         wall_over_compute: farskip_step_ms / compute_step_ms,
-        fwd_exposed_ms: exposed_ms(&trace, cfg.world, Phase::Forward),
+        fwd_exposed_ms: exposed_comm_time(&trace, Phase::Forward).as_secs_f64() * 1e3,
         fwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
-        bwd_exposed_ms: exposed_ms(&trace, cfg.world, Phase::Backward),
+        bwd_exposed_ms: exposed_comm_time(&trace, Phase::Backward).as_secs_f64() * 1e3,
         bwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Backward),
         loss_max_abs_diff: losses
             .iter()

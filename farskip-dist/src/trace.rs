@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use overlap::{
-    comm_time, compute_time, hidden_comm_time, overlap_pct, peer_wait_time, wall_time,
+    comm_time, compute_time, exposed_comm_time, hidden_comm_time, overlap_pct, peer_wait_time,
+    wall_time,
 };
 
 /// Which stream of a rank a span ran on.
@@ -100,6 +101,12 @@ impl Span {
     /// `end - start` (zero if the span is reversed).
     pub fn duration(&self) -> Duration {
         self.end.saturating_sub(self.start)
+    }
+
+    /// Comm spans: how long this rank's collective waited for its last peer to issue it
+    /// (`all_issued − issued`); `None` without issue times.
+    pub fn peer_wait(&self) -> Option<Duration> {
+        Some(self.all_issued?.saturating_sub(self.issued?))
     }
 
     /// `op` or `op L<layer>`, as shown in the views.

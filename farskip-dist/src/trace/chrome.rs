@@ -43,8 +43,7 @@ pub(super) fn to_chrome_json(spans: &[Span]) -> String {
                 "op": s.op,
                 "layer": s.layer,
                 "phase": s.phase.name(),
-                "waited_for_peers_ms": s.issued.zip(s.all_issued)
-                    .map(|(own, last)| last.saturating_sub(own).as_secs_f64() * 1e3),
+                "waited_for_peers_ms": s.peer_wait().map(|w| w.as_secs_f64() * 1e3),
             },
         }));
     }

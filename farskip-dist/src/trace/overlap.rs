@@ -94,6 +94,13 @@ pub fn hidden_comm_time(trace: &Trace, rank: usize, phase: Phase) -> Duration {
     hidden_and_total(&trace.spans(), phase, Some(rank)).0
 }
 
+/// Comm time of `phase` during which the same rank was not computing, summed over all ranks (the part
+/// [`overlap_pct`] does not count as hidden).
+pub fn exposed_comm_time(trace: &Trace, phase: Phase) -> Duration {
+    let (hidden, total) = hidden_and_total(&trace.spans(), phase, None);
+    total.saturating_sub(hidden)
+}
+
 /// Σ over `rank`'s comm spans in `phase` of the time between its issuing the collective and the last rank's
 /// issuing it ([`Span::all_issued`]): how long its collectives waited for a later peer (zero for the last rank to
 /// join, and for spans without issue times). On the faster of two ranks this time comes out of its overlap window, so at
@@ -103,7 +110,7 @@ pub fn hidden_comm_time(trace: &Trace, rank: usize, phase: Phase) -> Duration {
 pub fn peer_wait_time(trace: &Trace, rank: usize, phase: Phase) -> Duration {
     comm_spans(&trace.spans(), phase)
         .filter(|s| s.rank == rank)
-        .filter_map(|s| Some(s.all_issued?.saturating_sub(s.issued?)))
+        .filter_map(Span::peer_wait)
         .sum()
 }
 
@@ -227,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn peer_wait_is_issue_to_transfer_start() {
+    fn peer_wait_is_own_issue_to_last_issue() {
         let issued = |rank: usize, at: u64, start: u64, end: u64| Span {
             issued: Some(ms(at)),
             all_issued: Some(ms(5)),
@@ -248,5 +255,7 @@ mod tests {
         let exposed =
             comm_time(&trace, 0, Phase::Forward) - hidden_comm_time(&trace, 0, Phase::Forward);
         assert_eq!(exposed, ms(3));
+        // Rank 1's 5..9 is covered, its 10..12 is not: 3 + 2 ms over both ranks.
+        assert_eq!(exposed_comm_time(&trace, Phase::Forward), ms(5));
     }
 }

@@ -114,10 +114,11 @@ pub(super) fn to_svg(spans: &[Span], title: &str) -> String {
                 .iter()
                 .filter(|s| s.rank == rank && s.stream == stream)
             {
-                if let (Some(own), Some(last)) = (s.issued, s.all_issued)
-                    && last > own
+                if let (Some(own), Some(wait)) = (s.issued, s.peer_wait())
+                    && !wait.is_zero()
                 {
-                    write_wait(&mut out, s, x_of(ms(own)).max(LEFT), x_of(ms(last)), y);
+                    let (x0, x1) = (x_of(ms(own)).max(LEFT), x_of(ms(own + wait)));
+                    write_wait(&mut out, s, wait, x0, x1, y);
                 }
                 write_box(&mut out, s, x_of(ms(s.start)), x_of(ms(s.end)), y);
             }
@@ -163,7 +164,7 @@ fn format_ms(t: f64, step: f64) -> String {
 }
 
 /// The time a collective waited for a later rank: a thin grey bar along the bottom of the comm lane.
-fn write_wait(out: &mut String, s: &Span, x0: f64, x1: f64, y: f64) {
+fn write_wait(out: &mut String, s: &Span, wait: Duration, x0: f64, x1: f64, y: f64) {
     let h = LANE / 4.0;
     let _ = write!(
         out,
@@ -171,9 +172,7 @@ fn write_wait(out: &mut String, s: &Span, x0: f64, x1: f64, y: f64) {
         s.rank,
         escape(&s.label()),
         s.phase.name(),
-        s.all_issued
-            .zip(s.issued)
-            .map_or(0.0, |(last, own)| ms(last.saturating_sub(own))),
+        ms(wait),
         y + LANE - h,
         (x1 - x0).max(0.5),
     );
