@@ -246,7 +246,7 @@ impl Attention {
         cache: Option<&mut LayerKvCache>,
     ) -> ProjectedQkv {
         let [_, t, _] = x.dims();
-        let mut parts = lanes::ranges(&x.device(), t, LANE_POSITIONS, |r| {
+        let mut parts = lanes::ranges(&self.lane_device(&x), t, LANE_POSITIONS, |r| {
             self.project_positions(x.clone().narrow(1, r.start, r.len()), offset + r.start)
         });
         let (q, k, v) = match parts.len() {
@@ -269,6 +269,21 @@ impl Attention {
     }
 
     /// [`Self::project`] without the cache: `(q, k, v)` for the positions `offset..offset + seq` of `x`.
+    /// The device [`lanes`] judge the projections by: the weights' when they are on an autodiff device, else the
+    /// input's. A plain input times autodiff weights gives autodiff results, and lanes never build an autodiff
+    /// graph from several threads at once.
+    fn lane_device(&self, x: &Tensor<3>) -> Device {
+        let weights = match &self.kind {
+            AttentionKind::Gqa(a) => a.o_proj.weight.device(),
+            AttentionKind::Mla(a) => a.o_proj.weight.device(),
+        };
+        if weights.is_autodiff() {
+            weights
+        } else {
+            x.device()
+        }
+    }
+
     fn project_positions(&self, x: Tensor<3>, offset: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let device = x.device();
