@@ -30,7 +30,7 @@ struct Args {
     /// Collective time as a multiple of the compute the FarSkip schedule can hide it behind.
     #[arg(long, default_value_t = 1.0)]
     comm_ratio: f64,
-    /// Timed repetitions (median reported).
+    /// Repeats, each with a freshly calibrated link and FarSkip and the baseline timed back to back (median reported).
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// --trace, --svg (of the step with the median wall time in training), --json.

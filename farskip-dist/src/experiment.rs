@@ -189,7 +189,8 @@ pub struct OverlapConfig {
     pub comm_ratio: f64,
     /// Tokens per sequence (EP: one sequence per rank; TP: one sequence).
     pub tokens: usize,
-    /// Timed repetitions of each run (the median is reported).
+    /// Repeats: each calibrates the link afresh and times FarSkip and the blocking baseline back to back; the
+    /// repeat with the median wall time of each is reported.
     pub repeats: usize,
     /// Seed of the random input ids.
     pub seed: u64,
@@ -479,9 +480,12 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
     let layers = model.layers.len();
 
-    // Calibrate the windows on the FarSkip schedule with a free link: one warm-up pass, then the minimum of three.
-    let mut runs = Vec::new();
-    for pass in 0..4 {
+    // The link is calibrated on the FarSkip schedule with a free link — each collective's window on the rank with
+    // the least of it, the minimum over two passes — afresh before every repeat, and each repeat runs FarSkip and
+    // the blocking baseline back to back on that link: this machine's speed drifts between runs (the same span
+    // 18–24 % apart a few seconds later), so a link calibrated once would be too long or too short for later
+    // runs, and baseline and FarSkip measured apart would compare different speeds.
+    let free_pass = || -> Result<Windows, RunError> {
         let t = Trace::new();
         run_forward(
             &farskip,
@@ -491,35 +495,53 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
             LinkModel::instant(),
             &t,
         )?;
-        if pass > 0 {
-            runs.push(windows(&t, cfg.parallel, cfg.world, layers));
-        }
+        Ok(windows(&t, cfg.parallel, cfg.world, layers))
+    };
+    free_pass()?; // warm-up
+    struct Repeat {
+        wall_ms: f64,
+        trace: Trace,
+        logits: Tensor<3>,
+        window_ms: f64,
     }
-    let win = min_windows(&runs);
-    let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
-    let win = Arc::new(win);
-
-    // Each run is repeated; the repeat with the median wall time is reported whole (its wall time, trace,
-    // overlap and compute time), so the figures of one report describe one run.
-    let measure = |m: &Model| -> Result<(f64, Trace, Tensor<3>), RunError> {
-        let mut repeats = Vec::with_capacity(cfg.repeats);
-        for _ in 0..cfg.repeats {
-            let t = Trace::new();
+    let (mut farskip_runs, mut blocking_runs) = (Vec::new(), Vec::new());
+    for _ in 0..cfg.repeats {
+        let win = min_windows(&[free_pass()?, free_pass()?]);
+        let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
+        let win = Arc::new(win);
+        for (m, out) in [
+            (&farskip, &mut farskip_runs),
+            (&standard, &mut blocking_runs),
+        ] {
+            let trace = Trace::new();
             let (logits, wall) = run_forward(
                 m,
                 cfg.parallel,
                 cfg.world,
                 &ids,
                 calibrated_link(win.clone(), cfg.comm_ratio),
-                &t,
+                &trace,
             )?;
-            repeats.push((wall.as_secs_f64() * 1e3, t, logits));
+            out.push(Repeat {
+                wall_ms: wall.as_secs_f64() * 1e3,
+                trace,
+                logits,
+                window_ms,
+            });
         }
-        repeats.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Ok(repeats.swap_remove(repeats.len() / 2))
+    }
+    // The repeat with the median wall time is reported whole (its wall time, trace, overlap, compute time and
+    // link), so the figures of one report describe one run.
+    let median = |mut runs: Vec<Repeat>| -> Repeat {
+        runs.sort_by(|a, b| a.wall_ms.total_cmp(&b.wall_ms));
+        runs.swap_remove(runs.len() / 2)
     };
-    let (blocking_ms, blocking_trace, blocking_logits) = measure(&standard)?;
-    let (farskip_ms, trace, farskip_logits) = measure(&farskip)?;
+    let blocking = median(blocking_runs);
+    let fs = median(farskip_runs);
+    let (blocking_ms, blocking_trace, blocking_logits) =
+        (blocking.wall_ms, blocking.trace, blocking.logits);
+    let (farskip_ms, trace, farskip_logits, window_ms) =
+        (fs.wall_ms, fs.trace, fs.logits, fs.window_ms);
     let compute = max_over_ranks(cfg.world, |r| compute_time(&trace, r, Phase::Forward));
     let comm = max_over_ranks(cfg.world, |r| comm_time(&trace, r, Phase::Forward));
     let compute_ms = compute.as_secs_f64() * 1e3;
