@@ -268,22 +268,16 @@ impl Attention {
         ProjectedQkv { q, k, v, offset }
     }
 
-    /// [`Self::project`] without the cache: `(q, k, v)` for the positions `offset..offset + seq` of `x`.
-    /// The device [`lanes`] judge the projections by: the weights' when they are on an autodiff device, else the
-    /// input's. A plain input times autodiff weights gives autodiff results, and lanes never build an autodiff
-    /// graph from several threads at once.
+    /// The device [`lanes`] judge the projections of `x` by ([`lanes::work_device`]).
     fn lane_device(&self, x: &Tensor<3>) -> Device {
         let weights = match &self.kind {
             AttentionKind::Gqa(a) => a.o_proj.weight.device(),
             AttentionKind::Mla(a) => a.o_proj.weight.device(),
         };
-        if weights.is_autodiff() {
-            weights
-        } else {
-            x.device()
-        }
+        lanes::work_device(x.device(), weights)
     }
 
+    /// [`Self::project`] without the cache: `(q, k, v)` for the positions `offset..offset + seq` of `x`.
     fn project_positions(&self, x: Tensor<3>, offset: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, t, _] = x.dims();
         let device = x.device();

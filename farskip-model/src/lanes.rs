@@ -93,6 +93,18 @@ pub fn runs_from_this_thread() -> usize {
     RUNS_HERE.with(std::cell::Cell::get)
 }
 
+/// The device to judge work by (the `device` argument of [`map`], [`ranges`], ...) when it reads an input on
+/// `input` through weights on `weights`: the weights' when they are on an autodiff device, else the input's. A
+/// plain input times autodiff weights gives autodiff results, and lanes never build an autodiff graph from several
+/// threads at once.
+pub fn work_device(input: Device, weights: Device) -> Device {
+    if weights.is_autodiff() {
+        weights
+    } else {
+        input
+    }
+}
+
 /// The lanes, if work on `device` may use them now (see the module docs), with the guard that reserves them.
 fn acquire(device: &Device) -> Option<(MutexGuard<'static, ()>, &'static [ThreadPool])> {
     // Device equality ignores autodiff, hence the explicit check.

@@ -135,13 +135,7 @@ impl ExpertBank {
     /// [`lanes`](crate::lanes), each single-threaded: these matmuls gain little from flex's split over cores.
     fn forward_loop(&self, xs: Tensor<2>, counts: &[usize]) -> Tensor<2> {
         let rows = xs.dims()[0];
-        // Judged by the weights too: plain rows through autodiff weights give autodiff results, which lanes must
-        // not build from several threads (see `Attention::lane_device`).
-        let device = if self.gate_up.is_autodiff() {
-            self.gate_up.device()
-        } else {
-            xs.device()
-        };
+        let device = lanes::work_device(xs.device(), self.gate_up.device());
         let mut outs = lanes::ranges(&device, rows, Self::MIN_LANE_ROWS, |r| {
             let segments = segments_in(counts, r.clone());
             self.forward_segments(xs.clone().narrow(0, r.start, r.len()), &segments)
