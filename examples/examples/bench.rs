@@ -260,7 +260,7 @@ fn breakdown(model: &Model, input: Tensor<2, Int>) -> [f64; PARTS.len()] {
             Ffn::Dense(mlp) => {
                 let t = Instant::now();
                 let y = mlp.forward(x);
-                let s = connectivity.dense_output(post_attention, y);
+                let s = connectivity.dense_output(post_attention, y, inputs.in_flight);
                 sync(&s.clone().full());
                 timed(other, t);
                 s
@@ -305,7 +305,8 @@ fn breakdown(model: &Model, input: Tensor<2, Int>) -> [f64; PARTS.len()] {
                 let t = Instant::now();
                 let back = |y: Tensor<2>| y.reshape([b, s, h]);
                 let shared = moe.shared(x).map(back);
-                let out = connectivity.moe_output(post_attention, back(routed), shared);
+                let out =
+                    connectivity.moe_output(post_attention, back(routed), shared, inputs.in_flight);
                 sync(&out.clone().full());
                 timed(other, t);
                 out

@@ -1,7 +1,7 @@
 //! The FCSD recipe on the bundled corpus: train a small MoE teacher, convert it to FarSkip, recover it with
 //! FCSD, SFT and KL + L2, and print the comparison.
 //!
-//! `cargo run --release -p farskip-examples --example recipe -- [--quick] [--corpus FILE] [--model DIR] [--world N] [--json]`
+//! `cargo run --release -p farskip-examples --example recipe -- [--quick] [--corpus FILE] [--model DIR] [--world N] [--depth D] [--json]`
 //!
 //! `--world N` runs the recovery runs (FCSD, SFT, KL + L2) expert-parallel on N in-process ranks; the results
 //! equal `--world 1` up to float rounding.
@@ -39,6 +39,10 @@ struct Args {
     /// The batch's sequences must divide by it and it may not exceed the experts per layer.
     #[arg(long, default_value_t = 1, value_parser = parse_world)]
     world: usize,
+    /// Skip depth of the student (FarSkip on all layers, `farskip-dD`): 1 is the paper's conversion, D ≥ 2 keeps
+    /// each routed output in flight for D layers.
+    #[arg(long, default_value_t = 1, value_parser = parse_depth)]
+    depth: usize,
     /// Where recipe.md and loss_curves.svg go.
     #[arg(long, default_value = "report")]
     report_dir: PathBuf,
@@ -53,6 +57,16 @@ fn parse_world(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!(
             "--world expects a whole number of ranks >= 1, got `{s}`: {e}"
+        )),
+    }
+}
+
+fn parse_depth(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("--depth must be at least 1 (1 = the paper's FarSkip)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!(
+            "--depth expects a whole number of layers >= 1, got `{s}`: {e}"
         )),
     }
 }
@@ -78,6 +92,7 @@ fn main() -> Result<()> {
         cfg.seed = s;
     }
     cfg.world = args.world;
+    cfg.depth = args.depth;
     let report = run_recipe(&cfg, &Device::default())?;
     println!("\n{}", report.table());
     if let Some(f) = report.recovered_fraction("fcsd") {

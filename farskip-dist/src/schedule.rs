@@ -92,6 +92,20 @@ impl<C: Communicator + ?Sized> Ctx<'_, C> {
     }
 }
 
+/// The schedules keep one routed output in flight per rank (skip depth 1); a deeper connectivity is refused
+/// with an error naming it rather than run with the wrong waits.
+pub(crate) fn depth_one_only(conn: &Connectivity) -> Result<()> {
+    match conn.depth() {
+        Some(d) if d > 1 => Err(ScheduleError::Model(ModelError::InvalidConnectivity {
+            spec: conn.to_string(),
+            message: format!(
+                "the distributed schedules run skip depth 1 only (got {d}); the single-rank model runs any depth"
+            ),
+        })),
+        _ => Ok(()),
+    }
+}
+
 /// Whether layer `i` reads the routed-free stream with attention and the pre-attention stream with its MoE:
 /// the layers whose incoming collective can stay in flight during attention.
 fn overlappable(conn: &Connectivity, i: usize) -> bool {
@@ -171,7 +185,7 @@ trait RankSchedule {
         p: PendingMoe<Self::Pending>,
     ) -> Result<Residual> {
         let routed = self.moe_finish(ctx, p.routed)?;
-        Ok(conn.moe_output(p.post_attention, routed, p.shared))
+        Ok(conn.moe_output(p.post_attention, routed, p.shared, Vec::new()))
     }
 
     /// The forward pass of this rank's tokens under the model's connectivity.
@@ -188,6 +202,7 @@ trait RankSchedule {
         };
         let model = self.model();
         let conn = model.connectivity().clone();
+        depth_one_only(&conn)?;
         let blocking = !conn.keeps_routed_free_stream();
         let mut flow = Flow::Ready(Residual::Plain(
             ctx.compute(None, ops::HEAD, || model.embed(input_ids)),
@@ -261,7 +276,7 @@ trait RankSchedule {
                     let out = ctx.compute(Some(i), ops::MLP, || {
                         mlp.forward(layer.post_norm.forward(m))
                     });
-                    Flow::Ready(conn.dense_output(post_attention, out))
+                    Flow::Ready(conn.dense_output(post_attention, out, Vec::new()))
                 }
             };
         }

@@ -479,6 +479,7 @@ impl EpTrainRank {
                 comm.world_size()
             ))));
         }
+        crate::schedule::depth_one_only(self.model.connectivity())?;
         let farskip = self.model.connectivity().keeps_routed_free_stream();
         // Standard connectivity is the blocking baseline: every collective is waited for as soon as it is issued.
         let blocking = !farskip;

@@ -87,12 +87,19 @@ impl DecoderLayer {
             FfnInput::PreAttention(m) => m,
         });
         match &self.ffn {
-            Ffn::Dense(mlp) => connectivity.dense_output(post_attention, mlp.forward(x)),
+            Ffn::Dense(mlp) => {
+                connectivity.dense_output(post_attention, mlp.forward(x), inputs.in_flight)
+            }
             Ffn::Moe(moe) => {
                 let [b, t, h] = x.dims();
                 let out = moe.forward(x.reshape([b * t, h]));
                 let back = |y: Tensor<2>| y.reshape([b, t, h]);
-                connectivity.moe_output(post_attention, back(out.routed), out.shared.map(back))
+                connectivity.moe_output(
+                    post_attention,
+                    back(out.routed),
+                    out.shared.map(back),
+                    inputs.in_flight,
+                )
             }
         }
     }
@@ -290,10 +297,7 @@ impl Model {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             state = layer.forward(state, &self.connectivity, offset, layer_cache);
             if keep_hidden {
-                hidden.push(match &state {
-                    Residual::Plain(h) => h.clone(),
-                    Residual::Pair { full, .. } => full.clone(),
-                });
+                hidden.push(state.clone().full());
             }
         }
         (state.full(), hidden)

@@ -184,7 +184,7 @@ proptest! {
         layers in 1usize..4,
         experts in 1usize..5,
         shared in any::<bool>(),
-        spec in prop_oneof![Just("standard"), Just("farskip"), Just("farskip-attn-only"), Just("farskip-mlp-only"), Just("farskip:1..")],
+        spec in prop_oneof![Just("standard"), Just("farskip"), Just("farskip-attn-only"), Just("farskip-mlp-only"), Just("farskip:1.."), Just("farskip-d2"), Just("farskip-d3")],
         seed in any::<u64>(),
     ) {
         let d = Device::flex();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::prelude::*;
-use farskip_model::{Connectivity, Model, ModelConfig};
+use farskip_model::{Connectivity, FarSkip, Model, ModelConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{BatchShape, ByteCorpus, CorpusSplit, HfTokenizer, RandomBatches, ValidationSet};
@@ -84,6 +84,10 @@ pub struct RecipeConfig {
     /// always trains in one process. 1, the default, is single-process training; see [`TrainConfig::world`].
     #[serde(default = "one")]
     pub world: usize,
+    /// Skip depth of the student's FarSkip conversion (all layers): 1 is the paper's, d ≥ 2 keeps every routed
+    /// output in flight for d layers (`farskip-dD`).
+    #[serde(default = "one")]
+    pub depth: usize,
 }
 
 fn one() -> usize {
@@ -115,6 +119,7 @@ impl RecipeConfig {
             seed: 7,
             report_dir: PathBuf::from("report"),
             world: 1,
+            depth: 1,
         }
     }
 
@@ -157,6 +162,12 @@ pub struct RecipeReport {
     /// too short for two parts; see [`RecipeConfig::test_windows`]).
     #[serde(default)]
     pub eval_tokens: usize,
+    /// The student's connectivity (`farskip`, `farskip-d2`, ...).
+    #[serde(default)]
+    pub connectivity: String,
+    /// The student's skip depth.
+    #[serde(default = "one")]
+    pub depth: usize,
 }
 
 impl RecipeReport {
@@ -199,6 +210,8 @@ impl RecipeReport {
         j.insert("recovery_tokens".into(), self.recovery_tokens.into());
         j.insert("teacher_tokens".into(), self.teacher_tokens.into());
         j.insert("eval_tokens".into(), self.eval_tokens.into());
+        j.insert("connectivity".into(), self.connectivity.clone().into());
+        j.insert("depth".into(), self.depth.into());
         j.insert("seconds".into(), self.seconds.into());
         serde_json::Value::Object(j)
     }
@@ -242,6 +255,15 @@ fn tokens_for(cfg: &RecipeConfig) -> Result<(Vec<u32>, usize), RecipeError> {
 /// Runs the recipe and writes `report_dir/recipe.md` and `report_dir/loss_curves.svg`.
 pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, RecipeError> {
     let started = Instant::now();
+    // Checked before anything trains: a bad depth must not cost a teacher run.
+    let student = Connectivity::FarSkip(FarSkip::all().with_depth(cfg.depth));
+    student.validate(usize::MAX)?;
+    if cfg.world > 1 && cfg.depth > 1 {
+        return Err(RecipeError::Mismatch(format!(
+            "expert-parallel recovery (world {}) runs skip depth 1 only; use world 1 for {student}",
+            cfg.world
+        )));
+    }
     let (tokens, vocab) = tokens_for(cfg)?;
     let CorpusSplit {
         train: train_tokens,
@@ -332,7 +354,7 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
     };
     let teacher_logits = TeacherLogits::new(&teacher, &valid, device);
     let test_logits = TeacherLogits::new(&teacher, &test, device);
-    let converted = teacher.clone().with_connectivity(Connectivity::farskip())?;
+    let converted = teacher.clone().with_connectivity(student.clone())?;
     let mut e = evaluate(&converted, &test, Some(&test_logits), device);
     e.agreement = e.agreement.or(Some(0.0));
     rows.push(RecipeRow {
@@ -342,7 +364,7 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
         seconds: 0.0,
     });
     eprintln!(
-        "teacher ppl {:.3}, converted (FarSkip, all layers) ppl {:.3}",
+        "teacher ppl {:.3}, converted ({student}, all layers) ppl {:.3}",
         rows[0].eval.ppl, e.ppl
     );
 
@@ -435,6 +457,8 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
         recovery_tokens: cfg.recovery_steps * shape.batch_size() * cfg.seq_len,
         teacher_tokens,
         eval_tokens: test.num_targets(),
+        connectivity: student.to_string(),
+        depth: cfg.depth,
     };
     write_report(cfg, &report)?;
     Ok(report)
@@ -481,11 +505,14 @@ fn write_report(cfg: &RecipeConfig, report: &RecipeReport) -> Result<(), RecipeE
     let mut text = String::from("# FCSD recipe\n\n");
     let _ = writeln!(
         text,
-        "Corpus `{}`; teacher {} tokens; each recovery run {} tokens (same start, same budget). FarSkip on all layers.\n\
+        "Corpus `{}`; teacher {} tokens; each recovery run {} tokens (same start, same budget). Student: `{}` \
+         (FarSkip on all layers, skip depth {}).\n\
          Measured on {} held-out tokens after the ones that chose the checkpoints.\n",
         cfg.corpus.display(),
         report.teacher_tokens,
         report.recovery_tokens,
+        report.connectivity,
+        report.depth,
         report.eval_tokens
     );
     text.push_str(&report.table());

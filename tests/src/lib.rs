@@ -44,7 +44,14 @@ pub fn ids_vec(store: &TensorStore, name: &str) -> Vec<i64> {
     store.i64(name).unwrap_or_else(|e| panic!("{e}")).0
 }
 
-/// Max |a - b| between a tensor and reference values; panics on a shape mismatch.
+/// The depth reference tensors of a family (`depth.safetensors`: skip depth 2 and 3).
+pub fn depth_reference(family: &str) -> TensorStore {
+    TensorStore::open_files(&[fixture_dir(family).join("depth.safetensors")])
+        .unwrap_or_else(|e| panic!("{family}: {e}"))
+}
+
+/// Max |a - b| between a tensor and reference values; panics on a shape or length mismatch. A NaN or infinite
+/// value on either side gives `f32::INFINITY`, so `diff <= tol` can never pass on one.
 pub fn max_abs_diff<const D: usize>(got: Tensor<D>, want: &(Vec<f32>, Vec<usize>)) -> f32 {
     assert_eq!(got.dims().to_vec(), want.1, "shape");
     let g = got
@@ -52,10 +59,21 @@ pub fn max_abs_diff<const D: usize>(got: Tensor<D>, want: &(Vec<f32>, Vec<usize>
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 data");
-    g.iter()
-        .zip(&want.0)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    max_abs_diff_values(&g, &want.0)
+}
+
+/// Max |a - b| over two slices of equal length; `f32::INFINITY` if any value is NaN or infinite.
+pub fn max_abs_diff_values(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    let mut max = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        let d = (x - y).abs();
+        if !d.is_finite() {
+            return f32::INFINITY;
+        }
+        max = max.max(d);
+    }
+    max
 }
 
 /// Host values of an Int tensor.
