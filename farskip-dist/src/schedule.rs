@@ -92,14 +92,14 @@ impl<C: Communicator + ?Sized> Ctx<'_, C> {
     }
 }
 
-/// The schedules keep one routed output in flight per rank (skip depth 1); a deeper connectivity is refused
-/// with an error naming it rather than run with the wrong waits.
+/// The expert-parallel training schedule keeps one routed output in flight per rank (skip depth 1); a deeper
+/// connectivity is refused with an error naming it rather than run with the wrong waits.
 pub(crate) fn depth_one_only(conn: &Connectivity) -> Result<()> {
     match conn.depth() {
         Some(d) if d > 1 => Err(ScheduleError::Model(ModelError::InvalidConnectivity {
             spec: conn.to_string(),
             message: format!(
-                "the distributed schedules run skip depth 1 only (got {d}); the single-rank model runs any depth"
+                "expert-parallel training runs skip depth 1 only (got {d}); inference schedules and the single-rank model run any depth"
             ),
         })),
         _ => Ok(()),
@@ -188,6 +188,17 @@ trait RankSchedule {
         Ok(conn.moe_output(p.post_attention, routed, p.shared, Vec::new()))
     }
 
+    /// The forward pass at skip depth ≥ 2 (see [`run_deep`]).
+    fn run_deep<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        conn: &Connectivity,
+        depth: usize,
+        input_ids: Tensor<2, Int>,
+    ) -> Result<Tensor<3>> {
+        run_deep(self, ctx, conn, depth, input_ids)
+    }
+
     /// The forward pass of this rank's tokens under the model's connectivity.
     fn run<C: Communicator + ?Sized>(
         &self,
@@ -202,7 +213,9 @@ trait RankSchedule {
         };
         let model = self.model();
         let conn = model.connectivity().clone();
-        depth_one_only(&conn)?;
+        if let Some(depth) = conn.depth().filter(|&d| d > 1) {
+            return self.run_deep(&ctx, &conn, depth, input_ids);
+        }
         let blocking = !conn.keeps_routed_free_stream();
         let mut flow = Flow::Ready(Residual::Plain(
             ctx.compute(None, ops::HEAD, || model.embed(input_ids)),
@@ -286,6 +299,95 @@ trait RankSchedule {
         };
         Ok(ctx.compute(None, ops::HEAD, || model.logits(full)))
     }
+}
+
+/// The forward pass at skip depth `depth` ≥ 2 (the rules of `Connectivity::layer_inputs`): each MoE layer's
+/// routed collective stays in flight until the layer that first reads it — a converted layer's MoE once `depth`
+/// outputs are queued, a stock or dense layer at once, the final norm at the end. The additions are the
+/// model's, in the model's order, so EP equals the single-rank model bit for bit.
+fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
+    schedule: &S,
+    ctx: &Ctx<'_, C>,
+    conn: &Connectivity,
+    depth: usize,
+    input_ids: Tensor<2, Int>,
+) -> Result<Tensor<3>> {
+    let model = schedule.model();
+    let resolve_all = |queue: Vec<S::Pending>| -> Result<Vec<Tensor<3>>> {
+        queue
+            .into_iter()
+            .map(|p| schedule.moe_finish(ctx, p))
+            .collect()
+    };
+    let add_all = |x: Tensor<3>, ps: Vec<Tensor<3>>| ps.into_iter().fold(x, |acc, p| acc + p);
+    // S, and the routed collectives in flight, newest first (at most `depth`).
+    let mut settled = ctx.compute(None, ops::HEAD, || model.embed(input_ids));
+    let mut queue: Vec<S::Pending> = Vec::with_capacity(depth);
+    for (i, layer) in model.layers.iter().enumerate() {
+        let converted = conn.is_converted(i);
+        // What attention reads: S (converted) or, for a stock layer, R = S + ΣP once everything has landed.
+        let (attn_in, mut in_flight) = if converted {
+            (settled.clone(), std::mem::take(&mut queue))
+        } else {
+            let r = add_all(settled.clone(), resolve_all(std::mem::take(&mut queue))?);
+            (r, Vec::new())
+        };
+        let normed = ctx.compute(Some(i), ops::ATTN_1, || {
+            layer.input_norm.forward(attn_in.clone())
+        });
+        let attn = schedule.attn_begin(ctx, layer, normed)?;
+        // The MoE's input: S plus the oldest in-flight output once `depth` are queued (it settles), else S;
+        // a stock layer's MoE reads the post-attention stream.
+        let m = if !converted {
+            None
+        } else if in_flight.len() >= depth {
+            let oldest = resolve_all(in_flight.split_off(depth - 1))?;
+            Some(add_all(settled.clone(), oldest))
+        } else {
+            Some(settled.clone())
+        };
+        let mut attn = Some(attn);
+        let mut finish_attention = |residual: &Tensor<3>| -> Result<Tensor<3>> {
+            let a = schedule.attn_end(ctx, layer, attn.take().expect("attention finishes once"))?;
+            Ok(residual.clone() + a)
+        };
+        match (&layer.ffn, m) {
+            (Ffn::Moe(moe), Some(m)) => {
+                let x = ctx.compute(Some(i), ops::ROUTER, || layer.post_norm.forward(m.clone()));
+                let p = schedule.moe(ctx, layer, moe, x, &mut || finish_attention(&m))?;
+                settled = match p.shared {
+                    Some(s) => p.post_attention + s,
+                    None => p.post_attention,
+                };
+                queue.push(p.routed);
+                queue.append(&mut in_flight);
+            }
+            (Ffn::Moe(moe), None) => {
+                let post_attention = finish_attention(&attn_in)?;
+                let x = ctx.compute(Some(i), ops::ROUTER, || {
+                    layer.post_norm.forward(post_attention.clone())
+                });
+                let p = schedule.moe(ctx, layer, moe, x, &mut || Ok(post_attention.clone()))?;
+                settled = match p.shared {
+                    Some(s) => p.post_attention + s,
+                    None => p.post_attention,
+                };
+                queue.push(p.routed);
+            }
+            (Ffn::Dense(mlp), m) => {
+                let residual = m.clone().unwrap_or_else(|| attn_in.clone());
+                let post_attention = finish_attention(&residual)?;
+                let x = m.unwrap_or_else(|| post_attention.clone());
+                let out = ctx.compute(Some(i), ops::MLP, || {
+                    mlp.forward(layer.post_norm.forward(x))
+                });
+                // Everything still in flight joins the stream: R + a + MLP(x).
+                settled = add_all(post_attention, resolve_all(in_flight)?) + out;
+            }
+        }
+    }
+    let full = add_all(settled, resolve_all(queue)?);
+    Ok(ctx.compute(None, ops::HEAD, || model.logits(full)))
 }
 
 /// One expert-parallel rank: replicated non-expert weights, a contiguous block of every MoE layer's experts.

@@ -1,5 +1,6 @@
 //! Distributed equals single-rank: expert and tensor parallelism on 2 and 4 in-process ranks, for the preset
-//! and every fixture family, standard (blocking schedule) and FarSkip (overlapped schedule); and expert-parallel
+//! and every fixture family, standard (blocking schedule) and FarSkip (overlapped schedule, skip depth 1, 2 and
+//! 3); and expert-parallel
 //! training (segmented backward) against single-rank training.
 
 use burn::prelude::*;
@@ -31,7 +32,14 @@ fn check(model: &Model, label: &str) {
     let mut worst = [0.0f64; 2];
     for world in [2, 4] {
         let ids = random_ids(world, 12, model.config().vocab_size, world as u64, &device);
-        for spec in ["standard", "farskip", "farskip:1..=2"] {
+        for spec in [
+            "standard",
+            "farskip",
+            "farskip:1..=2",
+            "farskip-d2",
+            "farskip-d3",
+            "farskip-d2:1..=2",
+        ] {
             let m = model
                 .clone()
                 .with_connectivity(spec.parse::<Connectivity>().unwrap())
