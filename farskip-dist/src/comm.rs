@@ -2,19 +2,26 @@
 //! [`CollectiveCall`]) and the row payload of `all_to_all_v` ([`Rows`]).
 //!
 //! Backends live in submodules: [`SingleRank`] (a world of one), [`LocalWorld`] (ranks as threads
-//! of one process, with a simulated link). The NCCL backend is `crate::nccl` (feature `nccl`).
+//! of one process, with a simulated link), `MpiComm` (feature `mpi`: one process per rank under
+//! `mpirun`). The NCCL backend is `crate::nccl` (feature `nccl`).
 //! The result semantics shared by the host backends (rank-order sums, row routing) live in
 //! `semantics`; the trait itself says nothing about how bytes move.
 
 mod error;
+mod linked;
 mod local;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod pending;
 mod rows;
 pub(crate) mod semantics;
 mod single;
 mod tag;
 
+#[cfg(feature = "mpi")]
+pub use self::mpi::{MpiComm, MpiConfig, MpiInitError, MpiWorld, launched_by_mpirun};
 pub use error::{CommError, RankError};
+pub use linked::LinkedComm;
 pub use local::{LinkModel, LocalComm, LocalWorld, LocalWorldConfig};
 pub use pending::Pending;
 pub use rows::Rows;
@@ -62,6 +69,33 @@ pub trait Communicator: Send + Sync {
 }
 
 impl<C: Communicator + ?Sized> Communicator for std::sync::Arc<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce(&self, tag: CollectiveTag, data: Vec<f32>) -> Pending<Vec<f32>> {
+        (**self).all_reduce(tag, data)
+    }
+    fn all_to_all_v(&self, tag: CollectiveTag, send: Rows) -> Pending<Rows> {
+        (**self).all_to_all_v(tag, send)
+    }
+    fn all_gather(&self, tag: CollectiveTag, data: Vec<f32>) -> Pending<Vec<f32>> {
+        (**self).all_gather(tag, data)
+    }
+    fn reduce_scatter(&self, tag: CollectiveTag, data: Vec<f32>) -> Pending<Vec<f32>> {
+        (**self).reduce_scatter(tag, data)
+    }
+    fn broadcast(&self, tag: CollectiveTag, root: usize, data: Vec<f32>) -> Pending<Vec<f32>> {
+        (**self).broadcast(tag, root, data)
+    }
+    fn barrier(&self, tag: CollectiveTag) -> Pending<()> {
+        (**self).barrier(tag)
+    }
+}
+
+impl<C: Communicator + ?Sized> Communicator for &C {
     fn rank(&self) -> usize {
         (**self).rank()
     }

@@ -224,6 +224,32 @@ impl TensorWriter {
         self.tensors.insert(name.into(), (Dtype::I64, shape, bytes));
     }
 
+    /// Stores every f32 tensor as `dtype` (F32, BF16 or F16, rounded to nearest): a checkpoint saved in the
+    /// dtype it was loaded from.
+    pub fn cast_floats(&mut self, dtype: Dtype) -> Result<()> {
+        let cast: fn(f32) -> [u8; 2] = match dtype {
+            Dtype::F32 => return Ok(()),
+            Dtype::BF16 => |x| half::bf16::from_f32(x).to_le_bytes(),
+            Dtype::F16 => |x| half::f16::from_f32(x).to_le_bytes(),
+            other => {
+                return Err(ModelError::UnsupportedDtype {
+                    name: "(writing weights)".into(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        for (dt, _, bytes) in self.tensors.values_mut() {
+            if *dt == Dtype::F32 {
+                *bytes = bytes
+                    .chunks_exact(4)
+                    .flat_map(|c| cast(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    .collect();
+                *dt = dtype;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a safetensors file.
     pub fn write(&self, path: &Path, metadata: Option<HashMap<String, String>>) -> Result<()> {
         let views: Vec<(String, TensorView<'_>)> = self

@@ -6,11 +6,13 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
+use safetensors::Dtype;
 use serde_json::Value;
 
 use crate::attention::AttentionKind;
 use crate::checkpoint::{TensorStore, TensorWriter};
 use crate::config::*;
+use crate::connectivity::{Connectivity, FarSkip, FarSkipVariant};
 use crate::error::{ModelError, Result};
 use crate::mlp::{Mlp, SharedExpert};
 use crate::model::{Ffn, Model};
@@ -527,6 +529,125 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// The FarSkip keys of `config.json`, as the paper authors' Instella-MoE checkpoints name them, plus
+/// `farskip_depth` (skip depth, absent = 1).
+pub const FARSKIP_KEYS: [&str; 6] = [
+    "farskip",
+    "farskip_start_idx",
+    "farskip_end_idx",
+    "attn_only_farskip",
+    "mlp_only_farskip",
+    "farskip_depth",
+];
+
+/// The reference's `farskip_end_idx` default: through the last layer.
+const FARSKIP_END_ALL: usize = 10_000;
+
+/// The connectivity a `config.json` records: standard unless `"farskip": true`; then layers
+/// `farskip_start_idx ..= min(farskip_end_idx, num_layers - 1)` (defaults 0 and 10000), the variant from
+/// `attn_only_farskip` / `mlp_only_farskip` and the depth from `farskip_depth`. An end at or past the last layer
+/// means "through the last layer" (`end: None`). Errors name the key at fault.
+pub fn parse_connectivity(v: &Value, num_layers: usize) -> Result<Connectivity> {
+    let j = Json { v };
+    // Every key is type-checked, even when `farskip` is false: a typo should not hide until it is switched on.
+    let enabled = j.bool_or("farskip", false)?;
+    let start = j.opt_usize("farskip_start_idx")?.unwrap_or(0);
+    let end = j.opt_usize("farskip_end_idx")?.unwrap_or(FARSKIP_END_ALL);
+    let attn_only = j.bool_or("attn_only_farskip", false)?;
+    let mlp_only = j.bool_or("mlp_only_farskip", false)?;
+    let depth = j.opt_usize("farskip_depth")?.unwrap_or(1);
+    if !enabled {
+        return Ok(Connectivity::Standard);
+    }
+    let variant = match (attn_only, mlp_only) {
+        (true, true) => {
+            return Err(ModelError::invalid(
+                "mlp_only_farskip",
+                "attn_only_farskip and mlp_only_farskip are both true (choose one variant)",
+            ));
+        }
+        (true, false) => FarSkipVariant::AttnOnly,
+        (false, true) => FarSkipVariant::MlpOnly,
+        (false, false) => FarSkipVariant::Full,
+    };
+    if depth == 0 {
+        return Err(ModelError::invalid(
+            "farskip_depth",
+            "must be at least 1 (1 = the paper's FarSkip)",
+        ));
+    }
+    if start >= num_layers {
+        return Err(ModelError::invalid(
+            "farskip_start_idx",
+            format!("is {start} but the model has {num_layers} layers (0-based)"),
+        ));
+    }
+    if end < start {
+        return Err(ModelError::invalid(
+            "farskip_end_idx",
+            format!("is {end}, before farskip_start_idx {start}"),
+        ));
+    }
+    Ok(Connectivity::FarSkip(FarSkip {
+        start,
+        end: (end + 1 < num_layers).then_some(end),
+        variant,
+        depth,
+    }))
+}
+
+/// Records `connectivity` in a `config.json` value: the FarSkip keys for a FarSkip model (`farskip_depth`
+/// only when it is not 1, `farskip_end_idx` 10000 for "through the last layer"), none of them for a standard
+/// one.
+pub fn write_connectivity(config: &mut Value, connectivity: &Connectivity) -> Result<()> {
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| ModelError::invalid("config.json", "is not a JSON object"))?;
+    for key in FARSKIP_KEYS {
+        obj.remove(key);
+    }
+    if let Connectivity::FarSkip(f) = connectivity {
+        obj.insert("farskip".into(), true.into());
+        obj.insert("farskip_start_idx".into(), f.start.into());
+        obj.insert(
+            "farskip_end_idx".into(),
+            f.end.unwrap_or(FARSKIP_END_ALL).into(),
+        );
+        obj.insert(
+            "attn_only_farskip".into(),
+            (f.variant == FarSkipVariant::AttnOnly).into(),
+        );
+        obj.insert(
+            "mlp_only_farskip".into(),
+            (f.variant == FarSkipVariant::MlpOnly).into(),
+        );
+        if f.depth != 1 {
+            obj.insert("farskip_depth".into(), f.depth.into());
+        }
+    }
+    Ok(())
+}
+
+/// The dtype `config.json` gives the weights (`torch_dtype`, transformers 4.x, or `dtype`, 5.x): f32 when
+/// neither is there.
+pub fn weights_dtype(config: &Value) -> Result<Dtype> {
+    let j = Json { v: config };
+    for key in ["torch_dtype", "dtype"] {
+        if let Some(v) = j.get(key) {
+            return match v.as_str() {
+                Some("float32" | "float") => Ok(Dtype::F32),
+                Some("bfloat16") => Ok(Dtype::BF16),
+                Some("float16" | "half") => Ok(Dtype::F16),
+                _ => Err(ModelError::invalid(
+                    key,
+                    format!("expected float32, bfloat16 or float16, found {v}"),
+                )),
+            };
+        }
+    }
+    Ok(Dtype::F32)
+}
+
 /// Reads and parses `dir/config.json`.
 pub fn load_config(dir: &Path) -> Result<(ModelConfig, Value)> {
     let path = dir.join("config.json");
@@ -749,10 +870,12 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
         }
-        let (config, _) = load_config(dir)?;
+        let (config, json) = load_config(dir)?;
+        let connectivity = parse_connectivity(&json, config.num_layers())?;
         let store = TensorStore::open_dir(dir)?;
         let mut model = Model::new(&config, device)?;
         model.load_hf_tensors(&store)?;
+        let model = model.with_connectivity(connectivity)?;
         tracing::info!(family = %config.family, layers = config.num_layers(), dir = %dir.display(), "loaded checkpoint");
         Ok(model)
     }
@@ -791,14 +914,18 @@ impl Model {
     }
 
     /// Writes `dir/model.safetensors` with HF names and layout, and `dir/config.json` (the given HF config, or
-    /// one generated from [`ModelConfig`] for the GQA softmax-router families).
+    /// one generated from [`ModelConfig`] for the GQA softmax-router families) with the model's connectivity in
+    /// the FarSkip keys ([`write_connectivity`]), so that [`Model::from_pretrained`] reloads it as it runs now.
+    /// Weights are written in the dtype the config names ([`weights_dtype`]).
     pub fn save_pretrained(&self, dir: impl AsRef<Path>, hf_config: Option<&Value>) -> Result<()> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let config = match hf_config {
+        let mut config = match hf_config {
             Some(v) => v.clone(),
             None => hf_config_json(self.config())?,
         };
+        write_connectivity(&mut config, self.connectivity())?;
+        let dtype = weights_dtype(&config)?;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
         let cfg_path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config).map_err(|e| ModelError::ConfigParse {
             path: cfg_path.clone(),
@@ -807,6 +934,7 @@ impl Model {
         std::fs::write(&cfg_path, text).map_err(|e| ModelError::io(&cfg_path, e))?;
         let mut w = TensorWriter::default();
         self.write_hf_tensors(&mut w);
+        w.cast_floats(dtype)?;
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         w.write(&dir.join("model.safetensors"), Some(meta))
