@@ -60,8 +60,10 @@ pub mod trace;
 
 pub use comm::{
     CallShape, CollectiveCall, CollectiveKind, CollectiveTag, CommError, Communicator, LinkModel,
-    LocalComm, LocalWorld, LocalWorldConfig, Pending, RankError, Rows, SingleRank,
+    LinkedComm, LocalComm, LocalWorld, LocalWorldConfig, Pending, RankError, Rows, SingleRank,
 };
+#[cfg(feature = "mpi")]
+pub use comm::{MpiComm, MpiConfig, MpiInitError, MpiWorld, launched_by_mpirun};
 pub use dispatch::{
     DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine, combine_start,
     dispatch, dispatch_start, weighted_sum_slots,
