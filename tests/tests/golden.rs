@@ -74,7 +74,10 @@ fn check_depths(model: &Model, family: &str, report: &mut Vec<String>, failures:
         ("farskip-d3", "farskip_d3_logits"),
         ("farskip-d2:1..=3", "farskip_d2_range_logits"),
     ] {
-        let diff = max_abs_diff(with(spec).forward(input.clone()).unwrap(), &r.f32(name).unwrap());
+        let diff = max_abs_diff(
+            with(spec).forward(input.clone()).unwrap(),
+            &r.f32(name).unwrap(),
+        );
         report.push(format!("{spec}: {diff:.2e}"));
         if diff > TOL {
             failures.push(format!("{spec}: max |logits - {name}| = {diff}"));
@@ -86,7 +89,10 @@ fn check_depths(model: &Model, family: &str, report: &mut Vec<String>, failures:
     if int_values(g.ids) != ids_vec(&r, "farskip_d2_greedy_ids") {
         failures.push("farskip-d2: greedy ids differ".into());
     }
-    let diff = max_abs_diff(g.step_logits, &r.f32("farskip_d2_greedy_step_logits").unwrap());
+    let diff = max_abs_diff(
+        g.step_logits,
+        &r.f32("farskip_d2_greedy_step_logits").unwrap(),
+    );
     report.push(format!("farskip-d2 greedy steps: {diff:.2e}"));
     if diff > TOL {
         failures.push(format!("farskip-d2: greedy step logits diff {diff}"));
