@@ -178,6 +178,44 @@ fn a_rank_computes_while_its_collective_is_in_flight() -> Result<(), CommError> 
     Ok(())
 }
 
+/// Rank 0 issues an all_to_all_v, computes for 400 ms and only then waits; rank 1 issues 200 ms late.
+/// Issuing returns at once and the exchange completes while rank 0 computes (the same check runs on
+/// MPI in tests/mpi.rs).
+#[test]
+fn all_to_all_v_does_not_block_the_issuing_rank_while_its_peer_is_late() -> Result<(), CommError> {
+    let out = all_ok(LocalWorld::run(2, LinkModel::instant(), |c| {
+        c.barrier(tag("start")).wait()?;
+        if c.rank() == 1 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let t0 = Instant::now();
+        let rows = Rows::per_peer(4, vec![c.rank() as f32; 4 * 3], vec![1, 2]);
+        let pending = c.all_to_all_v(tag("late"), rows);
+        let issue = t0.elapsed();
+        if c.rank() == 0 {
+            let mut x = 1.0f64;
+            while t0.elapsed() < Duration::from_millis(400) {
+                x = std::hint::black_box(x * 1.000_000_1 + 1e-9);
+            }
+        }
+        let t1 = Instant::now();
+        let got = pending.wait()?;
+        Ok::<_, CommError>((issue, t1.elapsed(), got))
+    })?);
+    let (issue, wait, got) = &out[0];
+    assert!(
+        *issue < Duration::from_millis(20),
+        "issuing blocked rank 0 for {issue:?}"
+    );
+    assert!(
+        *wait < Duration::from_millis(100),
+        "the wait after computing took {wait:?}"
+    );
+    assert_eq!(got.counts, vec![vec![1], vec![1]]);
+    assert_eq!(got.data, vec![0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]);
+    Ok(())
+}
+
 #[test]
 fn a_late_rank_shows_as_its_peers_wait_and_exposed_time() -> Result<(), CommError> {
     // Both ranks compute 100 ms behind a 100 ms collective (comm_ratio 1), but rank 1 issues it 80 ms late:
