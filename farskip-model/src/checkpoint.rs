@@ -2,10 +2,14 @@
 //! converting F32 / F16 / BF16 / F64 to f32. Knows nothing of model names: see `hf.rs`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{
+    Dtype,
+    tensor::{Metadata, TensorView},
+};
 
 use crate::error::{ModelError, Result};
 
@@ -17,14 +21,20 @@ struct Entry {
     end: usize,
 }
 
-/// All tensors of a checkpoint directory, read into memory.
-pub struct TensorStore {
-    files: Vec<(PathBuf, Vec<u8>)>,
+/// safetensors' own bound on a header (100 MB): a larger length prefix is a corrupt file, not a big model.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// The headers of a checkpoint's safetensors files: every tensor's name, dtype and shape and where its bytes
+/// lie, read without the data (a few KiB per file). A loader checks a config against it before committing
+/// memory to the weights, then [`TensorIndex::read`]s them.
+pub struct TensorIndex {
+    /// Each file and the length its header implies (checked against the file's size).
+    files: Vec<(PathBuf, u64)>,
     entries: HashMap<String, Entry>,
 }
 
-impl TensorStore {
-    /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`.
+impl TensorIndex {
+    /// The headers of `dir/model.safetensors`, or of the shards listed in `dir/model.safetensors.index.json`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
@@ -63,18 +73,13 @@ impl TensorStore {
         Self::open_files(&paths)
     }
 
-    /// Opens the given safetensors files.
+    /// The headers of the given safetensors files.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
         let mut entries = HashMap::new();
         for (fi, path) in paths.iter().enumerate() {
-            let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-            let (n, meta) =
-                SafeTensors::read_metadata(&bytes).map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
-            let base = 8 + n;
+            let (header_len, meta, file_len) = read_header(path)?;
+            let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 entries.insert(
                     name,
@@ -87,7 +92,7 @@ impl TensorStore {
                     },
                 );
             }
-            files.push((path.clone(), bytes));
+            files.push((path.clone(), file_len));
         }
         Ok(Self { files, entries })
     }
@@ -104,19 +109,125 @@ impl TensorStore {
 
     /// Shape of `name`.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.entry(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Dtype of `name` as stored.
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        self.entry(name).map(|e| e.dtype)
+    }
+
+    /// Total size of the files in bytes: what [`Self::read`] holds in memory.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Reads the tensors' bytes.
+    pub fn read(self) -> Result<TensorStore> {
+        let mut data = Vec::with_capacity(self.files.len());
+        for (path, len) in &self.files {
+            let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+            // The offsets were checked against the header's length: a file that changed since is refused
+            // rather than sliced out of bounds.
+            if bytes.len() as u64 != *len {
+                return Err(ModelError::Safetensors {
+                    path: path.clone(),
+                    message: format!(
+                        "the file changed while loading ({len} bytes in its header, {} now)",
+                        bytes.len()
+                    ),
+                });
+            }
+            data.push(bytes);
+        }
+        Ok(TensorStore { index: self, data })
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
         self.entries
             .get(name)
-            .map(|e| e.shape.as_slice())
             .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+}
+
+/// Reads only the header of a safetensors file: its length, the validated metadata and the file's size, which
+/// must be exactly the header plus the data it describes.
+fn read_header(path: &Path) -> Result<(usize, Metadata, u64)> {
+    let corrupt = |message: String| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
+    let mut prefix = [0u8; 8];
+    if file_len < 8 {
+        return Err(corrupt(format!(
+            "{file_len} bytes is too short for a safetensors header"
+        )));
+    }
+    file.read_exact(&mut prefix)
+        .map_err(|e| ModelError::io(path, e))?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_BYTES || n > file_len - 8 {
+        return Err(corrupt(format!(
+            "header length {n} does not fit the file ({file_len} bytes, at most {MAX_HEADER_BYTES} of header)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| ModelError::io(path, e))?;
+    let meta: Metadata =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("invalid header: {e}")))?;
+    let described = 8 + n + meta.data_len() as u64;
+    if described != file_len {
+        return Err(corrupt(format!(
+            "the header describes {described} bytes but the file has {file_len}"
+        )));
+    }
+    Ok((n as usize, meta, file_len))
+}
+
+/// All tensors of a checkpoint directory, read into memory.
+pub struct TensorStore {
+    index: TensorIndex,
+    data: Vec<Vec<u8>>,
+}
+
+impl TensorStore {
+    /// Opens `dir/model.safetensors`, or the shards listed in `dir/model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        TensorIndex::open_dir(dir)?.read()
+    }
+
+    /// Opens the given safetensors files.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        TensorIndex::open_files(paths)?.read()
+    }
+
+    /// The headers: names, dtypes, shapes.
+    pub fn index(&self) -> &TensorIndex {
+        &self.index
+    }
+
+    /// Whether the checkpoint has `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains(name)
+    }
+
+    /// Every tensor name.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.names()
+    }
+
+    /// Shape of `name`.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        self.index.shape(name)
     }
 
     /// `name` as f32 values (row-major) and its shape.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let bytes = &self.files[e.file].1[e.start..e.end];
+        let e = self.index.entry(name)?;
+        let bytes = &self.data[e.file][e.start..e.end];
         let values = match e.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
@@ -146,11 +257,8 @@ impl TensorStore {
 
     /// `name` as i64 values and its shape (I64 / I32 tensors).
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        let bytes = &self.files[e.file].1[e.start..e.end];
+        let e = self.index.entry(name)?;
+        let bytes = &self.data[e.file][e.start..e.end];
         let values = match e.dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)
@@ -190,9 +298,10 @@ impl TensorStore {
 
     /// The path of the file holding `name`.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.entries
+        self.index
+            .entries
             .get(name)
-            .map(|e| self.files[e.file].0.as_path())
+            .map(|e| self.index.files[e.file].0.as_path())
     }
 }
 

@@ -57,6 +57,48 @@ pub enum ModelError {
         /// The shape in the file.
         found: Vec<usize>,
     },
+    /// A dimension config.json implies disagrees with the tensor in the checkpoint that holds it.
+    #[error(
+        "config.json `{key}` = {config} does not match the checkpoint: tensor `{tensor}` has {found} there (shape {shape:?})"
+    )]
+    ConfigTensorMismatch {
+        /// The config key (or expression of keys, `num_attention_heads × head_dim`) the dimension comes from.
+        key: String,
+        /// The value config.json gives.
+        config: usize,
+        /// The tensor at fault.
+        tensor: String,
+        /// The dimension in the file.
+        found: usize,
+        /// The tensor's whole shape in the file.
+        shape: Vec<usize>,
+    },
+    /// config.json asks for more decoder layers than the checkpoint holds.
+    #[error(
+        "config.json `num_hidden_layers` = {config} does not match the checkpoint: it holds {found} layers (no tensor `{tensor}`)"
+    )]
+    LayerCountMismatch {
+        /// `num_hidden_layers` in config.json.
+        config: u64,
+        /// Layers in the checkpoint (the first missing layer's index).
+        found: usize,
+        /// The first missing layer's tensor.
+        tensor: String,
+    },
+    /// Loading would need more memory than the machine has available.
+    #[error(
+        "not enough memory: {what} needs about {:.2} GiB, {:.2} GiB is available",
+        gib(*needed),
+        gib(*available)
+    )]
+    InsufficientMemory {
+        /// What would be allocated.
+        what: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        available: u64,
+    },
     /// A tensor has a dtype the loader cannot convert to f32.
     #[error("tensor `{name}` has unsupported dtype {dtype}")]
     UnsupportedDtype {
@@ -88,6 +130,10 @@ pub enum ModelError {
         /// Why it is invalid.
         message: String,
     },
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// Result alias of the model crate.

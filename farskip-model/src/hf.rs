@@ -14,10 +14,13 @@ use crate::checkpoint::{TensorStore, TensorWriter};
 use crate::config::*;
 use crate::connectivity::{Connectivity, FarSkip, FarSkipVariant};
 use crate::error::{ModelError, Result};
+use crate::memory::MemoryCheck;
 use crate::mlp::{Mlp, SharedExpert};
 use crate::model::{Ffn, Model};
 use crate::moe::{ExpertBank, MoeBlock};
 use crate::rope::Rope;
+
+mod check;
 
 /// The `model_type`s this crate loads.
 pub const SUPPORTED_FAMILIES: [&str; 7] = [
@@ -29,6 +32,9 @@ pub const SUPPORTED_FAMILIES: [&str; 7] = [
     "mixtral",
     "olmoe",
 ];
+
+/// The most decoder layers [`parse_config`] accepts (published MoE models have at most a few hundred).
+pub const MAX_LAYERS: usize = 1 << 16;
 
 /// Typed access to config.json with errors that name the key.
 struct Json<'a> {
@@ -198,6 +204,15 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
     }
     let hidden = j.usize("hidden_size")?;
     let layers_n = j.usize("num_hidden_layers")?;
+    // One layer config per layer is built here, before any weights file is read: a count no model comes near
+    // is a corrupt value, refused rather than iterated over. (Loading compares the count with the checkpoint's
+    // layers first, so a checkpoint gets the error naming its first missing layer.)
+    if layers_n > MAX_LAYERS {
+        return Err(ModelError::invalid(
+            "num_hidden_layers",
+            format!("{layers_n} is more than {MAX_LAYERS} layers"),
+        ));
+    }
     let heads = j.usize("num_attention_heads")?;
     let kv_heads = j.opt_usize("num_key_value_heads")?.unwrap_or(heads);
     if heads == 0 {
@@ -362,13 +377,18 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                 latent_norm_eps: 1e-6,
             });
             let moe_inter = j.usize("moe_intermediate_size")?;
-            let shared = j
-                .opt_usize("n_shared_experts")?
-                .filter(|&n| n > 0)
-                .map(|n| SharedExpertConfig {
-                    intermediate_size: n * moe_inter,
+            let shared = match j.opt_usize("n_shared_experts")?.filter(|&n| n > 0) {
+                None => None,
+                Some(n) => Some(SharedExpertConfig {
+                    intermediate_size: n.checked_mul(moe_inter).ok_or_else(|| {
+                        ModelError::invalid(
+                            "n_shared_experts",
+                            format!("{n} × moe_intermediate_size {moe_inter} overflows"),
+                        )
+                    })?,
                     gated: false,
-                });
+                }),
+            };
             let groups = |score| -> Result<Option<GroupLimit>> {
                 Ok(Some(GroupLimit {
                     num_groups: j.opt_usize("n_group")?.unwrap_or(1),
@@ -650,13 +670,18 @@ pub fn weights_dtype(config: &Value) -> Result<Dtype> {
 
 /// Reads and parses `dir/config.json`.
 pub fn load_config(dir: &Path) -> Result<(ModelConfig, Value)> {
+    let v = read_config_json(dir)?;
+    Ok((parse_config(&v)?, v))
+}
+
+/// `dir/config.json` as JSON.
+fn read_config_json(dir: &Path) -> Result<Value> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ModelError::ConfigParse {
+    serde_json::from_str(&text).map_err(|e| ModelError::ConfigParse {
         path: path.clone(),
         message: e.to_string(),
-    })?;
-    Ok((parse_config(&v)?, v))
+    })
 }
 
 /// HF names of one layer's feed-forward module and its experts.
@@ -861,8 +886,21 @@ fn attention_norms(kind: &mut AttentionKind) -> Vec<(&mut RmsNorm, &'static str)
 }
 
 impl Model {
-    /// Loads a Hugging Face checkpoint directory (`config.json` + `model.safetensors` or a sharded index).
+    /// Loads a Hugging Face checkpoint directory (`config.json` + `model.safetensors` or a sharded index),
+    /// refusing one that needs more memory than is available ([`MemoryCheck::Refuse`]).
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, device, MemoryCheck::Refuse)
+    }
+
+    /// [`Self::from_pretrained`] with a choice of what happens when the checkpoint needs more memory than is
+    /// available. Before a weight is allocated, config.json is checked against the safetensors headers (every
+    /// dimension it implies, the layer count, the dtypes) and the estimate ([`Model::estimate_bytes`] plus the
+    /// files) against the available memory.
+    pub fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        memory: MemoryCheck,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(ModelError::io(
@@ -870,9 +908,8 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
         }
-        let (config, json) = load_config(dir)?;
+        let (config, json, store) = check::open_checked(dir, memory)?;
         let connectivity = parse_connectivity(&json, config.num_layers())?;
-        let store = TensorStore::open_dir(dir)?;
         let mut model = Model::new(&config, device)?;
         model.load_hf_tensors(&store)?;
         let model = model.with_connectivity(connectivity)?;

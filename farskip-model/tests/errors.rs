@@ -10,7 +10,7 @@ use burn::prelude::*;
 use farskip_model::checkpoint::{TensorStore, TensorWriter};
 use farskip_model::config::{AttentionConfig, RopeScaling};
 use farskip_model::hf::parse_config;
-use farskip_model::{Connectivity, FarSkip, Model, ModelConfig, ModelError};
+use farskip_model::{Connectivity, FarSkip, MemoryCheck, Model, ModelConfig, ModelError};
 use serde_json::{Value, json};
 
 use common::*;
@@ -172,56 +172,77 @@ fn missing_tensor_is_named_exactly() {
 }
 
 #[test]
-fn wrong_tensor_shape_names_tensor_expected_and_found() {
-    // (family, tensor, shape written): the values are cut or reused to fit the written shape
-    let cases: [(&str, &str, Vec<usize>, Vec<usize>); 4] = [
+fn wrong_tensor_shape_names_the_config_key_tensor_and_both_values() {
+    // (family, tensor, shape written, (config key, its value, the file's value))
+    let cases = [
         (
             "qwen3_moe",
             "model.layers.0.self_attn.k_proj.weight",
-            vec![32, 64],
             vec![64, 32],
+            ("num_key_value_heads × head_dim", 32, 64),
         ),
         (
             "llama4_text",
             "model.layers.2.feed_forward.experts.gate_up_proj",
-            vec![8, 64, 64],
             vec![8, 32, 64],
+            ("hidden_size", 64, 32),
         ),
         (
             "deepseek_v3",
             "model.layers.1.mlp.gate.e_score_correction_bias",
-            vec![8],
             vec![4],
-        ),
-        (
-            "qwen2_moe",
-            "model.layers.1.self_attn.q_proj.bias",
-            vec![64],
-            vec![64, 1],
+            ("n_routed_experts", 8, 4),
         ),
     ];
-    for (family, victim, expected_shape, written) in cases {
+    for (family, victim, written, (culprit, config_value, file_value)) in cases {
         let dir = copy_fixture(family);
         rewrite(&dir, |name, shape, mut v| {
             if name == victim {
-                assert_eq!(shape, expected_shape, "{family} {victim}: fixture shape");
                 v.truncate(written.iter().product());
                 return Some((written.clone(), v));
             }
             Some((shape, v))
         });
         match load(dir.path()) {
-            ModelError::ShapeMismatch {
-                name,
-                expected,
+            ModelError::ConfigTensorMismatch {
+                key,
+                config,
+                tensor,
                 found,
+                shape,
             } => {
-                assert_eq!(name, victim, "{family}");
-                assert_eq!(expected, expected_shape, "{family}");
-                assert_eq!(found, written, "{family}");
+                assert_eq!(
+                    (key.as_str(), tensor.as_str()),
+                    (culprit, victim),
+                    "{family}"
+                );
+                assert_eq!((config, found), (config_value, file_value), "{family}");
+                assert_eq!(shape, written, "{family}");
             }
             e => panic!("{family}: unexpected error: {e}"),
         }
+    }
+    // a tensor of another rank than the config implies
+    let dir = copy_fixture("qwen2_moe");
+    let victim = "model.layers.1.self_attn.q_proj.bias";
+    rewrite(&dir, |name, shape, v| {
+        Some(if name == victim {
+            assert_eq!(shape, [64], "fixture shape");
+            (vec![64, 1], v)
+        } else {
+            (shape, v)
+        })
+    });
+    match load(dir.path()) {
+        ModelError::ShapeMismatch {
+            name,
+            expected,
+            found,
+        } => {
+            assert_eq!(name, victim);
+            assert_eq!((expected, found), (vec![64], vec![64, 1]));
+        }
+        e => panic!("unexpected error: {e}"),
     }
 }
 
@@ -310,6 +331,317 @@ fn sharded_checkpoint_errors_name_the_index_or_the_shard() {
         }
         e => panic!("unexpected error: {e}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// config.json against the tensors: checked from the safetensors headers before a weight is allocated
+// ---------------------------------------------------------------------------------------------------------
+
+/// Loads `family`'s fixture with `key` set to `value` and returns the error and how long it took.
+fn load_with(family: &str, key: &str, value: Value) -> (ModelError, std::time::Duration) {
+    let dir = copy_fixture(family);
+    let mut json = fixture_config(family);
+    json[key] = value;
+    write_config(&dir, &json);
+    let start = std::time::Instant::now();
+    let e = load(dir.path());
+    (e, start.elapsed())
+}
+
+/// (family, key, value, the key the error names and its value, tensor, value in the file)
+type MismatchCase = (
+    &'static str,
+    &'static str,
+    u64,
+    (&'static str, u64),
+    &'static str,
+    usize,
+);
+
+/// Each case fails with `ConfigTensorMismatch` naming the key, the tensor and both values, in well under a
+/// second (nothing of the config's size is allocated) and with a message that says all of it on one line.
+fn assert_mismatches(cases: &[MismatchCase]) {
+    for &(family, key, value, (culprit, implied), victim, file_value) in cases {
+        let (e, took) = load_with(family, key, json!(value));
+        let msg = e.to_string();
+        match e {
+            ModelError::ConfigTensorMismatch {
+                key: k,
+                config,
+                tensor,
+                found,
+                ..
+            } => {
+                assert_eq!(
+                    (k.as_str(), tensor.as_str()),
+                    (culprit, victim),
+                    "{family} {key}={value}"
+                );
+                assert_eq!(
+                    (config as u64, found),
+                    (implied, file_value),
+                    "{family} {key}={value}"
+                );
+            }
+            e => panic!("{family} {key}={value}: unexpected error: {e}"),
+        }
+        for part in [
+            culprit,
+            victim,
+            &implied.to_string(),
+            &file_value.to_string(),
+        ] {
+            assert!(msg.contains(part), "{msg} lacks {part}");
+        }
+        assert!(!msg.contains('\n'), "{msg}");
+        assert!(took.as_secs_f64() < 1.0, "{family} {key}={value}: {took:?}");
+    }
+}
+
+#[test]
+fn config_dimension_larger_than_the_tensor_names_key_and_tensor() {
+    assert_mismatches(&[
+        (
+            "qwen3_moe",
+            "hidden_size",
+            4_000_000_000,
+            ("hidden_size", 4_000_000_000),
+            "model.embed_tokens.weight",
+            64,
+        ),
+        (
+            "qwen3_moe",
+            "moe_intermediate_size",
+            123_456_789,
+            ("moe_intermediate_size", 123_456_789),
+            "model.layers.0.mlp.experts.0.gate_proj.weight",
+            32,
+        ),
+        (
+            "llama4_text",
+            "intermediate_size_mlp",
+            4096,
+            ("intermediate_size_mlp", 4096),
+            "model.layers.1.feed_forward.gate_proj.weight",
+            128,
+        ),
+        (
+            "mixtral",
+            "intermediate_size",
+            64,
+            ("intermediate_size", 64),
+            "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+            32,
+        ),
+    ]);
+}
+
+#[test]
+fn config_dimension_smaller_than_the_tensor_names_key_and_tensor() {
+    assert_mismatches(&[
+        (
+            "qwen3_moe",
+            "hidden_size",
+            32,
+            ("hidden_size", 32),
+            "model.embed_tokens.weight",
+            64,
+        ),
+        (
+            "qwen2_moe",
+            "shared_expert_intermediate_size",
+            16,
+            ("shared_expert_intermediate_size", 16),
+            "model.layers.0.mlp.shared_expert.gate_proj.weight",
+            64,
+        ),
+        (
+            "olmoe",
+            "num_key_value_heads",
+            2,
+            ("num_key_value_heads × head_dim", 32),
+            "model.layers.0.self_attn.k_proj.weight",
+            64,
+        ),
+        (
+            "deepseek_v2",
+            "q_lora_rank",
+            16,
+            ("q_lora_rank", 16),
+            "model.layers.0.self_attn.q_a_proj.weight",
+            32,
+        ),
+    ]);
+}
+
+#[test]
+fn config_vocab_size_that_is_not_the_embeddings_names_both() {
+    assert_mismatches(&[
+        (
+            "qwen3_moe",
+            "vocab_size",
+            100_000_000_000,
+            ("vocab_size", 100_000_000_000),
+            "model.embed_tokens.weight",
+            256,
+        ),
+        (
+            "qwen3_moe",
+            "vocab_size",
+            255,
+            ("vocab_size", 255),
+            "model.embed_tokens.weight",
+            256,
+        ),
+        (
+            "deepseek_v3",
+            "vocab_size",
+            257,
+            ("vocab_size", 257),
+            "model.embed_tokens.weight",
+            256,
+        ),
+    ]);
+}
+
+#[test]
+fn config_expert_count_that_is_not_the_router_names_both() {
+    assert_mismatches(&[
+        (
+            "qwen3_moe",
+            "num_experts",
+            1_000_000_000,
+            ("num_experts", 1_000_000_000),
+            "model.layers.0.mlp.gate.weight",
+            8,
+        ),
+        (
+            "mixtral",
+            "num_local_experts",
+            4,
+            ("num_local_experts", 4),
+            "model.layers.0.block_sparse_moe.gate.weight",
+            8,
+        ),
+        (
+            "deepseek_v3",
+            "n_routed_experts",
+            16,
+            ("n_routed_experts", 16),
+            "model.layers.1.mlp.gate.weight",
+            8,
+        ),
+        (
+            "llama4_text",
+            "num_local_experts",
+            16,
+            ("num_local_experts", 16),
+            "model.layers.0.feed_forward.router.weight",
+            8,
+        ),
+    ]);
+}
+
+#[test]
+fn config_layer_count_beyond_the_file_names_the_first_missing_layer() {
+    for (family, layers) in [
+        ("qwen3_moe", 100_000u64),
+        ("qwen3_moe", 5),
+        ("deepseek_v3", 1 << 60),
+    ] {
+        let (e, took) = load_with(family, "num_hidden_layers", json!(layers));
+        let msg = e.to_string();
+        match e {
+            ModelError::LayerCountMismatch {
+                config,
+                found,
+                tensor,
+            } => {
+                assert_eq!((config, found), (layers, 4), "{family}");
+                assert_eq!(tensor, "model.layers.4.input_layernorm.weight");
+            }
+            e => panic!("{family} {layers}: unexpected error: {e}"),
+        }
+        assert!(
+            msg.contains("num_hidden_layers")
+                && msg.contains(&layers.to_string())
+                && msg.contains("model.layers.4.input_layernorm.weight"),
+            "{msg}"
+        );
+        assert!(took.as_secs_f64() < 1.0, "{family} {layers}: {took:?}");
+    }
+    // fewer layers than the file holds is a truncated model, which loads
+    let dir = copy_fixture("qwen3_moe");
+    let mut json = fixture_config("qwen3_moe");
+    json["num_hidden_layers"] = 3.into();
+    write_config(&dir, &json);
+    let m = Model::from_pretrained(dir.path(), &dev()).expect("3 of 4 layers");
+    assert_eq!(m.config().num_layers(), 3);
+}
+
+#[test]
+fn parse_config_refuses_a_layer_count_no_model_has() {
+    let mut json = fixture_config("qwen3_moe");
+    json["num_hidden_layers"] = json!(1u64 << 40);
+    let start = std::time::Instant::now();
+    let e = parse_config(&json).unwrap_err();
+    assert!(
+        matches!(&e, ModelError::InvalidConfig { key, .. } if key == "num_hidden_layers"),
+        "{e}"
+    );
+    assert!(start.elapsed().as_secs_f64() < 1.0);
+}
+
+#[test]
+fn estimate_bytes_counts_every_weight_in_f32() {
+    for family in FAMILIES {
+        let m = Model::from_pretrained(fixture(family), &dev()).unwrap();
+        let params = m.num_params() as u64;
+        assert_eq!(Model::estimate_bytes(m.config()), 4 * params, "{family}");
+    }
+    for cfg in [
+        ModelConfig::small_moe(32, 16, 2, 2, 1, 8, 4, 2, 8, None),
+        ModelConfig::small_moe(40, 24, 3, 4, 2, 6, 6, 2, 12, Some(20)),
+    ] {
+        let params = Model::new(&cfg, &dev()).unwrap().num_params() as u64;
+        assert_eq!(Model::estimate_bytes(&cfg), 4 * params);
+    }
+    // absurd values saturate instead of overflowing
+    let mut cfg = ModelConfig::small_moe(32, 16, 2, 2, 1, 8, 4, 2, 8, None);
+    cfg.vocab_size = usize::MAX;
+    assert_eq!(Model::estimate_bytes(&cfg), u64::MAX);
+}
+
+#[test]
+fn memory_check_refuses_or_warns_when_the_estimate_exceeds_what_is_available() {
+    let what = "loading test";
+    let e = MemoryCheck::Refuse
+        .check_against(what, 3 << 30, Some(1 << 30))
+        .unwrap_err();
+    match &e {
+        ModelError::InsufficientMemory {
+            what: w,
+            needed,
+            available,
+        } => {
+            assert_eq!((w.as_str(), *needed, *available), (what, 3 << 30, 1 << 30));
+        }
+        e => panic!("unexpected error: {e}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains("3.00 GiB") && msg.contains("1.00 GiB") && msg.contains(what),
+        "{msg}"
+    );
+    MemoryCheck::Warn
+        .check_against(what, 3 << 30, Some(1 << 30))
+        .expect("a warning");
+    MemoryCheck::Refuse
+        .check_against(what, 1 << 30, Some(1 << 30))
+        .expect("fits exactly");
+    MemoryCheck::Refuse
+        .check_against(what, u64::MAX, None)
+        .expect("unknown: nothing to check");
 }
 
 // ---------------------------------------------------------------------------------------------------------
