@@ -295,7 +295,7 @@ impl MpiComm {
     ) -> Result<Self, MpiInitError> {
         // Set-up may block: share each rank's pid and host so a wait can tell a dead peer.
         let host = host_name();
-        let mut mine = vec![0u64; 9];
+        let mut mine = [0u64; 9];
         mine[0] = u64::from(std::process::id());
         for (w, chunk) in mine[1..].iter_mut().zip(host.as_bytes().chunks(8)) {
             let mut b = [0u8; 8];
