@@ -1532,9 +1532,7 @@ fn permuting_experts_keeps_the_model_function() -> Result<(), ModelError> {
             }
         }
         let after = permuted.forward(ids)?;
-        let diff = values(before - after)
-            .into_iter()
-            .fold(0.0f64, |a, b| a.max(b.abs()));
+        let diff = max_diff(before, after);
         assert!(
             diff <= 1e-5,
             "{family}: permuted experts change the logits by {diff}"

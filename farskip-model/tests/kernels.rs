@@ -12,7 +12,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 
 mod common;
 
-use common::values;
+use common::{max_abs, values};
 
 /// Inputs over the whole f32 range of exp, including its edges and special values.
 fn exp_inputs() -> Vec<f32> {
@@ -202,11 +202,7 @@ fn fused_attention_matches_f64_causal_and_masked() {
             hidden,
         );
         let got = values(attention(q, k, v, mask, None, options));
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(&g, &w)| (g - w).abs())
-            .fold(0.0, f64::max);
+        let worst = max_abs(&got, &want);
         assert!(
             worst < 2e-5,
             "seq_q {seq_q} seq_kv {seq_kv} masked {masked}: max diff {worst:e}"

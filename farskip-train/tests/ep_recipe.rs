@@ -139,13 +139,11 @@ fn check_equivalence(method: Method, shared: Option<usize>, label: &str) {
     let ep = run(&s, method, 3, 2).unwrap();
     assert_eq!(single.curves.train.len(), 3);
     assert_eq!(ep.curves.train.len(), 3);
-    let loss_diff = single
-        .curves
-        .train
-        .iter()
-        .zip(&ep.curves.train)
-        .map(|((_, a), (_, b))| (a - b).abs())
-        .fold(0.0, f64::max);
+    let loss = |c: &[(usize, f64)]| c.iter().map(|&(_, l)| l).collect::<Vec<_>>();
+    let loss_diff = farskip_model::compare::max_abs_diff(
+        &loss(&single.curves.train),
+        &loss(&ep.curves.train),
+    );
     let (weight_diff, moved) = rel_diffs(&single.model, &ep.model, &s.student);
     let (ea, eb) = (single.curves.valid[0].1, ep.curves.valid[0].1);
     let eval_diff = (ea.loss - eb.loss)

@@ -105,13 +105,10 @@ pub fn id_tensor(ids: &[i64], rows: usize, device: &Device) -> Tensor<2, Int> {
     )
 }
 
-/// Max |a - b| over two equally long slices.
+/// Max |a - b| over two equally long slices (infinite on NaN/inf or a length mismatch).
 pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "lengths");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+    farskip_model::compare::max_abs_diff(a, b)
 }
 
 /// Max |a - b| over two tensors of the same shape.
