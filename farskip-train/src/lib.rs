@@ -39,10 +39,12 @@
 //!   float rounding.
 //! - [`early_stop`]: early stopping with a guard against late mode collapse, and the non-finite loss check.
 //! - [`recipe`]: the end-to-end recipe (teacher, conversion, FCSD / SFT / KL + L2, report).
+//! - [`distill`]: a user's checkpoint converted, recovered with FCSD and saved as a FarSkip HF checkpoint.
 //! - [`plot`]: SVG loss curves and terminal/plain progress output.
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod distill;
 pub mod early_stop;
 pub mod ep;
 pub mod eval;
@@ -56,4 +58,5 @@ pub use learner::{
     DistillStep, EarlyStopConfig, Method, TrainConfig, TrainData, TrainError, TrainOutcome, train,
 };
 pub mod recipe;
+pub use distill::{DistillConfig, DistillReport, run_distill};
 pub use recipe::{RecipeConfig, RecipeReport, run_recipe};
