@@ -7,7 +7,19 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use farskip_model::checkpoint::{TensorStore, TensorWriter};
-use farskip_model::{Model, ModelConfig};
+use farskip_model::{MemoryCheck, Model, ModelConfig};
+
+/// An example's exit status from what its `run` returned: success, or status 1 after printing the error and
+/// its causes on one line of stderr (`error: loading model from DIR: config.json ...`).
+pub fn exit_status(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 /// Installs a `tracing` subscriber that logs to stderr (`RUST_LOG` overrides the level, default `warn`).
 pub fn init_logging() {
@@ -47,8 +59,19 @@ pub fn tune_allocator() {
 
 /// A model from `--model DIR` or a named `--preset` (random weights, seeded).
 pub fn load_model(model: Option<&Path>, preset: Option<&str>, device: &Device) -> Result<Model> {
+    load_model_with(model, preset, device, MemoryCheck::Refuse)
+}
+
+/// [`load_model`], with what a checkpoint that needs more memory than is available does: an error, or a
+/// warning (`--force`).
+pub fn load_model_with(
+    model: Option<&Path>,
+    preset: Option<&str>,
+    device: &Device,
+    memory: MemoryCheck,
+) -> Result<Model> {
     match (model, preset) {
-        (Some(dir), None) => Model::from_pretrained(dir, device)
+        (Some(dir), None) => Model::from_pretrained_with(dir, device, memory)
             .with_context(|| format!("loading model from {}", dir.display())),
         (None, Some(name)) => {
             device.seed(0);

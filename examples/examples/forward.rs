@@ -4,16 +4,17 @@
 //!     --connectivity farskip:1..=3 --out out.safetensors --generate 8 --prompt-len 8 --json`
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_examples::{
-    init_logging, load_model, random_ids, read_ids, tune_allocator, write_tensors,
+    exit_status, init_logging, load_model_with, random_ids, read_ids, tune_allocator, write_tensors,
 };
-use farskip_model::Connectivity;
 use farskip_model::checkpoint::TensorWriter;
+use farskip_model::{Connectivity, MemoryCheck};
 
 #[derive(Parser, Debug)]
 #[command(about = "Forward pass and greedy generation with standard or FarSkip connectivity")]
@@ -48,17 +49,34 @@ struct Args {
     /// Print one JSON line with shapes and timing.
     #[arg(long)]
     json: bool,
+    /// Load a checkpoint even when it needs more memory than is available (a warning instead of an error).
+    #[arg(long)]
+    force: bool,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    exit_status(run())
+}
+
+fn run() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
     // Inference only: independent work runs side by side on single-threaded lanes.
     farskip_model::lanes::set_enabled(true);
     let device = Device::default();
-    let model = load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
-        .with_connectivity(args.connectivity.clone())?;
+    let memory = if args.force {
+        MemoryCheck::Warn
+    } else {
+        MemoryCheck::Refuse
+    };
+    let model = load_model_with(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        &device,
+        memory,
+    )?
+    .with_connectivity(args.connectivity.clone())?;
     let input = match &args.input {
         Some(p) => read_ids(p, "input_ids", &device)?,
         None => random_ids(

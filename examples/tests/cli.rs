@@ -1,0 +1,252 @@
+//! The examples as a user runs them: bad checkpoints, bad files and bad values end with exit status 1 and one
+//! line on stderr that names the culprit, quickly, and leave nothing at `--out`. Runs the `forward` binary that
+//! `cargo test` builds next to this test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The built example `name` (cargo builds the examples of a package before running its tests).
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built (`cargo test -p farskip-examples` builds the examples first)",
+        path.display()
+    );
+    path
+}
+
+fn fixture(family: &str) -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("../tests/fixtures")
+        .join(family)
+}
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("farskip-cli-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A copy of the `qwen3_moe` fixture in `dir/model` with `key` set to `value`.
+fn mutated_checkpoint(dir: &TempDir, key: &str, value: Value) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(
+        fixture("qwen3_moe").join("model.safetensors"),
+        model.join("model.safetensors"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(fixture("qwen3_moe").join("config.json")).unwrap();
+    let mut config: Value = serde_json::from_str(&text).unwrap();
+    config[key] = value;
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    model
+}
+
+/// Runs `forward` with `args` (and `env`), returning its output and wall time.
+fn forward(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = Command::new(example("forward"))
+        .args(args)
+        .env_remove("FARSKIP_MEMORY_AVAILABLE")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run forward");
+    (out, start.elapsed())
+}
+
+/// The non-empty lines of stderr.
+fn stderr_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Exit status 1 and exactly one line on stderr, which contains every one of `parts`.
+fn assert_one_line_error(out: &Output, parts: &[&str], what: &str) {
+    let lines = stderr_lines(out);
+    assert_eq!(out.status.code(), Some(1), "{what}: {lines:?}");
+    assert_eq!(lines.len(), 1, "{what}: {lines:?}");
+    for p in parts {
+        assert!(lines[0].contains(p), "{what}: {:?} lacks {p:?}", lines[0]);
+    }
+}
+
+#[test]
+fn corrupt_config_exits_1_with_one_line_naming_key_and_tensor_and_writes_nothing() {
+    // (key, value, key named, tensor named)
+    let cases: [(&str, Value, &str, &str); 5] = [
+        (
+            "num_experts",
+            json!(1_000_000_000u64),
+            "num_experts",
+            "model.layers.0.mlp.gate.weight",
+        ),
+        (
+            "hidden_size",
+            json!(4_000_000_000u64),
+            "hidden_size",
+            "model.embed_tokens.weight",
+        ),
+        (
+            "vocab_size",
+            json!(100_000_000_000u64),
+            "vocab_size",
+            "model.embed_tokens.weight",
+        ),
+        (
+            "moe_intermediate_size",
+            json!(123_456_789u64),
+            "moe_intermediate_size",
+            "model.layers.0.mlp.experts.0.gate_proj.weight",
+        ),
+        (
+            "num_hidden_layers",
+            json!(100_000u64),
+            "num_hidden_layers",
+            "model.layers.4.input_layernorm.weight",
+        ),
+    ];
+    for (key, value, culprit, tensor) in cases {
+        let dir = TempDir::new("corrupt");
+        let model = mutated_checkpoint(&dir, key, value.clone());
+        let out_file = dir.join("out.safetensors");
+        let (out, took) = forward(
+            &[
+                "--model",
+                model.to_str().unwrap(),
+                "--tokens",
+                "4",
+                "--out",
+                out_file.to_str().unwrap(),
+            ],
+            &[],
+        );
+        let what = format!("{key}={value}");
+        assert_one_line_error(&out, &[culprit, tensor, &value.to_string()], &what);
+        assert!(!out_file.exists(), "{what}: --out was written");
+        assert!(took < Duration::from_secs(1), "{what}: took {took:?}");
+    }
+}
+
+#[test]
+fn memory_estimate_past_the_available_memory_is_an_error_or_with_force_a_warning() {
+    let dir = TempDir::new("memory");
+    let out_file = dir.join("out.safetensors");
+    let model = fixture("qwen3_moe");
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--tokens",
+        "4",
+        "--out",
+        out_file.to_str().unwrap(),
+    ];
+    let tight = [("FARSKIP_MEMORY_AVAILABLE", "1000000")];
+    let (out, _) = forward(&args, &tight);
+    assert_one_line_error(
+        &out,
+        &["not enough memory", "0.00 GiB is available"],
+        "refused",
+    );
+    assert!(!out_file.exists(), "--out written after a refused load");
+
+    let forced: Vec<&str> = args.iter().copied().chain(["--force"]).collect();
+    let (out, _) = forward(&forced, &tight);
+    let lines = stderr_lines(&out);
+    assert_eq!(out.status.code(), Some(0), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("not enough memory") && l.contains("loading anyway")),
+        "{lines:?}"
+    );
+    assert!(out_file.is_file(), "--force: no logits written");
+}
+
+#[test]
+fn bad_files_and_values_exit_1_with_one_line_naming_them() {
+    let dir = TempDir::new("values");
+    let missing = dir.join("no-such-ids.safetensors");
+    let missing = missing.to_str().unwrap();
+    let not_a_model = dir.join("no-such-model");
+    let not_a_model = not_a_model.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
+        (
+            vec!["--model", not_a_model],
+            vec!["no-such-model", "not found"],
+        ),
+        (
+            vec!["--preset", "tiny", "--input", missing],
+            vec!["no-such-ids.safetensors"],
+        ),
+        (vec!["--preset", "huge"], vec!["unknown preset", "huge"]),
+        (vec![], vec!["--model", "--preset"]),
+        (
+            vec![
+                "--preset",
+                "tiny",
+                "--tokens",
+                "4",
+                "--generate",
+                "2",
+                "--prompt-len",
+                "9",
+            ],
+            vec!["--prompt-len", "9"],
+        ),
+        (vec!["--preset", "tiny", "--tokens", "0"], vec!["input"]),
+        (vec!["--preset", "tiny", "--batch", "0"], vec!["input"]),
+    ];
+    for (args, parts) in cases {
+        let (out, _) = forward(&args, &[]);
+        assert_one_line_error(&out, &parts, &format!("{args:?}"));
+    }
+    // values clap rejects: its own status 2, the first line names the flag
+    for (args, flag) in [
+        (
+            vec!["--preset", "tiny", "--connectivity", "sideways"],
+            "--connectivity",
+        ),
+        (vec!["--preset", "tiny", "--tokens", "many"], "--tokens"),
+    ] {
+        let (out, _) = forward(&args, &[]);
+        let lines = stderr_lines(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {lines:?}");
+        assert!(
+            lines[0].starts_with("error:") && lines[0].contains(flag),
+            "{args:?}: {lines:?}"
+        );
+    }
+}
