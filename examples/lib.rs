@@ -95,6 +95,9 @@ pub struct OverlapModelArgs {
     pub preset: Option<String>,
     #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
     pub embedding_std: f64,
+    /// Load a checkpoint even when it needs more memory than is available (a warning instead of an error).
+    #[arg(long)]
+    pub force: bool,
 }
 
 impl OverlapModelArgs {
@@ -110,7 +113,12 @@ impl OverlapModelArgs {
             (None, None) => Some("small"),
             (_, p) => p.as_deref(),
         };
-        let mut m = load_model(self.model.as_deref(), preset, device)?;
+        let memory = if self.force {
+            MemoryCheck::Warn
+        } else {
+            MemoryCheck::Refuse
+        };
+        let mut m = load_model_with(self.model.as_deref(), preset, device, memory)?;
         if self.model.is_none() {
             // Seeded like the rest of the preset: the same model on every run.
             device.seed(1);

@@ -15,11 +15,11 @@ use anyhow::{Result, ensure};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use clap::Parser;
-use farskip_examples::{init_logging, load_model, random_ids, tune_allocator};
+use farskip_examples::{init_logging, load_model_with, random_ids, tune_allocator};
 use farskip_model::config::WeightOn;
 use farskip_model::connectivity::FfnInput;
 use farskip_model::moe::{SlotPlan, index_tensor};
-use farskip_model::{Connectivity, Ffn, Model};
+use farskip_model::{Connectivity, Ffn, MemoryCheck, Model};
 use farskip_train::losses::cross_entropy;
 use farskip_train::optim::FusedAdamWConfig;
 
@@ -57,6 +57,19 @@ struct Args {
     /// Print one JSON line.
     #[arg(long)]
     json: bool,
+    /// Load a checkpoint even when it needs more memory than is available (a warning instead of an error).
+    #[arg(long)]
+    force: bool,
+}
+
+impl Args {
+    fn memory_check(&self) -> MemoryCheck {
+        if self.force {
+            MemoryCheck::Warn
+        } else {
+            MemoryCheck::Refuse
+        }
+    }
 }
 
 /// Which AdamW the training step uses.
@@ -78,15 +91,24 @@ const PARTS: [&str; 6] = [
     "norm_other",
 ];
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    farskip_examples::exit_status(run())
+}
+
+fn run() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
     ensure!(args.runs > 0, "--runs must be at least 1");
     farskip_model::lanes::set_enabled(args.lanes);
     let device = Device::default();
-    let model = load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
-        .with_connectivity(args.connectivity.clone())?;
+    let model = load_model_with(
+        args.model.as_deref(),
+        args.preset.as_deref(),
+        &device,
+        args.memory_check(),
+    )?
+    .with_connectivity(args.connectivity.clone())?;
     let vocab = model.config().vocab_size;
     let ids = random_ids(1, args.tokens + 1, vocab, 1, &device);
     let input = ids.clone().narrow(1, 0, args.tokens);
@@ -180,8 +202,13 @@ fn main() -> Result<()> {
 fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<([f64; 4], Option<f64>)> {
     let device = Device::default().autodiff();
     let mut model = Some(
-        load_model(args.model.as_deref(), args.preset.as_deref(), &device)?
-            .with_connectivity(args.connectivity.clone())?,
+        load_model_with(
+            args.model.as_deref(),
+            args.preset.as_deref(),
+            &device,
+            args.memory_check(),
+        )?
+        .with_connectivity(args.connectivity.clone())?,
     );
     let ids = Tensor::<2, Int>::from_data(ids.into_data(), &device);
     let input = ids.clone().narrow(1, 0, args.tokens);

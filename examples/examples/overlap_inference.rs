@@ -43,7 +43,11 @@ struct Args {
     balance: bool,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    farskip_examples::exit_status(run())
+}
+
+fn run() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();

@@ -31,7 +31,11 @@ struct Args {
     out: PathBuf,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    farskip_examples::exit_status(run())
+}
+
+fn run() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();

@@ -46,6 +46,9 @@ struct Args {
     /// Where recipe.md and loss_curves.svg go.
     #[arg(long, default_value = "report")]
     report_dir: PathBuf,
+    /// Save the trained teacher here as a Hugging Face checkpoint (for sweep, distill and forward).
+    #[arg(long)]
+    save_teacher: Option<PathBuf>,
     /// Print the results as one JSON line at the end.
     #[arg(long)]
     json: bool,
@@ -71,7 +74,11 @@ fn parse_depth(s: &str) -> Result<usize, String> {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    farskip_examples::exit_status(run())
+}
+
+fn run() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
@@ -82,6 +89,7 @@ fn main() -> Result<()> {
     };
     cfg.model_dir = args.model;
     cfg.report_dir = args.report_dir;
+    cfg.save_teacher = args.save_teacher;
     if let Some(s) = args.recovery_steps {
         cfg.recovery_steps = s;
     }

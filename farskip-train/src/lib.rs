@@ -40,6 +40,7 @@
 //! - [`early_stop`]: early stopping with a guard against late mode collapse, and the non-finite loss check.
 //! - [`recipe`]: the end-to-end recipe (teacher, conversion, FCSD / SFT / KL + L2, report).
 //! - [`distill`]: a user's checkpoint converted, recovered with FCSD and saved as a FarSkip HF checkpoint.
+//! - [`sweep`]: the conversion sweep (a share of the layers from the first or the last, no training).
 //! - [`plot`]: SVG loss curves and terminal/plain progress output.
 #![warn(missing_docs)]
 
@@ -58,5 +59,7 @@ pub use learner::{
     DistillStep, EarlyStopConfig, Method, TrainConfig, TrainData, TrainError, TrainOutcome, train,
 };
 pub mod recipe;
+pub mod sweep;
 pub use distill::{DistillConfig, DistillReport, run_distill};
 pub use recipe::{RecipeConfig, RecipeReport, run_recipe};
+pub use sweep::{SweepReport, run_sweep};

@@ -10,9 +10,9 @@ use burn::prelude::*;
 use farskip_model::{Connectivity, FarSkip, Model, ModelConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{BatchShape, ByteCorpus, CorpusSplit, HfTokenizer, RandomBatches, ValidationSet};
+use crate::data::{BatchShape, CorpusSplit, RandomBatches, ValidationSet};
 use crate::eval::{Evaluation, TeacherLogits, evaluate};
-use crate::learner::{Curves, EarlyStopConfig, Method, TrainConfig, TrainData, TrainError, train};
+use crate::learner::{Curves, Method, TrainConfig, TrainData, TrainError, train};
 use crate::plot::loss_curves_svg;
 
 /// Errors of the recipe.
@@ -80,6 +80,10 @@ pub struct RecipeConfig {
     pub seed: u64,
     /// Where recipe.md and loss_curves.svg go.
     pub report_dir: PathBuf,
+    /// Save the trained teacher here as an HF checkpoint (for `sweep`, `distill`, `forward`); not used with
+    /// `model_dir`.
+    #[serde(default)]
+    pub save_teacher: Option<PathBuf>,
     /// Expert-parallel ranks (threads of this process) for the recovery runs (FCSD, SFT, KL + L2); the teacher
     /// always trains in one process. 1, the default, is single-process training; see [`TrainConfig::world`].
     #[serde(default = "one")]
@@ -118,6 +122,7 @@ impl RecipeConfig {
             valid_fraction: 0.05,
             seed: 7,
             report_dir: PathBuf::from("report"),
+            save_teacher: None,
             world: 1,
             depth: 1,
         }
@@ -241,15 +246,10 @@ impl RecipeReport {
 }
 
 fn tokens_for(cfg: &RecipeConfig) -> Result<(Vec<u32>, usize), RecipeError> {
-    if let Some(dir) = &cfg.model_dir {
-        let tok = dir.join("tokenizer.json");
-        if tok.exists() {
-            let t = HfTokenizer::from_file(&tok)?;
-            return Ok((t.encode_file(&cfg.corpus)?, t.vocab_size()));
-        }
-    }
-    let corpus = ByteCorpus::from_file(&cfg.corpus)?;
-    Ok((corpus.tokens(), ByteCorpus::VOCAB_SIZE))
+    Ok(crate::distill::corpus_tokens(
+        cfg.model_dir.as_deref(),
+        &cfg.corpus,
+    )?)
 }
 
 /// Runs the recipe and writes `report_dir/recipe.md` and `report_dir/loss_curves.svg`.
@@ -352,6 +352,10 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
             )
         }
     };
+    if let (Some(dir), None) = (&cfg.save_teacher, &cfg.model_dir) {
+        teacher.save_pretrained(dir, None)?;
+        eprintln!("saved the teacher to {}", dir.display());
+    }
     let teacher_logits = TeacherLogits::new(&teacher, &valid, device);
     let test_logits = TeacherLogits::new(&teacher, &test, device);
     let converted = teacher.clone().with_connectivity(student.clone())?;
@@ -386,12 +390,7 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
         let mut tc = TrainConfig::new(name, method, cfg.recovery_steps, cfg.recovery_lr);
         tc.seed = cfg.seed + 1;
         tc.world = cfg.world;
-        tc.early_stopping = Some(EarlyStopConfig {
-            patience: 4,
-            min_rel_improvement: 1e-3,
-            // Only a collapse (the metric doubling) stops a run at once; noise on a small KL must not.
-            max_rel_degradation: 1.0,
-        });
+        tc.early_stopping = Some(crate::distill::recovery_early_stopping());
         if cfg.world > 1 {
             eprintln!(
                 "recovering with {name}: {} steps, expert-parallel on {} ranks",
