@@ -241,3 +241,93 @@ pub fn write_timelines(
     )
     .with_context(|| format!("writing {}", other.display()))
 }
+
+/// Which distributed engine runs the ranks of an example.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// Ranks as threads of this process (LocalWorld).
+    #[default]
+    Local,
+    /// One process per rank: launch with `mpirun -np N` (binary built with `--features mpi`).
+    Mpi,
+}
+
+/// The `--backend` options of the distributed examples.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArgs {
+    /// local: ranks are threads of this process; mpi: this process is one rank of `mpirun -np N …` (the
+    /// world is the job's size; rank 0 prints the results).
+    #[arg(long, value_enum, default_value_t = BackendKind::Local)]
+    pub backend: BackendKind,
+    /// MPI: seconds a collective may wait for its peers before the run fails.
+    #[arg(long, default_value_t = 300)]
+    pub comm_timeout_s: u64,
+}
+
+impl BackendArgs {
+    /// The backend for a run of `world` ranks of `model`. MPI is refused when the binary lacks the feature,
+    /// when no MPI launcher started the process, when `mpirun -np` differs from `world`, and when `world`
+    /// does not divide the model's experts.
+    pub fn backend(
+        &self,
+        world: usize,
+        model: &Model,
+    ) -> Result<farskip_dist::experiment::Backend> {
+        if let Some(moe) = &model.config().moe
+            && world > 0
+            && !moe.num_experts.is_multiple_of(world)
+        {
+            bail!(
+                "--world {world} does not divide the model's {} experts: expert parallelism needs the same \
+                 number of experts on every rank",
+                moe.num_experts
+            );
+        }
+        match self.backend {
+            BackendKind::Local => Ok(farskip_dist::experiment::Backend::Local),
+            BackendKind::Mpi => self.mpi(world),
+        }
+    }
+
+    #[cfg(feature = "mpi")]
+    fn mpi(&self, world: usize) -> Result<farskip_dist::experiment::Backend> {
+        let mpi = farskip_dist::experiment::MpiBackend::init(std::time::Duration::from_secs(
+            self.comm_timeout_s,
+        ))
+        .context("--backend mpi")?;
+        let size = mpi.world().size();
+        ensure!(
+            size == world,
+            "--world {world} but mpirun started {size} processes: run `mpirun -np {world} …` (one process per rank)"
+        );
+        Ok(farskip_dist::experiment::Backend::Mpi(Box::new(mpi)))
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    fn mpi(&self, _world: usize) -> Result<farskip_dist::experiment::Backend> {
+        bail!(
+            "--backend mpi: this binary was built without MPI support; rebuild with \
+             `cargo build --release -p farskip-examples --features mpi --examples` (needs Open MPI: \
+             apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+        )
+    }
+}
+
+/// Runs an example's body; under MPI a failing rank prints its error and exits at once with status 1, without
+/// `MPI_Finalize` (which would wait for the peers), so that `mpirun` ends the job instead of the peers waiting
+/// out their timeout.
+pub fn exit_on_error(
+    backend: &farskip_dist::experiment::Backend,
+    result: Result<()>,
+) -> Result<()> {
+    match (backend, result) {
+        (farskip_dist::experiment::Backend::Local, r) => r,
+        #[cfg(feature = "mpi")]
+        (farskip_dist::experiment::Backend::Mpi(m), Err(e)) => {
+            eprintln!("Error on rank {}: {e:#}", m.rank());
+            std::process::exit(1);
+        }
+        #[cfg(feature = "mpi")]
+        (_, r) => r,
+    }
+}

@@ -92,10 +92,10 @@ const PARTS: [&str; 6] = [
 ];
 
 fn main() -> std::process::ExitCode {
-    farskip_examples::exit_status(run())
+    farskip_examples::exit_status(try_main())
 }
 
-fn run() -> Result<()> {
+fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();

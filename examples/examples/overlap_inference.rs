@@ -4,21 +4,28 @@
 //!
 //! `cargo run --release -p farskip-examples --example overlap_inference -- --world 2 --parallel ep \
 //!     --preset small --tokens 256 --comm-ratio 1.0 --trace trace.json --svg timeline.svg --json`
+//!
+//! One process per rank under MPI (built with `--features mpi`; rank 0 prints and writes the files):
+//! `mpirun -np 2 target/release/examples/overlap_inference --backend mpi --world 2 --parallel ep --json`
 
 use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
-use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
-use farskip_examples::{OverlapModelArgs, OverlapOutputArgs, init_logging, tune_allocator};
+use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference_on};
+use farskip_examples::{
+    BackendArgs, OverlapModelArgs, OverlapOutputArgs, exit_on_error, init_logging, tune_allocator,
+};
 
 #[derive(Parser, Debug)]
 #[command(
     about = "Measure how much expert/tensor-parallel communication the FarSkip schedule hides"
 )]
 struct Args {
-    /// Ranks (threads of one process).
+    /// Ranks (threads of one process, or the processes of `mpirun -np` with --backend mpi).
     #[arg(long, default_value_t = 2)]
     world: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
     /// ep (expert parallel) or tp (tensor parallel).
     #[arg(long, default_value = "ep")]
     parallel: Parallel,
@@ -41,18 +48,32 @@ struct Args {
     /// router's loads change from batch to batch, so it is off by default.
     #[arg(long)]
     balance: bool,
+    /// The overlapped run's connectivity: farskip (the paper's), farskip-dN (routed outputs in flight for N
+    /// layers), optionally with a layer range. The link is calibrated on depth 1's windows whatever this is.
+    #[arg(long, default_value = "farskip")]
+    connectivity: farskip_model::Connectivity,
 }
 
 fn main() -> std::process::ExitCode {
-    farskip_examples::exit_status(run())
+    farskip_examples::exit_status(try_main())
 }
 
-fn run() -> Result<()> {
+fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
     let model = args.model.load(&device)?;
+    let backend = args.backend.backend(args.world, &model)?;
+    let result = run(&args, &model, &backend);
+    exit_on_error(&backend, result)
+}
+
+fn run(
+    args: &Args,
+    model: &farskip_model::Model,
+    backend: &farskip_dist::experiment::Backend,
+) -> Result<()> {
     let cfg = OverlapConfig {
         world: args.world,
         parallel: args.parallel,
@@ -61,8 +82,12 @@ fn run() -> Result<()> {
         repeats: args.repeats,
         seed: 1,
         balance: args.balance,
+        connectivity: args.connectivity.clone(),
     };
-    let report = overlap_inference(&model, &cfg)?;
+    let report = overlap_inference_on(backend, model, &cfg)?;
+    if !backend.is_reporting_rank() {
+        return Ok(());
+    }
     let title = format!(
         "{:?} world {} comm_ratio {}",
         args.parallel, args.world, args.comm_ratio

@@ -32,10 +32,10 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    farskip_examples::exit_status(run())
+    farskip_examples::exit_status(try_main())
 }
 
-fn run() -> Result<()> {
+fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();

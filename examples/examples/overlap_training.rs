@@ -3,21 +3,28 @@
 //!
 //! `cargo run --release -p farskip-examples --example overlap_training -- --world 2 --preset small \
 //!     --steps 3 --comm-ratio 1.0 --trace train.json --svg train.svg --json`
+//!
+//! One process per rank under MPI (built with `--features mpi`; rank 0 prints and writes the files):
+//! `mpirun -np 2 target/release/examples/overlap_training --backend mpi --world 2 --steps 3 --json`
 
 use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
-use farskip_dist::experiment::{TrainingConfig, overlap_training};
-use farskip_examples::{OverlapModelArgs, OverlapOutputArgs, init_logging, tune_allocator};
+use farskip_dist::experiment::{Backend, TrainingConfig, overlap_training_on};
+use farskip_examples::{
+    BackendArgs, OverlapModelArgs, OverlapOutputArgs, exit_on_error, init_logging, tune_allocator,
+};
 
 #[derive(Parser, Debug)]
 #[command(
     about = "Measure forward/backward communication overlap of expert-parallel FarSkip training"
 )]
 struct Args {
-    /// Ranks (threads of one process).
+    /// Ranks (threads of one process, or the processes of `mpirun -np` with --backend mpi).
     #[arg(long, default_value_t = 2)]
     world: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
     #[command(flatten)]
     model: OverlapModelArgs,
     /// Optimizer steps.
@@ -45,15 +52,21 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    farskip_examples::exit_status(run())
+    farskip_examples::exit_status(try_main())
 }
 
-fn run() -> Result<()> {
+fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
     let device = Device::default();
     let model = args.model.load(&device)?;
+    let backend = args.backend.backend(args.world, &model)?;
+    let result = run(&args, &model, &backend);
+    exit_on_error(&backend, result)
+}
+
+fn run(args: &Args, model: &farskip_model::Model, backend: &Backend) -> Result<()> {
     let cfg = TrainingConfig {
         world: args.world,
         steps: args.steps,
@@ -63,7 +76,10 @@ fn run() -> Result<()> {
         seed: 3,
         balance: args.balance,
     };
-    let report = overlap_training(&model, &cfg)?;
+    let report = overlap_training_on(backend, model, &cfg)?;
+    if !backend.is_reporting_rank() {
+        return Ok(());
+    }
     let title = format!(
         "EP training step, world {} comm_ratio {}",
         args.world, args.comm_ratio

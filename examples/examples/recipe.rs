@@ -75,10 +75,10 @@ fn parse_depth(s: &str) -> Result<usize, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    farskip_examples::exit_status(run())
+    farskip_examples::exit_status(try_main())
 }
 
-fn run() -> Result<()> {
+fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();

@@ -12,8 +12,17 @@ use burn::prelude::*;
 use farskip_model::{Connectivity, Model};
 use serde::Serialize;
 
+mod backend;
+
+pub use backend::Backend;
+#[cfg(feature = "mpi")]
+pub use backend::MpiBackend;
+
 use crate::balance::{ExpertLoads, Placement};
-use crate::comm::{CommError, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, RankError};
+use crate::comm::{
+    CollectiveTag, CommError, Communicator, LinkModel, LocalComm, LocalWorld, LocalWorldConfig,
+    RankError,
+};
 use crate::schedule::{EpRank, ScheduleError, TpRank, ops};
 use crate::trace::{
     Phase, Span, Stream, Trace, comm_time, compute_time, exposed_comm_time, hidden_comm_time,
@@ -21,7 +30,7 @@ use crate::trace::{
 };
 
 /// How the model is split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub enum Parallel {
     /// Expert parallelism: experts sharded, tokens exchanged by all-to-all.
     #[serde(rename = "ep")]
@@ -89,78 +98,114 @@ pub fn run_forward_with(
     trace: &Trace,
     loads: Option<&ExpertLoads>,
 ) -> Result<(Tensor<3>, Duration), RunError> {
+    run_forward_on(
+        &Backend::Local,
+        model,
+        parallel,
+        world,
+        input_ids,
+        link,
+        trace,
+        loads,
+    )
+}
+
+/// Checks that `world` ranks can run on `backend` (MPI: the job's size) and split the batch.
+fn check_world(backend: &Backend, world: usize) -> Result<(), RunError> {
+    match backend.fixed_world() {
+        Some(n) if n != world => Err(RunError::Invalid(format!(
+            "the {} backend has {n} ranks (one per process) but the experiment asks for {world}",
+            backend.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// One rank's forward: this rank's rows (EP) or all rows (TP), after a start barrier; returns the logits
+/// and when the forward started and ended on this rank.
+fn forward_rank(
+    model: &Model,
+    parallel: Parallel,
+    comm: &dyn Communicator,
+    input_ids: &Tensor<2, Int>,
+    trace: &Trace,
+    loads: Option<&ExpertLoads>,
+) -> Result<(Tensor<3>, Instant, Instant), ScheduleError> {
+    let (r, world) = (comm.rank(), comm.world_size());
+    let rows = match parallel {
+        Parallel::Expert => input_ids.dims()[0] / world,
+        Parallel::Tensor => input_ids.dims()[0],
+    };
+    let ids = match parallel {
+        Parallel::Expert => input_ids.clone().narrow(0, r * rows, rows),
+        Parallel::Tensor => input_ids.clone(),
+    };
+    enum AnyRank {
+        Ep(EpRank),
+        Tp(TpRank),
+    }
+    let rank = match parallel {
+        Parallel::Expert => {
+            let mut rank = EpRank::new(model, r, world)?;
+            if let Some(l) = loads {
+                rank = rank.with_loads(l.clone());
+            }
+            AnyRank::Ep(rank)
+        }
+        Parallel::Tensor => AnyRank::Tp(TpRank::new(model, r, world)?),
+    };
+    // Every rank has its weights: start together, so set-up time is neither measured nor skews the
+    // first collective.
+    comm.barrier(CollectiveTag::new("start")).wait()?;
+    let started = Instant::now();
+    let out = match &rank {
+        AnyRank::Ep(rank) => rank.forward(comm, trace, ids)?,
+        AnyRank::Tp(rank) => rank.forward(comm, trace, ids)?,
+    };
+    // The forward ends when the rank has its logits (dropping the rank's weight copy and the thread pool
+    // afterwards is set-up cost, not the forward).
+    let ended = Instant::now();
+    drop(rank);
+    Ok((out, started, ended))
+}
+
+/// Like [`run_forward_with`] on `backend`. Under MPI `world` must be the job's size; every process gets the
+/// whole batch's logits and every rank's spans in `trace`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_forward_on(
+    backend: &Backend,
+    model: &Model,
+    parallel: Parallel,
+    world: usize,
+    input_ids: &Tensor<2, Int>,
+    link: LinkModel,
+    trace: &Trace,
+    loads: Option<&ExpertLoads>,
+) -> Result<(Tensor<3>, Duration), RunError> {
     let [batch, seq] = input_ids.dims();
     if parallel == Parallel::Expert && !batch.is_multiple_of(world) {
         return Err(RunError::Invalid(format!(
             "expert parallelism splits the batch across ranks: batch {batch} does not divide by world {world}"
         )));
     }
-    let rows = if parallel == Parallel::Expert {
-        batch / world
-    } else {
-        batch
-    };
+    check_world(backend, world)?;
+    #[cfg(feature = "mpi")]
+    if let Backend::Mpi(mpi) = backend {
+        return run_forward_mpi(mpi, model, parallel, input_ids, link, trace, loads);
+    }
     let config = LocalWorldConfig::new(link).with_trace(trace.clone());
-    let started = Mutex::new(None::<Instant>);
-    let finished = Mutex::new(None::<Instant>);
-    let results = LocalWorld::run_with(
-        world,
-        config,
-        |comm: &LocalComm| -> Result<Tensor<3>, ScheduleError> {
-            use crate::comm::Communicator;
-            let r = comm.rank();
-            let ids = match parallel {
-                Parallel::Expert => input_ids.clone().narrow(0, r * rows, rows),
-                Parallel::Tensor => input_ids.clone(),
-            };
-            enum AnyRank {
-                Ep(EpRank),
-                Tp(TpRank),
-            }
-            let rank = match parallel {
-                Parallel::Expert => {
-                    let mut rank = EpRank::new(model, r, world)?;
-                    if let Some(l) = loads {
-                        rank = rank.with_loads(l.clone());
-                    }
-                    AnyRank::Ep(rank)
-                }
-                Parallel::Tensor => AnyRank::Tp(TpRank::new(model, r, world)?),
-            };
-            // Every rank has its weights: start together, so set-up time is neither measured nor skews the
-            // first collective.
-            comm.barrier(crate::comm::CollectiveTag::new("start"))
-                .wait()?;
-            started
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert_with(Instant::now);
-            let out = match &rank {
-                AnyRank::Ep(rank) => rank.forward(comm, trace, ids)?,
-                AnyRank::Tp(rank) => rank.forward(comm, trace, ids)?,
-            };
-            // The forward ends when the last rank has its logits (dropping the rank's weight copy and the
-            // thread pool afterwards is set-up cost, not the forward).
-            let now = Instant::now();
-            let mut end = finished.lock().unwrap_or_else(|e| e.into_inner());
-            *end = Some(end.map_or(now, |e| e.max(now)));
-            drop(end);
-            drop(rank);
-            Ok(out)
-        },
-    )?;
-    let wall = match (
-        started.into_inner().unwrap_or_else(|e| e.into_inner()),
-        finished.into_inner().unwrap_or_else(|e| e.into_inner()),
-    ) {
-        (Some(s), Some(e)) => e.saturating_duration_since(s),
-        (Some(s), None) => s.elapsed(),
-        _ => Duration::ZERO,
-    };
+    let results = LocalWorld::run_with(world, config, |comm: &LocalComm| {
+        forward_rank(model, parallel, comm, input_ids, trace, loads)
+    })?;
     let mut logits = Vec::with_capacity(world);
+    let (mut started, mut ended) = (None::<Instant>, None::<Instant>);
     for (rank, r) in results.into_iter().enumerate() {
         match r {
-            Ok(l) => logits.push(l),
+            Ok((l, s, e)) => {
+                logits.push(l);
+                started = Some(started.map_or(s, |t| t.min(s)));
+                ended = Some(ended.map_or(e, |t| t.max(e)));
+            }
             Err(e) => {
                 let message = match e {
                     RankError::Failed(e) => e.to_string(),
@@ -170,12 +215,66 @@ pub fn run_forward_with(
             }
         }
     }
+    let wall = match (started, ended) {
+        (Some(s), Some(e)) => e.saturating_duration_since(s),
+        _ => Duration::ZERO,
+    };
     let out = match parallel {
         Parallel::Expert => Tensor::cat(logits, 0),
         Parallel::Tensor => logits.swap_remove(0),
     };
     debug_assert_eq!(out.dims()[..2], [batch, seq]);
     Ok((out, wall))
+}
+
+/// [`run_forward_on`] for this process's rank of an MPI job: the collectives run on the job's data
+/// communicator behind `link`; logits, wall times and spans are gathered afterwards on the untraced one.
+#[cfg(feature = "mpi")]
+fn run_forward_mpi(
+    mpi: &MpiBackend,
+    model: &Model,
+    parallel: Parallel,
+    input_ids: &Tensor<2, Int>,
+    link: LinkModel,
+    trace: &Trace,
+    loads: Option<&ExpertLoads>,
+) -> Result<(Tensor<3>, Duration), RunError> {
+    use crate::comm::LinkedComm;
+    let rank = mpi.rank();
+    let failed = |e: ScheduleError| RunError::Rank {
+        rank,
+        message: e.to_string(),
+    };
+    let linked = LinkedComm::new(&mpi.data, link, trace.clone())?;
+    let result = forward_rank(model, parallel, &linked, input_ids, trace, loads);
+    drop(linked);
+    let (out, started, ended) = result.map_err(failed)?;
+    // The wall time runs from the earliest start to the latest end; the start barrier makes the starts
+    // agree, so it is the longest rank's.
+    let wall_ms = backend::gather_f64(&mpi.plain, "wall", (ended - started).as_secs_f64() * 1e3)?
+        .into_iter()
+        .fold(0.0, f64::max);
+    backend::mpi_ranks::gather_trace(&mpi.plain, trace)?;
+    let out = match parallel {
+        Parallel::Expert => {
+            let dims = out.dims();
+            let device = out.device();
+            let mine = out
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| RunError::Invalid(format!("logits: {e:?}")))?;
+            let all = backend::mpi_ranks::gather_equal(&mpi.plain, "logits", mine)?;
+            let world = mpi.world.size();
+            Tensor::from_data(
+                TensorData::new(all, [dims[0] * world, dims[1], dims[2]]),
+                &device,
+            )
+        }
+        // TP ranks hold the same logits (rank-order sums are identical on every rank).
+        Parallel::Tensor => out,
+    };
+    Ok((out, Duration::from_secs_f64(wall_ms / 1e3)))
 }
 
 /// Settings of the overlap experiment.
@@ -197,6 +296,9 @@ pub struct OverlapConfig {
     /// EP: place experts by their load on a separate calibration batch ([`crate::balance`]) instead of in
     /// contiguous blocks.
     pub balance: bool,
+    /// The overlapped run's connectivity (`farskip`, `farskip-d2`, a range, ...); the link is always calibrated
+    /// on the depth-1 FarSkip windows, so every depth and the baseline run over the same link.
+    pub connectivity: Connectivity,
 }
 
 /// What the experiment measured (the example prints it as JSON).
@@ -236,6 +338,8 @@ pub struct OverlapReport {
     pub peer_wait_ms: f64,
     /// Max |distributed FarSkip logits − single-rank FarSkip logits|.
     pub max_abs_diff: f64,
+    /// The overlapped run's connectivity.
+    pub connectivity: String,
     /// Max |distributed standard logits − single-rank standard logits|.
     pub blocking_max_abs_diff: f64,
     /// EP: `balanced` (experts placed by load) or `contiguous`; TP: `none`.
@@ -251,9 +355,10 @@ pub struct OverlapReport {
     pub blocking_trace: Trace,
 }
 
-/// Max |a − b| over two tensors of the same shape.
+/// Max |a − b| over two tensors of the same shape ([`farskip_model::compare`]: infinite on NaN/inf or a shape
+/// mismatch, so a report or test never reads a broken run as exact).
 pub fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
-    (a - b).abs().max().into_scalar::<f64>()
+    farskip_model::compare::max_abs_diff_tensors(a, b)
 }
 
 /// Uniform random ids from a seeded LCG (no `rand` dependency).
@@ -379,7 +484,17 @@ pub fn balanced_placement(
     world: usize,
     ids: &Tensor<2, Int>,
 ) -> Result<Placement, RunError> {
-    let loads = expert_loads(model, world, ids)?;
+    balanced_placement_on(&Backend::Local, model, world, ids)
+}
+
+/// [`balanced_placement`] on `backend` (every MPI rank gets the same placement).
+pub fn balanced_placement_on(
+    backend: &Backend,
+    model: &Model,
+    world: usize,
+    ids: &Tensor<2, Int>,
+) -> Result<Placement, RunError> {
+    let loads = expert_loads_on(backend, model, world, ids)?;
     Placement::balanced(&loads, world).map_err(|e| RunError::Invalid(e.to_string()))
 }
 
@@ -393,9 +508,21 @@ pub fn expert_loads(
     world: usize,
     ids: &Tensor<2, Int>,
 ) -> Result<Vec<Vec<usize>>, RunError> {
+    expert_loads_on(&Backend::Local, model, world, ids)
+}
+
+/// [`expert_loads`] on `backend`; under MPI each process counts its own rank's rows and the counts are summed
+/// over the job, so every process gets the same loads.
+pub fn expert_loads_on(
+    backend: &Backend,
+    model: &Model,
+    world: usize,
+    ids: &Tensor<2, Int>,
+) -> Result<Vec<Vec<usize>>, RunError> {
     let loads = ExpertLoads::new();
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
-    run_forward_with(
+    run_forward_on(
+        backend,
         &farskip,
         Parallel::Expert,
         world,
@@ -404,11 +531,42 @@ pub fn expert_loads(
         &Trace::disabled(),
         Some(&loads),
     )?;
-    Ok(loads.snapshot())
+    let mine = loads.snapshot();
+    #[cfg(feature = "mpi")]
+    if let Backend::Mpi(mpi) = backend {
+        // Row counts stay far below 2^24, where f32 sums are exact.
+        let flat: Vec<f32> = mine.iter().flatten().map(|c| *c as f32).collect();
+        let sum = mpi
+            .plain
+            .all_reduce(CollectiveTag::new("expert_loads"), flat)
+            .wait()?;
+        let mut it = sum.into_iter();
+        return Ok(mine
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|_| it.next().unwrap_or(0.0) as usize)
+                    .collect()
+            })
+            .collect());
+    }
+    Ok(mine)
 }
 
 /// Runs the experiment on `model` (its connectivity is ignored: both are run).
 pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapReport, RunError> {
+    overlap_inference_on(&Backend::Local, model, cfg)
+}
+
+/// [`overlap_inference`] on `backend`. Under MPI every process runs it as its rank (`cfg.world` must be the
+/// job's size) and gets the same report, built from every rank's spans.
+pub fn overlap_inference_on(
+    backend: &Backend,
+    model: &Model,
+    cfg: &OverlapConfig,
+) -> Result<OverlapReport, RunError> {
+    check_world(backend, cfg.world)?;
     if cfg.world == 0 || cfg.tokens == 0 || cfg.repeats == 0 {
         return Err(RunError::Invalid(
             "world, tokens and repeats must be > 0".into(),
@@ -440,7 +598,7 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
     // The references come from the model as given: expert placement must not change the function.
     let reference = model
         .clone()
-        .with_connectivity(Connectivity::farskip())?
+        .with_connectivity(cfg.connectivity.clone())?
         .forward_unchecked(ids.clone(), None);
     let reference_std = model
         .clone()
@@ -449,7 +607,7 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
     let ep = cfg.parallel == Parallel::Expert && model.config().moe.is_some();
     let (model, expert_placement, load_imbalance) = if ep {
         // The imbalance is reported on the measured batch.
-        let measured = expert_loads(model, cfg.world, &ids)?;
+        let measured = expert_loads_on(backend, model, cfg.world, &ids)?;
         let invalid = |e: crate::DispatchError| RunError::Invalid(e.to_string());
         if cfg.balance && cfg.world > 1 {
             // Loads from a different batch than the one measured (as a deployment would use past traffic).
@@ -460,7 +618,7 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
                 cfg.seed.wrapping_add(0x5EED),
                 &device,
             );
-            let placement = balanced_placement(model, cfg.world, &calibration)?;
+            let placement = balanced_placement_on(backend, model, cfg.world, &calibration)?;
             let imbalance = placement.imbalance(&measured, cfg.world).map_err(invalid)?;
             let placed = placement
                 .apply(model)
@@ -478,6 +636,7 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
     let model = &model;
     let standard = model.clone().with_connectivity(Connectivity::Standard)?;
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
+    let measured = model.clone().with_connectivity(cfg.connectivity.clone())?;
     let layers = model.layers.len();
 
     // The link is calibrated on the FarSkip schedule with a free link — each collective's window on the rank with
@@ -487,13 +646,15 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
     // runs, and baseline and FarSkip measured apart would compare different speeds.
     let free_pass = || -> Result<Windows, RunError> {
         let t = Trace::new();
-        run_forward(
+        run_forward_on(
+            backend,
             &farskip,
             cfg.parallel,
             cfg.world,
             &ids,
             LinkModel::instant(),
             &t,
+            None,
         )?;
         Ok(windows(&t, cfg.parallel, cfg.world, layers))
     };
@@ -510,17 +671,19 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
         let win = Arc::new(win);
         for (m, out) in [
-            (&farskip, &mut farskip_runs),
+            (&measured, &mut farskip_runs),
             (&standard, &mut blocking_runs),
         ] {
             let trace = Trace::new();
-            let (logits, wall) = run_forward(
+            let (logits, wall) = run_forward_on(
+                backend,
                 m,
                 cfg.parallel,
                 cfg.world,
                 &ids,
                 calibrated_link(win.clone(), cfg.comm_ratio),
                 &trace,
+                None,
             )?;
             out.push(Repeat {
                 wall_ms: wall.as_secs_f64() * 1e3,
@@ -562,6 +725,7 @@ pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapRe
         exposed_ms: exposed_comm_time(&trace, Phase::Forward).as_secs_f64() * 1e3,
         peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
         max_abs_diff: max_abs_diff(farskip_logits, reference),
+        connectivity: cfg.connectivity.to_string(),
         blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std),
         expert_placement,
         load_imbalance,
@@ -782,13 +946,17 @@ type TimedStep = (f64, Trace);
 /// gradients of every rank (by name) and the step with the median wall time, whole: its wall time (the slowest
 /// rank's) and its trace, so that the overlap, the compute time and the wall time of a report describe one step.
 fn ep_train(
+    backend: &Backend,
     model: &Model,
     cfg: &TrainingConfig,
     windows_per_step: &[Tensor<2, Int>],
     link: LinkModel,
 ) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
-    use crate::comm::Communicator;
-    use burn::optim::AdamWConfig;
+    #[cfg(feature = "mpi")]
+    if let Backend::Mpi(mpi) = backend {
+        return ep_train_mpi(mpi, model, cfg, windows_per_step, link);
+    }
+    let _ = backend;
     let world = cfg.world;
     // The ranks record into one trace, cleared at every step; each step's spans are copied out after it.
     let trace = &Trace::new();
@@ -811,44 +979,25 @@ fn ep_train(
                     "the gradient communicator of rank {r} was already taken"
                 )))
             })?;
-        let mut rank = crate::training::EpTrainRank::new(model, r, world)?;
-        let mut optim = AdamWConfig::new().with_epsilon(ADAM_EPSILON).init();
-        let mut losses = Vec::new();
-        let mut walls = Vec::new();
-        let mut last = Vec::new();
-        for (s, w) in windows_per_step.iter().enumerate() {
-            trace.clear();
-            comm.barrier(CollectiveTag::new("step_start")).wait()?;
-            let t0 = Instant::now();
-            let rows = w.dims()[0] / world;
-            let step = rank.step_on(
-                comm,
-                &grad_comm,
-                trace,
-                w.clone().narrow(0, r * rows, rows),
-                &crate::training::Objective::CrossEntropy,
-            )?;
-            walls.push(t0.elapsed().as_secs_f64() * 1e3);
-            let total = comm
-                .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
-                .wait()?;
-            losses.push(total[0] as f64);
-            // Every rank's spans of this step are in (the loss all-reduce follows them all): keep a copy before
-            // any rank clears the trace for the next step.
-            if r == 0 {
-                step_traces
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(Trace::from_spans(trace.spans()));
-            }
-            comm.barrier(CollectiveTag::new("step_end")).wait()?;
-            if s + 1 == windows_per_step.len() {
-                last = named_grads(rank.model(), &step.grads);
-            }
-            let m = optim.step(cfg.lr, rank.model().clone(), step.grads);
-            rank.set_model(m);
-        }
-        Ok::<_, ScheduleError>((losses, last, walls))
+        train_rank(
+            model,
+            cfg,
+            windows_per_step,
+            comm,
+            &grad_comm,
+            trace,
+            || {
+                // Every rank's spans of this step are in (the loss all-reduce follows them all): keep a copy
+                // before any rank clears the trace for the next step.
+                if r == 0 {
+                    step_traces
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Trace::from_spans(trace.spans()));
+                }
+                Ok(())
+            },
+        )
     })?;
     let mut all = Vec::new();
     let mut losses = Vec::new();
@@ -873,16 +1022,160 @@ fn ep_train(
         }
     }
     let traces = step_traces.into_inner().unwrap_or_else(|e| e.into_inner());
+    median_step(losses, all, walls, traces)
+}
+
+/// The step with the median wall time, whole (see [`ep_train`]).
+fn median_step(
+    losses: Vec<f64>,
+    grads: Vec<NamedGrads>,
+    walls: Vec<f64>,
+    traces: Vec<Trace>,
+) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
     let mut steps: Vec<(f64, Trace)> = walls.into_iter().zip(traces).collect();
     steps.sort_by(|a, b| a.0.total_cmp(&b.0));
     if steps.is_empty() {
         return Err(RunError::Invalid("no training step ran".into()));
     }
     let median_step = steps.swap_remove(steps.len() / 2);
-    Ok((losses, all, median_step))
+    Ok((losses, grads, median_step))
 }
 
-use crate::comm::CollectiveTag;
+/// One rank's training steps: per step the global loss, the rank's wall time, and (last step) its gradients
+/// by name. `after_step` runs once every rank's spans of the step are recorded, before the next step clears
+/// the trace.
+fn train_rank<C: Communicator + ?Sized, G: Communicator + ?Sized>(
+    model: &Model,
+    cfg: &TrainingConfig,
+    windows_per_step: &[Tensor<2, Int>],
+    comm: &C,
+    grad_comm: &G,
+    trace: &Trace,
+    mut after_step: impl FnMut() -> Result<(), ScheduleError>,
+) -> Result<(Vec<f64>, NamedGrads, Vec<f64>), ScheduleError> {
+    use burn::optim::AdamWConfig;
+    let (r, world) = (comm.rank(), comm.world_size());
+    let mut rank = crate::training::EpTrainRank::new(model, r, world)?;
+    let mut optim = AdamWConfig::new().with_epsilon(ADAM_EPSILON).init();
+    let mut losses = Vec::new();
+    let mut walls = Vec::new();
+    let mut last = Vec::new();
+    for (s, w) in windows_per_step.iter().enumerate() {
+        trace.clear();
+        comm.barrier(CollectiveTag::new("step_start")).wait()?;
+        let t0 = Instant::now();
+        let rows = w.dims()[0] / world;
+        let step = rank.step_on(
+            comm,
+            grad_comm,
+            trace,
+            w.clone().narrow(0, r * rows, rows),
+            &crate::training::Objective::CrossEntropy,
+        )?;
+        walls.push(t0.elapsed().as_secs_f64() * 1e3);
+        let total = comm
+            .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
+            .wait()?;
+        losses.push(total[0] as f64);
+        after_step()?;
+        comm.barrier(CollectiveTag::new("step_end")).wait()?;
+        if s + 1 == windows_per_step.len() {
+            last = named_grads(rank.model(), &step.grads);
+        }
+        let m = optim.step(cfg.lr, rank.model().clone(), step.grads);
+        rank.set_model(m);
+    }
+    Ok((losses, last, walls))
+}
+
+/// [`ep_train`] for this process's rank of an MPI job: the expert-parallel and the gradient collectives run
+/// on the job's two communicators behind `link`; each step's spans, the wall times and the last step's
+/// gradients of every rank are gathered on the untraced one.
+#[cfg(feature = "mpi")]
+fn ep_train_mpi(
+    mpi: &MpiBackend,
+    model: &Model,
+    cfg: &TrainingConfig,
+    windows_per_step: &[Tensor<2, Int>],
+    link: LinkModel,
+) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
+    use crate::comm::LinkedComm;
+    let rank = mpi.rank();
+    let trace = &Trace::new();
+    let comm = LinkedComm::new(&mpi.data, link.clone(), trace.clone())?;
+    let grad_comm = LinkedComm::new(&mpi.grads, link, trace.clone())?;
+    let mut traces = Vec::new();
+    let result = train_rank(
+        model,
+        cfg,
+        windows_per_step,
+        &comm,
+        &grad_comm,
+        trace,
+        || {
+            backend::mpi_ranks::gather_trace(&mpi.plain, trace)?;
+            traces.push(Trace::from_spans(trace.spans()));
+            Ok(())
+        },
+    );
+    drop((comm, grad_comm));
+    let (losses, grads, walls) = result.map_err(|e| RunError::Rank {
+        rank,
+        message: e.to_string(),
+    })?;
+    let mut slowest = Vec::with_capacity(walls.len());
+    for ms in walls {
+        let all = backend::gather_f64(&mpi.plain, "step_wall", ms)?;
+        slowest.push(all.into_iter().fold(0.0, f64::max));
+    }
+    let all = gather_grads(mpi, cfg.world, grads)?;
+    median_step(losses, all, slowest, traces)
+}
+
+/// Every rank's named gradients, from this rank's: the ranks hold the same parameters (their own slice of
+/// each expert bank, of the same size on every rank because the world divides the experts), so the lists
+/// line up; ranks whose lists differ (an expert bank that got no rows on one rank) are reported.
+#[cfg(feature = "mpi")]
+fn gather_grads(
+    mpi: &MpiBackend,
+    world: usize,
+    mine: NamedGrads,
+) -> Result<Vec<NamedGrads>, RunError> {
+    // Names and lengths come from this rank's list; a name missing on another rank is a protocol error.
+    let names: Vec<(String, usize)> = mine.iter().map(|(n, v)| (n.clone(), v.len())).collect();
+    let lens: Vec<f32> = names.iter().map(|(_, l)| *l as f32).collect();
+    let all_lens =
+        backend::mpi_ranks::gather_equal(&mpi.plain, "grad_count", vec![lens.len() as f32])?;
+    if all_lens.iter().any(|n| *n as usize != names.len()) {
+        return Err(RunError::Invalid(format!(
+            "ranks have different numbers of gradients ({all_lens:?}): an expert received no rows on some rank"
+        )));
+    }
+    let all_sizes = backend::mpi_ranks::gather_equal(&mpi.plain, "grad_sizes", lens)?;
+    let flat: Vec<f32> = mine.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+    let total = flat.len();
+    let totals = backend::mpi_ranks::gather_equal(&mpi.plain, "grad_total", vec![total as f32])?;
+    if totals.iter().any(|t| *t as usize != total) {
+        return Err(RunError::Invalid(format!(
+            "ranks hold gradients of different sizes ({totals:?})"
+        )));
+    }
+    let values = backend::mpi_ranks::gather_equal(&mpi.plain, "grads", flat)?;
+    let mut out = Vec::with_capacity(world);
+    for r in 0..world {
+        let block = &values[r * total..(r + 1) * total];
+        let sizes = &all_sizes[r * names.len()..(r + 1) * names.len()];
+        let mut at = 0;
+        let mut grads = Vec::with_capacity(names.len());
+        for ((name, _), len) in names.iter().zip(sizes) {
+            let len = *len as usize;
+            grads.push((name.clone(), block[at..at + len].to_vec()));
+            at += len;
+        }
+        out.push(grads);
+    }
+    Ok(out)
+}
 
 /// Single-rank FarSkip training on the whole batch: losses per step and the last step's gradients by name.
 fn reference_train(
@@ -966,29 +1259,15 @@ fn grad_rel_diff(
                         })
                 })
                 .collect();
-            let d = joined
-                .iter()
-                .zip(g_ref)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max) as f64;
-            let d = if joined.len() == g_ref.len() {
-                d / scale
-            } else {
-                f64::INFINITY
-            };
+            // Infinite on NaN/inf or a length mismatch.
+            let d = farskip_model::compare::max_abs_diff(&joined, g_ref) / scale;
             if d > worst.0 {
                 worst = (d, name.clone());
             }
         } else {
             for r in ranks {
                 let d = match r.iter().find(|(n, _)| n == name) {
-                    Some((_, v)) => {
-                        v.iter()
-                            .zip(g_ref)
-                            .map(|(a, b)| (a - b).abs())
-                            .fold(0.0f32, f32::max) as f64
-                            / scale
-                    }
+                    Some((_, v)) => farskip_model::compare::max_abs_diff(v, g_ref) / scale,
                     None => f64::INFINITY,
                 };
                 if d > worst.0 {
@@ -1002,6 +1281,17 @@ fn grad_rel_diff(
 
 /// Runs the training experiment: single-rank FarSkip (reference), EP FarSkip overlapped, EP standard blocking.
 pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingReport, RunError> {
+    overlap_training_on(&Backend::Local, model, cfg)
+}
+
+/// [`overlap_training`] on `backend`. Under MPI every process runs it as its rank (`cfg.world` must be the
+/// job's size) and gets the same report.
+pub fn overlap_training_on(
+    backend: &Backend,
+    model: &Model,
+    cfg: &TrainingConfig,
+) -> Result<TrainingReport, RunError> {
+    check_world(backend, cfg.world)?;
     if cfg.world == 0 || cfg.steps == 0 || cfg.tokens == 0 {
         return Err(RunError::Invalid(
             "world, steps and tokens must be > 0".into(),
@@ -1033,7 +1323,7 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             cfg.seed.wrapping_add(0x5EED),
             &device,
         );
-        placed = balanced_placement(model, cfg.world, &calibration)?
+        placed = balanced_placement_on(backend, model, cfg.world, &calibration)?
             .apply(model)
             .map_err(|e| RunError::Invalid(e.to_string()))?;
         &placed
@@ -1052,7 +1342,7 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
             steps: 1,
             ..cfg.clone()
         };
-        let (_, _, (_, step)) = ep_train(&farskip, &one, calib, LinkModel::instant())?;
+        let (_, _, (_, step)) = ep_train(backend, &farskip, &one, calib, LinkModel::instant())?;
         if pass > 0 {
             runs.push(windows_training(&step, cfg.world, model.layers.len()));
         }
@@ -1060,12 +1350,14 @@ pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingR
     let win = Arc::new(min_windows(&runs));
 
     let (losses, grads, (farskip_step_ms, trace)) = ep_train(
+        backend,
         &farskip,
         cfg,
         &windows_per_step,
         calibrated_link(win.clone(), cfg.comm_ratio),
     )?;
     let (_, _, (blocking_step_ms, blocking_trace)) = ep_train(
+        backend,
         &standard,
         cfg,
         &windows_per_step,
