@@ -46,6 +46,8 @@
 //!   reach their collectives together.
 //! - [`experiment`]: running a batch on a `LocalWorld` and the calibrated overlap experiment.
 //! - [`trace`]: compute/comm intervals per rank, the overlap metric, Chrome-trace JSON and SVG.
+//! - [`plan`]: the planner — schedule descriptions simulated with roofline and α–β costs, or with op costs
+//!   measured here, to predict what FarSkip buys on a model and cluster.
 //!
 //! What does not live here: model layers (farskip-model) and losses or optimisers
 //! (farskip-train).
@@ -73,5 +75,6 @@ pub use trace::{
 };
 pub mod balance;
 pub mod experiment;
+pub mod plan;
 pub mod schedule;
 pub mod training;

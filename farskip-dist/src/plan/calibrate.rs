@@ -1,0 +1,400 @@
+//! `cpu-here`: op costs measured on this machine, single-rank, and the overlap experiments' link.
+//!
+//! [`measure_inference`] runs one rank's shard of the model (TP: rank 0's heads and expert columns; EP: the
+//! whole expert bank, whose rows equal an EP rank's on average) on a [`SingleRank`] with a trace, with the
+//! threads a LocalWorld rank of that world gets, and keeps each op's median over the repeats.
+//! [`measure_training`] does the same for an EP training step. [`Measured`] turns such a table into a
+//! [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip window — the rule the overlap
+//! experiments calibrate their link with — so the planner predicts a LocalWorld run from a single-rank one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use farskip_model::{Connectivity, Model};
+use serde::{Deserialize, Serialize};
+
+use crate::comm::SingleRank;
+use crate::experiment::{Parallel, random_ids};
+use crate::schedule::{EpRank, TpRank, ops};
+use crate::trace::{Phase, Stream, Trace};
+use crate::training::{EpTrainRank, bwd_ops};
+
+use super::cost::CostModel;
+use super::desc::{MLP_BWD, OpKey, Schedule, Split, Step};
+use super::{Mode, PlanError};
+
+/// One op's measured cost.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpTime {
+    /// Op name.
+    pub op: String,
+    /// Layer (`None`: embedding/head, or EP's combine after the wait).
+    pub layer: Option<usize>,
+    /// `true` for the backward pass.
+    pub backward: bool,
+    /// Median ms over the repeats (all spans of this op and layer in one pass added).
+    pub ms: f64,
+}
+
+/// A calibration: what was measured and the op costs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Model preset or path.
+    pub model: String,
+    /// `prefill` or `train`.
+    pub mode: String,
+    /// ep or tp.
+    pub parallel: Parallel,
+    /// The world whose rank was measured.
+    pub world: usize,
+    /// Tokens per rank.
+    pub tokens: usize,
+    /// Threads the measured rank ran on.
+    pub threads: usize,
+    /// Per-op costs.
+    pub ops: Vec<OpTime>,
+}
+
+impl Calibration {
+    /// Reads a calibration written by [`Calibration::save`].
+    pub fn load(path: &Path) -> Result<Self, PlanError> {
+        let err = |message: String| PlanError::Calibration {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Writes the calibration as JSON.
+    pub fn save(&self, path: &Path) -> Result<(), PlanError> {
+        let err = |message: String| PlanError::Calibration {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = serde_json::to_string_pretty(self).map_err(|e| err(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| err(e.to_string()))
+    }
+
+    /// Whether this calibration measured the given setting.
+    pub fn matches(
+        &self,
+        model: &str,
+        mode: Mode,
+        parallel: Parallel,
+        world: usize,
+        tokens: usize,
+    ) -> bool {
+        let m = if mode == Mode::Train {
+            "train"
+        } else {
+            "prefill"
+        };
+        self.model == model
+            && self.mode == m
+            && self.parallel == parallel
+            && self.world == world
+            && self.tokens == tokens
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Per (op, layer, backward) ms of one trace's compute spans.
+fn op_table(trace: &Trace) -> HashMap<(String, Option<usize>, bool), f64> {
+    let mut t = HashMap::new();
+    for s in trace.spans() {
+        if s.stream == Stream::Compute {
+            *t.entry((s.op.to_string(), s.layer, s.phase == Phase::Backward))
+                .or_insert(0.0) += s.duration().as_secs_f64() * 1e3;
+        }
+    }
+    t
+}
+
+fn medians(passes: Vec<HashMap<(String, Option<usize>, bool), f64>>) -> Vec<OpTime> {
+    let mut keys: Vec<_> = passes.iter().flat_map(|p| p.keys().cloned()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .map(|k| OpTime {
+            ms: median(
+                passes
+                    .iter()
+                    .map(|p| p.get(&k).copied().unwrap_or(0.0))
+                    .collect(),
+            ),
+            op: k.0,
+            layer: k.1,
+            backward: k.2,
+        })
+        .collect()
+}
+
+fn pool(threads: usize) -> Result<rayon::ThreadPool, PlanError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .build()
+        .map_err(|e| PlanError::Calibration {
+            path: "(thread pool)".into(),
+            message: e.to_string(),
+        })
+}
+
+/// The threads a LocalWorld rank of `world` gets on this machine.
+pub fn threads_per_rank(world: usize) -> usize {
+    (std::thread::available_parallelism().map_or(1, usize::from) / world.max(1)).max(1)
+}
+
+fn failed(e: impl std::fmt::Display) -> PlanError {
+    PlanError::Calibration {
+        path: "(measurement)".into(),
+        message: e.to_string(),
+    }
+}
+
+/// Measures the FarSkip prefill of one rank of `world` (`tokens` per sequence; one warm-up, then `repeats`).
+pub fn measure_inference(
+    model: &Model,
+    name: &str,
+    parallel: Parallel,
+    world: usize,
+    tokens: usize,
+    repeats: usize,
+) -> Result<Calibration, PlanError> {
+    let model = model.clone().with_connectivity(Connectivity::farskip())?;
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let ids = random_ids(1, tokens, model.config().vocab_size, 1, &device);
+    let threads = threads_per_rank(world);
+    let comm = SingleRank::new();
+    let mut passes = Vec::new();
+    let pool = pool(threads)?;
+    pool.install(|| -> Result<(), PlanError> {
+        for pass in 0..=repeats {
+            let trace = Trace::new();
+            match parallel {
+                Parallel::Expert => {
+                    EpRank::new(&model, 0, 1)
+                        .map_err(failed)?
+                        .forward(&comm, &trace, ids.clone())
+                        .map_err(failed)?;
+                }
+                Parallel::Tensor => {
+                    TpRank::new(&model, 0, world)
+                        .map_err(failed)?
+                        .forward(&comm, &trace, ids.clone())
+                        .map_err(failed)?;
+                }
+            }
+            if pass > 0 {
+                passes.push(op_table(&trace));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Calibration {
+        model: name.to_string(),
+        mode: "prefill".into(),
+        parallel,
+        world,
+        tokens,
+        threads,
+        ops: medians(passes),
+    })
+}
+
+/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank).
+pub fn measure_training(
+    model: &Model,
+    name: &str,
+    world: usize,
+    tokens: usize,
+    repeats: usize,
+) -> Result<Calibration, PlanError> {
+    let model = model.clone().with_connectivity(Connectivity::farskip())?;
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let windows = random_ids(1, tokens + 1, model.config().vocab_size, 1, &device);
+    let threads = threads_per_rank(world);
+    let comm = SingleRank::new();
+    let rank = EpTrainRank::new(&model, 0, 1).map_err(failed)?;
+    let mut passes = Vec::new();
+    pool(threads)?.install(|| -> Result<(), PlanError> {
+        for pass in 0..=repeats {
+            let trace = Trace::new();
+            rank.step(&comm, &trace, windows.clone()).map_err(failed)?;
+            if pass > 0 {
+                passes.push(op_table(&trace));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(Calibration {
+        model: name.to_string(),
+        mode: "train".into(),
+        parallel: Parallel::Expert,
+        world,
+        tokens,
+        threads,
+        ops: medians(passes),
+    })
+}
+
+/// Measured op costs with the overlap experiments' link: each collective lasts `comm_ratio` × its window.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    windows: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    comm_ratio: f64,
+}
+
+/// Every op name the schedules use, to map a calibration's strings back to them.
+const NAMES: [&str; 20] = [
+    ops::ATTN_1,
+    ops::ATTN_2,
+    ops::ATTN,
+    ops::ROUTER,
+    ops::EXPERTS,
+    ops::SHARED,
+    ops::MLP,
+    ops::HEAD,
+    ops::DISPATCH,
+    ops::COMBINE,
+    ops::AR_ATTN,
+    ops::AR_MOE,
+    bwd_ops::JOIN,
+    bwd_ops::ATTN,
+    bwd_ops::SHARED,
+    bwd_ops::EXPERTS,
+    bwd_ops::ROUTER,
+    bwd_ops::HEAD,
+    bwd_ops::COMBINE_BWD,
+    MLP_BWD,
+];
+
+impl Measured {
+    /// The cost model of `calibration` for a model of `layers` layers, split `split`, with collectives at
+    /// `comm_ratio` × their window. A trace adds every span of an op and layer in one pass; `schedule` (the
+    /// description the costs are for) says how many steps share that total (EP's combine after the wait and the
+    /// embedding/head run once per layer or twice, without a layer).
+    pub fn new(
+        calibration: &Calibration,
+        schedule: &Schedule,
+        layers: usize,
+        split: Split,
+        comm_ratio: f64,
+    ) -> Self {
+        let mut count: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
+        for s in &schedule.steps {
+            if let Step::Compute(k) = s {
+                *count.entry((k.op, k.layer, k.phase)).or_insert(0.0) += 1.0;
+            }
+        }
+        let mut ops = HashMap::new();
+        for o in &calibration.ops {
+            if let Some(name) = NAMES.iter().find(|n| **n == o.op) {
+                let phase = if o.backward {
+                    Phase::Backward
+                } else {
+                    Phase::Forward
+                };
+                let n = count.get(&(*name, o.layer, phase)).copied().unwrap_or(1.0);
+                ops.insert((*name, o.layer, phase), o.ms / n);
+            }
+        }
+        let t = |op: &'static str, l: usize, phase: Phase| {
+            ops.get(&(op, Some(l), phase)).copied().unwrap_or(0.0)
+        };
+        let f = Phase::Forward;
+        let b = Phase::Backward;
+        let mut w = HashMap::new();
+        for k in 0..layers {
+            let next = |op| if k + 1 < layers { t(op, k + 1, f) } else { 0.0 };
+            match split {
+                Split::Expert | Split::Hybrid => {
+                    w.insert((ops::DISPATCH, Some(k), f), t(ops::ATTN_2, k, f));
+                    w.insert(
+                        (ops::COMBINE, Some(k), f),
+                        t(ops::SHARED, k, f) + next(ops::ATTN_1),
+                    );
+                }
+                Split::Tensor => {
+                    w.insert(
+                        (ops::AR_ATTN, Some(k), f),
+                        t(ops::EXPERTS, k, f) + t(ops::ROUTER, k, f),
+                    );
+                    let moe = if k + 1 < layers {
+                        next(ops::ATTN) + next(ops::ATTN_1)
+                    } else {
+                        0.0
+                    };
+                    w.insert((ops::AR_MOE, Some(k), f), moe);
+                }
+            }
+            if calibration.mode == "train" {
+                let layer_bwd = |l: usize| {
+                    [
+                        bwd_ops::JOIN,
+                        bwd_ops::ATTN,
+                        bwd_ops::EXPERTS,
+                        bwd_ops::SHARED,
+                        bwd_ops::ROUTER,
+                    ]
+                    .iter()
+                    .map(|op| t(op, l, b))
+                    .sum::<f64>()
+                };
+                w.insert((bwd_ops::COMBINE_BWD, Some(k), b), t(bwd_ops::ATTN, k, b));
+                w.insert(
+                    (bwd_ops::DISPATCH_BWD, Some(k), b),
+                    t(bwd_ops::SHARED, k, b),
+                );
+                let below = if k > 0 {
+                    layer_bwd(k - 1)
+                } else {
+                    ops.get(&(bwd_ops::HEAD, None, b)).copied().unwrap_or(0.0) / 2.0
+                };
+                w.insert((bwd_ops::GRAD_ALLREDUCE, Some(k), b), below);
+            }
+        }
+        Self {
+            ops,
+            windows: w,
+            comm_ratio,
+        }
+    }
+
+    /// The sum of the windows (one rank's worth), ms.
+    pub fn window_ms(&self) -> f64 {
+        self.windows.values().sum()
+    }
+}
+
+impl CostModel for Measured {
+    fn compute(&self, _rank: usize, key: &OpKey, micro: usize) -> f64 {
+        self.ops
+            .get(&(key.op, key.layer, key.phase))
+            .copied()
+            .unwrap_or(0.0)
+            / micro.max(1) as f64
+    }
+
+    fn collective(&self, key: &OpKey, _micro: usize) -> f64 {
+        self.windows
+            .get(&(key.op, key.layer, key.phase))
+            .copied()
+            .unwrap_or(0.0)
+            * self.comm_ratio
+    }
+}

@@ -1,0 +1,369 @@
+//! Schedule descriptions: the op order of one rank, with the collectives it issues and where it waits for
+//! them. A description knows no costs; [`super::sim`] walks it with a cost model.
+//!
+//! The builders follow the executors' order op for op (`schedule::RankSchedule::run` and `run_deep` for
+//! inference, `training::EpTrainRank::step_on` for training), with the executors' op names ([`ops`],
+//! [`bwd_ops`]). The executors do not walk these descriptions; a test runs both on a small model and compares
+//! the op sequence of the trace with the description's, so the two cannot drift apart unnoticed.
+
+use farskip_model::config::FfnKind;
+use farskip_model::connectivity::FarSkipVariant;
+use farskip_model::{Connectivity, ModelConfig};
+
+use crate::schedule::ops;
+use crate::trace::Phase;
+use crate::training::bwd_ops;
+
+/// Which collective family a step belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Split {
+    /// Expert parallelism: dispatch/combine all-to-alls.
+    Expert,
+    /// Tensor parallelism: all-reduces of partial sums.
+    Tensor,
+    /// Attention split by heads over TP groups, experts over EP groups: an all-reduce after attention and the
+    /// EP all-to-alls for the MoE (each TP rank dispatches its share of the group's tokens). The executors run
+    /// EP or TP; this one is the planner's.
+    Hybrid,
+}
+
+/// One op of a schedule: a name from [`ops`]/[`bwd_ops`], its layer (`None`: embedding/head), the pass and the
+/// micro-batch (0 unless the schedule is two-micro-batch overlap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OpKey {
+    /// Op name (the executors' trace name).
+    pub op: &'static str,
+    /// Layer, or `None` for the embedding and head.
+    pub layer: Option<usize>,
+    /// Forward or backward.
+    pub phase: Phase,
+    /// Micro-batch (TBO: 0 or 1).
+    pub micro: u8,
+}
+
+/// One step of a rank's schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Run an op on the compute lane.
+    Compute(OpKey),
+    /// Issue a collective on comm lane `channel` (0: activations, 1: gradient all-reduce); does not block.
+    Issue {
+        /// The collective.
+        key: OpKey,
+        /// Comm lane (each is one stream that runs its collectives in issue order).
+        channel: u8,
+    },
+    /// Block the compute lane until the collective has finished.
+    Wait(OpKey),
+}
+
+/// The schedule family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleKind {
+    /// Standard connectivity, every collective waited for by the next op that reads it.
+    Blocking,
+    /// The connectivity's own schedule (FarSkip at its depth).
+    FarSkip,
+    /// Standard connectivity, two micro-batches interleaved so that one's compute hides the other's comm.
+    Tbo,
+}
+
+/// A rank's schedule: its steps in program order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Schedule {
+    /// Steps in order.
+    pub steps: Vec<Step>,
+}
+
+fn key(op: &'static str, layer: Option<usize>, phase: Phase) -> OpKey {
+    OpKey {
+        op,
+        layer,
+        phase,
+        micro: 0,
+    }
+}
+
+/// The FarSkip depth a connectivity runs with overlap (0: none — standard, or a variant whose order the
+/// executors keep stock).
+pub fn overlap_depth(conn: &Connectivity) -> usize {
+    match conn {
+        Connectivity::FarSkip(f) if f.variant == FarSkipVariant::Full => f.depth.max(1),
+        _ => 0,
+    }
+}
+
+fn is_moe(config: &ModelConfig, i: usize) -> bool {
+    matches!(config.layers[i].ffn, FfnKind::Moe)
+}
+
+fn has_shared(config: &ModelConfig) -> bool {
+    config.moe.as_ref().is_some_and(|m| m.shared.is_some())
+}
+
+/// The inference forward of one rank under `conn` (`Connectivity::Standard` is the blocking baseline).
+pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Schedule {
+    let depth = overlap_depth(conn);
+    let converted = |i: usize| depth > 0 && conn.is_converted(i);
+    let f = Phase::Forward;
+    let mut s = Vec::new();
+    let layers = config.layers.len();
+    // Routed collectives in flight, newest first.
+    let mut queue: Vec<usize> = Vec::new();
+    let a2a = split != Split::Tensor;
+    let routed_op = if a2a { ops::COMBINE } else { ops::AR_MOE };
+    let resolve = |s: &mut Vec<Step>, k: usize| {
+        s.push(Step::Wait(key(routed_op, Some(k), f)));
+        if a2a {
+            // combine_slots runs after the wait (traced without a layer).
+            s.push(Step::Compute(key(ops::COMBINE, None, f)));
+        }
+    };
+    s.push(Step::Compute(key(ops::HEAD, None, f)));
+    for i in 0..layers {
+        let conv = converted(i);
+        if !conv {
+            for k in std::mem::take(&mut queue) {
+                resolve(&mut s, k);
+            }
+        }
+        let mut in_flight = std::mem::take(&mut queue);
+        let l = Some(i);
+        s.push(Step::Compute(key(ops::ATTN_1, l, f)));
+        let attn_coll = key(ops::AR_ATTN, l, f);
+        if split == Split::Tensor {
+            s.push(Step::Compute(key(ops::ATTN, l, f)));
+            s.push(Step::Issue {
+                key: attn_coll,
+                channel: 0,
+            });
+        }
+        // A converted layer's MoE reads S plus the oldest in-flight output once `depth` are queued (depth 1:
+        // the previous layer's, waited for after attention part 1); a dense layer settles the rest after its MLP.
+        if conv && in_flight.len() >= depth {
+            for k in in_flight.split_off(depth - 1) {
+                resolve(&mut s, k);
+            }
+        }
+        let finish_attention = |s: &mut Vec<Step>, wait: bool| match split {
+            Split::Expert => s.push(Step::Compute(key(ops::ATTN_2, l, f))),
+            Split::Tensor => s.push(Step::Wait(attn_coll)),
+            Split::Hybrid => {
+                s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+                s.push(Step::Issue {
+                    key: attn_coll,
+                    channel: 0,
+                });
+                if wait {
+                    s.push(Step::Wait(attn_coll));
+                }
+            }
+        };
+        match (is_moe(config, i), conv) {
+            (true, _) => {
+                if !conv {
+                    finish_attention(&mut s, true);
+                }
+                s.push(Step::Compute(key(ops::ROUTER, l, f)));
+                match split {
+                    Split::Expert | Split::Hybrid => {
+                        let d = key(ops::DISPATCH, l, f);
+                        s.push(Step::Issue { key: d, channel: 0 });
+                        if conv {
+                            finish_attention(&mut s, false);
+                        }
+                        s.push(Step::Wait(d));
+                        s.push(Step::Compute(key(ops::EXPERTS, l, f)));
+                        s.push(Step::Issue {
+                            key: key(ops::COMBINE, l, f),
+                            channel: 0,
+                        });
+                        if has_shared(config) {
+                            s.push(Step::Compute(key(ops::SHARED, l, f)));
+                        }
+                        if conv && split == Split::Hybrid {
+                            // The post-attention stream is needed once the layer's output is formed.
+                            s.push(Step::Wait(attn_coll));
+                        }
+                    }
+                    Split::Tensor => {
+                        s.push(Step::Compute(key(ops::EXPERTS, l, f)));
+                        if conv {
+                            finish_attention(&mut s, true);
+                        }
+                        s.push(Step::Issue {
+                            key: key(ops::AR_MOE, l, f),
+                            channel: 0,
+                        });
+                    }
+                }
+                queue.push(i);
+                queue.append(&mut in_flight);
+                // Without overlap every routed output is waited for at once.
+                if depth == 0 || (depth == 1 && !converted(i + 1)) {
+                    for k in std::mem::take(&mut queue) {
+                        resolve(&mut s, k);
+                    }
+                }
+            }
+            (false, _) => {
+                finish_attention(&mut s, true);
+                s.push(Step::Compute(key(ops::MLP, l, f)));
+                for k in in_flight {
+                    resolve(&mut s, k);
+                }
+            }
+        }
+    }
+    for k in queue {
+        resolve(&mut s, k);
+    }
+    s.push(Step::Compute(key(ops::HEAD, None, f)));
+    Schedule { steps: s }
+}
+
+/// The expert-parallel training step of one rank (forward, then backward with the gradient all-reduces on
+/// their own lane); FarSkip at depth 1 when `conn` is converted (training runs depth 1 only), every collective
+/// waited for at issue otherwise. Dense layers run attention and their MLP with no collective.
+pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
+    let farskip = overlap_depth(conn) > 0;
+    let (f, b) = (Phase::Forward, Phase::Backward);
+    let mut s = Vec::new();
+    let issue = |s: &mut Vec<Step>, k: OpKey, channel: u8| {
+        s.push(Step::Issue { key: k, channel });
+        if !farskip {
+            s.push(Step::Wait(k));
+        }
+    };
+    let layers = config.layers.len();
+    s.push(Step::Compute(key(ops::HEAD, None, f)));
+    let mut inflight: Option<usize> = None;
+    let join = |s: &mut Vec<Step>, k: usize| {
+        if farskip {
+            s.push(Step::Wait(key(ops::COMBINE, Some(k), f)));
+        }
+        s.push(Step::Compute(key(ops::COMBINE, Some(k), f)));
+    };
+    for i in 0..layers {
+        let l = Some(i);
+        s.push(Step::Compute(key(ops::ATTN_1, l, f)));
+        if let Some(k) = inflight.take() {
+            join(&mut s, k);
+        }
+        if !is_moe(config, i) {
+            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+            s.push(Step::Compute(key(ops::MLP, l, f)));
+            continue;
+        }
+        if !farskip {
+            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+        }
+        s.push(Step::Compute(key(ops::ROUTER, l, f)));
+        let d = key(ops::DISPATCH, l, f);
+        s.push(Step::Issue { key: d, channel: 0 });
+        if farskip {
+            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+        }
+        s.push(Step::Wait(d));
+        s.push(Step::Compute(key(ops::EXPERTS, l, f)));
+        issue(&mut s, key(ops::COMBINE, l, f), 0);
+        if has_shared(config) {
+            s.push(Step::Compute(key(ops::SHARED, l, f)));
+        }
+        if farskip {
+            inflight = Some(i);
+        } else {
+            join(&mut s, i);
+        }
+    }
+    if let Some(k) = inflight {
+        join(&mut s, k);
+    }
+    s.push(Step::Compute(key(ops::HEAD, None, f)));
+    s.push(Step::Compute(key(bwd_ops::HEAD, None, b)));
+    let mut grads = Vec::new();
+    for i in (0..layers).rev() {
+        let l = Some(i);
+        if !is_moe(config, i) {
+            s.push(Step::Compute(key(MLP_BWD, l, b)));
+            s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
+        } else {
+            s.push(Step::Compute(key(bwd_ops::JOIN, l, b)));
+            let cb = key(bwd_ops::COMBINE_BWD, l, b);
+            s.push(Step::Issue {
+                key: cb,
+                channel: 0,
+            });
+            if farskip {
+                s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
+            }
+            s.push(Step::Wait(cb));
+            s.push(Step::Compute(key(bwd_ops::EXPERTS, l, b)));
+            let db = key(bwd_ops::DISPATCH_BWD, l, b);
+            issue(&mut s, db, 0);
+            if has_shared(config) {
+                s.push(Step::Compute(key(bwd_ops::SHARED, l, b)));
+            }
+            if farskip {
+                s.push(Step::Wait(db));
+            }
+            s.push(Step::Compute(key(bwd_ops::ROUTER, l, b)));
+            if !farskip {
+                s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
+            }
+        }
+        let g = key(bwd_ops::GRAD_ALLREDUCE, l, b);
+        issue(&mut s, g, 1);
+        grads.push(g);
+    }
+    s.push(Step::Compute(key(bwd_ops::HEAD, None, b)));
+    let outer = key(bwd_ops::GRAD_ALLREDUCE, None, b);
+    s.push(Step::Issue {
+        key: outer,
+        channel: 1,
+    });
+    if farskip {
+        for g in grads {
+            s.push(Step::Wait(g));
+        }
+    }
+    s.push(Step::Wait(outer));
+    Schedule { steps: s }
+}
+
+/// Backward of a dense layer's MLP (the executors' training runs MoE layers only; the planner costs dense
+/// layers too).
+pub const MLP_BWD: &str = "mlp_bwd";
+
+/// Two-micro-batch overlap of a schedule: each micro-batch's steps are cut before every wait and the pieces
+/// interleaved (A₀ B₀ A₁ B₁ …), so each collective of one micro-batch is in flight while the other computes.
+pub fn two_micro_batches(one: &Schedule) -> Schedule {
+    let pieces = |micro: u8| -> Vec<Vec<Step>> {
+        let mut out: Vec<Vec<Step>> = vec![Vec::new()];
+        for step in &one.steps {
+            let step = match *step {
+                Step::Compute(k) => Step::Compute(OpKey { micro, ..k }),
+                Step::Issue { key, channel } => Step::Issue {
+                    key: OpKey { micro, ..key },
+                    channel,
+                },
+                Step::Wait(k) => Step::Wait(OpKey { micro, ..k }),
+            };
+            if matches!(step, Step::Wait(_)) && out.last().is_some_and(|p| !p.is_empty()) {
+                out.push(Vec::new());
+            }
+            if let Some(p) = out.last_mut() {
+                p.push(step);
+            }
+        }
+        out
+    };
+    let (a, b) = (pieces(0), pieces(1));
+    let mut steps = Vec::with_capacity(2 * one.steps.len());
+    for i in 0..a.len().max(b.len()) {
+        for p in [a.get(i), b.get(i)].into_iter().flatten() {
+            steps.extend_from_slice(p);
+        }
+    }
+    Schedule { steps }
+}

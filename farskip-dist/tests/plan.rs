@@ -1,0 +1,447 @@
+//! The planner: the simulator on hand-computable schedules, the descriptions against the executors' traces,
+//! and every vendored config on the GPU presets.
+
+use std::path::PathBuf;
+
+use burn::prelude::*;
+use farskip_dist::experiment::random_ids;
+use farskip_dist::plan::desc::{self, OpKey, Schedule, Split, Step};
+use farskip_dist::plan::sim::simulate;
+use farskip_dist::plan::{
+    Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
+    predict_roofline, schedule,
+};
+use farskip_dist::schedule::{EpRank, TpRank};
+use farskip_dist::trace::{Phase, Stream};
+use farskip_dist::training::EpTrainRank;
+use farskip_dist::{Communicator, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, Trace};
+use farskip_model::{Connectivity, Model, ModelConfig};
+
+fn k(op: &'static str) -> OpKey {
+    OpKey {
+        op,
+        layer: Some(0),
+        phase: Phase::Forward,
+        micro: 0,
+    }
+}
+
+/// Compute a (2 ms) → issue c → compute w (2 ms, the window) → wait c → compute z (1 ms).
+fn one_window() -> Schedule {
+    Schedule {
+        steps: vec![
+            Step::Compute(k("a")),
+            Step::Issue {
+                key: k("c"),
+                channel: 0,
+            },
+            Step::Compute(k("w")),
+            Step::Wait(k("c")),
+            Step::Compute(k("z")),
+        ],
+    }
+}
+
+fn costs(op: &str) -> f64 {
+    match op {
+        "a" | "w" => 2.0,
+        _ => 1.0,
+    }
+}
+
+#[test]
+fn comm_equal_to_its_window_is_hidden_completely() {
+    let t = simulate(&one_window(), 1, &|_, k| costs(k.op), &|_| 2.0).unwrap();
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 5.0);
+    assert_eq!(m.overlap_pct, 100.0);
+    assert_eq!(m.exposed_ms, 0.0);
+    assert_eq!(m.compute_ms, 5.0);
+}
+
+#[test]
+fn comm_twice_its_window_exposes_exactly_the_excess() {
+    let t = simulate(&one_window(), 1, &|_, k| costs(k.op), &|_| 4.0).unwrap();
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 7.0);
+    assert_eq!(m.exposed_ms, 2.0);
+    assert_eq!(m.overlap_pct, 50.0);
+}
+
+#[test]
+fn a_second_window_before_the_wait_hides_twice_the_comm() {
+    // Depth 2 in miniature: the wait moves one window later.
+    let mut s = one_window();
+    s.steps.insert(3, Step::Compute(k("w")));
+    let t = simulate(&s, 1, &|_, k| costs(k.op), &|_| 4.0).unwrap();
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 7.0);
+    assert_eq!(m.exposed_ms, 0.0);
+    assert_eq!(m.overlap_pct, 100.0);
+}
+
+#[test]
+fn a_late_rank_holds_the_collective_and_its_peer_waits() {
+    // Rank 1's first op takes 3 ms instead of 2: the collective starts at 3 on both ranks.
+    let t = simulate(
+        &one_window(),
+        2,
+        &|r, k| {
+            if r == 1 && k.op == "a" {
+                3.0
+            } else {
+                costs(k.op)
+            }
+        },
+        &|_| 2.0,
+    )
+    .unwrap();
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 6.0);
+    assert_eq!(m.peer_wait_ms, 1.0);
+    // Rank 0: c runs 3..5, w 2..4 → 1 ms hidden of 2; rank 1: w 3..5 hides all of it.
+    assert_eq!(m.overlap_pct, 75.0);
+    assert_eq!(m.exposed_ms, 1.0);
+}
+
+#[test]
+fn waiting_before_issuing_and_bad_costs_are_errors() {
+    let s = Schedule {
+        steps: vec![Step::Wait(k("c"))],
+    };
+    let e = simulate(&s, 1, &|_, _| 1.0, &|_| 1.0).unwrap_err();
+    assert!(e.to_string().contains("before issuing"), "{e}");
+    let e = simulate(&one_window(), 1, &|_, _| f64::NAN, &|_| 1.0).unwrap_err();
+    assert!(e.to_string().contains("NaN"), "{e}");
+}
+
+#[test]
+fn two_micro_batches_interleave_at_the_waits() {
+    let s = desc::two_micro_batches(&one_window());
+    let names: Vec<(String, u8)> = s
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Compute(k) => (k.op.to_string(), k.micro),
+            Step::Issue { key, .. } => (format!("issue {}", key.op), key.micro),
+            Step::Wait(k) => (format!("wait {}", k.op), k.micro),
+        })
+        .collect();
+    let expect = [
+        ("a", 0),
+        ("issue c", 0),
+        ("w", 0),
+        ("a", 1),
+        ("issue c", 1),
+        ("w", 1),
+        ("wait c", 0),
+        ("z", 0),
+        ("wait c", 1),
+        ("z", 1),
+    ];
+    assert_eq!(
+        names,
+        expect.map(|(a, b)| (a.to_string(), b)).to_vec(),
+        "{names:?}"
+    );
+}
+
+/// Unit op costs, collectives at `ratio` × 1 ms.
+struct Unit(f64);
+impl CostModel for Unit {
+    fn compute(&self, _: usize, k: &OpKey, micro: usize) -> f64 {
+        match k.op {
+            "attn_1" | "attn_2" | "attn" | "experts" | "shared" | "mlp" | "attn_bwd"
+            | "experts_bwd" | "shared_bwd" => 1.0 / micro as f64,
+            _ => 0.0,
+        }
+    }
+    fn collective(&self, _: &OpKey, _: usize) -> f64 {
+        self.0
+    }
+}
+
+fn tiny() -> ModelConfig {
+    ModelConfig::small_moe(64, 32, 4, 4, 2, 8, 4, 2, 16, Some(16))
+}
+
+#[test]
+fn farskip_hides_what_blocking_exposes_on_a_model() {
+    let c = tiny();
+    for split in [Split::Expert, Split::Tensor] {
+        let p = predict(
+            &c,
+            &Connectivity::farskip(),
+            split,
+            Mode::Prefill,
+            2,
+            &Unit(1.0),
+        )
+        .unwrap();
+        let m = &p.prediction;
+        assert!(m.blocking_ms > m.farskip_ms, "{split:?}: {m:?}");
+        assert!(m.speedup > 1.0);
+        // Standard connectivity at the same costs has nothing to gain.
+        let s = predict(
+            &c,
+            &Connectivity::Standard,
+            split,
+            Mode::Prefill,
+            2,
+            &Unit(1.0),
+        )
+        .unwrap();
+        assert_eq!(s.prediction.farskip_ms, s.prediction.blocking_ms);
+    }
+    // EP, 4 layers, unit costs: every collective of the FarSkip schedule has a 1 ms window but the last
+    // combine (the shared expert only): 100 % hidden.
+    let p = predict(
+        &c,
+        &Connectivity::farskip(),
+        Split::Expert,
+        Mode::Prefill,
+        2,
+        &Unit(1.0),
+    )
+    .unwrap();
+    assert_eq!(p.prediction.overlap_pct, 100.0, "{:?}", p.prediction);
+    assert_eq!(p.prediction.compute_ms, 4.0 * 4.0);
+    assert_eq!(p.prediction.farskip_ms, 16.0);
+    // Blocking: dispatch exposed (1 ms per layer), combine hidden by the shared expert.
+    assert_eq!(p.prediction.blocking_ms, 20.0);
+}
+
+#[test]
+fn training_reports_forward_and_backward_overlap() {
+    let c = tiny();
+    let p = predict(
+        &c,
+        &Connectivity::farskip(),
+        Split::Expert,
+        Mode::Train,
+        2,
+        &Unit(0.5),
+    )
+    .unwrap();
+    let m = &p.prediction;
+    assert!(m.fwd_overlap_pct.is_some_and(|f| f > 50.0), "{m:?}");
+    assert!(m.bwd_overlap_pct.is_some_and(|b| b > 0.0), "{m:?}");
+    assert!(m.speedup > 1.0, "{m:?}");
+    let d2 = "farskip-d2".parse::<Connectivity>().unwrap();
+    let e = predict(&c, &d2, Split::Expert, Mode::Train, 2, &Unit(0.5)).unwrap_err();
+    assert!(e.to_string().contains("depth 1"), "{e}");
+}
+
+/// (op, layer) of rank 0's compute spans in time order, consecutive repeats merged; and its collectives.
+fn traced(trace: &Trace) -> (Vec<(String, Option<usize>)>, Vec<(String, Option<usize>)>) {
+    let mut spans: Vec<_> = trace.spans().into_iter().filter(|s| s.rank == 0).collect();
+    spans.sort_by_key(|s| s.start);
+    let mut compute: Vec<(String, Option<usize>)> = Vec::new();
+    let mut comm = Vec::new();
+    for s in spans {
+        let item = (s.op.to_string(), s.layer);
+        match s.stream {
+            Stream::Compute => {
+                if compute.last() != Some(&item) {
+                    compute.push(item);
+                }
+            }
+            _ => comm.push(item),
+        }
+    }
+    (compute, comm)
+}
+
+fn described(s: &Schedule) -> (Vec<(String, Option<usize>)>, Vec<(String, Option<usize>)>) {
+    let mut compute: Vec<(String, Option<usize>)> = Vec::new();
+    let mut comm = Vec::new();
+    for step in &s.steps {
+        match step {
+            Step::Compute(k) => {
+                let item = (k.op.to_string(), k.layer);
+                if compute.last() != Some(&item) {
+                    compute.push(item);
+                }
+            }
+            Step::Issue { key, .. } => comm.push((key.op.to_string(), key.layer)),
+            Step::Wait(_) => {}
+        }
+    }
+    (compute, comm)
+}
+
+#[test]
+fn descriptions_follow_the_executors_op_order() {
+    let device = Device::flex();
+    let config = tiny();
+    let model = Model::new(&config, &device).unwrap();
+    let ids = random_ids(1, 8, config.vocab_size, 3, &device);
+    for conn in [
+        Connectivity::Standard,
+        Connectivity::farskip(),
+        "farskip-d2".parse::<Connectivity>().unwrap(),
+        "farskip:1..=2".parse::<Connectivity>().unwrap(),
+    ] {
+        let m = model.clone().with_connectivity(conn.clone()).unwrap();
+        for split in [Split::Expert, Split::Tensor] {
+            let trace = Trace::new();
+            let cfg = LocalWorldConfig::new(LinkModel::instant()).with_trace(trace.clone());
+            LocalWorld::run_with(2, cfg, |comm: &LocalComm| match split {
+                Split::Tensor => TpRank::new(&m, comm.rank(), 2)
+                    .unwrap()
+                    .forward(comm, &trace, ids.clone())
+                    .map(|_| ()),
+                _ => EpRank::new(&m, comm.rank(), 2)
+                    .unwrap()
+                    .forward(comm, &trace, ids.clone())
+                    .map(|_| ()),
+            })
+            .unwrap()
+            .into_iter()
+            .for_each(|r| r.unwrap());
+            let d = schedule(&config, &conn, split, Mode::Prefill, ScheduleKind::FarSkip);
+            let (tc, tm) = traced(&trace);
+            let (dc, dm) = described(&d);
+            assert_eq!(dc, tc, "{conn} {split:?}: compute order");
+            assert_eq!(dm, tm, "{conn} {split:?}: collectives");
+        }
+    }
+    for conn in [Connectivity::Standard, Connectivity::farskip()] {
+        let m = model.clone().with_connectivity(conn.clone()).unwrap();
+        let windows = random_ids(1, 9, config.vocab_size, 4, &device);
+        let trace = Trace::new();
+        let cfg = LocalWorldConfig::new(LinkModel::instant()).with_trace(trace.clone());
+        LocalWorld::run_with(2, cfg, |comm: &LocalComm| {
+            EpTrainRank::new(&m, comm.rank(), 2)
+                .unwrap()
+                .step(comm, &trace, windows.clone())
+                .map(|_| ())
+        })
+        .unwrap()
+        .into_iter()
+        .for_each(|r| r.unwrap());
+        let d = schedule(
+            &config,
+            &conn,
+            Split::Expert,
+            Mode::Train,
+            ScheduleKind::FarSkip,
+        );
+        let (tc, _) = traced(&trace);
+        let (dc, _) = described(&d);
+        // The step ends with the loss all-reduce and the optimizer's bookkeeping, which the description leaves out.
+        assert_eq!(dc, tc[..dc.len().min(tc.len())].to_vec(), "{conn} training");
+    }
+}
+
+fn configs_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/data/configs")
+}
+
+#[test]
+fn every_vendored_config_plans_on_h100_and_mi300x() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(configs_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let config = load_model_config(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for cluster in [Cluster::h100(), Cluster::mi300x()] {
+            for mode in [Mode::Prefill, Mode::Train] {
+                for nodes in [1, 4] {
+                    let layout = Layout::new(8 * nodes, 1, nodes, &cluster).unwrap();
+                    let work = Workload::new(mode, 4096, 4096);
+                    let p = predict_roofline(
+                        &config,
+                        &Connectivity::farskip(),
+                        &cluster,
+                        layout,
+                        &work,
+                    )
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let m = p.prediction;
+                    let what = format!(
+                        "{} {} {mode:?} {nodes} nodes: {m:?}",
+                        path.display(),
+                        cluster.name
+                    );
+                    assert!(m.farskip_ms > 0.0 && m.farskip_ms.is_finite(), "{what}");
+                    assert!(m.farskip_ms <= m.blocking_ms * (1.0 + 1e-9), "{what}");
+                    assert!((0.0..=100.0).contains(&m.overlap_pct), "{what}");
+                    assert!(m.compute_ms <= m.farskip_ms * (1.0 + 1e-9), "{what}");
+                }
+            }
+        }
+        n += 1;
+    }
+    assert_eq!(n, 6, "vendored configs");
+}
+
+#[test]
+fn llama4_wrapper_is_planned_from_its_text_config() {
+    let c = load_model_config(&configs_dir().join("llama4_scout.json")).unwrap();
+    assert_eq!(c.hidden_size, 5120);
+    assert_eq!(c.layers.len(), 48);
+    assert_eq!(c.moe.as_ref().map(|m| m.num_experts), Some(16));
+}
+
+#[test]
+fn bad_layouts_and_clusters_name_the_culprit() {
+    let h = Cluster::h100();
+    let e = Layout::new(16, 1, 1, &h).unwrap_err().to_string();
+    assert!(e.contains("16 per node") && e.contains("has 8"), "{e}");
+    let e = Layout::new(6, 1, 4, &h).unwrap_err().to_string();
+    assert!(e.contains("do not split over 4 nodes"), "{e}");
+    let e = Cluster::from_toml("name = \"x\"\nflops = -1.0\nmem_bw = 1.0\ndevices_per_node = 8\nintra_bw = 1.0\ninter_bw = 1.0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("flops = -1"), "{e}");
+    let e = Cluster::from_toml("name = \"x\"\nflop = 1.0\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("flop"), "{e}");
+    let ok = Cluster::from_toml(
+        "name = \"lab\"\nflops = 1e15\nmem_bw = 3e12\ndevices_per_node = 4\nintra_bw = 1e11\ninter_bw = 2.5e10\n",
+    )
+    .unwrap();
+    assert_eq!(ok.devices_per_node, 4);
+    assert_eq!(ok.flop_efficiency, 0.6);
+}
+
+#[test]
+fn roofline_collectives_follow_the_alpha_beta_model() {
+    use farskip_dist::plan::cost::ring_all_reduce_s;
+    // 4 ranks, 1 GB/s, 1 ms latency, 4 MB: 2·3·1 ms + 2·3/4·4 MB / 1 GB/s = 6 + 6 ms.
+    let t = ring_all_reduce_s(4e6, 4, 1e9, 1e-3);
+    assert!((t - 0.012).abs() < 1e-12, "{t}");
+    assert_eq!(ring_all_reduce_s(4e6, 1, 1e9, 1e-3), 0.0);
+    // A cross-node all-to-all is bounded by the NIC: EP 16 over 2 H100 nodes moves 8/16 of the bytes
+    // through 50 GB/s × 0.8, the other 7/16 over 450 GB/s × 0.8.
+    let c = Cluster::h100();
+    let cfg = tiny();
+    let two = Layout::new(16, 1, 2, &c).unwrap();
+    let r = farskip_dist::plan::Roofline::new(
+        cfg.clone(),
+        c.clone(),
+        two,
+        Workload::new(Mode::Prefill, 1, 1),
+    );
+    let bytes = 1.6e9;
+    let expect = 6e-6 + 8.0 * (bytes / 16.0) / (50e9 * 0.8);
+    assert!(
+        (r.all_to_all_s(bytes) - expect).abs() < 1e-9,
+        "{}",
+        r.all_to_all_s(bytes)
+    );
+    // MI300X inside one node: 7 peer links of 64 GB/s, not the 448 GB/s aggregate, are what the exchange gets.
+    let m = Cluster::mi300x();
+    let one = Layout::new(8, 1, 1, &m).unwrap();
+    let r = farskip_dist::plan::Roofline::new(cfg, m, one, Workload::new(Mode::Prefill, 1, 1));
+    let expect = 3e-6 + 7.0 * (bytes / 8.0) / (7.0 * 64e9 * 0.8);
+    assert!(
+        (r.all_to_all_s(bytes) - expect).abs() < 1e-9,
+        "{}",
+        r.all_to_all_s(bytes)
+    );
+}
