@@ -26,6 +26,9 @@ use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchError, ExpertSharding, Routing, combine_start, dispatch_start};
 use crate::trace::{Phase, Trace};
 
+mod tbo;
+pub use tbo::tbo_ops;
+
 /// Errors of a distributed schedule.
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {

@@ -4,11 +4,12 @@
 //! training (segmented backward) against single-rank training.
 
 use burn::prelude::*;
-use farskip_dist::comm::LinkModel;
+use farskip_dist::comm::{Communicator, LinkModel, LocalWorld};
 use farskip_dist::experiment::{
     Parallel, TrainingConfig, TrainingReport, balanced_placement, expert_loads, max_abs_diff,
     overlap_training, random_ids, run_forward,
 };
+use farskip_dist::schedule::{EpRank, TpRank};
 use farskip_dist::trace::Trace;
 use farskip_model::{Connectivity, Model, ModelConfig};
 use farskip_tests::{FAMILIES, fixture_dir};
@@ -78,6 +79,103 @@ fn every_fixture_family_matches_single_rank() {
         let model = Model::from_pretrained(fixture_dir(family), &Device::flex()).unwrap();
         check(&model, family);
     }
+}
+
+/// Two-micro-batch overlap (standard connectivity) against the single-rank standard model, EP and TP on 2 and
+/// 4 ranks, with an odd sequence length so the halves differ in size.
+fn check_tbo(model: &Model, label: &str) {
+    let device = Device::flex();
+    let model = model
+        .clone()
+        .with_connectivity(Connectivity::Standard)
+        .unwrap();
+    let mut worst = [0.0f64; 2];
+    for world in [2, 4] {
+        let ids = random_ids(world, 13, model.config().vocab_size, world as u64, &device);
+        let reference = model.forward(ids.clone()).unwrap();
+        let trace = Trace::disabled();
+        let ep = LocalWorld::run(world, LinkModel::instant(), |comm| {
+            let r = comm.rank();
+            EpRank::new(&model, r, world)?.forward_tbo(comm, &trace, ids.clone().narrow(0, r, 1))
+        })
+        .unwrap();
+        let ep: Vec<_> = ep
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|e| panic!("{label} EP world {world}: {e}")))
+            .collect();
+        let tp = LocalWorld::run(world, LinkModel::instant(), |comm| {
+            TpRank::new(&model, comm.rank(), world)?.forward_tbo(comm, &trace, ids.clone())
+        })
+        .unwrap();
+        for (parallel, logits) in [
+            (0, Tensor::cat(ep, 0)),
+            (
+                1,
+                tp.into_iter()
+                    .next()
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("{label} TP: {e}")),
+            ),
+        ] {
+            let diff = max_abs_diff(logits, reference.clone());
+            assert!(
+                diff <= 1e-4,
+                "{label} TBO parallel {parallel} world {world}: {diff}"
+            );
+            worst[parallel] = worst[parallel].max(diff);
+        }
+    }
+    eprintln!(
+        "{label}: max |TBO - single| EP {:.1e}, TP {:.1e}",
+        worst[0], worst[1]
+    );
+}
+
+#[test]
+fn two_micro_batch_overlap_matches_single_rank() {
+    for family in FAMILIES {
+        let model = Model::from_pretrained(fixture_dir(family), &Device::flex()).unwrap();
+        check_tbo(&model, family);
+    }
+    let cfg = ModelConfig::small_moe(256, 128, 3, 8, 4, 16, 16, 2, 64, Some(64));
+    check_tbo(&seeded_model(5, &cfg), "preset");
+}
+
+#[test]
+fn two_micro_batch_overlap_refuses_farskip_and_one_token() {
+    let model = Model::from_pretrained(fixture_dir("qwen3_moe"), &Device::flex()).unwrap();
+    let device = Device::flex();
+    let ids = random_ids(1, 8, model.config().vocab_size, 1, &device);
+    let farskip = model
+        .clone()
+        .with_connectivity(Connectivity::farskip())
+        .unwrap();
+    let out = LocalWorld::run(1, LinkModel::instant(), |comm| {
+        TpRank::new(&farskip, 0, 1)?.forward_tbo(comm, &Trace::disabled(), ids.clone())
+    })
+    .unwrap();
+    let err = out
+        .into_iter()
+        .next()
+        .unwrap()
+        .expect_err("farskip refused")
+        .to_string();
+    assert!(err.contains("standard connectivity"), "{err}");
+    let out = LocalWorld::run(1, LinkModel::instant(), |comm| {
+        TpRank::new(&model, 0, 1)?.forward_tbo(
+            comm,
+            &Trace::disabled(),
+            ids.clone().narrow(1, 0, 1),
+        )
+    })
+    .unwrap();
+    let err = out
+        .into_iter()
+        .next()
+        .unwrap()
+        .expect_err("one token refused")
+        .to_string();
+    assert!(err.contains("at least 2 tokens"), "{err}");
 }
 
 #[test]

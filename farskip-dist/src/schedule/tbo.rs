@@ -1,0 +1,406 @@
+//! Two-micro-batch overlap (TBO): the schedule-only answer to blocking collectives that the field uses without
+//! changing the model (SGLang's two-batch overlap, the idea behind DeepSeek's DualPipe). Each rank splits its
+//! tokens into two halves along the sequence — the first half (micro-batch 0) and the second (micro-batch 1) —
+//! and runs every layer in two stages per half, interleaved `0.s0, 1.s0, 0.s1, 1.s1`, so that one half's
+//! collective is in flight while the other half computes:
+//!
+//! - EP: stage 0 = wait the previous combine, attention, router, dispatch; stage 1 = wait the dispatch, experts,
+//!   combine, shared expert. Half 0's dispatch hides behind half 1's attention, half 1's behind half 0's
+//!   experts, half 0's combine behind half 1's experts, half 1's behind half 0's next attention.
+//! - TP: stage 0 = wait the previous MoE all-reduce, attention, its all-reduce; stage 1 = wait it, MoE, its
+//!   all-reduce.
+//!
+//! The halves are a chunked prefill: half 1's attention reads half 0's keys and values of the same layer from a
+//! per-layer cache (half 0's stage 0 always runs first), so the result is the standard model's up to float
+//! rounding. Standard connectivity only: the connectivity's rules are the model's, every layer waits for its
+//! own collectives.
+
+use burn::prelude::*;
+use farskip_model::attention::LayerKvCache;
+use farskip_model::model::Ffn;
+use farskip_model::moe::{Routing as ModelRouting, SlotPlan};
+use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
+
+use super::{Ctx, EpRank, Result, ScheduleError, TpRank, all_reduce_tensor, flat, from_host, ops};
+use crate::comm::{Communicator, Pending};
+use crate::dispatch::{DispatchPlan, ExpertInputs, Routing, combine_start, dispatch_start};
+use crate::trace::{Phase, Trace};
+
+/// Names of the micro-batches' collectives: each half's is its own collective (and link entry), so the two are
+/// told apart in traces and in the link model (which gives each half its share of the full collective's time).
+pub mod tbo_ops {
+    /// EP dispatch of half 0 / half 1.
+    pub const DISPATCH: [&str; 2] = ["dispatch.mb0", "dispatch.mb1"];
+    /// EP combine of half 0 / half 1.
+    pub const COMBINE: [&str; 2] = ["combine.mb0", "combine.mb1"];
+    /// TP all-reduce of the attention output, half 0 / half 1.
+    pub const AR_ATTN: [&str; 2] = ["allreduce_attn.mb0", "allreduce_attn.mb1"];
+    /// TP all-reduce of the routed output, half 0 / half 1.
+    pub const AR_MOE: [&str; 2] = ["allreduce_moe.mb0", "allreduce_moe.mb1"];
+
+    /// The full collective a micro-batch's collective is half of (`"dispatch.mb1"` → `"dispatch"`), or `None`
+    /// for any other name.
+    pub fn full_op(name: &str) -> Option<&str> {
+        name.strip_suffix(".mb0")
+            .or_else(|| name.strip_suffix(".mb1"))
+    }
+}
+
+/// Refuses a connectivity other than standard: two-micro-batch overlap is the schedule-only baseline.
+fn standard_only(model: &Model) -> Result<()> {
+    match model.connectivity() {
+        Connectivity::Standard => Ok(()),
+        other => Err(ScheduleError::Model(ModelError::InvalidConnectivity {
+            spec: other.to_string(),
+            message:
+                "two-micro-batch overlap runs standard connectivity (the schedule-only baseline)"
+                    .into(),
+        })),
+    }
+}
+
+/// The two halves of `[batch, seq]` ids along the sequence, with the absolute position of each half's first token.
+fn halves(input_ids: Tensor<2, Int>) -> Result<[(Tensor<2, Int>, usize); 2]> {
+    let [_, t] = input_ids.dims();
+    if t < 2 {
+        return Err(ScheduleError::Model(ModelError::InvalidInput(format!(
+            "two-micro-batch overlap splits the sequence in two: it needs at least 2 tokens, got {t}"
+        ))));
+    }
+    let first = t / 2;
+    Ok([
+        (input_ids.clone().narrow(1, 0, first), 0),
+        (input_ids.narrow(1, first, t - first), first),
+    ])
+}
+
+/// What one half has in flight between its stages.
+#[allow(clippy::large_enum_variant)]
+enum EpInflight {
+    /// Nothing: the stream is settled.
+    None,
+    /// Stage 0 ended with a dispatch.
+    Dispatched {
+        dispatch: Pending<(ExpertInputs, DispatchPlan)>,
+        routing: ModelRouting,
+        post_attention: Tensor<3>,
+        x: Tensor<2>,
+    },
+    /// Stage 1 ended with a combine.
+    Combining {
+        layer: usize,
+        combine: Pending<Tensor<2>>,
+        routing: ModelRouting,
+        post_attention: Tensor<3>,
+        shared: Option<Tensor<2>>,
+    },
+}
+
+struct Half<I> {
+    h: Tensor<3>,
+    offset: usize,
+    inflight: I,
+}
+
+impl EpRank {
+    /// The forward pass of this rank's sequences with two-micro-batch overlap (standard connectivity): equals
+    /// [`EpRank::forward`] of the standard model up to float rounding.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq ≥ 2]` (this rank's rows) -> `[batch, seq, vocab]`
+    pub fn forward_tbo<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        input_ids: Tensor<2, Int>,
+    ) -> Result<Tensor<3>> {
+        standard_only(&self.model)?;
+        let ctx = Ctx {
+            comm,
+            trace,
+            phase: Phase::Forward,
+        };
+        let model = &self.model;
+        let mut halves = halves(input_ids)?.map(|(ids, offset)| Half {
+            h: ctx.compute(None, ops::HEAD, || model.embed(ids)),
+            offset,
+            inflight: EpInflight::None,
+        });
+        for layer in &model.layers {
+            let mut cache = LayerKvCache::default();
+            for (mb, half) in halves.iter_mut().enumerate() {
+                self.tbo_stage_0(&ctx, layer, mb, half, &mut cache)?;
+            }
+            for (mb, half) in halves.iter_mut().enumerate() {
+                self.tbo_stage_1(&ctx, layer, mb, half)?;
+            }
+        }
+        let mut logits = Vec::with_capacity(2);
+        for half in halves {
+            let h = self.tbo_settle(&ctx, half.h, half.inflight)?;
+            logits.push(ctx.compute(None, ops::HEAD, || model.logits(h)));
+        }
+        Ok(Tensor::cat(logits, 1))
+    }
+
+    /// Waits for a half's combine and adds the MoE output to its stream: `R' + (r + s)`.
+    fn tbo_settle<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        h: Tensor<3>,
+        inflight: EpInflight,
+    ) -> Result<Tensor<3>> {
+        match inflight {
+            EpInflight::None => Ok(h),
+            EpInflight::Combining {
+                layer,
+                combine,
+                routing,
+                post_attention,
+                shared,
+            } => {
+                let slot_out = combine.wait()?;
+                let Ffn::Moe(moe) = &self.model.layers[layer].ffn else {
+                    unreachable!("only MoE layers combine")
+                };
+                let dims = post_attention.dims();
+                let routed = ctx.compute(Some(layer), ops::COMBINE, || {
+                    moe.combine_slots(slot_out, &routing).reshape(dims)
+                });
+                Ok(Connectivity::Standard
+                    .moe_output(
+                        post_attention,
+                        routed,
+                        shared.map(|s| s.reshape(dims)),
+                        Vec::new(),
+                    )
+                    .full())
+            }
+            EpInflight::Dispatched { .. } => unreachable!("stage 1 always follows stage 0"),
+        }
+    }
+
+    /// Stage 0: the previous combine, attention (half 1 reads half 0's keys and values from `cache`), router,
+    /// dispatch; a dense layer runs whole here.
+    fn tbo_stage_0<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        layer: &DecoderLayer,
+        mb: usize,
+        half: &mut Half<EpInflight>,
+        cache: &mut LayerKvCache,
+    ) -> Result<()> {
+        let i = layer.index();
+        let inflight = std::mem::replace(&mut half.inflight, EpInflight::None);
+        let r = self.tbo_settle(ctx, half.h.clone(), inflight)?;
+        let post_attention = ctx.compute(Some(i), ops::ATTN, || {
+            let a = layer.attention.forward(
+                layer.input_norm.forward(r.clone()),
+                half.offset,
+                Some(cache),
+            );
+            r + a
+        });
+        match &layer.ffn {
+            Ffn::Dense(mlp) => {
+                half.h = ctx.compute(Some(i), ops::MLP, || {
+                    let y = mlp.forward(layer.post_norm.forward(post_attention.clone()));
+                    Connectivity::Standard
+                        .dense_output(post_attention, y, Vec::new())
+                        .full()
+                });
+            }
+            Ffn::Moe(moe) => {
+                let sharding = self.sharding.expect("an MoE layer implies an MoE config");
+                let (x, routing, slots, slot_experts) = ctx.compute(Some(i), ops::ROUTER, || {
+                    let (x, _) = flat(layer.post_norm.forward(post_attention.clone()));
+                    let routing = moe.route(x.clone());
+                    let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
+                    let slots = moe.slot_inputs(x.clone(), &routing);
+                    (x, routing, slots, plan.slot_experts)
+                });
+                let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
+                let dispatch = dispatch_start(
+                    ctx.comm,
+                    &sharding,
+                    slots,
+                    &Routing::new(slot_experts, ones)?,
+                    ctx.tag(tbo_ops::DISPATCH[mb], i),
+                )?;
+                half.h = post_attention.clone();
+                half.inflight = EpInflight::Dispatched {
+                    dispatch,
+                    routing,
+                    post_attention,
+                    x,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Stage 1: the dispatch, the experts, the combine (left in flight) and the shared expert.
+    fn tbo_stage_1<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        layer: &DecoderLayer,
+        mb: usize,
+        half: &mut Half<EpInflight>,
+    ) -> Result<()> {
+        let i = layer.index();
+        let (Ffn::Moe(moe), EpInflight::Dispatched { .. }) = (&layer.ffn, &half.inflight) else {
+            return Ok(()); // a dense layer ran whole in stage 0
+        };
+        let EpInflight::Dispatched {
+            dispatch,
+            routing,
+            post_attention,
+            x,
+        } = std::mem::replace(&mut half.inflight, EpInflight::None)
+        else {
+            unreachable!("matched above")
+        };
+        let (inputs, plan) = dispatch.wait()?;
+        let y = ctx.compute(Some(i), ops::EXPERTS, || {
+            moe.experts.forward_grouped(inputs.tokens, &inputs.counts)
+        });
+        let combine = combine_start(ctx.comm, y, plan, ctx.tag(tbo_ops::COMBINE[mb], i))?;
+        let shared = ctx.compute(Some(i), ops::SHARED, || moe.shared(x));
+        half.inflight = EpInflight::Combining {
+            layer: i,
+            combine,
+            routing,
+            post_attention,
+            shared,
+        };
+        Ok(())
+    }
+}
+
+/// What one TP half has in flight between its stages. (Two per rank, moved not copied: the size difference
+/// between the variants costs nothing worth a box.)
+#[allow(clippy::large_enum_variant)]
+enum TpInflight {
+    /// Nothing: the stream is settled.
+    None,
+    /// Stage 0 ended with the attention all-reduce.
+    Attention(Pending<Vec<f32>>),
+    /// Stage 1 ended with the routed all-reduce.
+    Moe {
+        reduce: Pending<Vec<f32>>,
+        post_attention: Tensor<3>,
+        shared: Option<Tensor<3>>,
+    },
+}
+
+impl TpRank {
+    /// The forward pass with two-micro-batch overlap (standard connectivity; every rank runs the same tokens):
+    /// equals [`TpRank::forward`] of the standard model up to float rounding.
+    ///
+    /// # Shapes
+    /// - `input_ids`: `[batch, seq ≥ 2]` -> `[batch, seq, vocab]`
+    pub fn forward_tbo<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        input_ids: Tensor<2, Int>,
+    ) -> Result<Tensor<3>> {
+        standard_only(&self.model)?;
+        let ctx = Ctx {
+            comm,
+            trace,
+            phase: Phase::Forward,
+        };
+        let model = &self.model;
+        let mut halves = halves(input_ids)?.map(|(ids, offset)| Half {
+            h: ctx.compute(None, ops::HEAD, || model.embed(ids)),
+            offset,
+            inflight: TpInflight::None,
+        });
+        for layer in &model.layers {
+            let i = layer.index();
+            let mut cache = LayerKvCache::default();
+            // Stage 0: the previous routed all-reduce, attention, its all-reduce.
+            for (mb, half) in halves.iter_mut().enumerate() {
+                let r = tp_settle(half)?;
+                let partial = ctx.compute(Some(i), ops::ATTN, || {
+                    layer.attention.forward(
+                        layer.input_norm.forward(r.clone()),
+                        half.offset,
+                        Some(&mut cache),
+                    )
+                });
+                half.h = r;
+                half.inflight = TpInflight::Attention(all_reduce_tensor(
+                    ctx.comm,
+                    ctx.tag(tbo_ops::AR_ATTN[mb], i),
+                    partial,
+                ));
+            }
+            // Stage 1: attention's all-reduce, the MoE (or dense MLP), its all-reduce.
+            for (mb, half) in halves.iter_mut().enumerate() {
+                let TpInflight::Attention(reduce) =
+                    std::mem::replace(&mut half.inflight, TpInflight::None)
+                else {
+                    unreachable!("stage 0 leaves the attention all-reduce in flight")
+                };
+                let dims = half.h.dims();
+                let device = half.h.device();
+                let post_attention = half.h.clone() + from_host(reduce.wait()?, dims, &device);
+                match &layer.ffn {
+                    Ffn::Dense(mlp) => {
+                        half.h = ctx.compute(Some(i), ops::MLP, || {
+                            let y = mlp.forward(layer.post_norm.forward(post_attention.clone()));
+                            Connectivity::Standard
+                                .dense_output(post_attention, y, Vec::new())
+                                .full()
+                        });
+                    }
+                    Ffn::Moe(moe) => {
+                        let (routed, shared) = ctx.compute(Some(i), ops::EXPERTS, || {
+                            let (x, _) = flat(layer.post_norm.forward(post_attention.clone()));
+                            let routing = moe.route(x.clone());
+                            let plan =
+                                SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
+                            (moe.routed(x.clone(), &routing, &plan), moe.shared(x))
+                        });
+                        half.inflight = TpInflight::Moe {
+                            reduce: ctx.comm.all_reduce(
+                                ctx.tag(tbo_ops::AR_MOE[mb], i),
+                                super::to_host(routed),
+                            ),
+                            post_attention,
+                            shared: shared.map(|s| s.reshape(dims)),
+                        };
+                    }
+                }
+            }
+        }
+        let mut logits = Vec::with_capacity(2);
+        for mut half in halves {
+            let h = tp_settle(&mut half)?;
+            logits.push(ctx.compute(None, ops::HEAD, || model.logits(h)));
+        }
+        Ok(Tensor::cat(logits, 1))
+    }
+}
+
+/// Waits for the half's routed all-reduce and adds the MoE output: `R' + (r + s)`.
+fn tp_settle(half: &mut Half<TpInflight>) -> Result<Tensor<3>> {
+    match std::mem::replace(&mut half.inflight, TpInflight::None) {
+        TpInflight::None => Ok(half.h.clone()),
+        TpInflight::Moe {
+            reduce,
+            post_attention,
+            shared,
+        } => {
+            let dims = post_attention.dims();
+            let device = post_attention.device();
+            let routed = from_host(reduce.wait()?, dims, &device);
+            Ok(Connectivity::Standard
+                .moe_output(post_attention, routed, shared, Vec::new())
+                .full())
+        }
+        TpInflight::Attention(_) => unreachable!("stage 1 always follows stage 0"),
+    }
+}
