@@ -53,6 +53,7 @@ fn try_main() -> Result<()> {
                 repeats: 3,
                 seed: 1,
                 balance: false,
+                connectivity: farskip_model::Connectivity::farskip(),
             };
             let rep = overlap_inference(&model, &cfg)?;
             println!("{}", serde_json::to_string(&rep)?);
