@@ -2,6 +2,10 @@
 //!
 //! `cargo run --release -p farskip-examples --example forward -- --model DIR --input ids.safetensors \
 //!     --connectivity farskip:1..=3 --out out.safetensors --generate 8 --prompt-len 8 --json`
+//!
+//! `cargo run --release -p farskip-examples --example forward -- --model DIR --prompt "text" --generate 20`
+//! prints the decoded continuation (the checkpoint needs a tokenizer.json). Without --connectivity the model
+//! runs as its config.json records.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +19,7 @@ use farskip_examples::{
 };
 use farskip_model::checkpoint::TensorWriter;
 use farskip_model::{Connectivity, MemoryCheck};
+use farskip_train::data::HfTokenizer;
 
 #[derive(Parser, Debug)]
 #[command(about = "Forward pass and greedy generation with standard or FarSkip connectivity")]
@@ -22,21 +27,26 @@ struct Args {
     /// Hugging Face checkpoint directory (config.json + model.safetensors).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A preset with random weights instead of --model (small = the issue-8 benchmark config).
+    /// A preset with random weights instead of --model (small = the benchmark config).
     #[arg(long)]
     preset: Option<String>,
     /// safetensors file with `input_ids` (int64 [batch, seq]); random ids when absent.
     #[arg(long)]
     input: Option<PathBuf>,
+    /// Text input, tokenized with the checkpoint's tokenizer.json (with --generate: prints the continuation).
+    #[arg(long, conflicts_with = "input")]
+    prompt: Option<String>,
     /// Random input: batch size.
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// Random input: sequence length.
     #[arg(long, default_value_t = 512)]
     tokens: usize,
-    /// standard | farskip | farskip-attn-only | farskip-mlp-only, optionally :START..=END or :START..END.
-    #[arg(long, default_value = "standard")]
-    connectivity: Connectivity,
+    /// standard | farskip | farskip-dN (skip depth N) | farskip-attn-only | farskip-mlp-only, optionally
+    /// :START..=END or :START..END.
+    /// Default: the checkpoint's own (config.json's FarSkip keys), standard for a preset.
+    #[arg(long)]
+    connectivity: Option<Connectivity>,
     /// Where to write `logits` (and `greedy_ids`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -70,16 +80,38 @@ fn run() -> Result<()> {
     } else {
         MemoryCheck::Refuse
     };
-    let model = load_model_with(
+    let mut model = load_model_with(
         args.model.as_deref(),
         args.preset.as_deref(),
         &device,
         memory,
-    )?
-    .with_connectivity(args.connectivity.clone())?;
-    let input = match &args.input {
-        Some(p) => read_ids(p, "input_ids", &device)?,
-        None => random_ids(
+    )?;
+    if let Some(c) = &args.connectivity {
+        model = model.with_connectivity(c.clone())?;
+    }
+    let connectivity = model.connectivity().to_string();
+    let tokenizer = match (&args.prompt, &args.model) {
+        (Some(_), Some(dir)) => {
+            let path = dir.join("tokenizer.json");
+            anyhow::ensure!(
+                path.is_file(),
+                "--prompt needs {} (the checkpoint has no tokenizer)",
+                path.display()
+            );
+            Some(HfTokenizer::from_file(&path)?)
+        }
+        (Some(_), None) => bail!("--prompt needs --model DIR with a tokenizer.json"),
+        (None, _) => None,
+    };
+    let input = match (&args.input, &args.prompt, &tokenizer) {
+        (Some(p), _, _) => read_ids(p, "input_ids", &device)?,
+        (None, Some(text), Some(tok)) => {
+            let ids: Vec<i64> = tok.encode(text)?.into_iter().map(i64::from).collect();
+            anyhow::ensure!(!ids.is_empty(), "--prompt {text:?} encodes to no tokens");
+            let n = ids.len();
+            Tensor::from_data(TensorData::new(ids, [1, n]), &device)
+        }
+        _ => random_ids(
             args.batch,
             args.tokens,
             model.config().vocab_size,
@@ -101,6 +133,7 @@ fn run() -> Result<()> {
     let mut writer = TensorWriter::default();
     writer.f32_any("logits", vec![batch, seq, vocab], logits_data);
     let mut gen_s = None;
+    let mut continuation = None;
     if let Some(n) = args.generate {
         let p = args.prompt_len.unwrap_or(seq);
         if p == 0 || p > seq {
@@ -117,6 +150,10 @@ fn run() -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         gen_s = Some(start.elapsed().as_secs_f64());
         writer.i64("greedy_ids", vec![batch, p + n], &ids);
+        if let Some(tok) = &tokenizer {
+            let new: Vec<u32> = ids[p..].iter().map(|&i| i as u32).collect();
+            continuation = Some(tok.decode(&new)?);
+        }
     }
     if let Some(out) = &args.out {
         write_tensors(out, &writer)?;
@@ -124,7 +161,7 @@ fn run() -> Result<()> {
     let tokens = (batch * seq) as f64;
     if args.json {
         let mut j = serde_json::json!({
-            "connectivity": args.connectivity.to_string(),
+            "connectivity": connectivity,
             "batch": batch, "seq": seq, "vocab": vocab,
             "logits_shape": [batch, seq, vocab],
             "forward_ms": forward_s * 1e3,
@@ -135,11 +172,16 @@ fn run() -> Result<()> {
             j["generate_ms"] = serde_json::json!(s * 1e3);
             j["generated_tokens_per_s"] = serde_json::json!((batch * n) as f64 / s);
         }
+        if let Some(text) = &continuation {
+            j["continuation"] = serde_json::json!(text);
+        }
         println!("{j}");
     } else {
+        if let Some(text) = &continuation {
+            println!("{text}");
+        }
         eprintln!(
-            "{} [{batch}, {seq}] -> logits [{batch}, {seq}, {vocab}] in {:.1} ms ({:.0} tokens/s)",
-            args.connectivity,
+            "{connectivity} [{batch}, {seq}] -> logits [{batch}, {seq}, {vocab}] in {:.1} ms ({:.0} tokens/s)",
             forward_s * 1e3,
             tokens / forward_s
         );
