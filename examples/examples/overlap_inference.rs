@@ -1,6 +1,6 @@
-//! Prefill on an in-process multi-rank world three ways — standard connectivity with blocking collectives,
-//! FarSkip with the overlapped schedule, single-rank FarSkip as the reference — and how much communication
-//! the FarSkip schedule hides.
+//! Prefill on an in-process multi-rank world three ways over the same link — standard connectivity with blocking
+//! collectives, FarSkip (`--connectivity`, any skip depth) with the overlapped schedule, and two-micro-batch
+//! overlap on the standard model — checked against the single-rank model, and how much communication each hides.
 //!
 //! `cargo run --release -p farskip-examples --example overlap_inference -- --world 2 --parallel ep \
 //!     --preset small --tokens 256 --comm-ratio 1.0 --trace trace.json --svg timeline.svg --json`
@@ -98,16 +98,20 @@ fn run(
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{:?} world {} comm_ratio {}: blocking {:.1} ms, FarSkip {:.1} ms ({:.2}x), overlap {:.1}% (blocking {:.1}%), \
-             compute bound {:.1} ms, exposed comm {:.1} ms (waiting for a later peer {:.1} ms), max |diff| {:.2e}",
+            "{:?} world {} comm_ratio {}: blocking {:.1} ms, {} {:.1} ms ({:.2}x), overlap {:.1}% (blocking {:.1}%), \
+             two-micro-batch {:.1} ms (overlap {:.1}%), compute bound {:.1} ms, exposed comm {:.1} ms (waiting for a \
+             later peer {:.1} ms), max |diff| {:.2e}",
             report.parallel,
             report.world,
             report.comm_ratio,
             report.blocking_ms,
+            report.connectivity,
             report.farskip_ms,
             report.speedup,
             report.overlap_pct,
             report.blocking_overlap_pct,
+            report.tbo_ms,
+            report.tbo_overlap_pct,
             report.compute_ms,
             report.exposed_ms,
             report.peer_wait_ms,

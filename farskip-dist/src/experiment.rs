@@ -23,7 +23,7 @@ use crate::comm::{
     CollectiveTag, CommError, Communicator, LinkModel, LocalComm, LocalWorld, LocalWorldConfig,
     RankError,
 };
-use crate::schedule::{EpRank, ScheduleError, TpRank, ops};
+use crate::schedule::{EpRank, ScheduleError, TpRank, ops, tbo_ops};
 use crate::trace::{
     Phase, Span, Stream, Trace, comm_time, compute_time, exposed_comm_time, hidden_comm_time,
     overlap_pct, peer_wait_time,
@@ -121,10 +121,20 @@ fn check_world(backend: &Backend, world: usize) -> Result<(), RunError> {
     }
 }
 
+/// Which schedule a rank's forward runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardSchedule {
+    /// The model's connectivity decides: blocking for standard, overlapped for FarSkip at any depth.
+    Connectivity,
+    /// Two-micro-batch overlap ([`EpRank::forward_tbo`], [`TpRank::forward_tbo`]; standard connectivity).
+    TwoMicroBatch,
+}
+
 /// One rank's forward: this rank's rows (EP) or all rows (TP), after a start barrier; returns the logits
 /// and when the forward started and ended on this rank.
 fn forward_rank(
     model: &Model,
+    schedule: ForwardSchedule,
     parallel: Parallel,
     comm: &dyn Communicator,
     input_ids: &Tensor<2, Int>,
@@ -158,9 +168,15 @@ fn forward_rank(
     // first collective.
     comm.barrier(CollectiveTag::new("start")).wait()?;
     let started = Instant::now();
-    let out = match &rank {
-        AnyRank::Ep(rank) => rank.forward(comm, trace, ids)?,
-        AnyRank::Tp(rank) => rank.forward(comm, trace, ids)?,
+    let out = match (&rank, schedule) {
+        (AnyRank::Ep(rank), ForwardSchedule::Connectivity) => rank.forward(comm, trace, ids)?,
+        (AnyRank::Tp(rank), ForwardSchedule::Connectivity) => rank.forward(comm, trace, ids)?,
+        (AnyRank::Ep(rank), ForwardSchedule::TwoMicroBatch) => {
+            rank.forward_tbo(comm, trace, ids)?
+        }
+        (AnyRank::Tp(rank), ForwardSchedule::TwoMicroBatch) => {
+            rank.forward_tbo(comm, trace, ids)?
+        }
     };
     // The forward ends when the rank has its logits (dropping the rank's weight copy and the thread pool
     // afterwards is set-up cost, not the forward).
@@ -182,6 +198,32 @@ pub fn run_forward_on(
     trace: &Trace,
     loads: Option<&ExpertLoads>,
 ) -> Result<(Tensor<3>, Duration), RunError> {
+    run_forward_scheduled(
+        backend,
+        model,
+        ForwardSchedule::Connectivity,
+        parallel,
+        world,
+        input_ids,
+        link,
+        trace,
+        loads,
+    )
+}
+
+/// [`run_forward_on`] with an explicit schedule (e.g. two-micro-batch overlap on the standard model).
+#[allow(clippy::too_many_arguments)]
+pub fn run_forward_scheduled(
+    backend: &Backend,
+    model: &Model,
+    schedule: ForwardSchedule,
+    parallel: Parallel,
+    world: usize,
+    input_ids: &Tensor<2, Int>,
+    link: LinkModel,
+    trace: &Trace,
+    loads: Option<&ExpertLoads>,
+) -> Result<(Tensor<3>, Duration), RunError> {
     let [batch, seq] = input_ids.dims();
     if parallel == Parallel::Expert && !batch.is_multiple_of(world) {
         return Err(RunError::Invalid(format!(
@@ -191,11 +233,13 @@ pub fn run_forward_on(
     check_world(backend, world)?;
     #[cfg(feature = "mpi")]
     if let Backend::Mpi(mpi) = backend {
-        return run_forward_mpi(mpi, model, parallel, input_ids, link, trace, loads);
+        return run_forward_mpi(
+            mpi, model, schedule, parallel, input_ids, link, trace, loads,
+        );
     }
     let config = LocalWorldConfig::new(link).with_trace(trace.clone());
     let results = LocalWorld::run_with(world, config, |comm: &LocalComm| {
-        forward_rank(model, parallel, comm, input_ids, trace, loads)
+        forward_rank(model, schedule, parallel, comm, input_ids, trace, loads)
     })?;
     let mut logits = Vec::with_capacity(world);
     let (mut started, mut ended) = (None::<Instant>, None::<Instant>);
@@ -230,9 +274,11 @@ pub fn run_forward_on(
 /// [`run_forward_on`] for this process's rank of an MPI job: the collectives run on the job's data
 /// communicator behind `link`; logits, wall times and spans are gathered afterwards on the untraced one.
 #[cfg(feature = "mpi")]
+#[allow(clippy::too_many_arguments)]
 fn run_forward_mpi(
     mpi: &MpiBackend,
     model: &Model,
+    schedule: ForwardSchedule,
     parallel: Parallel,
     input_ids: &Tensor<2, Int>,
     link: LinkModel,
@@ -246,7 +292,7 @@ fn run_forward_mpi(
         message: e.to_string(),
     };
     let linked = LinkedComm::new(&mpi.data, link, trace.clone())?;
-    let result = forward_rank(model, parallel, &linked, input_ids, trace, loads);
+    let result = forward_rank(model, schedule, parallel, &linked, input_ids, trace, loads);
     drop(linked);
     let (out, started, ended) = result.map_err(failed)?;
     // The wall time runs from the earliest start to the latest end; the start barrier makes the starts
@@ -338,6 +384,12 @@ pub struct OverlapReport {
     pub peer_wait_ms: f64,
     /// Max |distributed FarSkip logits − single-rank FarSkip logits|.
     pub max_abs_diff: f64,
+    /// Two-micro-batch overlap on the standard model (the schedule-only baseline), same link: wall ms.
+    pub tbo_ms: f64,
+    /// Two-micro-batch overlap: share of comm time covered by the same rank's compute.
+    pub tbo_overlap_pct: f64,
+    /// Max |TBO logits − single-rank standard logits|.
+    pub tbo_max_abs_diff: f64,
     /// The overlapped run's connectivity.
     pub connectivity: String,
     /// Max |distributed standard logits − single-rank standard logits|.
@@ -451,13 +503,21 @@ fn min_windows(runs: &[Windows]) -> Windows {
     out
 }
 
+/// Each collective lasts `ratio ×` its depth-1 FarSkip window. A two-micro-batch collective (`dispatch.mb0`,
+/// ...) carries half the rows of the full one and lasts half its time, so TBO moves the same bytes over the same
+/// link as the other schedules.
 fn calibrated_link(windows: Arc<Windows>, ratio: f64) -> LinkModel {
     LinkModel::fixed_time_per_op(move |call, _bytes| {
-        let key = (call.tag.name.as_ref(), call.tag.layer.unwrap_or(usize::MAX));
+        let name = call.tag.name.as_ref();
+        let (op, share) = match tbo_ops::full_op(name) {
+            Some(full) => (full, 0.5),
+            None => (name, 1.0),
+        };
+        let layer = call.tag.layer.unwrap_or(usize::MAX);
         windows
             .iter()
-            .find(|((op, l), _)| *op == key.0 && *l == key.1)
-            .map_or(Duration::ZERO, |(_, d)| d.mul_f64(ratio))
+            .find(|((o, l), _)| *o == op && *l == layer)
+            .map_or(Duration::ZERO, |(_, d)| d.mul_f64(ratio * share))
     })
 }
 
@@ -567,10 +627,12 @@ pub fn overlap_inference_on(
     cfg: &OverlapConfig,
 ) -> Result<OverlapReport, RunError> {
     check_world(backend, cfg.world)?;
-    if cfg.world == 0 || cfg.tokens == 0 || cfg.repeats == 0 {
-        return Err(RunError::Invalid(
-            "world, tokens and repeats must be > 0".into(),
-        ));
+    if cfg.world == 0 || cfg.tokens < 2 || cfg.repeats == 0 {
+        return Err(RunError::Invalid(format!(
+            "world and repeats must be > 0 and tokens >= 2 (two-micro-batch overlap splits them in two), got \
+             world {}, tokens {}, repeats {}",
+            cfg.world, cfg.tokens, cfg.repeats
+        )));
     }
     if !(cfg.comm_ratio.is_finite() && cfg.comm_ratio >= 0.0) {
         return Err(RunError::Invalid(format!(
@@ -665,19 +727,22 @@ pub fn overlap_inference_on(
         logits: Tensor<3>,
         window_ms: f64,
     }
-    let (mut farskip_runs, mut blocking_runs) = (Vec::new(), Vec::new());
+    let (mut farskip_runs, mut blocking_runs, mut tbo_runs) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.repeats {
         let win = min_windows(&[free_pass()?, free_pass()?]);
         let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
         let win = Arc::new(win);
-        for (m, out) in [
-            (&measured, &mut farskip_runs),
-            (&standard, &mut blocking_runs),
+        // FarSkip, the blocking baseline and two-micro-batch overlap back to back on this repeat's link.
+        for (m, schedule, out) in [
+            (&measured, ForwardSchedule::Connectivity, &mut farskip_runs),
+            (&standard, ForwardSchedule::Connectivity, &mut blocking_runs),
+            (&standard, ForwardSchedule::TwoMicroBatch, &mut tbo_runs),
         ] {
             let trace = Trace::new();
-            let (logits, wall) = run_forward_on(
+            let (logits, wall) = run_forward_scheduled(
                 backend,
                 m,
+                schedule,
                 cfg.parallel,
                 cfg.world,
                 &ids,
@@ -701,6 +766,7 @@ pub fn overlap_inference_on(
     };
     let blocking = median(blocking_runs);
     let fs = median(farskip_runs);
+    let tbo = median(tbo_runs);
     let (blocking_ms, blocking_trace, blocking_logits) =
         (blocking.wall_ms, blocking.trace, blocking.logits);
     let (farskip_ms, trace, farskip_logits, window_ms) =
@@ -726,7 +792,10 @@ pub fn overlap_inference_on(
         peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
         max_abs_diff: max_abs_diff(farskip_logits, reference),
         connectivity: cfg.connectivity.to_string(),
-        blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std),
+        blocking_max_abs_diff: max_abs_diff(blocking_logits, reference_std.clone()),
+        tbo_ms: tbo.wall_ms,
+        tbo_overlap_pct: overlap_pct(&tbo.trace, Phase::Forward).unwrap_or(0.0),
+        tbo_max_abs_diff: max_abs_diff(tbo.logits, reference_std),
         expert_placement,
         load_imbalance,
         trace,
