@@ -55,7 +55,11 @@ struct Args {
     json: bool,
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    farskip_examples::exit_status(try_main())
+}
+
+fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();

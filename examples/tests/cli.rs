@@ -1,5 +1,5 @@
 //! The examples as a user runs them: bad checkpoints, bad files and bad values end with exit status 1 and one
-//! line on stderr that names the culprit, quickly, and leave nothing at `--out`. Runs the `forward` binary that
+//! line on stderr that names the culprit, quickly, and leave nothing at `--out`. Runs the example binaries that
 //! `cargo test` builds next to this test.
 
 use std::path::{Path, PathBuf};
@@ -74,13 +74,18 @@ fn mutated_checkpoint(dir: &TempDir, key: &str, value: Value) -> PathBuf {
 
 /// Runs `forward` with `args` (and `env`), returning its output and wall time.
 fn forward(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    run_example("forward", args, env)
+}
+
+/// Runs the example `name` with `args` (and `env`), returning its output and wall time.
+fn run_example(name: &str, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
     let start = Instant::now();
-    let out = Command::new(example("forward"))
+    let out = Command::new(example(name))
         .args(args)
         .env_remove("FARSKIP_MEMORY_AVAILABLE")
         .envs(env.iter().copied())
         .output()
-        .expect("run forward");
+        .expect("run the example");
     (out, start.elapsed())
 }
 
@@ -249,4 +254,53 @@ fn bad_files_and_values_exit_1_with_one_line_naming_them() {
             "{args:?}: {lines:?}"
         );
     }
+}
+
+#[test]
+fn bad_corpus_and_tokenizer_files_exit_1_with_one_line_naming_them() {
+    let dir = TempDir::new("files");
+    let report = dir.join("report");
+    let report = report.to_str().unwrap();
+    let missing = dir.join("no-such-corpus.txt");
+    let empty = dir.join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    for (corpus, parts) in [
+        (&missing, ["no-such-corpus.txt", "cannot read"]),
+        (&empty, ["empty.txt", "is empty"]),
+    ] {
+        let args = [
+            "--quick",
+            "--corpus",
+            corpus.to_str().unwrap(),
+            "--report-dir",
+            report,
+        ];
+        let (out, took) = run_example("recipe", &args, &[]);
+        assert_one_line_error(&out, &parts, &format!("recipe {args:?}"));
+        assert!(!Path::new(report).exists(), "recipe wrote a report");
+        assert!(took < Duration::from_secs(1), "{args:?}: took {took:?}");
+    }
+    // a checkpoint whose tokenizer.json is not a tokenizer
+    let model = mutated_checkpoint(&dir, "vocab_size", json!(256));
+    std::fs::write(model.join("tokenizer.json"), "{\"model\": 42").unwrap();
+    let text = dir.join("corpus.txt");
+    std::fs::write(&text, "a small corpus of plain text. ".repeat(100)).unwrap();
+    let out_dir = dir.join("distilled");
+    let args = [
+        "--model",
+        model.to_str().unwrap(),
+        "--corpus",
+        text.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--steps",
+        "1",
+    ];
+    let (out, _) = run_example("distill", &args, &[]);
+    assert_one_line_error(
+        &out,
+        &["cannot load tokenizer", "tokenizer.json"],
+        "distill with a bad tokenizer.json",
+    );
+    assert!(!out_dir.exists(), "distill wrote {}", out_dir.display());
 }
