@@ -3,9 +3,9 @@
 //! `Ok` (and then a forward pass that runs) or a `ModelError`: a panic fails the case, an abort kills the test
 //! process, a case that runs past its time limit fails as a hang.
 //!
-//! `cargo test` runs 500 cases from a fixed seed. A longer run: `FARSKIP_FUZZ_CASES=20000 cargo test --release
-//! -p farskip-model --test fuzz_loader -- --nocapture` (`FARSKIP_FUZZ_SEED` picks another seed); the summary line
-//! counts the outcomes.
+//! `cargo test` runs 500 cases from a fixed seed. A longer run: `FARSKIP_FUZZ_CASES=60000 cargo test -p
+//! farskip-model --test fuzz_loader -- --nocapture` (`FARSKIP_FUZZ_SEED` picks another seed); the summary line
+//! counts the outcomes (the crate's README has the long runs' results).
 
 mod common;
 
