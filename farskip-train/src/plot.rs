@@ -73,70 +73,153 @@ pub fn line_chart_svg<S: AsRef<str>>(
     (x_desc, y_desc): (&str, &str),
     series: &[(S, Vec<(f64, f64)>)],
 ) -> Result<(), PlotError> {
-    let path = path.as_ref();
-    if series.is_empty() {
+    let panel = Panel {
+        title: title.to_owned(),
+        x_desc: x_desc.to_owned(),
+        y_desc: y_desc.to_owned(),
+        lines: series
+            .iter()
+            .enumerate()
+            .map(|(i, (name, points))| Line {
+                name: name.as_ref().to_owned(),
+                points: points.clone(),
+                stroke: Stroke::Solid,
+                colour: i,
+            })
+            .collect(),
+    };
+    draw_panels(path.as_ref(), None, &[panel], (960, 600))
+}
+
+/// How a line is drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stroke {
+    /// A measured series.
+    Solid,
+    /// A bound or reference (e.g. what perfect hiding would give).
+    Dashed,
+}
+
+/// One line of a [`Panel`].
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// Legend entry.
+    pub name: String,
+    /// `(x, y)` points; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+    /// Solid or dashed.
+    pub stroke: Stroke,
+    /// Index into the palette, so a bound can share its series' colour.
+    pub colour: usize,
+}
+
+/// One chart of a figure made of side-by-side panels.
+#[derive(Clone, Debug)]
+pub struct Panel {
+    /// The chart's caption.
+    pub title: String,
+    /// X axis label.
+    pub x_desc: String,
+    /// Y axis label.
+    pub y_desc: String,
+    /// The lines; a panel needs at least one, each with at least one finite point.
+    pub lines: Vec<Line>,
+}
+
+/// Writes an SVG of `panels` side by side under one `title`.
+pub fn panels_svg(path: impl AsRef<Path>, title: &str, panels: &[Panel]) -> Result<(), PlotError> {
+    draw_panels(
+        path.as_ref(),
+        Some(title),
+        panels,
+        (720 * panels.len().max(1) as u32, 600),
+    )
+}
+
+fn draw_panels(
+    path: &Path,
+    title: Option<&str>,
+    panels: &[Panel],
+    size: (u32, u32),
+) -> Result<(), PlotError> {
+    if panels.is_empty() || panels.iter().any(|p| p.lines.is_empty()) {
         return Err(PlotError::NoSeries {
             path: path.to_owned(),
         });
     }
-    let finite: Vec<(&str, Vec<(f64, f64)>)> = series
-        .iter()
-        .map(|(name, points)| {
-            let kept: Vec<_> = points
+    let mut finite_panels = Vec::with_capacity(panels.len());
+    for panel in panels {
+        let mut lines = Vec::with_capacity(panel.lines.len());
+        for line in &panel.lines {
+            let kept: Vec<_> = line
+                .points
                 .iter()
                 .copied()
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
                 .collect();
-            (name.as_ref(), kept)
-        })
-        .collect();
-    if let Some((name, _)) = finite.iter().find(|(_, points)| points.is_empty()) {
-        return Err(PlotError::EmptySeries {
-            path: path.to_owned(),
-            name: (*name).to_owned(),
-        });
+            if kept.is_empty() {
+                return Err(PlotError::EmptySeries {
+                    path: path.to_owned(),
+                    name: line.name.clone(),
+                });
+            }
+            lines.push((line, kept));
+        }
+        finite_panels.push((panel, lines));
     }
-    let all = finite.iter().flat_map(|(_, points)| points);
-    let (x_range, y_range) = (
-        padded_range(all.clone().map(|p| p.0)),
-        padded_range(all.map(|p| p.1)),
-    );
-
     let draw_err = |e: &dyn std::error::Error| PlotError::Draw {
         path: path.to_owned(),
         message: e.to_string(),
     };
-    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    let root = SVGBackend::new(path, size).into_drawing_area();
     root.fill(&WHITE).map_err(|e| draw_err(&e))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 24))
-        .margin(16)
-        .x_label_area_size(40)
-        .y_label_area_size(64)
-        .build_cartesian_2d(x_range, y_range)
-        .map_err(|e| draw_err(&e))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_desc)
-        .y_desc(y_desc)
-        .draw()
-        .map_err(|e| draw_err(&e))?;
-    for (i, (name, points)) in finite.into_iter().enumerate() {
-        let colour = COLOURS[i % COLOURS.len()];
+    let root = match title {
+        Some(t) => root
+            .titled(t, ("sans-serif", 26))
+            .map_err(|e| draw_err(&e))?,
+        None => root,
+    };
+    let areas = root.split_evenly((1, finite_panels.len()));
+    for (area, (panel, lines)) in areas.iter().zip(finite_panels) {
+        let all = lines.iter().flat_map(|(_, points)| points);
+        let (x_range, y_range) = (
+            padded_range(all.clone().map(|p| p.0)),
+            padded_range(all.map(|p| p.1)),
+        );
+        let mut chart = ChartBuilder::on(area)
+            .caption(&panel.title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x_range, y_range)
+            .map_err(|e| draw_err(&e))?;
         chart
-            .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-            .map_err(|e| draw_err(&e))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
-            });
+            .configure_mesh()
+            .x_desc(&panel.x_desc)
+            .y_desc(&panel.y_desc)
+            .draw()
+            .map_err(|e| draw_err(&e))?;
+        for (line, points) in lines {
+            let colour = COLOURS[line.colour % COLOURS.len()];
+            let style = colour.stroke_width(2);
+            let drawn = match line.stroke {
+                Stroke::Solid => chart.draw_series(LineSeries::new(points, style)),
+                Stroke::Dashed => chart.draw_series(DashedLineSeries::new(points, 6, 5, style)),
+            };
+            drawn
+                .map_err(|e| draw_err(&e))?
+                .label(&line.name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| draw_err(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| draw_err(&e))?;
     root.present().map_err(|e| draw_err(&e))
 }
 
