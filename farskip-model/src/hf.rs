@@ -294,10 +294,13 @@ pub fn parse_config(v: &Value) -> Result<ModelConfig> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let shared = match (qwen3, j.opt_usize("shared_expert_intermediate_size")?) {
-                (false, Some(s)) if s > 0 => Some(SharedExpertConfig {
+            // Qwen2-MoE's shared expert is gated. Qwen3-MoE has none in transformers; the key on a qwen3_moe
+            // config is this crate's extension for the recipe's models (an ungated shared expert, see
+            // `hf_config_json`).
+            let shared = match j.opt_usize("shared_expert_intermediate_size")? {
+                Some(s) if s > 0 => Some(SharedExpertConfig {
                     intermediate_size: s,
-                    gated: true,
+                    gated: !qwen3,
                 }),
                 _ => None,
             };
@@ -1100,6 +1103,10 @@ fn load_moe(l: &Loader, moe: &mut MoeBlock, names: &FfnNames) -> Result<()> {
 }
 
 /// An HF `config.json` for configs this crate can describe as Qwen3-MoE (the GQA, softmax-router presets).
+///
+/// An ungated shared expert (the recipe's teacher has one) is recorded as `shared_expert_intermediate_size`
+/// and its weights as `mlp.shared_expert.*`: this crate reloads it, but transformers' Qwen3-MoE has no shared
+/// expert and would load the model without it.
 pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
     let (AttentionConfig::Gqa(g), Some(moe)) = (&cfg.attention, &cfg.moe) else {
         return Err(ModelError::invalid(
@@ -1108,7 +1115,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
         ));
     };
     if moe.router.scoring != Scoring::Softmax
-        || moe.shared.is_some()
+        || moe.shared.as_ref().is_some_and(|s| s.gated)
         || cfg.rope.scaling != RopeScaling::None
     {
         return Err(ModelError::invalid(
@@ -1131,7 +1138,7 @@ pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
             FfnKind::Moe => None,
         })
         .unwrap_or(moe.expert_intermediate_size);
-    Ok(serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
         "vocab_size": cfg.vocab_size,
@@ -1154,5 +1161,9 @@ pub fn hf_config_json(cfg: &ModelConfig) -> Result<Value> {
         "max_position_embeddings": 4096,
         "hidden_act": "silu",
         "dtype": "float32",
-    }))
+    });
+    if let Some(shared) = &moe.shared {
+        config["shared_expert_intermediate_size"] = shared.intermediate_size.into();
+    }
+    Ok(config)
 }

@@ -264,6 +264,10 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
             cfg.world
         )));
     }
+    if cfg.save_teacher.is_some() && cfg.model_dir.is_none() {
+        // A teacher that cannot be saved must fail now, not after its training.
+        farskip_model::hf::hf_config_json(&cfg.teacher)?;
+    }
     let (tokens, vocab) = tokens_for(cfg)?;
     let CorpusSplit {
         train: train_tokens,

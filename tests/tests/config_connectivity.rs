@@ -239,3 +239,27 @@ fn absent_or_false_flag_is_standard_and_end_default_is_the_last_layer() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+#[test]
+fn a_preset_with_a_shared_expert_saves_and_reloads() {
+    // The recipe's teacher: Qwen3-style attention with an ungated shared expert, saved with a generated config.
+    let device = Device::flex();
+    let cfg = farskip_model::ModelConfig::small_moe(256, 32, 2, 2, 1, 16, 4, 2, 32, Some(24));
+    device.seed(3);
+    let model = Model::new(&cfg, &device)
+        .expect("model")
+        .with_connectivity("farskip".parse().expect("spec"))
+        .expect("farskip");
+    let out = temp_dir("shared-preset");
+    model.save_pretrained(&out, None).expect("save");
+    let back = Model::from_pretrained(&out, &device).expect("reload");
+    assert_eq!(back.config(), model.config());
+    assert_eq!(back.connectivity(), model.connectivity());
+    let input = Tensor::<2, Int>::from_ints([[1, 5, 9, 200, 3, 17]], &device);
+    let d = max_diff(
+        back.forward(input.clone()).expect("forward"),
+        model.forward(input).expect("forward"),
+    );
+    assert!(d <= 1e-6, "max |Δ logits| after reload = {d}");
+    let _ = std::fs::remove_dir_all(&out);
+}
