@@ -304,3 +304,69 @@ fn bad_corpus_and_tokenizer_files_exit_1_with_one_line_naming_them() {
     );
     assert!(!out_dir.exists(), "distill wrote {}", out_dir.display());
 }
+
+/// `forward --connectivity farskip-d2|farskip-d3|farskip-d2:1..=3` on every family's depth references, as a user
+/// runs it: logits within 1e-4 and depth-2 greedy ids equal.
+#[test]
+fn forward_matches_every_familys_skip_depth_references() {
+    use farskip_model::checkpoint::TensorStore;
+    const FAMILIES: [&str; 7] = [
+        "deepseek_v2",
+        "deepseek_v3",
+        "llama4_text",
+        "mixtral",
+        "olmoe",
+        "qwen2_moe",
+        "qwen3_moe",
+    ];
+    let dir = TempDir::new("depth");
+    for family in FAMILIES {
+        let input = fixture(family).join("depth.safetensors");
+        let reference =
+            TensorStore::open_files(std::slice::from_ref(&input)).expect("depth references");
+        for (spec, name, generate) in [
+            ("farskip-d2", "farskip_d2_logits", true),
+            ("farskip-d3", "farskip_d3_logits", false),
+            ("farskip-d2:1..=3", "farskip_d2_range_logits", false),
+        ] {
+            let out = dir.join(&format!("{family}-{spec}.safetensors"));
+            let model = fixture(family);
+            let mut args = vec![
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--connectivity",
+                spec,
+                "--out",
+                out.to_str().unwrap(),
+            ];
+            if generate {
+                args.extend(["--generate", "8", "--prompt-len", "8"]);
+            }
+            let (run, _) = forward(&args, &[]);
+            assert!(
+                run.status.success(),
+                "{family} {spec}: {:?}",
+                stderr_lines(&run)
+            );
+            let got = TensorStore::open_files(&[out]).expect("forward's output");
+            let (logits, shape) = got.f32("logits").expect("logits");
+            let (want, want_shape) = reference.f32(name).expect("reference");
+            assert_eq!(shape, want_shape, "{family} {spec}");
+            let diff = farskip_model::compare::max_abs_diff(&logits, &want);
+            assert!(
+                diff <= 1e-4,
+                "{family} {spec}: max |logits - {name}| = {diff}"
+            );
+            if generate {
+                let ids = got.i64("greedy_ids").expect("greedy ids").0;
+                let want = reference
+                    .i64("farskip_d2_greedy_ids")
+                    .expect("reference ids")
+                    .0;
+                assert_eq!(ids, want, "{family} {spec}: greedy ids");
+            }
+        }
+    }
+}
