@@ -10,7 +10,9 @@ use burn::prelude::*;
 use farskip_model::checkpoint::{TensorStore, TensorWriter};
 use farskip_model::config::{AttentionConfig, RopeScaling};
 use farskip_model::hf::parse_config;
-use farskip_model::{Connectivity, FarSkip, MemoryCheck, Model, ModelConfig, ModelError};
+use farskip_model::{
+    Connectivity, FarSkip, FarSkipVariant, MemoryCheck, Model, ModelConfig, ModelError,
+};
 use serde_json::{Value, json};
 
 use common::*;
@@ -1089,6 +1091,7 @@ fn connectivity_ranges_must_fit_the_model() {
         },
         FarSkip {
             depth: 2,
+            variant: FarSkipVariant::AttnOnly,
             ..FarSkip::all()
         },
         FarSkip {
