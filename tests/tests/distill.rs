@@ -50,7 +50,7 @@ fn corpus(words: &[String], len: usize) -> String {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let r = (state >> 33) as usize;
-        prev = if r % 3 == 0 {
+        prev = if r.is_multiple_of(3) {
             r % words.len()
         } else {
             (prev + 1) % words.len()
