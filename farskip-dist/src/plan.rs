@@ -36,6 +36,7 @@ pub mod cluster;
 pub mod cost;
 pub mod desc;
 pub mod sim;
+pub mod sweep;
 
 pub use cluster::Cluster;
 pub use cost::{CostModel, Roofline};

@@ -227,16 +227,19 @@ fn training_reports_forward_and_backward_overlap() {
     assert!(m.fwd_overlap_pct.is_some_and(|f| f > 50.0), "{m:?}");
     assert!(m.bwd_overlap_pct.is_some_and(|b| b > 0.0), "{m:?}");
     assert!(m.speedup > 1.0, "{m:?}");
-    let d2 = "farskip-d2".parse::<Connectivity>().unwrap();
+    let d2 = Connectivity::FarSkip(farskip_model::FarSkip::all().with_depth(2));
     let e = predict(&c, &d2, Split::Expert, Mode::Train, 2, &Unit(0.5)).unwrap_err();
     assert!(e.to_string().contains("depth 1"), "{e}");
 }
 
 /// (op, layer) of rank 0's compute spans in time order, consecutive repeats merged; and its collectives.
-fn traced(trace: &Trace) -> (Vec<(String, Option<usize>)>, Vec<(String, Option<usize>)>) {
+/// (op, layer) pairs in order.
+type Ops = Vec<(String, Option<usize>)>;
+
+fn traced(trace: &Trace) -> (Ops, Ops) {
     let mut spans: Vec<_> = trace.spans().into_iter().filter(|s| s.rank == 0).collect();
     spans.sort_by_key(|s| s.start);
-    let mut compute: Vec<(String, Option<usize>)> = Vec::new();
+    let mut compute: Ops = Vec::new();
     let mut comm = Vec::new();
     for s in spans {
         let item = (s.op.to_string(), s.layer);
@@ -252,8 +255,8 @@ fn traced(trace: &Trace) -> (Vec<(String, Option<usize>)>, Vec<(String, Option<u
     (compute, comm)
 }
 
-fn described(s: &Schedule) -> (Vec<(String, Option<usize>)>, Vec<(String, Option<usize>)>) {
-    let mut compute: Vec<(String, Option<usize>)> = Vec::new();
+fn described(s: &Schedule) -> (Ops, Ops) {
+    let mut compute: Ops = Vec::new();
     let mut comm = Vec::new();
     for step in &s.steps {
         match step {
@@ -279,7 +282,7 @@ fn descriptions_follow_the_executors_op_order() {
     for conn in [
         Connectivity::Standard,
         Connectivity::farskip(),
-        "farskip-d2".parse::<Connectivity>().unwrap(),
+        Connectivity::FarSkip(farskip_model::FarSkip::all().with_depth(2)),
         "farskip:1..=2".parse::<Connectivity>().unwrap(),
     ] {
         let m = model.clone().with_connectivity(conn.clone()).unwrap();
@@ -444,4 +447,57 @@ fn roofline_collectives_follow_the_alpha_beta_model() {
         "{}",
         r.all_to_all_s(bytes)
     );
+}
+
+#[test]
+fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
+    use farskip_dist::experiment::Parallel;
+    use farskip_dist::plan::calibrate::{Calibration, Measured, OpTime};
+    let op = |op: &str, layer: Option<usize>, ms: f64, min_ms: f64| OpTime {
+        op: op.into(),
+        layer,
+        backward: false,
+        ms,
+        min_ms,
+    };
+    let config = ModelConfig::small_moe(64, 32, 2, 4, 2, 8, 4, 2, 16, None);
+    let cal = Calibration {
+        model: "t".into(),
+        mode: "prefill".into(),
+        parallel: Parallel::Expert,
+        world: 2,
+        tokens: 8,
+        threads: 1,
+        ops: vec![
+            op("attn_1", Some(0), 2.0, 1.0),
+            op("attn_1", Some(1), 4.0, 3.0),
+            op("attn_2", Some(0), 5.0, 4.0),
+            op("attn_2", Some(1), 6.0, 5.0),
+            op("experts", Some(0), 7.0, 7.0),
+            op("embed_head", None, 10.0, 10.0),
+        ],
+    };
+    let d = schedule(
+        &config,
+        &Connectivity::farskip(),
+        Split::Expert,
+        Mode::Prefill,
+        ScheduleKind::FarSkip,
+    );
+    let m = Measured::new(&cal, &d, 2, Split::Expert, 2.0);
+    let key = |op: &'static str, layer: Option<usize>| OpKey {
+        op,
+        layer,
+        phase: Phase::Forward,
+        micro: 0,
+    };
+    // Dispatch(0): 2 × fastest attention part 2; combine(0): 2 × (no shared + fastest attn_1 of layer 1).
+    assert_eq!(m.collective(&key("dispatch", Some(0)), 1), 8.0);
+    assert_eq!(m.collective(&key("combine", Some(0)), 1), 6.0);
+    assert_eq!(m.collective(&key("combine", Some(1)), 1), 0.0);
+    assert_eq!(m.window_ms(), 4.0 + 3.0 + 5.0);
+    // The median is the cost; the head's total is shared by its two steps (embedding, logits).
+    assert_eq!(m.compute(0, &key("attn_2", Some(1)), 1), 6.0);
+    assert_eq!(m.compute(0, &key("embed_head", None), 1), 5.0);
+    assert_eq!(m.compute(0, &key("attn_2", Some(1)), 2), 3.0);
 }

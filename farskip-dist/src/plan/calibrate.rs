@@ -33,8 +33,11 @@ pub struct OpTime {
     pub layer: Option<usize>,
     /// `true` for the backward pass.
     pub backward: bool,
-    /// Median ms over the repeats (all spans of this op and layer in one pass added).
+    /// Median ms over the repeats (all spans of this op and layer in one pass added): the op's cost.
     pub ms: f64,
+    /// Fastest pass, ms: what the overlap experiments calibrate their link on (the minimum of their free
+    /// passes), so the windows are built from it.
+    pub min_ms: f64,
 }
 
 /// A calibration: what was measured and the op costs.
@@ -104,8 +107,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Per (op, layer, backward) ms of one trace's compute spans.
-fn op_table(trace: &Trace) -> HashMap<(String, Option<usize>, bool), f64> {
+/// Per (op, layer, backward) ms of one pass.
+type OpTable = HashMap<(String, Option<usize>, bool), f64>;
+
+/// The [`OpTable`] of one trace's compute spans.
+fn op_table(trace: &Trace) -> OpTable {
     let mut t = HashMap::new();
     for s in trace.spans() {
         if s.stream == Stream::Compute {
@@ -116,21 +122,23 @@ fn op_table(trace: &Trace) -> HashMap<(String, Option<usize>, bool), f64> {
     t
 }
 
-fn medians(passes: Vec<HashMap<(String, Option<usize>, bool), f64>>) -> Vec<OpTime> {
+fn medians(passes: Vec<OpTable>) -> Vec<OpTime> {
     let mut keys: Vec<_> = passes.iter().flat_map(|p| p.keys().cloned()).collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
-        .map(|k| OpTime {
-            ms: median(
-                passes
-                    .iter()
-                    .map(|p| p.get(&k).copied().unwrap_or(0.0))
-                    .collect(),
-            ),
-            op: k.0,
-            layer: k.1,
-            backward: k.2,
+        .map(|k| {
+            let all: Vec<f64> = passes
+                .iter()
+                .map(|p| p.get(&k).copied().unwrap_or(0.0))
+                .collect();
+            OpTime {
+                min_ms: all.iter().copied().fold(f64::INFINITY, f64::min),
+                ms: median(all),
+                op: k.0,
+                layer: k.1,
+                backward: k.2,
+            }
         })
         .collect()
 }
@@ -302,6 +310,7 @@ impl Measured {
             }
         }
         let mut ops = HashMap::new();
+        let mut fastest = HashMap::new();
         for o in &calibration.ops {
             if let Some(name) = NAMES.iter().find(|n| **n == o.op) {
                 let phase = if o.backward {
@@ -311,10 +320,12 @@ impl Measured {
                 };
                 let n = count.get(&(*name, o.layer, phase)).copied().unwrap_or(1.0);
                 ops.insert((*name, o.layer, phase), o.ms / n);
+                fastest.insert((*name, o.layer, phase), o.min_ms);
             }
         }
+        // Windows add every span of an op and layer, from the fastest pass (the experiments' rule).
         let t = |op: &'static str, l: usize, phase: Phase| {
-            ops.get(&(op, Some(l), phase)).copied().unwrap_or(0.0)
+            fastest.get(&(op, Some(l), phase)).copied().unwrap_or(0.0)
         };
         let f = Phase::Forward;
         let b = Phase::Backward;
@@ -363,7 +374,11 @@ impl Measured {
                 let below = if k > 0 {
                     layer_bwd(k - 1)
                 } else {
-                    ops.get(&(bwd_ops::HEAD, None, b)).copied().unwrap_or(0.0) / 2.0
+                    fastest
+                        .get(&(bwd_ops::HEAD, None, b))
+                        .copied()
+                        .unwrap_or(0.0)
+                        / 2.0
                 };
                 w.insert((bwd_ops::GRAD_ALLREDUCE, Some(k), b), below);
             }

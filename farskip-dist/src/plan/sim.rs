@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 
-use crate::trace::Phase;
+use std::time::Duration;
+
+use crate::trace::{Phase, Span, Stream, Trace};
 
 use super::desc::{OpKey, Schedule, Step};
 
@@ -35,6 +37,8 @@ pub struct Interval {
     pub end: f64,
     /// A collective's wait for the last rank to issue it (ms): from this rank's issue to the last one's.
     pub peer_wait: f64,
+    /// When this rank issued the collective (ms; a compute op's start).
+    pub issued: f64,
 }
 
 impl Interval {
@@ -118,6 +122,7 @@ pub fn simulate(
                         start: t[r],
                         end: t[r] + c,
                         peer_wait: 0.0,
+                        issued: t[r],
                     });
                     t[r] += c;
                 }
@@ -136,6 +141,7 @@ pub fn simulate(
                         start,
                         end,
                         peer_wait: all_issued - t[r],
+                        issued: t[r],
                     });
                 }
                 done.insert(key, end);
@@ -230,5 +236,44 @@ impl Timeline {
         let start = it.clone().map(|i| i.start).fold(f64::INFINITY, f64::min);
         let end = it.map(|i| i.end).fold(f64::NEG_INFINITY, f64::max);
         if end >= start { end - start } else { 0.0 }
+    }
+}
+
+impl Timeline {
+    /// The timeline as a [`Trace`] (for its SVG and Chrome exports), keeping the ops of `layers` (all when
+    /// `None`) and shifting time so that the first kept interval starts at zero.
+    pub fn to_trace(&self, layers: Option<std::ops::RangeInclusive<usize>>) -> Trace {
+        let keep = |i: &&Interval| match (&layers, i.key.layer) {
+            (None, _) => true,
+            (Some(r), Some(l)) => r.contains(&l),
+            (Some(_), None) => false,
+        };
+        let t0 = self
+            .ranks
+            .iter()
+            .flatten()
+            .filter(keep)
+            .map(|i| i.start)
+            .fold(f64::INFINITY, f64::min);
+        let t0 = if t0.is_finite() { t0 } else { 0.0 };
+        let at = |ms: f64| Duration::from_secs_f64(((ms - t0) / 1e3).max(0.0));
+        let mut spans = Vec::new();
+        for (rank, intervals) in self.ranks.iter().enumerate() {
+            for i in intervals.iter().filter(keep) {
+                let comm = matches!(i.lane, Lane::Comm(_));
+                spans.push(Span {
+                    rank,
+                    stream: if comm { Stream::Comm } else { Stream::Compute },
+                    layer: i.key.layer,
+                    op: i.key.op.into(),
+                    phase: i.key.phase,
+                    start: at(i.start),
+                    end: at(i.end),
+                    issued: comm.then(|| at(i.issued)),
+                    all_issued: comm.then(|| at(i.issued + i.peer_wait)),
+                });
+            }
+        }
+        Trace::from_spans(spans)
     }
 }

@@ -1,0 +1,372 @@
+//! What FarSkip buys on a model and cluster, predicted by simulating the schedules (farskip_dist::plan).
+//!
+//! `cargo run --release -p farskip-examples --example plan -- --model examples/data/configs/deepseek_v3.json \
+//!     --cluster mi325x --ep 8 --mode train --seq-len 4096 --tokens 4096 --json`
+//!
+//! On this machine (`--cluster cpu-here`) with the overlap examples' flags, from op costs measured single-rank
+//! (cached; `--calibrate` measures again):
+//! `plan --cluster cpu-here --world 2 --parallel ep --preset small --tokens 256 --comm-ratio 1 --json`
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use clap::Parser;
+use farskip_dist::experiment::Parallel;
+use farskip_dist::plan::calibrate::{Calibration, Measured, measure_inference, measure_training};
+use farskip_dist::plan::{
+    Cluster, Layout, Mode, Plan, ScheduleKind, Workload, load_model_config, predict,
+    predict_roofline, schedule, sweep,
+};
+use farskip_examples::{exit_status, init_logging, load_model, preset_config, tune_allocator};
+use farskip_model::{Connectivity, ModelConfig};
+use farskip_train::plot::line_chart_svg;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Predict step time and overlap of the blocking, FarSkip and TBO schedules on a model and cluster"
+)]
+struct Args {
+    /// HF config.json, or a checkpoint directory holding one.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A preset instead of --model (small, tiny); cpu-here's default is small.
+    #[arg(long)]
+    preset: Option<String>,
+    /// h100, h200, mi300x, mi325x, cpu-here (op costs measured on this machine), or a cluster TOML file.
+    #[arg(long, default_value = "h100")]
+    cluster: String,
+    /// Expert-parallel ranks.
+    #[arg(long, default_value_t = 8)]
+    ep: usize,
+    /// Tensor-parallel ranks.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Nodes the ep × tp devices span.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// prefill, decode or train.
+    #[arg(long, default_value = "prefill")]
+    mode: Mode,
+    /// Tokens per device (decode: sequences per device).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Sequence length (decode: cache length); the tokens' when not given.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Expert rows of the busiest EP rank over the mean.
+    #[arg(long, default_value_t = 1.0)]
+    imbalance: f64,
+    /// The converted model's connectivity: farskip, farskip-dN, with an optional layer range (farskip:0..=9).
+    #[arg(long, default_value = "farskip")]
+    connectivity: Connectivity,
+    /// The schedule whose timeline --svg draws: blocking, farskip or tbo.
+    #[arg(long, default_value = "farskip")]
+    schedule: String,
+    /// Print one JSON line.
+    #[arg(long)]
+    json: bool,
+    /// Write the timeline of one layer per rank as SVG.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+    /// ep-tp, depth or layers: a sweep, printed as JSON lines and plotted to --plot.
+    #[arg(long)]
+    sweep: Option<String>,
+    /// Where the sweep's plot goes (SVG).
+    #[arg(long, default_value = "plan_sweep.svg")]
+    plot: PathBuf,
+    /// cpu-here: ranks of the LocalWorld run to predict.
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// cpu-here: ep or tp.
+    #[arg(long, default_value = "ep")]
+    parallel: Parallel,
+    /// cpu-here: collective time as a multiple of its depth-1 FarSkip window (the overlap examples' link).
+    #[arg(long, default_value_t = 1.0)]
+    comm_ratio: f64,
+    /// cpu-here: measure the op costs again even if a cached calibration exists.
+    #[arg(long)]
+    calibrate: bool,
+    /// cpu-here: the calibration cache directory.
+    #[arg(long, default_value = "target/plan-calibration")]
+    calibration_dir: PathBuf,
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    tune_allocator();
+    exit_status(run(Args::parse()))
+}
+
+fn run(args: Args) -> Result<()> {
+    let kind = match args.schedule.as_str() {
+        "blocking" => ScheduleKind::Blocking,
+        "farskip" => ScheduleKind::FarSkip,
+        "tbo" => ScheduleKind::Tbo,
+        o => bail!("unknown --schedule `{o}` (expected blocking, farskip or tbo)"),
+    };
+    if args.cluster == "cpu-here" {
+        return cpu_here(&args, kind);
+    }
+    let cluster = cluster(&args.cluster)?;
+    let config = model_config(&args)?;
+    let workload = Workload::new(args.mode, args.tokens, args.seq_len.unwrap_or(args.tokens))
+        .with_imbalance(args.imbalance);
+    let layout = Layout::new(args.ep, args.tp, args.nodes, &cluster)?;
+    if let Some(s) = &args.sweep {
+        return run_sweep(&args, s, &config, &cluster, layout, &workload);
+    }
+    let plan = predict_roofline(&config, &args.connectivity, &cluster, layout, &workload)?;
+    report(&args, &plan, kind, config.layers.len(), &cluster.name)
+}
+
+fn cluster(name: &str) -> Result<Cluster> {
+    if let Some(c) = Cluster::by_name(name) {
+        return Ok(c);
+    }
+    let path = Path::new(name);
+    if path.extension().is_some_and(|e| e == "toml") {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading cluster {name}"))?;
+        return Cluster::from_toml(&text).with_context(|| format!("cluster {name}"));
+    }
+    bail!(
+        "unknown --cluster `{name}` (expected h100, h200, mi300x, mi325x, cpu-here or a .toml file)"
+    )
+}
+
+fn model_config(args: &Args) -> Result<ModelConfig> {
+    match (&args.model, &args.preset) {
+        (Some(p), None) => {
+            Ok(load_model_config(p).with_context(|| format!("--model {}", p.display()))?)
+        }
+        (None, Some(name)) => preset_config(name),
+        (Some(_), Some(_)) => bail!("give either --model or --preset, not both"),
+        (None, None) => {
+            bail!("give --model CONFIG.json (or a checkpoint directory) or --preset NAME")
+        }
+    }
+}
+
+fn report(
+    args: &Args,
+    plan: &Plan,
+    kind: ScheduleKind,
+    layers: usize,
+    cluster: &str,
+) -> Result<()> {
+    let p = &plan.prediction;
+    if let Some(path) = &args.svg {
+        // One layer in the middle of the model, every simulated rank.
+        let l = layers / 2;
+        let title = format!(
+            "{} on {cluster}, layer {l} ({:?})",
+            args.schedule, args.mode
+        );
+        std::fs::write(
+            path,
+            plan.timeline(kind).to_trace(Some(l..=l)).to_svg(&title),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        let mut v = serde_json::to_value(p)?;
+        if args.mode == Mode::Train {
+            v["farskip_step_ms"] = p.farskip_ms.into();
+            v["blocking_step_ms"] = p.blocking_ms.into();
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "blocking {:.3} ms, FarSkip {:.3} ms ({:.2}x), TBO {:.3} ms; overlap {:.1} %, exposed {:.3} ms, compute {:.3} ms",
+            p.blocking_ms,
+            p.farskip_ms,
+            p.speedup,
+            p.tbo_ms,
+            p.overlap_pct,
+            p.exposed_ms,
+            p.compute_ms
+        );
+    }
+    Ok(())
+}
+
+fn run_sweep(
+    args: &Args,
+    which: &str,
+    config: &ModelConfig,
+    cluster: &Cluster,
+    layout: Layout,
+    workload: &Workload,
+) -> Result<()> {
+    let ms = |p: &farskip_dist::plan::Prediction| (p.blocking_ms, p.farskip_ms);
+    match which {
+        "ep-tp" => {
+            let rows = sweep::ep_tp(config, &args.connectivity, cluster, args.nodes, workload)?;
+            let (mut b, mut f) = (Vec::new(), Vec::new());
+            for (l, p) in &rows {
+                println!(
+                    "{}",
+                    serde_json::json!({"ep": l.ep, "tp": l.tp, "blocking_ms": p.blocking_ms,
+                    "farskip_ms": p.farskip_ms, "tbo_ms": p.tbo_ms, "overlap_pct": p.overlap_pct})
+                );
+                b.push((l.tp as f64, ms(p).0));
+                f.push((l.tp as f64, ms(p).1));
+            }
+            let title = format!(
+                "EP x TP on {} x {} {}",
+                args.nodes, cluster.devices_per_node, cluster.name
+            );
+            line_chart_svg(
+                &args.plot,
+                &title,
+                ("TP (EP = devices / TP)", "step ms"),
+                &[("blocking", b), ("FarSkip", f)],
+            )?;
+        }
+        "depth" => {
+            let bws: Vec<f64> = [6.25, 12.5, 25.0, 50.0, 100.0]
+                .iter()
+                .map(|g| g * 1e9)
+                .collect();
+            let rows = sweep::depth(config, cluster, layout, workload, &bws, 4)?;
+            let mut series: Vec<(String, Vec<(f64, f64)>)> = (1..=4)
+                .map(|d| (format!("depth {d} overlap %"), Vec::new()))
+                .collect();
+            for (bw, d, p) in &rows {
+                println!(
+                    "{}",
+                    serde_json::json!({"inter_gbps": bw * 8.0 / 1e9, "depth": d,
+                    "farskip_ms": p.farskip_ms, "blocking_ms": p.blocking_ms, "overlap_pct": p.overlap_pct})
+                );
+                series[d - 1].1.push((bw * 8.0 / 1e9, p.overlap_pct));
+            }
+            let title = format!("skip depth vs inter-node bandwidth, {}", cluster.name);
+            line_chart_svg(
+                &args.plot,
+                &title,
+                ("inter-node Gb/s per device", "overlap %"),
+                &series,
+            )?;
+        }
+        "layers" => {
+            let d = args.connectivity.depth().unwrap_or(1);
+            let rows = sweep::layers(config, cluster, layout, workload, d)?;
+            let mut f = Vec::new();
+            for (k, p) in &rows {
+                println!(
+                    "{}",
+                    serde_json::json!({"converted": k, "farskip_ms": p.farskip_ms,
+                    "blocking_ms": p.blocking_ms, "overlap_pct": p.overlap_pct})
+                );
+                f.push((*k as f64, p.farskip_ms));
+            }
+            line_chart_svg(
+                &args.plot,
+                "first k layers converted",
+                ("k", "step ms"),
+                &[("FarSkip", f)],
+            )?;
+        }
+        o => bail!("unknown --sweep `{o}` (expected ep-tp, depth or layers)"),
+    }
+    Ok(())
+}
+
+/// Predicts a LocalWorld overlap experiment from op costs measured single-rank on this machine.
+fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
+    if args.world == 0 || args.tokens == 0 {
+        bail!("--world and --tokens must be > 0");
+    }
+    if !(args.comm_ratio.is_finite() && args.comm_ratio >= 0.0) {
+        bail!("--comm-ratio {} must be finite and >= 0", args.comm_ratio);
+    }
+    if args.mode == Mode::Decode {
+        bail!("cpu-here predicts the overlap examples: --mode prefill or train");
+    }
+    let name = match (&args.model, &args.preset) {
+        (Some(p), None) => p.display().to_string(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => "small".to_string(),
+        (Some(_), Some(_)) => bail!("give either --model or --preset, not both"),
+    };
+    let parallel = if args.mode == Mode::Train {
+        Parallel::Expert
+    } else {
+        args.parallel
+    };
+    let tag = format!("{parallel:?}").to_lowercase();
+    let mode = if args.mode == Mode::Train {
+        "train"
+    } else {
+        "prefill"
+    };
+    let file = args.calibration_dir.join(format!(
+        "{}-{mode}-{tag}-w{}-t{}.json",
+        name.replace(['/', '\\'], "_"),
+        args.world,
+        args.tokens
+    ));
+    let cached = if args.calibrate {
+        None
+    } else {
+        Calibration::load(&file).ok()
+    }
+    .filter(|c| c.matches(&name, args.mode, parallel, args.world, args.tokens));
+    let calibration = match cached {
+        Some(c) => c,
+        None => {
+            let device = Device::default();
+            let model = match &args.model {
+                Some(p) => load_model(Some(p), None, &device)?,
+                None => load_model(None, Some(&name), &device)?,
+            };
+            eprintln!(
+                "calibrating {name} ({mode}, {tag}, world {}, {} tokens) into {}",
+                args.world,
+                args.tokens,
+                file.display()
+            );
+            let c = if args.mode == Mode::Train {
+                measure_training(&model, &name, args.world, args.tokens, 3)?
+            } else {
+                measure_inference(&model, &name, parallel, args.world, args.tokens, 3)?
+            };
+            std::fs::create_dir_all(&args.calibration_dir)
+                .with_context(|| format!("creating {}", args.calibration_dir.display()))?;
+            c.save(&file)?;
+            c
+        }
+    };
+    let config = match &args.model {
+        Some(p) => load_model_config(p)?,
+        None => preset_config(&name)?,
+    };
+    let split = match parallel {
+        Parallel::Expert => farskip_dist::plan::Split::Expert,
+        Parallel::Tensor => farskip_dist::plan::Split::Tensor,
+    };
+    let desc = schedule(
+        &config,
+        &Connectivity::farskip(),
+        split,
+        args.mode,
+        ScheduleKind::FarSkip,
+    );
+    let costs = Measured::new(
+        &calibration,
+        &desc,
+        config.layers.len(),
+        split,
+        args.comm_ratio,
+    );
+    let plan = predict(
+        &config,
+        &args.connectivity,
+        split,
+        args.mode,
+        args.world,
+        &costs,
+    )?;
+    report(args, &plan, kind, config.layers.len(), "cpu-here")
+}
