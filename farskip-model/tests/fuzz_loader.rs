@@ -206,8 +206,13 @@ fn write_case(dir: &Path, family: &str, mutations: &[Mutation]) {
                 if !shape.is_empty() {
                     let d = d.index(shape.len());
                     shape[d] = *v;
-                    let len = shape.iter().product::<u64>() * dtype_bytes(dtype);
-                    bytes.resize(len as usize, 0);
+                    // (an earlier HeaderDim may have made the shape huge: then the data stays as it is)
+                    let len = shape
+                        .iter()
+                        .try_fold(dtype_bytes(dtype), |n, &d| n.checked_mul(d));
+                    if let Some(len) = len.filter(|&n| n <= 1 << 26) {
+                        bytes.resize(len as usize, 0);
+                    }
                 }
             }
             Mutation::HeaderDim(t, d, v) => {
