@@ -30,7 +30,7 @@ struct Args {
     /// Optimizer steps.
     #[arg(long, default_value_t = 3)]
     steps: usize,
-    /// Tokens per rank per step (one sequence per rank). 512, as in the issue-8 benchmark: with fewer the
+    /// Tokens per rank per step (one sequence per rank). 512, as in the benchmark config: with fewer the
     /// ranks' expert loads differ more from layer to layer (sampling noise of the routing), and the rank that
     /// waits for a late peer cannot hide its collective.
     #[arg(long, default_value_t = 512)]
@@ -49,6 +49,10 @@ struct Args {
     /// router's loads change from batch to batch, so it is off by default.
     #[arg(long)]
     balance: bool,
+    /// The overlapped run's connectivity: farskip (the paper's) or farskip-dN (all layers, routed outputs in
+    /// flight for N layers). The link is calibrated on depth 1's windows whatever this is.
+    #[arg(long, default_value = "farskip")]
+    connectivity: farskip_model::Connectivity,
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,6 +79,7 @@ fn run(args: &Args, model: &farskip_model::Model, backend: &Backend) -> Result<(
         lr: args.lr,
         seed: 3,
         balance: args.balance,
+        connectivity: args.connectivity.clone(),
     };
     let report = overlap_training_on(backend, model, &cfg)?;
     if !backend.is_reporting_rank() {

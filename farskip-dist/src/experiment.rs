@@ -821,6 +821,9 @@ pub struct TrainingConfig {
     /// Place experts by their load on a calibration batch ([`crate::balance`]) instead of in contiguous
     /// blocks; the single-rank reference runs the same relabelled model.
     pub balance: bool,
+    /// The overlapped run's connectivity: all-layer FarSkip at any skip depth (`farskip`, `farskip-d2`). The
+    /// link is calibrated on the depth-1 FarSkip windows whatever it is.
+    pub connectivity: Connectivity,
 }
 
 /// What the training experiment measured.
@@ -875,6 +878,8 @@ pub struct TrainingReport {
     pub grad_max_rel_diff_param: String,
     /// Single-rank losses per step.
     pub losses: Vec<f64>,
+    /// The overlapped run's connectivity.
+    pub connectivity: String,
     #[serde(skip)]
     /// Trace of the FarSkip step with the median wall time (the step `farskip_step_ms` reports).
     pub trace: Trace,
@@ -1400,8 +1405,9 @@ pub fn overlap_training_on(
         model
     };
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
+    let measured = model.clone().with_connectivity(cfg.connectivity.clone())?;
     let standard = model.clone().with_connectivity(Connectivity::Standard)?;
-    let (ref_losses, ref_grads) = reference_train(&farskip, cfg, &windows_per_step);
+    let (ref_losses, ref_grads) = reference_train(&measured, cfg, &windows_per_step);
 
     // Calibrate the windows with a free link (a one-step warm-up, then one measured step).
     let calib = &windows_per_step[..1];
@@ -1420,7 +1426,7 @@ pub fn overlap_training_on(
 
     let (losses, grads, (farskip_step_ms, trace)) = ep_train(
         backend,
-        &farskip,
+        &measured,
         cfg,
         &windows_per_step,
         calibrated_link(win.clone(), cfg.comm_ratio),
@@ -1488,14 +1494,11 @@ pub fn overlap_training_on(
         fwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
         bwd_exposed_ms: exposed_comm_time(&trace, Phase::Backward).as_secs_f64() * 1e3,
         bwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Backward),
-        loss_max_abs_diff: losses
-            .iter()
-            .zip(&ref_losses)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f64::max),
+        loss_max_abs_diff: farskip_model::compare::max_abs_diff(&losses, &ref_losses),
         grad_max_rel_diff: grad_diff.0,
         grad_max_rel_diff_param: grad_diff.1,
         losses: ref_losses,
+        connectivity: cfg.connectivity.to_string(),
         trace,
         blocking_trace,
     })

@@ -95,20 +95,6 @@ impl<C: Communicator + ?Sized> Ctx<'_, C> {
     }
 }
 
-/// The expert-parallel training schedule keeps one routed output in flight per rank (skip depth 1); a deeper
-/// connectivity is refused with an error naming it rather than run with the wrong waits.
-pub(crate) fn depth_one_only(conn: &Connectivity) -> Result<()> {
-    match conn.depth() {
-        Some(d) if d > 1 => Err(ScheduleError::Model(ModelError::InvalidConnectivity {
-            spec: conn.to_string(),
-            message: format!(
-                "expert-parallel training runs skip depth 1 only (got {d}); inference schedules and the single-rank model run any depth"
-            ),
-        })),
-        _ => Ok(()),
-    }
-}
-
 /// Whether layer `i` reads the routed-free stream with attention and the pre-attention stream with its MoE:
 /// the layers whose incoming collective can stay in flight during attention.
 fn overlappable(conn: &Connectivity, i: usize) -> bool {

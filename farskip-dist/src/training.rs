@@ -14,7 +14,8 @@
 //!   asynchronously as soon as they are complete, hidden behind the backward of the layers below.
 //!
 //! Standard connectivity runs the same segments in the stock order with every collective waited for at once
-//! (the blocking baseline). Gradients equal single-rank training up to float rounding.
+//! (the blocking baseline). At skip depth d ≥ 2 up to d combines stay in flight ([`deep`]). Gradients equal
+//! single-rank training up to float rounding.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -28,6 +29,8 @@ use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, combine_start, dispatch_start};
 use crate::schedule::{Result, ScheduleError, ops};
 use crate::trace::{Phase, Trace};
+
+mod deep;
 
 /// Names of the backward intervals in traces.
 pub mod bwd_ops {
@@ -479,7 +482,6 @@ impl EpTrainRank {
                 comm.world_size()
             ))));
         }
-        crate::schedule::depth_one_only(self.model.connectivity())?;
         let farskip = self.model.connectivity().keeps_routed_free_stream();
         // Standard connectivity is the blocking baseline: every collective is waited for as soon as it is issued.
         let blocking = !farskip;
@@ -510,6 +512,9 @@ impl EpTrainRank {
         )?;
         let x_ids = windows.clone().narrow(1, 0, t);
         let y_ids = windows.narrow(1, 1, t);
+        if let Some(depth) = self.model.connectivity().depth().filter(|&d| d > 1) {
+            return self.step_deep(comm, grad_comm, trace, x_ids, y_ids, objective, depth);
+        }
 
         // ---- forward ----
         let g = span(None, ops::HEAD, fwd);
@@ -679,32 +684,17 @@ impl EpTrainRank {
         let logits = self.model.logits(final_in.clone());
         let [_, _, v] = logits.dims();
         let logits = logits.reshape([b * t, v]);
-        let kl = |teacher: &Tensor<3>, temperature: f64| {
-            distill_loss(
-                logits.clone(),
-                teacher.clone().reshape([b * t, v]),
-                temperature,
-                self.world,
-            )
-        };
         // KL + L2: the hidden-state term reads each layer's full output stream through a fresh leaf, whose
         // gradient joins the stream's gradient when the backward reaches that layer.
         let mut hidden_leaves: Vec<Tensor<3>> = Vec::new();
         let loss = match objective {
-            Objective::CrossEntropy => {
-                let logp = burn::tensor::activation::log_softmax(logits.clone(), 1);
-                let nll = logp.gather(1, y_ids.reshape([b * t, 1])).neg().mean();
-                nll.mul_scalar(1.0 / self.world as f64)
+            Objective::CrossEntropy | Objective::Distill { .. } => {
+                self.logits_loss(objective, &logits, y_ids)
             }
-            Objective::Distill {
-                teacher_logits,
-                temperature,
-            } => kl(teacher_logits, *temperature),
             Objective::DistillHidden {
-                teacher_logits,
                 teacher_hidden,
-                temperature,
                 l2_weight,
+                ..
             } => {
                 hidden_leaves = tapes[..l2_compared_layers(tapes.len())]
                     .iter()
@@ -717,7 +707,7 @@ impl EpTrainRank {
                     .map(|(s, th)| (s.clone() - th.clone().detach()).square().mean())
                     .reduce(|acc, layer| acc + layer)
                     .map(|sum| sum.mul_scalar(1.0 / n_layers));
-                let kl = kl(teacher_logits, *temperature);
+                let kl = self.logits_loss(objective, &logits, y_ids);
                 match mse {
                     Some(mse) => kl + mse.mul_scalar(*l2_weight / self.world as f64),
                     None => kl,
@@ -886,19 +876,72 @@ impl EpTrainRank {
         let grads = (flat3(emb) * flat3(g_emb)).sum().backward();
         absorb(&mut acc, grads);
         g.finish();
-        let device = h0.device().inner();
+        self.reduce_replicated(grad_comm, &mut acc, pending_grads, h0.device().inner())?;
+        Ok(RankStep {
+            loss: loss_value,
+            grads: acc,
+        })
+    }
+
+    /// The loss on this rank's logits `[tokens, vocab]`: next-token cross-entropy on `y_ids`, or the KL to the
+    /// teacher (for KL + L2, its KL term), as this rank's share of the global mean (÷ world).
+    fn logits_loss(
+        &self,
+        objective: &Objective,
+        logits: &Tensor<2>,
+        y_ids: Tensor<2, Int>,
+    ) -> Tensor<1> {
+        let [n, v] = logits.dims();
+        let kl = |teacher: &Tensor<3>, temperature: f64| {
+            distill_loss(
+                logits.clone(),
+                teacher.clone().reshape([n, v]),
+                temperature,
+                self.world,
+            )
+        };
+        match objective {
+            Objective::CrossEntropy => {
+                let logp = burn::tensor::activation::log_softmax(logits.clone(), 1);
+                let nll = logp.gather(1, y_ids.reshape([n, 1])).neg().mean();
+                nll.mul_scalar(1.0 / self.world as f64)
+            }
+            Objective::Distill {
+                teacher_logits,
+                temperature,
+            }
+            | Objective::DistillHidden {
+                teacher_logits,
+                temperature,
+                ..
+            } => kl(teacher_logits, *temperature),
+        }
+    }
+
+    /// Starts the embedding/head gradient all-reduce, then waits for every layer's (`pending`, issued during the
+    /// backward) and that one, writing the global gradients into `acc`.
+    fn reduce_replicated<G: Communicator + ?Sized>(
+        &self,
+        grad_comm: &G,
+        acc: &mut GradientsParams,
+        pending: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)>,
+        device: Device,
+    ) -> Result<()> {
         let mut f = Flatten {
-            grads: &mut acc,
+            grads: acc,
             buffer: Vec::new(),
             present: Vec::new(),
         };
         visit_replicated_outer(&self.model, &mut f);
         let (buffer, outer_present) = (f.buffer, f.present);
-        let outer = grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, usize::MAX, bwd), buffer);
-        for (i, present, p) in pending_grads {
+        let tag = CollectiveTag::new(bwd_ops::GRAD_ALLREDUCE)
+            .at_layer(usize::MAX)
+            .in_phase(Phase::Backward);
+        let outer = grad_comm.all_reduce(tag, buffer);
+        for (i, present, p) in pending {
             let buffer = p.wait()?;
             let mut u = Unflatten {
-                grads: &mut acc,
+                grads: acc,
                 buffer: &buffer,
                 present: &present,
                 index: 0,
@@ -909,7 +952,7 @@ impl EpTrainRank {
         }
         let buffer = outer.wait()?;
         let mut u = Unflatten {
-            grads: &mut acc,
+            grads: acc,
             buffer: &buffer,
             present: &outer_present,
             index: 0,
@@ -917,10 +960,7 @@ impl EpTrainRank {
             device,
         };
         visit_replicated_outer(&self.model, &mut u);
-        Ok(RankStep {
-            loss: loss_value,
-            grads: acc,
-        })
+        Ok(())
     }
 
     fn moe(&self, i: usize) -> &MoeBlock {

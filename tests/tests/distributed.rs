@@ -215,6 +215,7 @@ fn ep_training_matches_single_rank_training() {
                 lr: 1e-2,
                 seed: 1,
                 balance: false,
+                connectivity: Connectivity::farskip(),
             },
         )
         .unwrap();
@@ -278,6 +279,41 @@ fn balanced_expert_placement_keeps_the_logits_and_evens_the_load() {
     }
 }
 
+/// Skip depth 2 and 3: up to d combines in flight per rank, the backward joining each routed output's gradient
+/// where it was read; equals single-rank training of the same connectivity.
+#[test]
+fn ep_training_at_skip_depth_2_and_3_matches_single_rank_training() {
+    let cfg = ModelConfig::small_moe(256, 64, 4, 4, 2, 16, 8, 2, 32, Some(32));
+    let model = seeded_model(11, &cfg);
+    for (world, spec) in [(2, "farskip-d2"), (4, "farskip-d2"), (2, "farskip-d3")] {
+        let report = overlap_training(
+            &model,
+            &TrainingConfig {
+                world,
+                steps: 3,
+                comm_ratio: 0.0,
+                tokens: 16,
+                lr: 1e-2,
+                seed: 1,
+                balance: false,
+                connectivity: spec.parse().unwrap(),
+            },
+        )
+        .unwrap();
+        eprintln!(
+            "{spec} world {world}: loss diff {:.1e}, grad diff {:.1e} ({})",
+            report.loss_max_abs_diff, report.grad_max_rel_diff, report.grad_max_rel_diff_param
+        );
+        assert_eq!(report.connectivity, spec);
+        assert_matches_single_rank(&report, &format!("{spec} world {world}"));
+        assert!(
+            (report.losses[0] - report.losses[2]).abs() > 1e-4,
+            "{:?}",
+            report.losses
+        );
+    }
+}
+
 /// Few tokens over many ranks: some rank's experts get no rows in some layer, and training still equals
 /// single-rank training (with experts placed by load too).
 #[test]
@@ -295,6 +331,7 @@ fn ep_training_with_ranks_that_get_no_rows() {
                 lr: 1e-3,
                 seed: 2,
                 balance,
+                connectivity: Connectivity::farskip(),
             },
         )
         .unwrap();
