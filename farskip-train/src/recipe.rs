@@ -260,7 +260,8 @@ pub fn run_recipe(cfg: &RecipeConfig, device: &Device) -> Result<RecipeReport, R
     student.validate(usize::MAX)?;
     if cfg.world > 1 && cfg.depth > 1 {
         return Err(RecipeError::Mismatch(format!(
-            "expert-parallel recovery (world {}) runs skip depth 1 only; use world 1 for {student}",
+            "expert-parallel recovery (world {}) at skip depth > 1 cannot run the KL + L2 baseline, which compares \
+             full residual streams; use world 1 for {student}",
             cfg.world
         )));
     }
