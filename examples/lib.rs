@@ -300,6 +300,11 @@ impl BackendArgs {
                 moe.num_experts
             );
         }
+        self.start(world)
+    }
+
+    /// The backend for a run of `world` ranks, without the model checks of [`BackendArgs::backend`].
+    pub fn start(&self, world: usize) -> Result<farskip_dist::experiment::Backend> {
         match self.backend {
             BackendKind::Local => Ok(farskip_dist::experiment::Backend::Local),
             BackendKind::Mpi => self.mpi(world),

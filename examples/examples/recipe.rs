@@ -4,14 +4,17 @@
 //! `cargo run --release -p farskip-examples --example recipe -- [--quick] [--corpus FILE] [--model DIR] [--world N] [--depth D] [--json]`
 //!
 //! `--world N` runs the recovery runs (FCSD, SFT, KL + L2) expert-parallel on N in-process ranks; the results
-//! equal `--world 1` up to float rounding.
+//! equal `--world 1` up to float rounding. With `--backend mpi` (built with `--features mpi`) each rank is a
+//! process of `mpirun -np N`: every process runs the recipe, steps its own rank and gathers the experts for
+//! evaluation; rank 0 prints and writes the report.
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 use burn::prelude::*;
 use clap::Parser;
-use farskip_examples::{init_logging, tune_allocator};
+use farskip_dist::experiment::Backend;
+use farskip_examples::{BackendArgs, exit_on_error, init_logging, tune_allocator};
 use farskip_train::{RecipeConfig, run_recipe};
 
 #[derive(Parser, Debug)]
@@ -35,10 +38,13 @@ struct Args {
     /// Seed.
     #[arg(long)]
     seed: Option<u64>,
-    /// Expert-parallel ranks (threads of this process) for the recovery runs; 1 is single-process training.
+    /// Expert-parallel ranks (threads of this process, or the processes of `mpirun -np` with --backend mpi) for
+    /// the recovery runs; 1 is single-process training.
     /// The batch's sequences must divide by it and it may not exceed the experts per layer.
     #[arg(long, default_value_t = 1, value_parser = parse_world)]
     world: usize,
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Skip depth of the student (FarSkip on all layers, `farskip-dD`): 1 is the paper's conversion, D ≥ 2 keeps
     /// each routed output in flight for D layers.
     #[arg(long, default_value_t = 1, value_parser = parse_depth)]
@@ -82,6 +88,12 @@ fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
+    let backend = args.backend.start(args.world)?;
+    let result = run(args, &backend);
+    exit_on_error(&backend, result)
+}
+
+fn run(args: Args, backend: &Backend) -> Result<()> {
     let mut cfg = if args.quick {
         RecipeConfig::quick(&args.corpus)
     } else {
@@ -101,7 +113,28 @@ fn try_main() -> Result<()> {
     }
     cfg.world = args.world;
     cfg.depth = args.depth;
-    let report = run_recipe(&cfg, &Device::default())?;
+    #[cfg(feature = "mpi")]
+    if let Backend::Mpi(mpi) = backend {
+        // The recipe's three recovery runs start on three threads: their communicators are made here, in
+        // one order on every process.
+        farskip_train::ep::use_mpi(mpi.job(), &["fcsd", "sft", "kl_l2"])?;
+        if mpi.rank() != 0 {
+            // Every process runs the recipe; only rank 0 writes the report and the teacher.
+            cfg.report_dir = std::env::temp_dir().join(format!(
+                "farskip-recipe-rank{}-{}",
+                mpi.rank(),
+                std::process::id()
+            ));
+            cfg.save_teacher = None;
+        }
+    }
+    let report = run_recipe(&cfg, &Device::default());
+    #[cfg(feature = "mpi")]
+    farskip_train::ep::stop_mpi();
+    let report = report?;
+    if !backend.is_reporting_rank() {
+        return Ok(());
+    }
     println!("\n{}", report.table());
     if let Some(f) = report.recovered_fraction("fcsd") {
         println!(

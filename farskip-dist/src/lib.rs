@@ -33,7 +33,9 @@
 //! - [`comm`]: the [`Communicator`] trait whose collectives return a `#[must_use]` [`Pending`],
 //!   and its backends [`SingleRank`] and [`LocalWorld`] (ranks as threads, with a [`LinkModel`]
 //!   that makes communication time controllable on a CPU). `nccl` (feature `nccl`) adds the
-//!   cudarc/NCCL backend.
+//!   cudarc/NCCL backend; `MpiComm` (feature `mpi`) one process per rank under `mpirun`, every
+//!   collective a non-blocking MPI call on a progress thread; [`LinkedComm`] puts the link model over
+//!   any communicator.
 //! - [`launch`]: the torchrun-style environment and the small TCP rendezvous used to share an
 //!   NCCL unique id.
 //! - [`mod@dispatch`]: expert-parallel `dispatch` → [`DispatchPlan`] → `combine`, bit-exact against
@@ -44,7 +46,8 @@
 //!   communication.
 //! - [`balance`]: expert placement by measured load (relabelled experts, the same function), so EP ranks
 //!   reach their collectives together.
-//! - [`experiment`]: running a batch on a `LocalWorld` and the calibrated overlap experiment.
+//! - [`experiment`]: running a batch on a `LocalWorld` (or one process per rank under MPI) and the
+//!   calibrated overlap experiment.
 //! - [`trace`]: compute/comm intervals per rank, the overlap metric, Chrome-trace JSON and SVG.
 //! - [`plan`]: the planner — schedule descriptions simulated with roofline and α–β costs, or with op costs
 //!   measured here, to predict what FarSkip buys on a model and cluster.

@@ -87,6 +87,11 @@ type WorldResult = Result<Vec<Result<(), RankError<ScheduleError>>>, CommError>;
 pub struct EpTrainer {
     label: String,
     world: usize,
+    /// The ranks this process runs (all of them, or its own under MPI); `commands[i]` reaches `ranks[i]`.
+    ranks: Vec<usize>,
+    /// MPI: the communicator that gathers the other processes' experts.
+    #[cfg(feature = "mpi")]
+    gather_comm: Option<farskip_dist::MpiComm>,
     commands: Vec<Sender<Command>>,
     replies: Receiver<(usize, Reply)>,
     thread: Option<JoinHandle<WorldResult>>,
@@ -120,10 +125,27 @@ impl EpTrainer {
                 "{world} ranks but the model has only {experts} experts per layer to shard"
             )));
         }
+        #[cfg(feature = "mpi")]
+        let mpi = mpi_run(&cfg.label);
+        #[cfg(feature = "mpi")]
+        if let Some((size, _, _)) = &mpi
+            && *size != world
+        {
+            return Err(invalid(format!(
+                "{world} ranks but the MPI job has {size} processes (one rank per process)"
+            )));
+        }
+        #[cfg(feature = "mpi")]
+        let ranks: Vec<usize> = match &mpi {
+            Some((_, rank, _)) => vec![*rank],
+            None => (0..world).collect(),
+        };
+        #[cfg(not(feature = "mpi"))]
+        let ranks: Vec<usize> = (0..world).collect();
         let (reply_tx, replies) = mpsc::channel::<(usize, Reply)>();
         let mut commands = Vec::with_capacity(world);
         let mut inboxes = Vec::with_capacity(world);
-        for _ in 0..world {
+        for _ in &ranks {
             let (tx, rx) = mpsc::channel::<Command>();
             commands.push(tx);
             inboxes.push(Mutex::new(Some(rx)));
@@ -134,7 +156,73 @@ impl EpTrainer {
             method: cfg.method.clone(),
             cfg: cfg.clone(),
         };
-        let thread = std::thread::Builder::new()
+        #[cfg(feature = "mpi")]
+        let (thread, gather_comm) = match mpi {
+            Some((_, r, comms)) => {
+                let (comm, gather) = comms.ok_or_else(|| TrainError::Distributed {
+                    label: cfg.label.clone(),
+                    world,
+                    message: format!(
+                        "no MPI communicator was prepared for run {:?} (farskip_train::ep::use_mpi)",
+                        cfg.label
+                    ),
+                })?;
+                let thread = std::thread::Builder::new()
+                    .name(format!("farskip-ep-{}", cfg.label))
+                    .spawn(move || {
+                        let reply = |m: Reply| {
+                            let _ = reply_tx.send((r, m));
+                        };
+                        let inbox = inboxes[0]
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .take();
+                        let result = match inbox {
+                            Some(inbox) => rank.run(&comm, &inbox, &reply),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = &result {
+                            reply(Reply::Failed(e.to_string()));
+                        }
+                        Ok(vec![result.map_err(RankError::Failed)])
+                    });
+                (thread, Some(gather))
+            }
+            None => (Self::spawn_local(world, cfg, rank, inboxes, reply_tx), None),
+        };
+        #[cfg(not(feature = "mpi"))]
+        let thread = Self::spawn_local(world, cfg, rank, inboxes, reply_tx);
+        let thread = thread.map_err(|e| TrainError::Distributed {
+            label: cfg.label.clone(),
+            world,
+            message: format!("spawning the world thread: {e}"),
+        })?;
+        let mut trainer = Self {
+            label: cfg.label.clone(),
+            world,
+            ranks,
+            #[cfg(feature = "mpi")]
+            gather_comm,
+            commands,
+            replies,
+            thread: Some(thread),
+        };
+        trainer.collect(|r| match r {
+            Reply::Ready => Some(()),
+            _ => None,
+        })?;
+        Ok(trainer)
+    }
+
+    /// The world thread of in-process ranks: a LocalWorld whose rank closures loop on their command channels.
+    fn spawn_local(
+        world: usize,
+        cfg: &TrainConfig,
+        rank: RankSetup,
+        inboxes: Vec<Mutex<Option<Receiver<Command>>>>,
+        reply_tx: Sender<(usize, Reply)>,
+    ) -> std::io::Result<JoinHandle<WorldResult>> {
+        std::thread::Builder::new()
             .name(format!("farskip-ep-{}", cfg.label))
             .spawn(move || {
                 // Ranks wait on their command channel between steps, never inside a collective, so the
@@ -164,23 +252,6 @@ impl EpTrainer {
                     result
                 })
             })
-            .map_err(|e| TrainError::Distributed {
-                label: cfg.label.clone(),
-                world,
-                message: format!("spawning the world thread: {e}"),
-            })?;
-        let mut trainer = Self {
-            label: cfg.label.clone(),
-            world,
-            commands,
-            replies,
-            thread: Some(thread),
-        };
-        trainer.collect(|r| match r {
-            Reply::Ready => Some(()),
-            _ => None,
-        })?;
-        Ok(trainer)
     }
 
     /// The number of ranks.
@@ -203,9 +274,9 @@ impl EpTrainer {
             });
         }
         let rows = batch / self.world;
-        for r in 0..self.world {
+        for (i, r) in self.ranks.clone().into_iter().enumerate() {
             let part = windows.clone().narrow(0, r * rows, rows);
-            self.send(r, Command::Step { windows: part, lr })?;
+            self.send(i, Command::Step { windows: part, lr })?;
         }
         let losses = self.collect(|r| match r {
             Reply::Loss(l) => Some(l),
@@ -217,8 +288,8 @@ impl EpTrainer {
     /// The whole model as it stands: rank 0's replicated weights and every rank's experts, concatenated in rank
     /// order, on the plain device.
     pub fn gather(&mut self) -> Result<Model, TrainError> {
-        for r in 0..self.world {
-            self.send(r, Command::Gather)?;
+        for i in 0..self.ranks.len() {
+            self.send(i, Command::Gather)?;
         }
         let models: Vec<Model> = self
             .collect(|r| match r {
@@ -227,6 +298,14 @@ impl EpTrainer {
             })?
             .into_iter()
             .collect();
+        #[cfg(feature = "mpi")]
+        if let Some(comm) = &self.gather_comm {
+            let own = models.into_iter().next();
+            let merged = own
+                .ok_or_else(|| "no rank in this process".to_owned())
+                .and_then(|m| gather_experts(comm, m));
+            return merged.map_err(|e| self.error(format!("gathering the experts over MPI: {e}")));
+        }
         merge_rank_models(&models).map_err(|e| self.error(format!("merging the ranks: {e}")))
     }
 
@@ -238,8 +317,10 @@ impl EpTrainer {
         }
     }
 
-    fn send(&mut self, rank: usize, command: Command) -> Result<(), TrainError> {
-        let sent = match self.commands.get(rank) {
+    /// Sends `command` to the `i`-th rank of this process.
+    fn send(&mut self, i: usize, command: Command) -> Result<(), TrainError> {
+        let rank = self.ranks.get(i).copied().unwrap_or(i);
+        let sent = match self.commands.get(i) {
             Some(tx) => tx.send(command).is_ok(),
             None => false,
         };
@@ -255,12 +336,12 @@ impl EpTrainer {
         &mut self,
         mut want: impl FnMut(Reply) -> Option<T>,
     ) -> Result<Vec<T>, TrainError> {
-        let mut got: Vec<Option<T>> = (0..self.world).map(|_| None).collect();
-        for _ in 0..self.world {
+        let mut got: Vec<Option<T>> = self.ranks.iter().map(|_| None).collect();
+        for _ in 0..self.ranks.len() {
             match self.replies.recv() {
                 Ok((r, Reply::Failed(message))) => return Err(self.fail(Some(r), message)),
-                Ok((r, reply)) => match want(reply) {
-                    Some(v) if r < got.len() && got[r].is_none() => got[r] = Some(v),
+                Ok((r, reply)) => match (want(reply), self.ranks.iter().position(|x| *x == r)) {
+                    (Some(v), Some(i)) if got[i].is_none() => got[i] = Some(v),
                     _ => return Err(self.fail(Some(r), "answered out of turn".into())),
                 },
                 Err(_) => {
@@ -361,9 +442,9 @@ struct RankSetup {
 
 impl RankSetup {
     /// The rank's command loop; returns when the driver closes the channel.
-    fn run(
+    fn run<C: Communicator + ?Sized>(
         &self,
-        comm: &LocalComm,
+        comm: &C,
         inbox: &Receiver<Command>,
         reply: &impl Fn(Reply),
     ) -> Result<(), ScheduleError> {
@@ -530,4 +611,102 @@ fn clip_gradients<C: Communicator + ?Sized>(
         });
     }
     Ok(grads)
+}
+
+/// The MPI job whose processes run the ranks of [`EpTrainer`]s, and the communicators prepared for each run
+/// (by label), when [`use_mpi`] set them.
+#[cfg(feature = "mpi")]
+struct MpiRuns {
+    job: std::sync::Weak<farskip_dist::MpiWorld>,
+    /// Per run label: the training communicator and the one that gathers experts.
+    comms: std::collections::HashMap<String, (farskip_dist::MpiComm, farskip_dist::MpiComm)>,
+}
+
+#[cfg(feature = "mpi")]
+static MPI_RUNS: Mutex<Option<MpiRuns>> = Mutex::new(None);
+
+/// Makes the [`EpTrainer`]s of the runs labelled `labels` run one rank per process of `job` (whose size must be
+/// `TrainConfig::world`): each process runs the same driver (the same data and seeds), steps its own rank and
+/// gathers the other processes' experts for evaluation.
+///
+/// The communicators are created here, in the order of `labels` (creating one is collective over the job, and
+/// runs that start on several threads would create theirs in a different order on each process). Call it with
+/// the same labels on every process; a run whose label was not prepared fails with an error naming it.
+/// [`stop_mpi`] drops what is left; keep `job` alive until then.
+#[cfg(feature = "mpi")]
+pub fn use_mpi(
+    job: &std::sync::Arc<farskip_dist::MpiWorld>,
+    labels: &[&str],
+) -> Result<(), farskip_dist::MpiInitError> {
+    let mut comms = std::collections::HashMap::new();
+    for label in labels {
+        let config = farskip_dist::MpiConfig::default;
+        let pair = (job.communicator(config())?, job.communicator(config())?);
+        comms.insert((*label).to_owned(), pair);
+    }
+    *MPI_RUNS.lock().unwrap_or_else(PoisonError::into_inner) = Some(MpiRuns {
+        job: std::sync::Arc::downgrade(job),
+        comms,
+    });
+    Ok(())
+}
+
+/// Returns to in-process ranks and drops the communicators no run took.
+#[cfg(feature = "mpi")]
+pub fn stop_mpi() {
+    MPI_RUNS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+}
+
+/// The MPI job, when [`use_mpi`] set one: its size and rank, and the communicators prepared for `label`
+/// (`None` inside when that label was not prepared).
+#[cfg(feature = "mpi")]
+#[allow(clippy::type_complexity, reason = "a private helper's one-off tuple")]
+fn mpi_run(
+    label: &str,
+) -> Option<(
+    usize,
+    usize,
+    Option<(farskip_dist::MpiComm, farskip_dist::MpiComm)>,
+)> {
+    let mut runs = MPI_RUNS.lock().unwrap_or_else(PoisonError::into_inner);
+    let runs = runs.as_mut()?;
+    let job = runs.job.upgrade()?;
+    Some((job.size(), job.rank(), runs.comms.remove(label)))
+}
+
+/// This process's rank model with every MoE layer's expert banks all-gathered over `comm` (rank order, as
+/// [`merge_rank_models`] concatenates them).
+#[cfg(feature = "mpi")]
+fn gather_experts(comm: &farskip_dist::MpiComm, mut model: Model) -> Result<Model, String> {
+    let world = comm.world_size();
+    let gather = |t: Tensor<3>, name: &'static str| -> Result<Tensor<3>, String> {
+        let [e, a, b] = t.dims();
+        let device = t.device();
+        let mine = t
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| format!("{name}: {e:?}"))?;
+        let all = comm
+            .all_gather(CollectiveTag::new(name), mine)
+            .wait()
+            .map_err(|e| e.to_string())?;
+        Ok(Tensor::from_data(
+            TensorData::new(all, [e * world, a, b]),
+            &device,
+        ))
+    };
+    for layer in &mut model.layers {
+        if let Ffn::Moe(moe) = &mut layer.ffn {
+            let (gate_up_id, down_id) = (moe.experts.gate_up.id, moe.experts.down.id);
+            let gate_up = gather(moe.experts.gate_up.val(), "gather_gate_up")?;
+            let down = gather(moe.experts.down.val(), "gather_down")?;
+            moe.experts.gate_up = Param::initialized(gate_up_id, gate_up);
+            moe.experts.down = Param::initialized(down_id, down);
+        }
+    }
+    Ok(model)
 }

@@ -119,6 +119,11 @@ pub(crate) mod mpi_ranks {
             &self.world
         }
 
+        /// The MPI job, shared (for code that creates its own communicators, e.g. expert-parallel training).
+        pub fn job(&self) -> &Arc<MpiWorld> {
+            &self.world
+        }
+
         /// This process's rank.
         pub fn rank(&self) -> usize {
             self.world.rank()
