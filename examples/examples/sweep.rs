@@ -21,7 +21,7 @@ struct Args {
     /// Hugging Face checkpoint directory (tokenizer.json is used when present, bytes otherwise).
     #[arg(long)]
     model: PathBuf,
-    /// Text corpus to measure on (its first --windows windows of --seq-len tokens).
+    /// Text corpus to measure on (its last --windows windows of --seq-len tokens).
     #[arg(long)]
     corpus: PathBuf,
     /// Tokens per window.

@@ -76,14 +76,17 @@ pub fn sweep_connectivity(
     )
 }
 
-/// Windows of `seq_len` tokens tiling `tokens`, at most `max_windows` of them, 8 per batch.
+/// The last `max_windows` windows of `seq_len` tokens of `tokens` (the tail, which the recipe holds out of
+/// training), 8 per batch; fewer when the stream is shorter.
 pub fn sweep_windows(
     tokens: Vec<u32>,
     seq_len: usize,
     max_windows: usize,
 ) -> Result<ValidationSet, DataError> {
     let shape = BatchShape::new(seq_len, seq_len * 8)?;
-    Ok(ValidationSet::new(tokens, shape)?.truncated(max_windows))
+    let needed = max_windows.max(1) * seq_len + 1;
+    let tail = tokens[tokens.len().saturating_sub(needed)..].to_vec();
+    Ok(ValidationSet::new(tail, shape)?.truncated(max_windows))
 }
 
 /// Runs the sweep of `model` (its weights; its own connectivity is ignored) over `windows`.
