@@ -7,17 +7,18 @@
 //!
 //! Collectives take host buffers like the other backends: each is copied to the GPU, run on a
 //! dedicated comm stream, and an event recorded after it; [`Pending::wait`] polls that event
-//! (with the timeout) and copies the result back. The caller's thread is free meanwhile.
-//! `all_to_all_v` exchanges headers and counts first (blocking, small), then moves the rows as
-//! grouped send/recv. With [`NcclConfig::verify_calls`] every other collective first all-gathers
-//! a fixed-size encoding of the call, so mismatched calls are reported instead of hanging.
-//! The `all_to_all_v` exchange lives in `all_to_all`.
+//! (with the timeout) and copies the result back. Every NCCL call is made by an issue thread per
+//! communicator, in issue order, so the caller never blocks: `all_to_all_v` exchanges headers and
+//! counts first (the issue thread waits for them, small), then moves the rows as grouped
+//! send/recv, while the rank that issued it computes. With [`NcclConfig::verify_calls`] every
+//! other collective first all-gathers a fixed-size encoding of the call, so mismatched calls are
+//! reported instead of hanging. The `all_to_all_v` exchange lives in `all_to_all`.
 //!
 //! Not here: device-pointer collectives on burn tensors (no copies) and peer-failure detection
 //! beyond timeouts; NCCL sums are identical on all ranks but not in rank order.
 
 use std::ffi::c_char;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DriverError};
@@ -99,28 +100,43 @@ impl Default for NcclConfig {
     }
 }
 
-/// The NCCL communicator and what must only be touched under its lock.
+/// The NCCL communicator, owned by the issue thread.
 struct Inner {
     comm: Comm,
-    next_seq: u64,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
-// concurrent (NCCL docs, "Thread safety"); `Inner` lives behind a Mutex that serialises them.
+// concurrent (NCCL docs, "Thread safety"); only the issue thread uses it.
 unsafe impl Send for Inner {}
 
 /// Set when this rank gave up on a collective: NCCL may be wedged, so nothing runs after.
 type AbortFlag = Arc<Mutex<Option<String>>>;
 
-/// One rank of an NCCL job (one process, one GPU).
-pub struct NcclComm {
+/// One collective for the issue thread: makes its NCCL calls on the communicator.
+type IssueJob = Box<dyn FnOnce(&Comm) + Send>;
+
+/// The issue side: sequence numbers are handed out in the order jobs are queued.
+struct Issue {
+    next_seq: u64,
+    jobs: Option<mpsc::Sender<IssueJob>>,
+}
+
+/// What both the issuing caller and the issue thread use.
+struct Shared {
     rank: usize,
     world: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    inner: Mutex<Inner>,
     aborted: AbortFlag,
     config: NcclConfig,
+}
+
+/// One rank of an NCCL job (one process, one GPU).
+pub struct NcclComm {
+    rank: usize,
+    world: usize,
+    shared: Arc<Shared>,
+    issue: Mutex<Issue>,
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -128,7 +144,7 @@ impl std::fmt::Debug for NcclComm {
         f.debug_struct("NcclComm")
             .field("rank", &self.rank)
             .field("world", &self.world)
-            .field("config", &self.config)
+            .field("config", &self.shared.config)
             .finish_non_exhaustive()
     }
 }
@@ -229,53 +245,76 @@ impl NcclComm {
             Id::uninit(raw),
         )
         .map_err(nccl_init("communicator init"))?;
+        let (tx, rx) = mpsc::channel::<IssueJob>();
+        let inner = Inner { comm };
+        std::thread::Builder::new()
+            .name(format!("farskip-nccl-{}", env.rank))
+            .spawn(move || {
+                let inner = inner;
+                // Runs queued collectives until the communicator is dropped; each ends within its
+                // timeout, so the thread does too.
+                for job in rx {
+                    job(&inner.comm);
+                }
+            })
+            .map_err(|e| NcclInitError::Cuda {
+                step: "spawning the issue thread",
+                detail: e.to_string(),
+            })?;
         Ok(Self {
             rank: env.rank,
             world: env.world_size,
-            ctx,
-            stream,
-            inner: Mutex::new(Inner { comm, next_seq: 0 }),
-            aborted: Arc::new(Mutex::new(None)),
-            config,
+            shared: Arc::new(Shared {
+                rank: env.rank,
+                world: env.world_size,
+                ctx,
+                stream,
+                aborted: Arc::new(Mutex::new(None)),
+                config,
+            }),
+            issue: Mutex::new(Issue {
+                next_seq: 0,
+                jobs: Some(tx),
+            }),
         })
     }
 
     /// The dedicated stream collectives run on (for making compute streams wait on it).
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.shared.stream
     }
 
     /// The CUDA context of this rank's GPU.
     pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        &self.shared.ctx
     }
 
     fn aborted_reason(&self) -> Option<String> {
-        self.aborted
+        self.shared
+            .aborted
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    /// Runs one collective: checks, numbers it, optionally verifies the call across ranks,
-    /// lets `enqueue` put the NCCL work on the comm stream, and records the completion event.
+    /// Runs one collective: checks and numbers it, then queues it to the issue thread, which
+    /// optionally verifies the call across ranks, lets `enqueue` put the NCCL work on the comm
+    /// stream and records the completion event. The caller returns at once.
     fn start<T: Send + 'static>(
         &self,
         kind: CollectiveKind,
         call: Result<CollectiveCall, CommError>,
-        enqueue: impl FnOnce(&Self, &Comm, &CollectiveCall, u64, &str) -> Result<Finish<T>, CommError>,
+        enqueue: impl FnOnce(&Shared, &Comm, &CollectiveCall, u64, &str) -> Result<Finish<T>, CommError>
+        + Send
+        + 'static,
     ) -> Pending<T> {
         let call = match call {
             Ok(call) => call,
             Err(e) => return Pending::ready(format!("{kind} on rank {}", self.rank), Err(e)),
         };
-        let mut inner = self.lock();
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
+        let mut issue = self.issue.lock().unwrap_or_else(PoisonError::into_inner);
+        let seq = issue.next_seq;
+        issue.next_seq += 1;
         let op = semantics::describe(&call, seq, self.rank);
         if let Some(reason) = self.aborted_reason() {
             return Pending::ready(
@@ -287,37 +326,74 @@ impl NcclComm {
                 }),
             );
         }
-        let started = Instant::now();
-        let result = self
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda_err(&op, "bind context"))
-            .and_then(|()| {
-                if self.config.verify_calls && kind != CollectiveKind::AllToAllV {
-                    self.verify(&inner.comm, &call, seq, &op, started)?;
-                }
-                let finish = enqueue(self, &inner.comm, &call, seq, &op)?;
-                let event = self
-                    .stream
-                    .record_event(None)
-                    .map_err(cuda_err(&op, "record event"))?;
-                Ok((finish, event))
-            });
-        drop(inner);
-        let (finish, event) = match result {
-            Ok(parts) => parts,
-            Err(e) => return Pending::ready(op, Err(e)),
-        };
-        let stream = Arc::clone(&self.stream);
-        let aborted = Arc::clone(&self.aborted);
+        let (reply, issued) = mpsc::sync_channel::<Result<(Finish<T>, CudaEvent), CommError>>(1);
+        let shared = Arc::clone(&self.shared);
+        let job_op = op.clone();
+        let job: IssueJob = Box::new(move |comm: &Comm| {
+            let started = Instant::now();
+            let result = shared
+                .ctx
+                .bind_to_thread()
+                .map_err(cuda_err(&job_op, "bind context"))
+                .and_then(|()| {
+                    if shared.config.verify_calls && kind != CollectiveKind::AllToAllV {
+                        shared.verify(comm, &call, seq, &job_op, started)?;
+                    }
+                    let finish = enqueue(&shared, comm, &call, seq, &job_op)?;
+                    let event = shared
+                        .stream
+                        .record_event(None)
+                        .map_err(cuda_err(&job_op, "record event"))?;
+                    Ok((finish, event))
+                });
+            // The caller may have dropped its Pending; the collective still ran for the peers.
+            let _ = reply.send(result);
+        });
+        let sent = issue.jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        drop(issue);
+        if !sent {
+            let err = CommError::Backend {
+                backend: "nccl",
+                op: op.clone(),
+                detail: format!("the issue thread of rank {} has stopped", self.rank),
+            };
+            return Pending::ready(op, Err(err));
+        }
+        let stream = Arc::clone(&self.shared.stream);
+        let aborted = Arc::clone(&self.shared.aborted);
         let rank = self.rank;
         let waited_op = op.clone();
-        Pending::from_waiter(op, self.config.timeout, move |timeout| {
-            wait_event(&event, Instant::now(), timeout, &waited_op, &aborted, rank)?;
+        Pending::from_waiter(op, self.shared.config.timeout, move |timeout| {
+            let started = Instant::now();
+            let (finish, event) = match issued.recv_timeout(timeout) {
+                Ok(result) => result?,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let waited = started.elapsed();
+                    let mut flag = aborted.lock().unwrap_or_else(PoisonError::into_inner);
+                    flag.get_or_insert_with(|| {
+                        format!("rank {rank} timed out after {waited:?} in {waited_op}")
+                    });
+                    return Err(CommError::Timeout {
+                        op: waited_op,
+                        waited,
+                        missing: Vec::new(),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(CommError::Backend {
+                        backend: "nccl",
+                        op: waited_op,
+                        detail: format!("the issue thread of rank {rank} has stopped"),
+                    });
+                }
+            };
+            wait_event(&event, started, timeout, &waited_op, &aborted, rank)?;
             finish(&stream, &waited_op)
         })
     }
+}
 
+impl Shared {
     /// All-gathers the call's wire encoding and reports the first disagreement.
     fn verify(
         &self,
@@ -374,7 +450,9 @@ impl NcclComm {
     fn peer(p: usize, op: &str) -> Result<i32, CommError> {
         i32::try_from(p).map_err(|_| CommError::InvalidArgument(format!("{op}: rank {p}")))
     }
+}
 
+impl NcclComm {
     /// Flat collectives: host → device, `run`, and a device → host copy of `out_len` values.
     fn flat(
         &self,
@@ -382,7 +460,9 @@ impl NcclComm {
         call: Result<CollectiveCall, CommError>,
         data: Vec<f32>,
         out_len: usize,
-        run: impl FnOnce(&Comm, &CudaSlice<f32>, &mut CudaSlice<f32>) -> Result<(), NcclError>,
+        run: impl FnOnce(&Comm, &CudaSlice<f32>, &mut CudaSlice<f32>) -> Result<(), NcclError>
+        + Send
+        + 'static,
     ) -> Pending<Vec<f32>> {
         self.start(kind, call, move |this, comm, _, _, op| {
             if data.is_empty() && out_len == 0 {
@@ -610,6 +690,31 @@ mod tests {
         assert_eq!(c.all_to_all_v(tag(), rows.clone()).wait()?, rows);
         let empty = Rows::per_peer(3, vec![], vec![0]);
         assert_eq!(c.all_to_all_v(tag(), empty.clone()).wait()?, empty);
+        Ok(())
+    }
+
+    /// Issuing `all_to_all_v` returns at once while a peer is 200 ms late (the header and count
+    /// exchange runs on the issue thread). Run like the test below, on 2+ GPUs.
+    #[test]
+    #[ignore = "needs 2+ CUDA GPUs with NCCL, launched by torchrun"]
+    fn torchrun_all_to_all_v_does_not_block_the_issuing_rank()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let c = NcclComm::from_env(NcclConfig::default())?;
+        let (r, n) = (c.rank(), c.world_size());
+        c.barrier(CollectiveTag::new("start")).wait()?;
+        if r != 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let t0 = Instant::now();
+        let rows = Rows::per_peer(4, vec![r as f32; 4 * n], vec![1; n]);
+        let pending = c.all_to_all_v(CollectiveTag::new("late"), rows);
+        let issue = t0.elapsed();
+        let got = pending.wait()?;
+        assert!(
+            issue < Duration::from_millis(20),
+            "issuing blocked rank {r} for {issue:?}"
+        );
+        assert_eq!(got.num_rows(), n);
         Ok(())
     }
 

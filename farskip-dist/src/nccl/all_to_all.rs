@@ -1,5 +1,6 @@
-//! `all_to_all_v` on NCCL: a blocking exchange of headers (call signature, group count) and of
-//! the group counts, then the rows as grouped send/recv queued on the comm stream.
+//! `all_to_all_v` on NCCL, run by the issue thread: an exchange of headers (call signature, group
+//! count) and of the group counts, which the issue thread waits for, then the rows as grouped
+//! send/recv queued on the comm stream. The rank that issued it never waits here.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -7,14 +8,15 @@ use std::time::Instant;
 use cudarc::driver::CudaStream;
 use cudarc::nccl::Comm;
 
-use super::{Finish, NcclComm, check_calls, cuda_err, decode, grouped, nccl_err};
+use super::{Finish, Shared, check_calls, cuda_err, decode, grouped, nccl_err};
 use crate::comm::{CollectiveCall, CommError, Rows};
 
 /// Header words per peer in `all_to_all_v`: the call signature and the number of groups.
 const HEADER: usize = CollectiveCall::WORDS + 1;
 
-impl NcclComm {
-    /// Header and count exchange (blocking), then the grouped send/recv of the rows (queued).
+impl Shared {
+    /// Header and count exchange (the issue thread waits for it), then the grouped send/recv of the
+    /// rows (queued).
     pub(super) fn all_to_all_v_enqueue(
         &self,
         comm: &Comm,
