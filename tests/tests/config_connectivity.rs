@@ -263,3 +263,40 @@ fn a_preset_with_a_shared_expert_saves_and_reloads() {
     assert!(d <= 1e-6, "max |Δ logits| after reload = {d}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn a_trained_model_saves_and_reloads() {
+    // Trained weights (not the constant-initialised norms of a fresh model) survive save and reload.
+    use farskip_train::data::{BatchShape, ByteCorpus, RandomBatches, ValidationSet};
+    use farskip_train::{Method, TrainConfig, TrainData, train};
+    let device = Device::flex();
+    let cfg = farskip_model::ModelConfig::small_moe(256, 64, 2, 4, 2, 16, 4, 2, 48, Some(48));
+    device.seed(5);
+    let init = Model::new(&cfg, &device).expect("model");
+    let text = "All the world's a stage, and all the men and women merely players. ".repeat(40);
+    let split = ByteCorpus::from_text(&text)
+        .expect("text")
+        .split(0.2)
+        .expect("split");
+    let shape = BatchShape::new(32, 128).expect("shape");
+    let valid = ValidationSet::new(split.valid, shape)
+        .expect("valid")
+        .truncated(2);
+    let tc = TrainConfig::new("teacher", Method::Pretrain, 6, 3e-3);
+    let data = TrainData {
+        batches: RandomBatches::new(split.train, shape, 1, &device).expect("batches"),
+        valid: &valid,
+        teacher_logits: None,
+    };
+    let model = train(init, None, data, &tc).expect("train").model;
+    let out = temp_dir("trained");
+    model.save_pretrained(&out, None).expect("save");
+    let back = Model::from_pretrained(&out, &device).expect("reload");
+    let input = Tensor::<2, Int>::from_ints([[65, 108, 108, 32, 116, 104, 101, 32]], &device);
+    let d = max_diff(
+        back.forward(input.clone()).expect("forward"),
+        model.forward(input).expect("forward"),
+    );
+    assert!(d <= 1e-6, "max |Δ logits| after reload = {d}");
+    let _ = std::fs::remove_dir_all(&out);
+}
