@@ -48,9 +48,10 @@ struct Args {
     /// prefill, decode or train.
     #[arg(long, default_value = "prefill")]
     mode: Mode,
-    /// Tokens per device (decode: sequences per device).
-    #[arg(long, default_value_t = 4096)]
-    tokens: usize,
+    /// Tokens per device (decode: sequences per device); default 4096, on cpu-here the overlap examples' own
+    /// (prefill 256, train 512).
+    #[arg(long)]
+    tokens: Option<usize>,
     /// Sequence length (decode: cache length); the tokens' when not given.
     #[arg(long)]
     seq_len: Option<usize>,
@@ -110,7 +111,8 @@ fn run(args: Args) -> Result<()> {
     }
     let cluster = cluster(&args.cluster)?;
     let config = model_config(&args)?;
-    let workload = Workload::new(args.mode, args.tokens, args.seq_len.unwrap_or(args.tokens))
+    let tokens = args.tokens.unwrap_or(4096);
+    let workload = Workload::new(args.mode, tokens, args.seq_len.unwrap_or(tokens))
         .with_imbalance(args.imbalance);
     let layout = Layout::new(args.ep, args.tp, args.nodes, &cluster)?;
     if let Some(s) = &args.sweep {
@@ -273,9 +275,17 @@ fn run_sweep(
     Ok(())
 }
 
+/// The seeds `overlap_inference` and `overlap_training` draw their batches with: the calibration routes the same
+/// tokens, so the planner knows each EP rank's expert rows.
+const INFERENCE_SEED: u64 = 1;
+const TRAINING_SEED: u64 = 3;
+
 /// Predicts a LocalWorld overlap experiment from op costs measured single-rank on this machine.
 fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
-    if args.world == 0 || args.tokens == 0 {
+    let tokens = args
+        .tokens
+        .unwrap_or(if args.mode == Mode::Train { 512 } else { 256 });
+    if args.world == 0 || tokens == 0 {
         bail!("--world and --tokens must be > 0");
     }
     if !(args.comm_ratio.is_finite() && args.comm_ratio >= 0.0) {
@@ -305,14 +315,14 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         "{}-{mode}-{tag}-w{}-t{}.json",
         name.replace(['/', '\\'], "_"),
         args.world,
-        args.tokens
+        tokens
     ));
     let cached = if args.calibrate {
         None
     } else {
         Calibration::load(&file).ok()
     }
-    .filter(|c| c.matches(&name, args.mode, parallel, args.world, args.tokens));
+    .filter(|c| c.matches(&name, args.mode, parallel, args.world, tokens));
     let calibration = match cached {
         Some(c) => c,
         None => {
@@ -324,13 +334,21 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
             eprintln!(
                 "calibrating {name} ({mode}, {tag}, world {}, {} tokens) into {}",
                 args.world,
-                args.tokens,
+                tokens,
                 file.display()
             );
             let c = if args.mode == Mode::Train {
-                measure_training(&model, &name, args.world, args.tokens, 3)?
+                measure_training(&model, &name, args.world, tokens, 3, TRAINING_SEED)?
             } else {
-                measure_inference(&model, &name, parallel, args.world, args.tokens, 3)?
+                measure_inference(
+                    &model,
+                    &name,
+                    parallel,
+                    args.world,
+                    tokens,
+                    3,
+                    INFERENCE_SEED,
+                )?
             };
             std::fs::create_dir_all(&args.calibration_dir)
                 .with_context(|| format!("creating {}", args.calibration_dir.display()))?;

@@ -476,6 +476,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
             op("experts", Some(0), 7.0, 7.0),
             op("embed_head", None, 10.0, 10.0),
         ],
+        expert_share: vec![vec![1.5, 0.5], vec![]],
     };
     let d = schedule(
         &config,
@@ -500,4 +501,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     assert_eq!(m.compute(0, &key("attn_2", Some(1)), 1), 6.0);
     assert_eq!(m.compute(0, &key("embed_head", None), 1), 5.0);
     assert_eq!(m.compute(0, &key("attn_2", Some(1)), 2), 3.0);
+    // Rank 0 receives 1.5 × the measured pass's expert rows in layer 0, rank 1 half.
+    assert_eq!(m.compute(0, &key("experts", Some(0)), 1), 10.5);
+    assert_eq!(m.compute(1, &key("experts", Some(0)), 1), 3.5);
 }

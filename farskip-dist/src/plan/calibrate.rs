@@ -1,8 +1,10 @@
 //! `cpu-here`: op costs measured on this machine, single-rank, and the overlap experiments' link.
 //!
 //! [`measure_inference`] runs one rank's shard of the model (TP: rank 0's heads and expert columns; EP: the
-//! whole expert bank, whose rows equal an EP rank's on average) on a [`SingleRank`] with a trace, with the
-//! threads a LocalWorld rank of that world gets, and keeps each op's median over the repeats.
+//! whole expert bank on rank 0's sequence, with each rank's expert rows from routing the experiment's batch) on
+//! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
+//! by side (none talks to another: the cores and memory are shared as in the run predicted), and keeps each
+//! op's median and fastest pass.
 //! [`measure_training`] does the same for an EP training step. [`Measured`] turns such a table into a
 //! [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip window — the rule the overlap
 //! experiments calibrate their link with — so the planner predicts a LocalWorld run from a single-rank one.
@@ -14,6 +16,7 @@ use burn::prelude::*;
 use farskip_model::{Connectivity, Model};
 use serde::{Deserialize, Serialize};
 
+use crate::balance::{ExpertLoads, rank_loads};
 use crate::comm::SingleRank;
 use crate::experiment::{Parallel, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
@@ -57,6 +60,10 @@ pub struct Calibration {
     pub threads: usize,
     /// Per-op costs.
     pub ops: Vec<OpTime>,
+    /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
+    /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
+    #[serde(default)]
+    pub expert_share: Vec<Vec<f64>>,
 }
 
 impl Calibration {
@@ -165,7 +172,69 @@ fn failed(e: impl std::fmt::Display) -> PlanError {
     }
 }
 
-/// Measures the FarSkip prefill of one rank of `world` (`tokens` per sequence; one warm-up, then `repeats`).
+/// Runs `pass` (a warm-up, then `repeats` timed) on `world` threads at once, each on its own pool of `threads`
+/// (as LocalWorld ranks run), so the measured rank shares the cores and memory bandwidth as it will in the run
+/// predicted; no thread talks to another. Returns the first thread's op tables.
+fn side_by_side(
+    world: usize,
+    threads: usize,
+    repeats: usize,
+    pass: &(dyn Fn(&Trace) -> Result<(), PlanError> + Sync),
+) -> Result<Vec<OpTable>, PlanError> {
+    let run = || -> Result<Vec<OpTable>, PlanError> {
+        pool(threads)?.install(|| {
+            let mut tables = Vec::new();
+            for i in 0..=repeats {
+                let trace = Trace::new();
+                pass(&trace)?;
+                if i > 0 {
+                    tables.push(op_table(&trace));
+                }
+            }
+            Ok(tables)
+        })
+    };
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..world.max(1)).map(|_| s.spawn(run)).collect();
+        let mine = run();
+        for h in others {
+            h.join()
+                .map_err(|_| failed("a side-by-side pass panicked"))??;
+        }
+        mine
+    })
+}
+
+/// Per layer, the rows each of `world` contiguous EP ranks receives when `model` routes `ids` (every rank's
+/// rows), over `measured_rows` (the rows of the timed single-rank pass).
+fn expert_share(
+    model: &Model,
+    ids: &Tensor<2, Int>,
+    world: usize,
+    measured_rows: f64,
+) -> Result<Vec<Vec<f64>>, PlanError> {
+    let loads = ExpertLoads::new();
+    let rank = EpRank::new(model, 0, 1)
+        .map_err(failed)?
+        .with_loads(loads.clone());
+    rank.forward(&SingleRank::new(), &Trace::disabled(), ids.clone())
+        .map_err(failed)?;
+    loads
+        .snapshot()
+        .iter()
+        .map(|l| {
+            if l.is_empty() {
+                return Ok(Vec::new());
+            }
+            let order: Vec<usize> = (0..l.len()).collect();
+            let rows = rank_loads(l, &order, world).map_err(failed)?;
+            Ok(rows.iter().map(|&r| r as f64 / measured_rows).collect())
+        })
+        .collect()
+}
+
+/// Measures the FarSkip prefill of one rank of `world` (`tokens` per sequence; one warm-up, then `repeats`) on
+/// the batch the overlap experiment draws with `seed` (EP: one sequence per rank, rank 0's is timed).
 pub fn measure_inference(
     model: &Model,
     name: &str,
@@ -173,6 +242,7 @@ pub fn measure_inference(
     world: usize,
     tokens: usize,
     repeats: usize,
+    seed: u64,
 ) -> Result<Calibration, PlanError> {
     let model = model.clone().with_connectivity(Connectivity::farskip())?;
     let device = model
@@ -180,33 +250,34 @@ pub fn measure_inference(
         .first()
         .cloned()
         .unwrap_or_else(Device::flex);
-    let ids = random_ids(1, tokens, model.config().vocab_size, 1, &device);
+    let batch = if parallel == Parallel::Expert {
+        world
+    } else {
+        1
+    };
+    let all = random_ids(batch, tokens, model.config().vocab_size, seed, &device);
+    let ids = all.clone().narrow(0, 0, 1);
+    let top_k = model.config().moe.as_ref().map_or(0, |m| m.top_k);
+    let expert_share = if parallel == Parallel::Expert && top_k > 0 {
+        expert_share(&model, &all, world, (tokens * top_k) as f64)?
+    } else {
+        Vec::new()
+    };
     let threads = threads_per_rank(world);
-    let comm = SingleRank::new();
-    let mut passes = Vec::new();
-    let pool = pool(threads)?;
-    pool.install(|| -> Result<(), PlanError> {
-        for pass in 0..=repeats {
-            let trace = Trace::new();
-            match parallel {
-                Parallel::Expert => {
-                    EpRank::new(&model, 0, 1)
-                        .map_err(failed)?
-                        .forward(&comm, &trace, ids.clone())
-                        .map_err(failed)?;
-                }
-                Parallel::Tensor => {
-                    TpRank::new(&model, 0, world)
-                        .map_err(failed)?
-                        .forward(&comm, &trace, ids.clone())
-                        .map_err(failed)?;
-                }
-            }
-            if pass > 0 {
-                passes.push(op_table(&trace));
-            }
+    let passes = side_by_side(world, threads, repeats, &|trace: &Trace| {
+        let comm = SingleRank::new();
+        match parallel {
+            Parallel::Expert => EpRank::new(&model, 0, 1)
+                .map_err(failed)?
+                .forward(&comm, trace, ids.clone())
+                .map(|_| ())
+                .map_err(failed),
+            Parallel::Tensor => TpRank::new(&model, 0, world)
+                .map_err(failed)?
+                .forward(&comm, trace, ids.clone())
+                .map(|_| ())
+                .map_err(failed),
         }
-        Ok(())
     })?;
     Ok(Calibration {
         model: name.to_string(),
@@ -216,16 +287,19 @@ pub fn measure_inference(
         tokens,
         threads,
         ops: medians(passes),
+        expert_share,
     })
 }
 
-/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank).
+/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank) on rank 0's windows of the
+/// first step the training experiment draws with `seed`.
 pub fn measure_training(
     model: &Model,
     name: &str,
     world: usize,
     tokens: usize,
     repeats: usize,
+    seed: u64,
 ) -> Result<Calibration, PlanError> {
     let model = model.clone().with_connectivity(Connectivity::farskip())?;
     let device = model
@@ -233,20 +307,22 @@ pub fn measure_training(
         .first()
         .cloned()
         .unwrap_or_else(Device::flex);
-    let windows = random_ids(1, tokens + 1, model.config().vocab_size, 1, &device);
+    let all = random_ids(world, tokens + 1, model.config().vocab_size, seed, &device);
+    let windows = all.clone().narrow(0, 0, 1);
+    let top_k = model.config().moe.as_ref().map_or(0, |m| m.top_k);
+    let expert_share = if top_k > 0 {
+        let inputs = all.narrow(1, 0, tokens);
+        expert_share(&model, &inputs, world, (tokens * top_k) as f64)?
+    } else {
+        Vec::new()
+    };
     let threads = threads_per_rank(world);
-    let comm = SingleRank::new();
-    let rank = EpTrainRank::new(&model, 0, 1).map_err(failed)?;
-    let mut passes = Vec::new();
-    pool(threads)?.install(|| -> Result<(), PlanError> {
-        for pass in 0..=repeats {
-            let trace = Trace::new();
-            rank.step(&comm, &trace, windows.clone()).map_err(failed)?;
-            if pass > 0 {
-                passes.push(op_table(&trace));
-            }
-        }
-        Ok(())
+    let passes = side_by_side(world, threads, repeats, &|trace: &Trace| {
+        EpTrainRank::new(&model, 0, 1)
+            .map_err(failed)?
+            .step(&SingleRank::new(), trace, windows.clone())
+            .map(|_| ())
+            .map_err(failed)
     })?;
     Ok(Calibration {
         model: name.to_string(),
@@ -256,6 +332,7 @@ pub fn measure_training(
         tokens,
         threads,
         ops: medians(passes),
+        expert_share,
     })
 }
 
@@ -263,6 +340,7 @@ pub fn measure_training(
 #[derive(Clone, Debug)]
 pub struct Measured {
     ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    expert_share: Vec<Vec<f64>>,
     windows: HashMap<(&'static str, Option<usize>, Phase), f64>,
     comm_ratio: f64,
 }
@@ -385,6 +463,7 @@ impl Measured {
         }
         Self {
             ops,
+            expert_share: calibration.expert_share.clone(),
             windows: w,
             comm_ratio,
         }
@@ -397,19 +476,33 @@ impl Measured {
 }
 
 impl CostModel for Measured {
-    fn compute(&self, _rank: usize, key: &OpKey, micro: usize) -> f64 {
-        self.ops
-            .get(&(key.op, key.layer, key.phase))
-            .copied()
-            .unwrap_or(0.0)
+    fn compute(&self, rank: usize, key: &OpKey, micro: usize) -> f64 {
+        // EP ranks' experts run the rows routed to them: the measured pass's cost scaled by each rank's share.
+        let share = match (key.op, key.layer) {
+            (ops::EXPERTS | bwd_ops::EXPERTS, Some(l)) => self
+                .expert_share
+                .get(l)
+                .and_then(|s| s.get(rank))
+                .copied()
+                .unwrap_or(1.0),
+            _ => 1.0,
+        };
+        share
+            * self
+                .ops
+                .get(&(key.op, key.layer, key.phase))
+                .copied()
+                .unwrap_or(0.0)
             / micro.max(1) as f64
     }
 
-    fn collective(&self, key: &OpKey, _micro: usize) -> f64 {
+    fn collective(&self, key: &OpKey, micro: usize) -> f64 {
+        // A micro-batch's collective carries its share of the rows (the experiments' TBO link does the same).
         self.windows
             .get(&(key.op, key.layer, key.phase))
             .copied()
             .unwrap_or(0.0)
             * self.comm_ratio
+            / micro.max(1) as f64
     }
 }
