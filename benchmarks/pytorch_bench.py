@@ -1,6 +1,6 @@
 """PyTorch eager reference for `cargo run --release -p farskip-examples --example bench`.
 
-Builds (or loads) the issue-8 Hugging Face Qwen3-MoE checkpoint and prints one JSON line with the same keys as the
+Builds (or loads) the benchmark Hugging Face Qwen3-MoE checkpoint and prints one JSON line with the same keys as the
 Rust bench: forward tokens/s and training-step (forward + backward + AdamW) tokens/s, medians of timed runs.
 
     python3 benchmarks/pytorch_bench.py --save /tmp/qwen3moe-small       # writes config.json + model.safetensors
@@ -41,7 +41,7 @@ def median_ms(fn, warmup, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="checkpoint directory (default: random init of the issue-8 config)")
+    ap.add_argument("--model", help="checkpoint directory (default: random init of the benchmark config)")
     ap.add_argument("--save", help="write a random checkpoint of the config here and exit")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)

@@ -29,7 +29,7 @@ struct Args {
     /// Hugging Face checkpoint directory (config.json + model.safetensors).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// A preset with random weights instead of --model (small = the issue-8 benchmark config).
+    /// A preset with random weights instead of --model (small = the benchmark config).
     #[arg(long)]
     preset: Option<String>,
     /// Tokens per pass (batch 1).

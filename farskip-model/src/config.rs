@@ -511,7 +511,7 @@ impl ModelConfig {
         }
     }
 
-    /// The issue-8 benchmark model: HF Qwen3-MoE with vocab 256, hidden 512, 8 layers, 8 heads, 4 KV heads,
+    /// The benchmark model: HF Qwen3-MoE with vocab 256, hidden 512, 8 layers, 8 heads, 4 KV heads,
     /// head_dim 64, 16 experts top-2 (renormalised), expert intermediate 512, every layer MoE.
     pub fn preset_small() -> Self {
         Self::small_moe(256, 512, 8, 8, 4, 64, 16, 2, 512, None)
