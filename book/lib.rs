@@ -20,6 +20,9 @@ pub mod fcsd {}
 #[doc = include_str!("src/distributed.md")]
 pub mod distributed {}
 
+#[doc = include_str!("src/mpi.md")]
+pub mod mpi {}
+
 #[doc = include_str!("src/nccl.md")]
 pub mod nccl {}
 
