@@ -955,9 +955,12 @@ fn named_grads(model: &Model, grads: &burn::optim::GradientsParams) -> Vec<(Stri
                 ("gate_up", &moe.experts.gate_up),
                 ("down", &moe.experts.down),
             ] {
-                if let Some(g) = grads.get::<3>(p.id) {
-                    out.push((format!("experts:layers.{i}.{name}"), read(g)));
-                }
+                // A bank whose experts received no rows has no gradient: zeros, so that every rank lists
+                // the same parameters (the MPI gather lines them up by position).
+                let g = grads
+                    .get::<3>(p.id)
+                    .map_or_else(|| vec![0.0; p.val().shape().num_elements()], read);
+                out.push((format!("experts:layers.{i}.{name}"), g));
             }
         }
     }
@@ -1207,8 +1210,8 @@ fn ep_train_mpi(
 }
 
 /// Every rank's named gradients, from this rank's: the ranks hold the same parameters (their own slice of
-/// each expert bank, of the same size on every rank because the world divides the experts), so the lists
-/// line up; ranks whose lists differ (an expert bank that got no rows on one rank) are reported.
+/// each expert bank, of the same size on every rank because the world divides the experts, zeros where it got
+/// no rows), so the lists line up; ranks whose lists still differ are reported.
 #[cfg(feature = "mpi")]
 fn gather_grads(
     mpi: &MpiBackend,
