@@ -242,6 +242,11 @@ pub fn run_distill(
     device: &Device,
 ) -> Result<(DistillReport, Model), DistillError> {
     let started = Instant::now();
+    if cfg.connectivity == Connectivity::Standard {
+        return Err(DistillError::Mismatch(
+            "the student's connectivity is standard: nothing to convert (give a farskip connectivity)".into(),
+        ));
+    }
     check_out_dir(&cfg.out_dir, cfg.force)?;
     let (tokens, vocab) = corpus_tokens(Some(&cfg.model_dir), &cfg.corpus)?;
     let (_, hf_config) = hf::load_config(&cfg.model_dir)?;

@@ -209,14 +209,21 @@ fn bf16_checkpoint_is_saved_as_bf16() {
     assert_eq!(stored_dtypes(&out.join("model.safetensors")), ["BF16"]);
     let (_, saved) = farskip_model::hf::load_config(&out).expect("config");
     assert_eq!(saved["dtype"], json!("bfloat16"));
-    // The saved weights are the student's rounded to bf16: close to its logits, not bit-equal.
-    let reloaded = Model::from_pretrained(&out, &device).expect("reload");
+    // The saved weights are exactly the student's rounded to bf16: the same as saving the student in bf16.
+    let mine = work.join("student-bf16");
+    student.save_pretrained(&mine, Some(&saved)).expect("save");
     let input = ids(&reference(FAMILY), "input_ids", &device);
-    let d = max_diff(
-        reloaded.forward(input.clone()).expect("forward"),
-        student.forward(input).expect("forward"),
+    let load = |d: &Path| {
+        Model::from_pretrained(d, &device)
+            .expect("reload")
+            .forward(input.clone())
+            .expect("forward")
+    };
+    let d = max_diff(load(&out), load(&mine));
+    assert!(
+        d == 0.0,
+        "the saved bf16 checkpoint differs from the student's own bf16 save by {d}"
     );
-    assert!(d < 0.1, "bf16 reload differs from the student by {d}");
     let _ = std::fs::remove_dir_all(&work);
     let _ = std::fs::remove_dir_all(&model);
 }
@@ -245,6 +252,14 @@ fn bad_inputs_fail_before_anything_is_written() {
     let err = run_distill(&config(&big, &big_text, &out, 2), &device).expect_err("vocab");
     assert!(matches!(err, DistillError::Mismatch(_)), "{err}");
     assert!(err.to_string().contains("301 tokens"), "{err}");
+    assert!(!out.exists());
+
+    // A standard "student".
+    let out = work.join("out-standard");
+    let mut standard = config(&model, &text, &out, 2);
+    standard.connectivity = Connectivity::Standard;
+    let err = run_distill(&standard, &device).expect_err("standard");
+    assert!(err.to_string().contains("standard"), "{err}");
     assert!(!out.exists());
 
     // A non-empty output directory without --force: refused and untouched; with it, replaced.
