@@ -15,7 +15,7 @@ use clap::Parser;
 use farskip_dist::experiment::Parallel;
 use farskip_dist::plan::calibrate::{Calibration, Measured, measure_inference, measure_training};
 use farskip_dist::plan::{
-    Cluster, Layout, Mode, Plan, ScheduleKind, Workload, load_model_config, predict,
+    Cluster, Layout, Mode, Plan, Prediction, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule, sweep,
 };
 use farskip_examples::{exit_status, init_logging, load_model, preset_config, tune_allocator};
@@ -88,6 +88,10 @@ struct Args {
     /// cpu-here: measure the op costs again even if a cached calibration exists.
     #[arg(long)]
     calibrate: bool,
+    /// cpu-here: draws of the ranks' op costs around their measured medians, averaged (0: every rank at the
+    /// median).
+    #[arg(long, default_value_t = 16)]
+    jitter_draws: usize,
     /// cpu-here: the calibration cache directory.
     #[arg(long, default_value = "target/plan-calibration")]
     calibration_dir: PathBuf,
@@ -227,7 +231,7 @@ fn run_sweep(
             )?;
         }
         "depth" => {
-            let bws: Vec<f64> = [6.25, 12.5, 25.0, 50.0, 100.0]
+            let bws: Vec<f64> = [6.25, 12.5, 25.0, 50.0, 100.0, 200.0, 400.0]
                 .iter()
                 .map(|g| g * 1e9)
                 .collect();
@@ -378,13 +382,24 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         split,
         args.comm_ratio,
     );
-    let plan = predict(
-        &config,
-        &args.connectivity,
-        split,
-        args.mode,
-        args.world,
-        &costs,
-    )?;
+    // Ranks drift apart on this machine: average the figures over draws of each rank's op costs around the
+    // measured medians (their spread measured too); the first draw's timeline is the one --svg draws.
+    let draws = args.jitter_draws.max(1);
+    let mut plans = Vec::with_capacity(draws);
+    for seed in 0..draws {
+        let jitter = (args.jitter_draws > 0).then_some(seed as u64);
+        let costs = costs.clone().with_jitter(jitter);
+        plans.push(predict(
+            &config,
+            &args.connectivity,
+            split,
+            args.mode,
+            args.world,
+            &costs,
+        )?);
+    }
+    let predictions: Vec<_> = plans.iter().map(|p| p.prediction.clone()).collect();
+    let mut plan = plans.swap_remove(0);
+    plan.prediction = Prediction::mean(&predictions).context("no prediction")?;
     report(args, &plan, kind, config.layers.len(), "cpu-here")
 }

@@ -237,6 +237,37 @@ pub struct Prediction {
     pub bwd_overlap_pct: Option<f64>,
 }
 
+impl Prediction {
+    /// The field-by-field mean of several predictions (e.g. of one setting under different jitter draws);
+    /// `speedup` is recomputed from the mean times. `None` when `ps` is empty.
+    pub fn mean(ps: &[Prediction]) -> Option<Prediction> {
+        let n = ps.len() as f64;
+        let avg = |f: &dyn Fn(&Prediction) -> f64| ps.iter().map(f).sum::<f64>() / n;
+        let avg_opt = |f: &dyn Fn(&Prediction) -> Option<f64>| {
+            let v: Option<Vec<f64>> = ps.iter().map(f).collect();
+            v.map(|v| v.iter().sum::<f64>() / n)
+        };
+        let first = ps.first()?;
+        let (farskip_ms, blocking_ms) = (avg(&|p| p.farskip_ms), avg(&|p| p.blocking_ms));
+        Some(Prediction {
+            farskip_ms,
+            blocking_ms,
+            tbo_ms: avg(&|p| p.tbo_ms),
+            overlap_pct: avg(&|p| p.overlap_pct),
+            exposed_ms: avg(&|p| p.exposed_ms),
+            compute_ms: avg(&|p| p.compute_ms),
+            comm_ms: avg(&|p| p.comm_ms),
+            speedup: if farskip_ms > 0.0 {
+                blocking_ms / farskip_ms
+            } else {
+                first.speedup
+            },
+            fwd_overlap_pct: avg_opt(&|p| p.fwd_overlap_pct),
+            bwd_overlap_pct: avg_opt(&|p| p.bwd_overlap_pct),
+        })
+    }
+}
+
 /// A prediction with the timelines behind it.
 #[derive(Clone, Debug)]
 pub struct Plan {

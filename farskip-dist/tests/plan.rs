@@ -459,6 +459,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         backward: false,
         ms,
         min_ms,
+        spread: 0.0,
     };
     let config = ModelConfig::small_moe(64, 32, 2, 4, 2, 8, 4, 2, 16, None);
     let cal = Calibration {
@@ -504,4 +505,81 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     // Rank 0 receives 1.5 × the measured pass's expert rows in layer 0, rank 1 half.
     assert_eq!(m.compute(0, &key("experts", Some(0)), 1), 10.5);
     assert_eq!(m.compute(1, &key("experts", Some(0)), 1), 3.5);
+}
+
+#[test]
+fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
+    use farskip_dist::experiment::Parallel;
+    use farskip_dist::plan::Prediction;
+    use farskip_dist::plan::calibrate::{Calibration, Measured, OpTime};
+    let config = tiny();
+    let ops = (0..4)
+        .flat_map(|l| {
+            ["attn_1", "attn_2", "experts", "shared"].map(|op| OpTime {
+                op: op.into(),
+                layer: Some(l),
+                backward: false,
+                ms: 2.0,
+                min_ms: 2.0,
+                spread: 0.3,
+            })
+        })
+        .collect();
+    let cal = Calibration {
+        model: "t".into(),
+        mode: "prefill".into(),
+        parallel: Parallel::Expert,
+        world: 2,
+        tokens: 8,
+        threads: 1,
+        ops,
+        expert_share: Vec::new(),
+    };
+    let d = schedule(
+        &config,
+        &Connectivity::farskip(),
+        Split::Expert,
+        Mode::Prefill,
+        ScheduleKind::FarSkip,
+    );
+    let plain = Measured::new(&cal, &d, 4, Split::Expert, 1.0);
+    let p0 = predict(
+        &config,
+        &Connectivity::farskip(),
+        Split::Expert,
+        Mode::Prefill,
+        2,
+        &plain,
+    )
+    .unwrap();
+    // Without jitter every window equals its collective: all hidden.
+    assert_eq!(p0.prediction.overlap_pct, 100.0);
+    let draws: Vec<Prediction> = (0..64)
+        .map(|seed| {
+            let m = plain.clone().with_jitter(Some(seed));
+            predict(
+                &config,
+                &Connectivity::farskip(),
+                Split::Expert,
+                Mode::Prefill,
+                2,
+                &m,
+            )
+            .unwrap()
+            .prediction
+        })
+        .collect();
+    let mean = Prediction::mean(&draws).unwrap();
+    // Ranks drift apart: some comm is exposed and the step is slower than the ranks' mean compute.
+    assert!(
+        mean.overlap_pct < 95.0 && mean.overlap_pct > 40.0,
+        "{mean:?}"
+    );
+    assert!(mean.farskip_ms > p0.prediction.farskip_ms, "{mean:?}");
+    // The factors have mean 1: the busiest rank's compute is within the spread of the median's.
+    assert!(
+        (mean.compute_ms / p0.prediction.compute_ms - 1.0).abs() < 0.3,
+        "{mean:?}"
+    );
+    assert!(Prediction::mean(&[]).is_none());
 }

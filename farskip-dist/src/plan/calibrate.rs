@@ -41,6 +41,10 @@ pub struct OpTime {
     /// Fastest pass, ms: what the overlap experiments calibrate their link on (the minimum of their free
     /// passes), so the windows are built from it.
     pub min_ms: f64,
+    /// Spread of the samples: standard deviation over mean (0 when the op never varied). The simulator draws
+    /// each rank's cost with this spread, so ranks drift apart as they do when run side by side.
+    #[serde(default)]
+    pub spread: f64,
 }
 
 /// A calibration: what was measured and the op costs.
@@ -139,8 +143,12 @@ fn medians(passes: Vec<OpTable>) -> Vec<OpTime> {
                 .iter()
                 .map(|p| p.get(&k).copied().unwrap_or(0.0))
                 .collect();
+            let n = all.len().max(1) as f64;
+            let mean = all.iter().sum::<f64>() / n;
+            let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
             OpTime {
                 min_ms: all.iter().copied().fold(f64::INFINITY, f64::min),
+                spread: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
                 ms: median(all),
                 op: k.0,
                 layer: k.1,
@@ -174,7 +182,8 @@ fn failed(e: impl std::fmt::Display) -> PlanError {
 
 /// Runs `pass` (a warm-up, then `repeats` timed) on `world` threads at once, each on its own pool of `threads`
 /// (as LocalWorld ranks run), so the measured rank shares the cores and memory bandwidth as it will in the run
-/// predicted; no thread talks to another. Returns the first thread's op tables.
+/// predicted; no thread talks to another. Returns every thread's op tables (each pass of each copy is a sample
+/// of what a rank may take, and the fastest of them is what the experiments' link calibration keeps).
 fn side_by_side(
     world: usize,
     threads: usize,
@@ -196,12 +205,14 @@ fn side_by_side(
     };
     std::thread::scope(|s| {
         let others: Vec<_> = (1..world.max(1)).map(|_| s.spawn(run)).collect();
-        let mine = run();
+        let mut all = run()?;
         for h in others {
-            h.join()
-                .map_err(|_| failed("a side-by-side pass panicked"))??;
+            all.extend(
+                h.join()
+                    .map_err(|_| failed("a side-by-side pass panicked"))??,
+            );
         }
-        mine
+        Ok(all)
     })
 }
 
@@ -340,6 +351,8 @@ pub fn measure_training(
 #[derive(Clone, Debug)]
 pub struct Measured {
     ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    spread: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    seed: Option<u64>,
     expert_share: Vec<Vec<f64>>,
     windows: HashMap<(&'static str, Option<usize>, Phase), f64>,
     comm_ratio: f64,
@@ -389,6 +402,7 @@ impl Measured {
         }
         let mut ops = HashMap::new();
         let mut fastest = HashMap::new();
+        let mut spread = HashMap::new();
         for o in &calibration.ops {
             if let Some(name) = NAMES.iter().find(|n| **n == o.op) {
                 let phase = if o.backward {
@@ -399,6 +413,7 @@ impl Measured {
                 let n = count.get(&(*name, o.layer, phase)).copied().unwrap_or(1.0);
                 ops.insert((*name, o.layer, phase), o.ms / n);
                 fastest.insert((*name, o.layer, phase), o.min_ms);
+                spread.insert((*name, o.layer, phase), o.spread);
             }
         }
         // Windows add every span of an op and layer, from the fastest pass (the experiments' rule).
@@ -463,15 +478,69 @@ impl Measured {
         }
         Self {
             ops,
+            spread,
+            seed: None,
             expert_share: calibration.expert_share.clone(),
             windows: w,
             comm_ratio,
         }
     }
 
+    /// The same costs with each rank's op costs drawn around the median with the measured spread (a
+    /// log-normal factor of mean 1, fixed by `seed`, the rank and the op), so that ranks drift apart as they do
+    /// on this machine; `None` gives every rank the median.
+    pub fn with_jitter(mut self, seed: Option<u64>) -> Self {
+        self.seed = seed;
+        self
+    }
+
     /// The sum of the windows (one rank's worth), ms.
     pub fn window_ms(&self) -> f64 {
         self.windows.values().sum()
+    }
+}
+
+/// A standard normal number fixed by `parts` (SplitMix64 hashing, Box–Muller).
+fn normal(parts: &[u64]) -> f64 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let h = parts.iter().fold(0u64, |acc, &p| mix(acc ^ p));
+    let u1 = ((mix(h) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let u2 = ((mix(h ^ 1) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+impl Measured {
+    fn jitter(&self, rank: usize, key: &OpKey) -> f64 {
+        let Some(seed) = self.seed else { return 1.0 };
+        let sigma = self
+            .spread
+            .get(&(key.op, key.layer, key.phase))
+            .copied()
+            .unwrap_or(0.0)
+            .clamp(0.0, 1.0);
+        if sigma == 0.0 {
+            return 1.0;
+        }
+        let name = key
+            .op
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let z = normal(&[
+            seed,
+            rank as u64,
+            name,
+            key.layer.map_or(u64::MAX, |l| l as u64),
+            key.phase as u64,
+            key.micro as u64,
+        ]);
+        // Log-normal with mean 1 and coefficient of variation ≈ sigma.
+        let s2 = (1.0 + sigma * sigma).ln();
+        (s2.sqrt() * z - s2 / 2.0).exp()
     }
 }
 
@@ -488,6 +557,7 @@ impl CostModel for Measured {
             _ => 1.0,
         };
         share
+            * self.jitter(rank, key)
             * self
                 .ops
                 .get(&(key.op, key.layer, key.phase))
