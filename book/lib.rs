@@ -26,5 +26,8 @@ pub mod mpi {}
 #[doc = include_str!("src/nccl.md")]
 pub mod nccl {}
 
+#[doc = include_str!("src/planner.md")]
+pub mod planner {}
+
 #[doc = include_str!("src/new_family.md")]
 pub mod new_family {}
