@@ -321,11 +321,6 @@ pub fn predict(
     costs: &dyn CostModel,
 ) -> Result<Plan, PlanError> {
     conn.validate(config.layers.len())?;
-    if mode == Mode::Train && desc::overlap_depth(conn) > 1 {
-        return Err(PlanError::Workload(format!(
-            "training runs skip depth 1 only (got {conn})"
-        )));
-    }
     let run = |kind: ScheduleKind| -> Result<Timeline, PlanError> {
         let micro = if kind == ScheduleKind::Tbo { 2 } else { 1 };
         let s = schedule(config, conn, split, mode, kind);

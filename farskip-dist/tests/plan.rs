@@ -227,9 +227,14 @@ fn training_reports_forward_and_backward_overlap() {
     assert!(m.fwd_overlap_pct.is_some_and(|f| f > 50.0), "{m:?}");
     assert!(m.bwd_overlap_pct.is_some_and(|b| b > 0.0), "{m:?}");
     assert!(m.speedup > 1.0, "{m:?}");
+    // Depth 2 keeps two combines in flight: the forward hides at least as much.
     let d2 = Connectivity::FarSkip(farskip_model::FarSkip::all().with_depth(2));
-    let e = predict(&c, &d2, Split::Expert, Mode::Train, 2, &Unit(0.5)).unwrap_err();
-    assert!(e.to_string().contains("depth 1"), "{e}");
+    let p2 = predict(&c, &d2, Split::Expert, Mode::Train, 2, &Unit(0.5)).unwrap();
+    assert!(
+        p2.prediction.farskip_ms <= m.farskip_ms,
+        "{:?}",
+        p2.prediction
+    );
 }
 
 /// (op, layer) of rank 0's compute spans in time order, consecutive repeats merged; and its collectives.
@@ -309,7 +314,11 @@ fn descriptions_follow_the_executors_op_order() {
             assert_eq!(dm, tm, "{conn} {split:?}: collectives");
         }
     }
-    for conn in [Connectivity::Standard, Connectivity::farskip()] {
+    for conn in [
+        Connectivity::Standard,
+        Connectivity::farskip(),
+        Connectivity::FarSkip(farskip_model::FarSkip::all().with_depth(2)),
+    ] {
         let m = model.clone().with_connectivity(conn.clone()).unwrap();
         let windows = random_ids(1, 9, config.vocab_size, 4, &device);
         let trace = Trace::new();

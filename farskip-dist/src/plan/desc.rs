@@ -223,10 +223,11 @@ pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Sch
 }
 
 /// The expert-parallel training step of one rank (forward, then backward with the gradient all-reduces on
-/// their own lane); FarSkip at depth 1 when `conn` is converted (training runs depth 1 only), every collective
-/// waited for at issue otherwise. Dense layers run attention and their MLP with no collective.
+/// their own lane): FarSkip at the connectivity's depth d (the oldest of d combines in flight joins after
+/// attention part 1), every collective waited for at issue for the standard model. Dense layers run attention and their MLP with no collective.
 pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
-    let farskip = overlap_depth(conn) > 0;
+    let depth = overlap_depth(conn);
+    let farskip = depth > 0;
     let (f, b) = (Phase::Forward, Phase::Backward);
     let mut s = Vec::new();
     let issue = |s: &mut Vec<Step>, k: OpKey, channel: u8| {
@@ -237,7 +238,8 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
     };
     let layers = config.layers.len();
     s.push(Step::Compute(key(ops::HEAD, None, f)));
-    let mut inflight: Option<usize> = None;
+    // Combines in flight, newest first: the oldest joins once `depth` are queued.
+    let mut inflight: Vec<usize> = Vec::new();
     let join = |s: &mut Vec<Step>, k: usize| {
         if farskip {
             s.push(Step::Wait(key(ops::COMBINE, Some(k), f)));
@@ -247,7 +249,10 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
     for i in 0..layers {
         let l = Some(i);
         s.push(Step::Compute(key(ops::ATTN_1, l, f)));
-        if let Some(k) = inflight.take() {
+        if farskip
+            && inflight.len() >= depth
+            && let Some(k) = inflight.pop()
+        {
             join(&mut s, k);
         }
         if !is_moe(config, i) {
@@ -271,12 +276,13 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
             s.push(Step::Compute(key(ops::SHARED, l, f)));
         }
         if farskip {
-            inflight = Some(i);
+            inflight.insert(0, i);
         } else {
             join(&mut s, i);
         }
     }
-    if let Some(k) = inflight {
+    // The final norm reads every routed output still in flight, the oldest joined first.
+    while let Some(k) = inflight.pop() {
         join(&mut s, k);
     }
     s.push(Step::Compute(key(ops::HEAD, None, f)));
