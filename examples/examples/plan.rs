@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::Parallel;
-use farskip_dist::plan::calibrate::{Calibration, Measured, measure_inference, measure_training};
+use farskip_dist::plan::calibrate::{
+    Calibration, Measured, measure_inference, measure_training, routing_imbalance,
+};
 use farskip_dist::plan::{
     Cluster, Layout, Mode, Plan, Prediction, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule, sweep,
@@ -55,9 +57,10 @@ struct Args {
     /// Sequence length (decode: cache length); the tokens' when not given.
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Expert rows of the busiest EP rank over the mean.
-    #[arg(long, default_value_t = 1.0)]
-    imbalance: f64,
+    /// Expert rows of the busiest EP rank over the mean. Default: measured by routing random tokens through the
+    /// checkpoint when --model is a directory with weights that fit in memory, else 1 (balanced).
+    #[arg(long)]
+    imbalance: Option<f64>,
     /// The converted model's connectivity: farskip, farskip-dN, with an optional layer range (farskip:0..=9).
     #[arg(long, default_value = "farskip")]
     connectivity: Connectivity,
@@ -116,14 +119,47 @@ fn run(args: Args) -> Result<()> {
     let cluster = cluster(&args.cluster)?;
     let config = model_config(&args)?;
     let tokens = args.tokens.unwrap_or(4096);
-    let workload = Workload::new(args.mode, tokens, args.seq_len.unwrap_or(tokens))
-        .with_imbalance(args.imbalance);
+    let imbalance = match args.imbalance {
+        Some(i) => i,
+        None => measured_imbalance(&args, tokens),
+    };
+    let workload =
+        Workload::new(args.mode, tokens, args.seq_len.unwrap_or(tokens)).with_imbalance(imbalance);
     let layout = Layout::new(args.ep, args.tp, args.nodes, &cluster)?;
     if let Some(s) = &args.sweep {
         return run_sweep(&args, s, &config, &cluster, layout, &workload);
     }
     let plan = predict_roofline(&config, &args.connectivity, &cluster, layout, &workload)?;
     report(&args, &plan, kind, config.layers.len(), &cluster.name)
+}
+
+/// The imbalance the checkpoint's own router gives `--ep` ranks, when `--model` is a checkpoint directory
+/// that loads here; 1 otherwise (with a note when loading failed).
+fn measured_imbalance(args: &Args, tokens: usize) -> f64 {
+    let Some(dir) = args.model.as_ref().filter(|p| p.is_dir()) else {
+        return 1.0;
+    };
+    let has_weights = std::fs::read_dir(dir).is_ok_and(|mut d| {
+        d.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
+    });
+    if !has_weights || args.ep <= 1 {
+        return 1.0;
+    }
+    let measured = load_model(Some(dir), None, &Device::default())
+        .and_then(|m| Ok(routing_imbalance(&m, args.ep, tokens.min(256), 1)?));
+    match measured {
+        Ok(i) => {
+            eprintln!(
+                "expert-load imbalance {i:.3} (the checkpoint's router, {} ranks)",
+                args.ep
+            );
+            i
+        }
+        Err(e) => {
+            eprintln!("note: imbalance 1 (could not route through the checkpoint: {e:#})");
+            1.0
+        }
+    }
 }
 
 fn cluster(name: &str) -> Result<Cluster> {

@@ -592,3 +592,16 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
     );
     assert!(Prediction::mean(&[]).is_none());
 }
+
+#[test]
+fn routing_imbalance_comes_from_the_checkpoints_router() {
+    use farskip_dist::plan::calibrate::routing_imbalance;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/qwen3_moe");
+    let model = Model::from_pretrained(&dir, &Device::flex()).unwrap();
+    let experts = model.config().moe.as_ref().unwrap().num_experts;
+    // One rank holds every expert: perfectly balanced by definition.
+    assert_eq!(routing_imbalance(&model, 1, 16, 1).unwrap(), 1.0);
+    // One expert per rank: the busiest rank's rows over the mean, between 1 and the rank count.
+    let i = routing_imbalance(&model, experts, 16, 1).unwrap();
+    assert!(i > 1.0 && i <= experts as f64, "{i}");
+}

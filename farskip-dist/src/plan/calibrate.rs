@@ -244,6 +244,40 @@ fn expert_share(
         .collect()
 }
 
+/// The expert-load imbalance `model`'s router gives `ep` contiguous EP ranks on `tokens` random tokens per rank
+/// (seeded): the busiest rank's rows over the mean, averaged over the MoE layers (1 without experts).
+pub fn routing_imbalance(
+    model: &Model,
+    ep: usize,
+    tokens: usize,
+    seed: u64,
+) -> Result<f64, PlanError> {
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let Some(top_k) = model.config().moe.as_ref().map(|m| m.top_k) else {
+        return Ok(1.0);
+    };
+    let ids = random_ids(ep.max(1), tokens, model.config().vocab_size, seed, &device);
+    let shares = expert_share(model, &ids, ep.max(1), (tokens * top_k) as f64)?;
+    let per_layer: Vec<f64> = shares
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let mean = s.iter().sum::<f64>() / s.len() as f64;
+            let max = s.iter().copied().fold(0.0, f64::max);
+            if mean > 0.0 { max / mean } else { 1.0 }
+        })
+        .collect();
+    Ok(if per_layer.is_empty() {
+        1.0
+    } else {
+        per_layer.iter().sum::<f64>() / per_layer.len() as f64
+    })
+}
+
 /// Measures the FarSkip prefill of one rank of `world` (`tokens` per sequence; one warm-up, then `repeats`) on
 /// the batch the overlap experiment draws with `seed` (EP: one sequence per rank, rank 0's is timed).
 pub fn measure_inference(
