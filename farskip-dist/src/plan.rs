@@ -9,7 +9,8 @@
 //!
 //! The executors in [`crate::schedule`] and [`crate::training`] do not walk these descriptions: the builders
 //! follow their op order, and a test compares the op sequence a LocalWorld trace records with the
-//! description's, for EP and TP at depths 1 and 2 and for training, so a change in one shows up as a failure.
+//! description's — EP and TP inference at depths 1 and 2 and with a layer range, EP training at depths 1 and 2 —
+//! so a change in one shows up as a failure.
 //!
 //! ```
 //! use farskip_dist::plan::{Cluster, Layout, Mode, Workload, predict_roofline};

@@ -419,6 +419,16 @@ fn bad_layouts_and_clusters_name_the_culprit() {
     .unwrap();
     assert_eq!(ok.devices_per_node, 4);
     assert_eq!(ok.flop_efficiency, 0.6);
+    // The example file: an H100 node with half the NIC bandwidth.
+    let file = std::fs::read_to_string(configs_dir().join("../clusters/h100_200g.toml")).unwrap();
+    let c = Cluster::from_toml(&file).unwrap();
+    assert_eq!(
+        c,
+        Cluster {
+            name: "h100-200g".into(),
+            ..Cluster::h100().with_inter_bw(25e9)
+        }
+    );
 }
 
 #[test]
