@@ -14,12 +14,13 @@
 //! other collective first all-gathers a fixed-size encoding of the call, so mismatched calls are
 //! reported instead of hanging. The `all_to_all_v` exchange lives in `all_to_all`.
 //!
-//! Burn tensors: [`NcclComm::all_reduce_tensor`] and [`NcclComm::all_gather_tensor`] hand a
-//! tensor on this rank's CUDA device to NCCL as device memory, with no host copy (see
-//! `tensor`); a tensor on any other device takes the host path above.
+//! Burn tensors: [`NcclComm::all_reduce_tensor`], [`NcclComm::all_gather_tensor`] and
+//! [`NcclComm::all_to_all_v_tensor`] hand a tensor on this rank's CUDA device to NCCL as device
+//! memory, with no host copy (see `tensor`); a tensor on any other device takes the host path
+//! above.
 //!
-//! Not here: `all_to_all_v` on device tensors (rows go through the host) and peer-failure
-//! detection beyond timeouts; NCCL sums are identical on all ranks but not in rank order.
+//! Not here: peer-failure detection beyond timeouts; NCCL sums are identical on all ranks but
+//! not in rank order.
 
 use std::ffi::c_char;
 use std::sync::{Arc, Mutex, PoisonError, mpsc};

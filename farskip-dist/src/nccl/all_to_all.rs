@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream};
 use cudarc::nccl::Comm;
 
 use super::{Finish, Shared, check_calls, cuda_err, decode, grouped, nccl_err};
@@ -25,15 +25,67 @@ impl Shared {
         op: &str,
         send: Rows,
     ) -> Result<Finish<Rows>, CommError> {
-        let (n, me, row_len) = (self.world, self.rank, send.row_len);
+        let row_len = send.row_len;
+        let counts_in = self.exchange_counts(comm, call, seq, op, &send.counts)?;
+
+        // 3. Rows, queued on the comm stream; the caller waits on the event.
+        let rows_in: Vec<usize> = counts_in.iter().map(|g| g.iter().sum()).collect();
+        let total_rows_in: usize = rows_in.iter().sum();
+        let mut data_dev = self
+            .stream
+            .alloc_zeros::<f32>(send.data.len().max(1))
+            .map_err(cuda_err(op, "allocate rows"))?;
+        if !send.data.is_empty() {
+            self.stream
+                .memcpy_htod(&send.data, &mut data_dev)
+                .map_err(cuda_err(op, "copy rows"))?;
+        }
+        let mut recv_dev = self
+            .stream
+            .alloc_zeros::<f32>((total_rows_in * row_len).max(1))
+            .map_err(cuda_err(op, "allocate received rows"))?;
+        self.send_rows(
+            comm,
+            op,
+            &send.peer_offsets(),
+            &rows_in,
+            row_len,
+            &data_dev,
+            &mut recv_dev,
+        )?;
+        Ok(Box::new(move |stream: &Arc<CudaStream>, op: &str| {
+            let mut data = stream
+                .clone_dtoh(&recv_dev)
+                .map_err(cuda_err(op, "copy rows to host"))?;
+            data.truncate(total_rows_in * row_len);
+            drop(data_dev);
+            Ok(Rows {
+                row_len,
+                data,
+                counts: counts_in,
+            })
+        }))
+    }
+
+    /// Steps 1 and 2 of `all_to_all_v`: headers (call signature, group count per peer) and the
+    /// group counts, both waited for by the issue thread. Returns the counts received per peer.
+    pub(super) fn exchange_counts(
+        &self,
+        comm: &Comm,
+        call: &CollectiveCall,
+        seq: u64,
+        op: &str,
+        counts: &[Vec<usize>],
+    ) -> Result<Vec<Vec<usize>>, CommError> {
+        let (n, me) = (self.world, self.rank);
         let started = Instant::now();
 
         // 1. Headers: every peer learns our call and how many groups we send it.
         let words = call.to_words();
         let mut header = Vec::with_capacity(n * HEADER);
-        for p in 0..n {
+        for groups in counts {
             header.extend_from_slice(&words);
-            header.push(send.counts[p].len() as u64);
+            header.push(groups.len() as u64);
         }
         let header_dev = self
             .stream
@@ -69,7 +121,7 @@ impl Shared {
             .collect();
 
         // 2. Group counts.
-        let counts_out: Vec<u64> = send.counts.iter().flatten().map(|c| *c as u64).collect();
+        let counts_out: Vec<u64> = counts.iter().flatten().map(|c| *c as u64).collect();
         let counts_dev = self
             .stream
             .clone_htod(&counts_out_or_one(&counts_out))
@@ -83,7 +135,7 @@ impl Shared {
             let (mut at_out, mut at_in) = (0, 0);
             for (p, &k_in) in groups_in.iter().enumerate() {
                 let peer = Self::peer(p, op)?;
-                let k_out = send.counts[p].len();
+                let k_out = counts[p].len();
                 if k_out > 0 {
                     comm.send(&counts_dev.slice(at_out..at_out + k_out), peer)
                         .map_err(nccl_err(op, "send counts"))?;
@@ -110,53 +162,41 @@ impl Shared {
             at += g;
         }
 
-        // 3. Rows, queued on the comm stream; the caller waits on the event.
-        let rows_in: Vec<usize> = counts_in.iter().map(|g| g.iter().sum()).collect();
-        let total_rows_in: usize = rows_in.iter().sum();
-        let mut data_dev = self
-            .stream
-            .alloc_zeros::<f32>(send.data.len().max(1))
-            .map_err(cuda_err(op, "allocate rows"))?;
-        if !send.data.is_empty() {
-            self.stream
-                .memcpy_htod(&send.data, &mut data_dev)
-                .map_err(cuda_err(op, "copy rows"))?;
-        }
-        let mut recv_dev = self
-            .stream
-            .alloc_zeros::<f32>((total_rows_in * row_len).max(1))
-            .map_err(cuda_err(op, "allocate received rows"))?;
-        let out_offsets = send.peer_offsets();
+        Ok(counts_in)
+    }
+
+    /// Step 3 of `all_to_all_v`: the rows as grouped send/recv, queued on the comm stream.
+    /// `out_offsets` are the first row sent to each peer (plus the end), `rows_in` the rows
+    /// received from each peer, stored in rank order in `recv`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_rows(
+        &self,
+        comm: &Comm,
+        op: &str,
+        out_offsets: &[usize],
+        rows_in: &[usize],
+        row_len: usize,
+        send: &CudaSlice<f32>,
+        recv: &mut CudaSlice<f32>,
+    ) -> Result<(), CommError> {
         grouped(op, || {
             let mut at_in = 0;
-            for p in 0..n {
+            for p in 0..self.world {
                 let peer = Self::peer(p, op)?;
                 let (a, b) = (out_offsets[p] * row_len, out_offsets[p + 1] * row_len);
                 if b > a {
-                    comm.send(&data_dev.slice(a..b), peer)
+                    comm.send(&send.slice(a..b), peer)
                         .map_err(nccl_err(op, "send rows"))?;
                 }
                 let len = rows_in[p] * row_len;
                 if len > 0 {
-                    comm.recv(&mut recv_dev.slice_mut(at_in..at_in + len), peer)
+                    comm.recv(&mut recv.slice_mut(at_in..at_in + len), peer)
                         .map_err(nccl_err(op, "recv rows"))?;
                 }
                 at_in += len;
             }
             Ok(())
-        })?;
-        Ok(Box::new(move |stream: &Arc<CudaStream>, op: &str| {
-            let mut data = stream
-                .clone_dtoh(&recv_dev)
-                .map_err(cuda_err(op, "copy rows to host"))?;
-            data.truncate(total_rows_in * row_len);
-            drop(data_dev);
-            Ok(Rows {
-                row_len,
-                data,
-                counts: counts_in,
-            })
-        }))
+        })
     }
 }
 

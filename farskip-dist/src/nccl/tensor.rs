@@ -12,6 +12,11 @@
 //! when the `Pending` is dropped unwaited. Autodiff tensors are refused on CUDA (call
 //! `without_autodiff` first): a collective has no backward here.
 //!
+//! `all_to_all_v` sends from the tensor's memory too, but receives into a buffer of the comm
+//! stream, since how many rows arrive is known only after the count exchange on the issue
+//! thread; the waiting thread then copies them device-to-device into a new burn tensor, on a
+//! stream of its own.
+//!
 //! burn's `cuda` feature as this workspace enables it has no fusion, so the CUDA primitive is
 //! the CubeCL tensor itself; an application that turns on burn's `fusion` gets a compile error
 //! here, not a wrong pointer.
@@ -33,7 +38,10 @@ use cudarc::nccl::{Comm, ReduceOp};
 
 use super::{NcclComm, cuda_err, nccl_err};
 use crate::comm::semantics;
-use crate::comm::{CollectiveKind, CollectiveTag, CommError, Communicator, Pending};
+use crate::comm::{
+    CallShape, CollectiveCall, CollectiveKind, CollectiveTag, CommError, Communicator, Pending,
+    Rows,
+};
 
 type CudaServer = <CudaRuntime as Runtime>::Server;
 type CudaResource =
@@ -42,8 +50,8 @@ type CudaResource =
 /// A resolved CUDA buffer: the tensor that owns it and the binding that keeps it in place (both
 /// held until NCCL is done), and its device address.
 struct DeviceBuffer {
-    owner: CubeTensor,
-    bound: CudaResource,
+    _owner: CubeTensor,
+    _bound: CudaResource,
     ptr: u64,
     len: usize,
 }
@@ -100,8 +108,8 @@ fn resolve<const D: usize>(t: Tensor<D>, op: &str) -> Result<DeviceBuffer, CommE
         ));
     }
     Ok(DeviceBuffer {
-        owner: ct,
-        bound: resource,
+        _owner: ct,
+        _bound: resource,
         ptr,
         len,
     })
@@ -171,6 +179,92 @@ impl NcclComm {
         )
     }
 
+    /// Sends rows to every rank, like [`Communicator::all_to_all_v`], with the rows as a tensor:
+    /// `rows` is `[Σ counts, row_len]`, peer-major then group-major, and `counts[p]` the row
+    /// counts per group for rank `p`. Returns the received rows, `[Σ received, row_len]` in rank
+    /// order, and the counts received per peer and group. On this rank's CUDA device the rows
+    /// are sent from the tensor's device memory and received into device memory (the received
+    /// rows take one device-to-device copy into a burn tensor, as their number is only known
+    /// once the counts have arrived); any other tensor goes through the host.
+    pub fn all_to_all_v_tensor(
+        &self,
+        tag: CollectiveTag,
+        rows: Tensor<2>,
+        counts: Vec<Vec<usize>>,
+    ) -> Pending<(Tensor<2>, Vec<Vec<usize>>)> {
+        let [n_rows, row_len] = rows.dims();
+        let device = rows.device();
+        let kind = CollectiveKind::AllToAllV;
+        let op = format!("{kind} on rank {}", self.rank);
+        let Some(ordinal) = cuda_ordinal(&device).filter(|_| n_rows * row_len > 0) else {
+            let data = match rows.into_data().try_into_vec_as::<f32>() {
+                Ok(v) => v,
+                Err(e) => {
+                    let err = CommError::InvalidArgument(format!("{op}: tensor data: {e:?}"));
+                    return Pending::ready(op, Err(err));
+                }
+            };
+            let send = Rows {
+                row_len,
+                data,
+                counts,
+            };
+            return self.all_to_all_v(tag, send).map(move |got| {
+                let n = got.num_rows();
+                let out = Tensor::from_data(TensorData::new(got.data, [n, got.row_len]), &device);
+                Ok((out, got.counts))
+            });
+        };
+        let call = rows_call(tag, &counts, n_rows, row_len, self.world);
+        let mine = self.shared.ctx.ordinal();
+        if ordinal != mine {
+            let e = CommError::InvalidArgument(format!(
+                "{op}: the rows are on CUDA device {ordinal}, this rank's NCCL communicator on {mine}"
+            ));
+            return Pending::ready(op, Err(e));
+        }
+        let send = resolve(rows, &op).and_then(|b| {
+            device
+                .sync()
+                .map_err(|e| backend_err(&op, format!("synchronising the burn device: {e:?}")))?;
+            Ok(b)
+        });
+        let send = match send {
+            Ok(b) => b,
+            Err(e) => return Pending::ready(op, Err(e)),
+        };
+        let out_offsets = peer_offsets(&counts);
+        self.start(kind, call, move |this, comm, call, seq, op| {
+            let counts_in = this.exchange_counts(comm, call, seq, op, &counts)?;
+            let rows_in: Vec<usize> = counts_in.iter().map(|g| g.iter().sum()).collect();
+            let total: usize = rows_in.iter().sum();
+            let mut recv = this
+                .stream
+                .alloc_zeros::<f32>((total * row_len).max(1))
+                .map_err(cuda_err(op, "allocate received rows"))?;
+            // SAFETY: `send` owns its allocation (and its cubecl binding) until `InFlight` lets
+            // it go, after NCCL is done; the slice is leaked so cudarc never frees it.
+            let s = unsafe { this.stream.upgrade_device_ptr::<f32>(send.ptr, send.len) };
+            let sent = this.send_rows(comm, op, &out_offsets, &rows_in, row_len, &s, &mut recv);
+            s.leak();
+            sent?;
+            let done = this
+                .stream
+                .record_event(None)
+                .map_err(cuda_err(op, "record event"))?;
+            let in_flight = InFlight {
+                buffers: vec![send],
+                done,
+                timeout: this.config.timeout,
+            };
+            Ok(Box::new(move |stream: &Arc<CudaStream>, op: &str| {
+                drop(in_flight);
+                let out = received_tensor(stream, op, &recv, total, row_len, &device)?;
+                Ok((out, counts_in))
+            }))
+        })
+    }
+
     /// The device path when `t` is on this rank's CUDA device, the host path (`host`) otherwise.
     fn tensor_collective<const D: usize>(
         &self,
@@ -224,7 +318,7 @@ impl NcclComm {
                 .record_event(None)
                 .map_err(cuda_err(op, "record event"))?;
             let in_flight = InFlight {
-                buffers: Some((send.owner, send.bound, recv.owner, recv.bound)),
+                buffers: vec![send, recv],
                 done,
                 timeout: this.config.timeout,
             };
@@ -236,12 +330,89 @@ impl NcclComm {
     }
 }
 
+/// The call signature of a tensor `all_to_all_v`, after the checks [`Rows::validate`] makes.
+fn rows_call(
+    tag: CollectiveTag,
+    counts: &[Vec<usize>],
+    n_rows: usize,
+    row_len: usize,
+    world: usize,
+) -> Result<CollectiveCall, CommError> {
+    if counts.len() != world {
+        return Err(CommError::InvalidArgument(format!(
+            "{tag}: all_to_all_v: {} per-peer counts for a world of {world}",
+            counts.len()
+        )));
+    }
+    let counted: usize = counts.iter().flatten().sum();
+    if counted != n_rows {
+        return Err(CommError::InvalidArgument(format!(
+            "{tag}: all_to_all_v: counts sum to {counted} rows but the tensor has {n_rows}"
+        )));
+    }
+    Ok(CollectiveCall {
+        kind: CollectiveKind::AllToAllV,
+        tag,
+        shape: CallShape::Rows { row_len },
+    })
+}
+
+/// The first row sent to each peer, and the end.
+fn peer_offsets(counts: &[Vec<usize>]) -> Vec<usize> {
+    let mut offsets = vec![0];
+    let mut at = 0;
+    for groups in counts {
+        at += groups.iter().sum::<usize>();
+        offsets.push(at);
+    }
+    offsets
+}
+
+/// Copies `total` received rows from the comm buffer into a new burn tensor on `device`. Runs
+/// after the collective's completion event, on a stream of its own: the comm stream may
+/// already hold later collectives that wait for peers.
+fn received_tensor(
+    stream: &Arc<CudaStream>,
+    op: &str,
+    recv: &CudaSlice<f32>,
+    total: usize,
+    row_len: usize,
+    device: &Device,
+) -> Result<Tensor<2>, CommError> {
+    let len = total * row_len;
+    if len == 0 {
+        let empty = TensorData::new(Vec::<f32>::new(), [total, row_len]);
+        return Ok(Tensor::from_data(empty, device));
+    }
+    let out = Tensor::<2>::zeros([total, row_len], device);
+    let dst = resolve(out.clone(), op)?;
+    device
+        .sync()
+        .map_err(|e| backend_err(op, format!("synchronising the burn device: {e:?}")))?;
+    let copy = stream
+        .context()
+        .new_stream()
+        .map_err(cuda_err(op, "copy stream"))?;
+    // SAFETY: `dst` is a live, bound allocation of `len` f32 values that nothing else writes
+    // until `copy` has synchronised below; the slice is leaked so cudarc never frees it.
+    let mut d = unsafe { copy.upgrade_device_ptr::<f32>(dst.ptr, len) };
+    let copied = copy
+        .memcpy_dtod(&recv.slice(0..len), &mut d)
+        .map_err(cuda_err(op, "copy received rows"));
+    d.leak();
+    copied?;
+    copy.synchronize()
+        .map_err(cuda_err(op, "synchronise the copy stream"))?;
+    drop(dst);
+    Ok(out)
+}
+
 /// Keeps burn's buffers alive while NCCL may still use them. Normally dropped after the
 /// completion event (at once); when the caller drops its `Pending` unwaited, the drop waits for
 /// the event instead, and if that does not come within the timeout the buffers are leaked rather
 /// than handed back to burn's allocator under a running collective.
 struct InFlight {
-    buffers: Option<(CubeTensor, CudaResource, CubeTensor, CudaResource)>,
+    buffers: Vec<DeviceBuffer>,
     done: CudaEvent,
     timeout: Duration,
 }
@@ -256,7 +427,7 @@ impl Drop for InFlight {
                     std::thread::sleep(Duration::from_micros(50));
                 }
                 _ => {
-                    std::mem::forget(self.buffers.take());
+                    std::mem::forget(std::mem::take(&mut self.buffers));
                     return;
                 }
             }
@@ -339,6 +510,34 @@ mod tests {
             .wait()?;
         assert_eq!(got_g.dims(), [3 * n, 4]);
         assert_eq!(got_g.into_data().try_into_vec::<f32>()?, want_g);
+
+        // Rows: rank r sends rank d (r + d) % 2 + 1 rows of 3 values, in two groups for rank 0.
+        let counts: Vec<Vec<usize>> = (0..n)
+            .map(|d| match d {
+                0 => vec![1, r % 2],
+                _ => vec![(r + d) % 2 + 1],
+            })
+            .collect();
+        let n_out: usize = counts.iter().flatten().sum();
+        let data: Vec<f32> = (0..n_out * 3).map(|i| (r * 1000 + i) as f32).collect();
+        let host_rows = Rows {
+            row_len: 3,
+            data: data.clone(),
+            counts: counts.clone(),
+        };
+        let want_r = c
+            .all_to_all_v(CollectiveTag::new("host rows"), host_rows)
+            .wait()?;
+        for dev in [gpu.clone(), Device::flex()] {
+            let t = Tensor::<2>::from_data(TensorData::new(data.clone(), [n_out, 3]), &dev);
+            let (got_r, got_counts) = c
+                .all_to_all_v_tensor(CollectiveTag::new("tensor rows"), t, counts.clone())
+                .wait()?;
+            assert_eq!(got_r.device(), dev);
+            assert_eq!(got_counts, want_r.counts);
+            assert_eq!(got_r.dims(), [want_r.num_rows(), 3]);
+            assert_eq!(got_r.into_data().try_into_vec::<f32>()?, want_r.data);
+        }
 
         // A host tensor takes the host path and stays on its device.
         let flex = Tensor::<1>::from_data(TensorData::new(host.clone(), [12]), &Device::flex());
