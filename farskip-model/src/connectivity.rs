@@ -519,7 +519,12 @@ mod tests {
 
     #[test]
     fn depth_round_trips_through_the_string_form() {
-        for spec in ["farskip-d2", "farskip-d3:1..=3", "farskip-d2:2..", "farskip-d17"] {
+        for spec in [
+            "farskip-d2",
+            "farskip-d3:1..=3",
+            "farskip-d2:2..",
+            "farskip-d17",
+        ] {
             let c: Connectivity = spec.parse().unwrap();
             assert_eq!(c.to_string(), spec);
             assert!(c.depth().unwrap() >= 2);

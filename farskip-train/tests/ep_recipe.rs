@@ -140,10 +140,8 @@ fn check_equivalence(method: Method, shared: Option<usize>, label: &str) {
     assert_eq!(single.curves.train.len(), 3);
     assert_eq!(ep.curves.train.len(), 3);
     let loss = |c: &[(usize, f64)]| c.iter().map(|&(_, l)| l).collect::<Vec<_>>();
-    let loss_diff = farskip_model::compare::max_abs_diff(
-        &loss(&single.curves.train),
-        &loss(&ep.curves.train),
-    );
+    let loss_diff =
+        farskip_model::compare::max_abs_diff(&loss(&single.curves.train), &loss(&ep.curves.train));
     let (weight_diff, moved) = rel_diffs(&single.model, &ep.model, &s.student);
     let (ea, eb) = (single.curves.valid[0].1, ep.curves.valid[0].1);
     let eval_diff = (ea.loss - eb.loss)
