@@ -15,17 +15,18 @@ target = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("CARGO_TARGET_DIR"
 bin_dir = os.path.join(target, "release", "examples")
 
 SETTINGS = [
-    # (mode, parallel, comm_ratio, connectivity)
-    ("prefill", "ep", 0.5, "farskip"),
-    ("prefill", "ep", 1.0, "farskip"),
-    ("prefill", "ep", 2.0, "farskip"),
-    ("prefill", "tp", 0.5, "farskip"),
-    ("prefill", "tp", 1.0, "farskip"),
-    ("prefill", "tp", 2.0, "farskip"),
-    ("train", "ep", 1.0, "farskip"),
+    # (mode, parallel, comm_ratio, connectivity, world)
+    ("prefill", "ep", 0.5, "farskip", 2),
+    ("prefill", "ep", 1.0, "farskip", 2),
+    ("prefill", "ep", 2.0, "farskip", 2),
+    ("prefill", "tp", 0.5, "farskip", 2),
+    ("prefill", "tp", 1.0, "farskip", 2),
+    ("prefill", "tp", 2.0, "farskip", 2),
+    ("train", "ep", 1.0, "farskip", 2),
     # Settings outside the list the planner was written against.
-    ("prefill", "ep", 2.0, "farskip-d2"),
-    ("prefill", "tp", 1.5, "farskip:0..=3"),
+    ("prefill", "ep", 2.0, "farskip-d2", 2),
+    ("prefill", "tp", 1.5, "farskip:0..=3", 2),
+    ("prefill", "ep", 1.0, "farskip", 4),
 ]
 
 
@@ -39,8 +40,8 @@ def load():
 
 
 rows = []
-for mode, par, ratio, conn in SETTINGS:
-    common = ["--world", "2", "--preset", "small", "--comm-ratio", str(ratio)]
+for mode, par, ratio, conn, world in SETTINGS:
+    common = ["--world", str(world), "--preset", "small", "--comm-ratio", str(ratio)]
     if mode == "train":
         plan = run([f"{bin_dir}/plan", "--cluster", "cpu-here", "--mode", "train", "--calibrate", "--json"] + common)
         meas = run([f"{bin_dir}/overlap_training", "--steps", "3", "--json"] + common)
@@ -52,7 +53,7 @@ for mode, par, ratio, conn in SETTINGS:
         meas = run([f"{bin_dir}/overlap_inference", "--json"] + common + extra)
         pred = (plan["farskip_ms"], plan["blocking_ms"], plan["overlap_pct"])
         got = (meas["farskip_ms"], meas["blocking_ms"], meas["overlap_pct"])
-    rows.append((mode, par, ratio, conn, pred, got, load()))
+    rows.append((mode, f"{par} x{world}", ratio, conn, pred, got, load()))
     print(f"done {mode} {par} {ratio} {conn}: pred {pred} meas {got}", file=sys.stderr)
 
 def overlap(p, m):
@@ -60,7 +61,7 @@ def overlap(p, m):
     return " ; ".join(cells)
 
 
-print("| mode | split | R | connectivity | farskip_ms pred / meas | blocking_ms pred / meas | overlap % pred / meas (train: fwd ; bwd) | load |")
+print("| mode | split x world | R | connectivity | farskip_ms pred / meas | blocking_ms pred / meas | overlap % pred / meas (train: fwd ; bwd) | load |")
 print("|---|---|---|---|---|---|---|---|")
 for mode, par, ratio, conn, p, m, l in rows:
     ef = 100 * (p[0] - m[0]) / m[0]
