@@ -56,13 +56,18 @@ struct DeviceBuffer {
     len: usize,
 }
 
-/// The CUDA ordinal of a burn device, `None` for any other backend (or no CUDA driver).
-fn cuda_ordinal(device: &Device) -> Option<usize> {
-    // `device_count` panics when libcuda cannot be loaded; check first.
-    super::libraries_present().ok()?;
-    let device = device.clone().without_autodiff();
-    let count = usize::try_from(CudaContext::device_count().ok()?).ok()?;
-    (0..count).find(|&i| device == Device::cuda(i))
+impl NcclComm {
+    /// The CUDA ordinal of a burn device, `None` for any other backend. This rank's GPU is
+    /// checked first; the device count needs libcuda, which a constructed communicator has
+    /// loaded (`device_count` would panic without it).
+    fn cuda_ordinal(&self, device: &Device) -> Option<usize> {
+        let mine = self.shared.ctx.ordinal();
+        if *device == Device::cuda(mine) {
+            return Some(mine);
+        }
+        let count = usize::try_from(CudaContext::device_count().ok()?).ok()?;
+        (0..count).find(|&i| *device == Device::cuda(i))
+    }
 }
 
 fn backend_err(op: &str, detail: String) -> CommError {
@@ -196,7 +201,7 @@ impl NcclComm {
         let device = rows.device();
         let kind = CollectiveKind::AllToAllV;
         let op = format!("{kind} on rank {}", self.rank);
-        let Some(ordinal) = cuda_ordinal(&device).filter(|_| n_rows * row_len > 0) else {
+        let Some(ordinal) = self.cuda_ordinal(&device).filter(|_| n_rows * row_len > 0) else {
             let data = match rows.into_data().try_into_vec_as::<f32>() {
                 Ok(v) => v,
                 Err(e) => {
@@ -280,7 +285,7 @@ impl NcclComm {
         let device = t.device();
         let len = t.shape().num_elements();
         // An empty tensor has no device buffer to hand over; the host path moves nothing.
-        let Some(ordinal) = cuda_ordinal(&device).filter(|_| len > 0) else {
+        let Some(ordinal) = self.cuda_ordinal(&device).filter(|_| len > 0) else {
             return host_path(self, tag, t, out_shape, host);
         };
         let call = semantics::prepare_flat(kind, tag, len, self.world);
@@ -473,8 +478,8 @@ mod tests {
         })?;
         let (r, n) = (c.rank(), c.world_size());
         let gpu = Device::cuda(c.context().ordinal());
-        assert_eq!(cuda_ordinal(&gpu), Some(c.context().ordinal()));
-        assert_eq!(cuda_ordinal(&Device::flex()), None);
+        assert_eq!(c.cuda_ordinal(&gpu), Some(c.context().ordinal()));
+        assert_eq!(c.cuda_ordinal(&Device::flex()), None);
         // Rank-dependent, non-trivial values; the transposed copy is strided on the device.
         let host: Vec<f32> = (0..12).map(|i| (r * 100 + i) as f32 * 0.5 - 3.0).collect();
         let on_gpu = Tensor::<2>::from_data(TensorData::new(host.clone(), [3, 4]), &gpu);
