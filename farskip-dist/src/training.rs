@@ -14,7 +14,7 @@
 //!   asynchronously as soon as they are complete, hidden behind the backward of the layers below.
 //!
 //! Standard connectivity runs the same segments in the stock order with every collective waited for at once
-//! (the blocking baseline). At skip depth d ≥ 2 up to d combines stay in flight ([`deep`]). Gradients equal
+//! (the blocking baseline). At skip depth d ≥ 2 up to d combines stay in flight (the private `deep` module). Gradients equal
 //! single-rank training up to float rounding.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
