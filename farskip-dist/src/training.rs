@@ -94,6 +94,70 @@ fn flat3(x: Tensor<3>) -> Tensor<2> {
     x.reshape([b * t, h])
 }
 
+impl PartialTape {
+    /// Backward of the routed experts on their owner: the gradient of the expert input rows from that of the
+    /// output rows (`g_out`, `[received rows, hidden]`); the expert weights' gradients go into `acc`.
+    fn experts_backward(
+        &self,
+        g_out: Tensor<2>,
+        acc: &mut GradientsParams,
+        model: &Model,
+    ) -> Tensor<2> {
+        if self.expert_in.dims()[0] == 0 {
+            // No rows reached this rank's experts in this layer: nothing to differentiate (their weights get no
+            // gradient from this layer), and an empty product has no graph to walk.
+            return Tensor::zeros(self.expert_in.dims(), &self.expert_in.device().inner());
+        }
+        let grads = (self.expert_out.clone() * g_out).sum().backward();
+        let g = self.expert_in.grad(&grads).expect("leaf");
+        absorb(acc, grads, model);
+        g
+    }
+
+    /// Backward of the shared expert from its output's gradient (`[batch, seq, hidden]`): the gradient of its
+    /// input (`None` without a shared expert).
+    fn shared_backward(
+        &self,
+        g_out: &Tensor<3>,
+        acc: &mut GradientsParams,
+        model: &Model,
+    ) -> Option<Tensor<2>> {
+        let out = self.shared_out.as_ref()?;
+        let grads = (out.clone() * flat3(g_out.clone())).sum().backward();
+        let g = self.shared_in.grad(&grads);
+        absorb(acc, grads, model);
+        g
+    }
+
+    /// Backward of the router, the slot gather and the MoE's input norm, from the gradients of the slot rows,
+    /// of the routing weights and of the shared expert's input: the gradient of the stream the MoE read.
+    fn router_backward(
+        &self,
+        g_slots: Tensor<2>,
+        g_weights: Tensor<2>,
+        g_shared_in: Option<Tensor<2>>,
+        acc: &mut GradientsParams,
+        model: &Model,
+    ) -> Tensor<3> {
+        let grads = seeded(vec![
+            (self.slots.clone(), g_slots),
+            (self.weights.clone(), g_weights),
+        ])
+        .expect("non-empty")
+        .backward();
+        let g_router_in = self.router_in.grad(&grads).expect("leaf");
+        absorb(acc, grads, model);
+        let g_m = match g_shared_in {
+            Some(a) => a + g_router_in,
+            None => g_router_in,
+        };
+        let grads = (self.norm_out.clone() * g_m).sum().backward();
+        let g_norm_in = self.norm_in.grad(&grads).expect("leaf");
+        absorb(acc, grads, model);
+        g_norm_in
+    }
+}
+
 /// One rank of expert-parallel training: replicated non-expert weights, a block of each layer's experts.
 pub struct EpTrainRank {
     model: Model,
@@ -123,6 +187,12 @@ struct Inflight {
     shared: Option<Tensor<2>>,
     weights: Tensor<2>,
     tape: PartialTape,
+}
+
+/// Adds one segment's parameter gradients into `acc`.
+fn absorb(acc: &mut GradientsParams, grads: Gradients, model: &Model) {
+    let gp = GradientsParams::from_grads(grads, model);
+    merge(acc, gp, model);
 }
 
 /// A tape without its join segment yet.
@@ -719,10 +789,7 @@ impl EpTrainRank {
 
         // ---- backward ----
         let mut acc = GradientsParams::new();
-        let absorb = |acc: &mut GradientsParams, grads: Gradients| {
-            let gp = GradientsParams::from_grads(grads, &self.model);
-            merge(acc, gp, &self.model);
-        };
+        let absorb = |acc: &mut GradientsParams, grads: Gradients| absorb(acc, grads, &self.model);
         let g = span(None, bwd_ops::HEAD, bwd);
         let grads = loss.backward();
         let mut g_full = final_in
@@ -777,21 +844,9 @@ impl EpTrainRank {
             }
             let (g_rows, back_plan) = to_owner.wait()?;
             let ge = span(Some(i), bwd_ops::EXPERTS, bwd);
-            let g_expert_in = if tape.part.expert_in.dims()[0] == 0 {
-                // No rows reached this rank's experts in this layer: nothing to differentiate (their
-                // weights get no gradient from this layer), and an empty product has no graph to walk.
-                Tensor::zeros(
-                    tape.part.expert_in.dims(),
-                    &tape.part.expert_in.device().inner(),
-                )
-            } else {
-                let grads = (tape.part.expert_out.clone() * g_rows.tokens)
-                    .sum()
-                    .backward();
-                let g = tape.part.expert_in.grad(&grads).expect("leaf");
-                absorb(&mut acc, grads);
-                g
-            };
+            let g_expert_in = tape
+                .part
+                .experts_backward(g_rows.tokens, &mut acc, &self.model);
             ge.finish();
             // Backward of Dispatch: input gradients return to the tokens' ranks.
             let back = settled(
@@ -804,30 +859,15 @@ impl EpTrainRank {
                 blocking,
             );
             let gs = span(Some(i), bwd_ops::SHARED, bwd);
-            let mut g_m: Option<Tensor<2>> = None;
-            if let (Some(out), Some(gsh)) = (&tape.part.shared_out, &g_shared) {
-                let grads = (out.clone() * flat3(gsh.clone())).sum().backward();
-                g_m = tape.part.shared_in.grad(&grads);
-                absorb(&mut acc, grads);
-            }
+            let g_m = g_shared
+                .as_ref()
+                .and_then(|g| tape.part.shared_backward(g, &mut acc, &self.model));
             gs.finish();
             let g_slots = back.wait()?;
             let gr = span(Some(i), bwd_ops::ROUTER, bwd);
-            let grads = seeded(vec![
-                (tape.part.slots.clone(), g_slots),
-                (tape.part.weights.clone(), g_w),
-            ])
-            .expect("non-empty")
-            .backward();
-            let g_router_in = tape.part.router_in.grad(&grads).expect("leaf");
-            absorb(&mut acc, grads);
-            let g_m = match g_m {
-                Some(a) => a + g_router_in,
-                None => g_router_in,
-            };
-            let grads = (tape.part.norm_out.clone() * g_m).sum().backward();
-            let g_norm_in = tape.part.norm_in.grad(&grads).expect("leaf");
-            absorb(&mut acc, grads);
+            let g_norm_in = tape
+                .part
+                .router_backward(g_slots, g_w, g_m, &mut acc, &self.model);
             gr.finish();
             if !farskip {
                 // Stock order: the MoE read R' = R + a, so attention's backward waits for it.

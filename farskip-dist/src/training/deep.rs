@@ -16,7 +16,7 @@ use burn::tensor::Gradients;
 use farskip_model::moe::{Routing as ModelRouting, SlotPlan};
 
 use super::{
-    EpTrainRank, Flatten, Objective, PartialTape, RankStep, Result, bwd_ops, flat3, leaf, merge,
+    EpTrainRank, Flatten, Objective, PartialTape, RankStep, Result, absorb, bwd_ops, flat3, leaf,
     seeded, visit_replicated_layer,
 };
 use crate::comm::{CollectiveTag, Communicator, Pending};
@@ -198,10 +198,7 @@ impl EpTrainRank {
 
         // ---- backward ----
         let mut acc = GradientsParams::new();
-        let absorb = |acc: &mut GradientsParams, grads: Gradients| {
-            let gp = GradientsParams::from_grads(grads, &self.model);
-            merge(acc, gp, &self.model);
-        };
+        let absorb = |acc: &mut GradientsParams, grads: Gradients| absorb(acc, grads, &self.model);
         let g = span(None, bwd_ops::HEAD, bwd);
         let grads = loss.backward();
         let g_full = final_in
@@ -248,19 +245,9 @@ impl EpTrainRank {
             ga.finish();
             let (g_rows, back_plan) = to_owner.wait()?;
             let ge = span(Some(i), bwd_ops::EXPERTS, bwd);
-            let g_expert_in = if tape.part.expert_in.dims()[0] == 0 {
-                Tensor::zeros(
-                    tape.part.expert_in.dims(),
-                    &tape.part.expert_in.device().inner(),
-                )
-            } else {
-                let grads = (tape.part.expert_out.clone() * g_rows.tokens)
-                    .sum()
-                    .backward();
-                let g = tape.part.expert_in.grad(&grads).expect("leaf");
-                absorb(&mut acc, grads);
-                g
-            };
+            let g_expert_in = tape
+                .part
+                .experts_backward(g_rows.tokens, &mut acc, &self.model);
             ge.finish();
             let back = combine_start(
                 comm,
@@ -269,30 +256,13 @@ impl EpTrainRank {
                 tag(bwd_ops::DISPATCH_BWD, i, bwd),
             )?;
             let gs = span(Some(i), bwd_ops::SHARED, bwd);
-            let mut g_m: Option<Tensor<2>> = None;
-            if let Some(out) = &tape.part.shared_out {
-                let grads = (out.clone() * flat3(g_next.clone())).sum().backward();
-                g_m = tape.part.shared_in.grad(&grads);
-                absorb(&mut acc, grads);
-            }
+            let g_m = tape.part.shared_backward(&g_next, &mut acc, &self.model);
             gs.finish();
             let g_slots = back.wait()?;
             let gr = span(Some(i), bwd_ops::ROUTER, bwd);
-            let grads = seeded(vec![
-                (tape.part.slots.clone(), g_slots),
-                (tape.part.weights.clone(), g_w),
-            ])
-            .expect("non-empty")
-            .backward();
-            let g_router_in = tape.part.router_in.grad(&grads).expect("leaf");
-            absorb(&mut acc, grads);
-            let g_m = match g_m {
-                Some(a) => a + g_router_in,
-                None => g_router_in,
-            };
-            let grads = (tape.part.norm_out.clone() * g_m).sum().backward();
-            let g_norm_in = tape.part.norm_in.grad(&grads).expect("leaf");
-            absorb(&mut acc, grads);
+            let g_norm_in = tape
+                .part
+                .router_backward(g_slots, g_w, g_m, &mut acc, &self.model);
             gr.finish();
             // M_i fed the residual add and the MoE's norm; it is S_i (+ the output that settled into it).
             let g_moe_in = g_next + g_norm_in;
