@@ -102,6 +102,37 @@ struct Half<I> {
     inflight: I,
 }
 
+/// Checks the connectivity, splits the ids and embeds each half.
+fn embed_halves<C: Communicator + ?Sized, I>(
+    ctx: &Ctx<'_, C>,
+    model: &Model,
+    input_ids: Tensor<2, Int>,
+    nothing_in_flight: impl Fn() -> I,
+) -> Result<[Half<I>; 2]> {
+    standard_only(model)?;
+    Ok(halves(input_ids)?.map(|(ids, offset)| Half {
+        h: ctx.compute(None, ops::HEAD, || model.embed(ids)),
+        offset,
+        inflight: nothing_in_flight(),
+    }))
+}
+
+/// Settles each half (`settle`: wait for what it has in flight) and runs the head; the logits of the two halves
+/// joined along the sequence.
+fn head<C: Communicator + ?Sized, I>(
+    ctx: &Ctx<'_, C>,
+    model: &Model,
+    halves: [Half<I>; 2],
+    mut settle: impl FnMut(Half<I>) -> Result<Tensor<3>>,
+) -> Result<Tensor<3>> {
+    let mut logits = Vec::with_capacity(2);
+    for half in halves {
+        let h = settle(half)?;
+        logits.push(ctx.compute(None, ops::HEAD, || model.logits(h)));
+    }
+    Ok(Tensor::cat(logits, 1))
+}
+
 impl EpRank {
     /// The forward pass of this rank's sequences with two-micro-batch overlap (standard connectivity): equals
     /// [`EpRank::forward`] of the standard model up to float rounding.
@@ -114,18 +145,13 @@ impl EpRank {
         trace: &Trace,
         input_ids: Tensor<2, Int>,
     ) -> Result<Tensor<3>> {
-        standard_only(&self.model)?;
         let ctx = Ctx {
             comm,
             trace,
             phase: Phase::Forward,
         };
         let model = &self.model;
-        let mut halves = halves(input_ids)?.map(|(ids, offset)| Half {
-            h: ctx.compute(None, ops::HEAD, || model.embed(ids)),
-            offset,
-            inflight: EpInflight::None,
-        });
+        let mut halves = embed_halves(&ctx, model, input_ids, || EpInflight::None)?;
         for layer in &model.layers {
             let mut cache = LayerKvCache::default();
             for (mb, half) in halves.iter_mut().enumerate() {
@@ -135,12 +161,9 @@ impl EpRank {
                 self.tbo_stage_1(&ctx, layer, mb, half)?;
             }
         }
-        let mut logits = Vec::with_capacity(2);
-        for half in halves {
-            let h = self.tbo_settle(&ctx, half.h, half.inflight)?;
-            logits.push(ctx.compute(None, ops::HEAD, || model.logits(h)));
-        }
-        Ok(Tensor::cat(logits, 1))
+        head(&ctx, model, halves, |half| {
+            self.tbo_settle(&ctx, half.h, half.inflight)
+        })
     }
 
     /// Waits for a half's combine and adds the MoE output to its stream: `R' + (r + s)`.
@@ -305,18 +328,13 @@ impl TpRank {
         trace: &Trace,
         input_ids: Tensor<2, Int>,
     ) -> Result<Tensor<3>> {
-        standard_only(&self.model)?;
         let ctx = Ctx {
             comm,
             trace,
             phase: Phase::Forward,
         };
         let model = &self.model;
-        let mut halves = halves(input_ids)?.map(|(ids, offset)| Half {
-            h: ctx.compute(None, ops::HEAD, || model.embed(ids)),
-            offset,
-            inflight: TpInflight::None,
-        });
+        let mut halves = embed_halves(&ctx, model, input_ids, || TpInflight::None)?;
         for layer in &model.layers {
             let i = layer.index();
             let mut cache = LayerKvCache::default();
@@ -376,12 +394,7 @@ impl TpRank {
                 }
             }
         }
-        let mut logits = Vec::with_capacity(2);
-        for mut half in halves {
-            let h = tp_settle(&mut half)?;
-            logits.push(ctx.compute(None, ops::HEAD, || model.logits(h)));
-        }
-        Ok(Tensor::cat(logits, 1))
+        head(&ctx, model, halves, |mut half| tp_settle(&mut half))
     }
 }
 
