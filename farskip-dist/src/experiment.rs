@@ -614,7 +614,8 @@ pub fn expert_loads_on(
     Ok(mine)
 }
 
-/// Runs the experiment on `model` (its connectivity is ignored: both are run).
+/// Runs the experiment on `model` (its own connectivity is ignored: the config's connectivity overlapped, the
+/// standard model blocking and the standard model with two-micro-batch overlap are run).
 pub fn overlap_inference(model: &Model, cfg: &OverlapConfig) -> Result<OverlapReport, RunError> {
     overlap_inference_on(&Backend::Local, model, cfg)
 }
@@ -1356,7 +1357,8 @@ fn grad_rel_diff(
     worst
 }
 
-/// Runs the training experiment: single-rank FarSkip (reference), EP FarSkip overlapped, EP standard blocking.
+/// Runs the training experiment: single-rank training of the config's connectivity (the reference), EP training
+/// of it overlapped, and EP standard connectivity blocking.
 pub fn overlap_training(model: &Model, cfg: &TrainingConfig) -> Result<TrainingReport, RunError> {
     overlap_training_on(&Backend::Local, model, cfg)
 }
