@@ -635,7 +635,6 @@ impl EpTrainRank {
                 Ok((next_full.detach(), next_rf.detach()))
             };
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let moe = self.moe(i);
             // Attention part 1 reads A (FarSkip) — known while the previous combine is in flight.
             let g = span(Some(i), ops::ATTN_1, fwd);
             let attn_in = leaf(if farskip { &routed_free } else { &full });
@@ -658,78 +657,36 @@ impl EpTrainRank {
                 let post = full.clone() + a.clone().detach();
                 (Some(a), post)
             };
-            let g = span(Some(i), ops::ROUTER, fwd);
-            let norm_in = leaf(&norm_src);
-            let norm_out = flat3(layer.post_norm.forward(norm_in.clone()));
-            let router_in = leaf(&norm_out);
-            let routing = moe.route(router_in.clone());
-            let plan = SlotPlan::from_experts(&routing.experts, self.sharding.num_experts());
-            let slots = moe.slot_inputs(router_in.clone(), &routing);
-            g.finish();
-            let dispatched = self.send_slots(
+            let (tape, combine) = self.moe_forward(
                 comm,
-                slots.clone().detach(),
-                &plan.slot_experts,
-                tag(ops::DISPATCH, i, fwd),
-            )?;
-            let attn_out = match attn_out {
-                Some(a) => a,
-                None => {
-                    let g = span(Some(i), ops::ATTN_2, fwd);
-                    let a = layer.attention.attend(qkv);
-                    g.finish();
-                    a
-                }
-            };
-            let (inputs, dplan) = dispatched.wait()?;
-            let g = span(Some(i), ops::EXPERTS, fwd);
-            let expert_in = leaf(&inputs.tokens);
-            let expert_out = moe
-                .experts
-                .forward_grouped(expert_in.clone(), &inputs.counts);
-            g.finish();
-            let combine = settled(
-                combine_start(
-                    comm,
-                    expert_out.clone().detach(),
-                    dplan,
-                    tag(ops::COMBINE, i, fwd),
-                )?,
+                trace,
+                i,
+                &norm_src,
+                attn_in,
+                || match attn_out {
+                    Some(a) => a,
+                    None => {
+                        let g = span(Some(i), ops::ATTN_2, fwd);
+                        let a = layer.attention.attend(qkv);
+                        g.finish();
+                        a
+                    }
+                },
                 blocking,
-            );
-            let g = span(Some(i), ops::SHARED, fwd);
-            let shared_in = leaf(&norm_out.clone().detach());
-            let shared_out = moe.shared(shared_in.clone());
-            g.finish();
-            let residual = if farskip {
-                full.clone()
-            } else {
-                norm_src.clone()
-            };
+            )?;
+            // The join adds the MoE output to the stream the MoE read: R (FarSkip: `norm_src` is R) plus
+            // attention's output, or the post-attention stream R' (stock: `norm_src` is R' and `attn` zero).
             let p = Inflight {
                 combine,
-                residual: if farskip { residual } else { norm_src.clone() },
+                residual: norm_src,
                 attn: if farskip {
-                    attn_out.clone().detach()
+                    tape.attn_out.clone().detach()
                 } else {
                     Tensor::zeros(full.dims(), &full.device())
                 },
-                shared: shared_out.clone().map(|s| s.detach()),
-                weights: routing.weights.clone().detach(),
-                tape: PartialTape {
-                    attn_in,
-                    attn_out,
-                    norm_in,
-                    norm_out,
-                    router_in,
-                    slots,
-                    weights: routing.weights,
-                    shared_in,
-                    shared_out,
-                    expert_in,
-                    expert_out,
-                    slot_experts: plan.slot_experts,
-                },
+                shared: tape.shared_out.clone().map(|s| s.detach()),
+                weights: tape.weights.clone().detach(),
+                tape,
             };
             if farskip {
                 // A_{k+1} = (R + a) + s is known now, before the combine returns (same ops as the join).
@@ -1001,6 +958,72 @@ impl EpTrainRank {
         };
         visit_replicated_outer(&self.model, &mut u);
         Ok(())
+    }
+
+    /// One MoE layer's forward on this rank from the stream its MoE reads (`moe_in`): norm, router and slot
+    /// gather (each from a fresh leaf), the async dispatch, `during_dispatch` while it is in flight (attention
+    /// part 2 under FarSkip; it returns attention's output), the routed experts on their owner, the async combine
+    /// (`blocking`: waited for at once) and the shared expert. Returns the layer's tape (with `attn_in`) and the
+    /// combine.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_forward<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        i: usize,
+        moe_in: &Tensor<3>,
+        attn_in: Tensor<3>,
+        during_dispatch: impl FnOnce() -> Tensor<3>,
+        blocking: bool,
+    ) -> Result<(PartialTape, Pending<Tensor<2>>)> {
+        let (fwd, moe) = (Phase::Forward, self.moe(i));
+        let span = |op: &'static str| trace.compute(self.rank, Some(i), op, fwd);
+        let tag = |name: &'static str| CollectiveTag::new(name).at_layer(i).in_phase(fwd);
+        let g = span(ops::ROUTER);
+        let norm_in = leaf(moe_in);
+        let norm_out = flat3(self.model.layers[i].post_norm.forward(norm_in.clone()));
+        let router_in = leaf(&norm_out);
+        let routing = moe.route(router_in.clone());
+        let plan = SlotPlan::from_experts(&routing.experts, self.sharding.num_experts());
+        let slots = moe.slot_inputs(router_in.clone(), &routing);
+        g.finish();
+        let dispatched = self.send_slots(
+            comm,
+            slots.clone().detach(),
+            &plan.slot_experts,
+            tag(ops::DISPATCH),
+        )?;
+        let attn_out = during_dispatch();
+        let (inputs, dplan) = dispatched.wait()?;
+        let g = span(ops::EXPERTS);
+        let expert_in = leaf(&inputs.tokens);
+        let expert_out = moe
+            .experts
+            .forward_grouped(expert_in.clone(), &inputs.counts);
+        g.finish();
+        let combine = settled(
+            combine_start(comm, expert_out.clone().detach(), dplan, tag(ops::COMBINE))?,
+            blocking,
+        );
+        let g = span(ops::SHARED);
+        let shared_in = leaf(&norm_out.clone().detach());
+        let shared_out = moe.shared(shared_in.clone());
+        g.finish();
+        let tape = PartialTape {
+            attn_in,
+            attn_out,
+            norm_in,
+            norm_out,
+            router_in,
+            slots,
+            weights: routing.weights,
+            shared_in,
+            shared_out,
+            expert_in,
+            expert_out,
+            slot_experts: plan.slot_experts,
+        };
+        Ok((tape, combine))
     }
 
     fn moe(&self, i: usize) -> &MoeBlock {

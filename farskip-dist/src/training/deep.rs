@@ -13,7 +13,7 @@
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Gradients;
-use farskip_model::moe::{Routing as ModelRouting, SlotPlan};
+use farskip_model::moe::Routing as ModelRouting;
 
 use super::{
     EpTrainRank, Flatten, Objective, PartialTape, RankStep, Result, absorb, bwd_ops, flat3, leaf,
@@ -100,7 +100,6 @@ impl EpTrainRank {
             Ok(routed.detach())
         };
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let moe = self.moe(i);
             let g = span(Some(i), ops::ATTN_1, fwd);
             let attn_in = leaf(&settled);
             let qkv = layer
@@ -114,43 +113,23 @@ impl EpTrainRank {
             } else {
                 (settled.clone(), None)
             };
-            let g = span(Some(i), ops::ROUTER, fwd);
-            let norm_in = leaf(&m);
-            let norm_out = flat3(layer.post_norm.forward(norm_in.clone()));
-            let router_in = leaf(&norm_out);
-            let routing = moe.route(router_in.clone());
-            let plan = SlotPlan::from_experts(&routing.experts, self.sharding.num_experts());
-            let slots = moe.slot_inputs(router_in.clone(), &routing);
-            g.finish();
-            let dispatched = self.send_slots(
+            let (part, combine) = self.moe_forward(
                 comm,
-                slots.clone().detach(),
-                &plan.slot_experts,
-                tag(ops::DISPATCH, i, fwd),
+                trace,
+                i,
+                &m,
+                attn_in,
+                || {
+                    let g = span(Some(i), ops::ATTN_2, fwd);
+                    let a = layer.attention.attend(qkv);
+                    g.finish();
+                    a
+                },
+                false,
             )?;
-            let g = span(Some(i), ops::ATTN_2, fwd);
-            let attn_out = layer.attention.attend(qkv);
-            g.finish();
-            let (inputs, dplan) = dispatched.wait()?;
-            let g = span(Some(i), ops::EXPERTS, fwd);
-            let expert_in = leaf(&inputs.tokens);
-            let expert_out = moe
-                .experts
-                .forward_grouped(expert_in.clone(), &inputs.counts);
-            g.finish();
-            let combine = combine_start(
-                comm,
-                expert_out.clone().detach(),
-                dplan,
-                tag(ops::COMBINE, i, fwd),
-            )?;
-            let g = span(Some(i), ops::SHARED, fwd);
-            let shared_in = leaf(&norm_out.clone().detach());
-            let shared_out = moe.shared(shared_in.clone());
-            g.finish();
             // S_{i+1} = (M_i + a_i) + s_i.
-            let post_attention = m + attn_out.clone().detach();
-            settled = match &shared_out {
+            let post_attention = m + part.attn_out.clone().detach();
+            settled = match &part.shared_out {
                 Some(s) => post_attention + s.clone().detach().reshape(shape),
                 None => post_attention,
             };
@@ -159,24 +138,11 @@ impl EpTrainRank {
                 InFlight {
                     layer: i,
                     combine,
-                    weights: routing.weights.clone().detach(),
+                    weights: part.weights.clone().detach(),
                 },
             );
             tapes.push(DeepTape {
-                part: PartialTape {
-                    attn_in,
-                    attn_out,
-                    norm_in,
-                    norm_out,
-                    router_in,
-                    slots,
-                    weights: routing.weights,
-                    shared_in,
-                    shared_out,
-                    expert_in,
-                    expert_out,
-                    slot_experts: plan.slot_experts,
-                },
+                part,
                 settled_from,
                 join: None,
             });
