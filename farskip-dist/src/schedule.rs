@@ -23,7 +23,10 @@ use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
 
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{DispatchError, ExpertSharding, Routing, combine_start, dispatch_start};
+use crate::dispatch::{
+    DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start,
+    dispatch_start,
+};
 use crate::trace::{Phase, Trace};
 
 mod tbo;
@@ -437,6 +440,36 @@ impl EpRank {
     }
 }
 
+impl EpRank {
+    /// Router and slot gather on layer `i`'s normalised MoE input `x` (`[tokens, hidden]`; the rows per expert
+    /// go into the loads when recorded), then the async dispatch of the slot rows, tagged `tag`.
+    fn route_and_dispatch<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        i: usize,
+        moe: &MoeBlock,
+        x: Tensor<2>,
+        tag: CollectiveTag,
+    ) -> Result<(ModelRouting, Pending<(ExpertInputs, DispatchPlan)>)> {
+        let sharding = self.sharding.expect("an MoE layer implies an MoE config");
+        let (routing, slots, slot_experts) = ctx.compute(Some(i), ops::ROUTER, || {
+            let routing = moe.route(x.clone());
+            let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
+            let slots = moe.slot_inputs(x, &routing);
+            if let Some(loads) = &self.loads {
+                loads.record(i, &plan.counts);
+            }
+            (routing, slots, plan.slot_experts)
+        });
+        // Slot rows travel one by one (top_k = 1, weight 1): the routing weights stay home and are applied by
+        // `combine_slots`, exactly as on one rank.
+        let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
+        let slot_routing = Routing::new(slot_experts, ones)?;
+        let dispatched = dispatch_start(ctx.comm, &sharding, slots, &slot_routing, tag)?;
+        Ok((routing, dispatched))
+    }
+}
+
 impl RankSchedule for EpRank {
     type Attn = ProjectedQkv;
     type Pending = EpPending;
@@ -475,28 +508,9 @@ impl RankSchedule for EpRank {
         finish_attention: &mut dyn FnMut() -> Result<Tensor<3>>,
     ) -> Result<PendingMoe<EpPending>> {
         let i = layer.index();
-        let sharding = self.sharding.expect("an MoE layer implies an MoE config");
         let (x2, dims) = flat(x);
-        let (routing, slots, slot_experts) = ctx.compute(Some(i), ops::ROUTER, || {
-            let routing = moe.route(x2.clone());
-            let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
-            let slots = moe.slot_inputs(x2.clone(), &routing);
-            if let Some(loads) = &self.loads {
-                loads.record(i, &plan.counts);
-            }
-            (routing, slots, plan.slot_experts)
-        });
-        // Slot rows travel one by one (top_k = 1, weight 1): the routing weights stay home and are applied by
-        // `combine_slots`, exactly as on one rank.
-        let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
-        let slot_routing = Routing::new(slot_experts, ones)?;
-        let dispatched = dispatch_start(
-            ctx.comm,
-            &sharding,
-            slots,
-            &slot_routing,
-            ctx.tag(ops::DISPATCH, i),
-        )?;
+        let (routing, dispatched) =
+            self.route_and_dispatch(ctx, i, moe, x2.clone(), ctx.tag(ops::DISPATCH, i))?;
         let post_attention = finish_attention()?;
         let (inputs, plan) = dispatched.wait()?;
         let y = ctx.compute(Some(i), ops::EXPERTS, || {

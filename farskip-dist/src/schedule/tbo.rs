@@ -23,7 +23,7 @@ use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
 
 use super::{Ctx, EpRank, Result, ScheduleError, TpRank, all_reduce_tensor, flat, from_host, ops};
 use crate::comm::{Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, Routing, combine_start, dispatch_start};
+use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
 use crate::trace::{Phase, Trace};
 
 /// Names of the micro-batches' collectives: each half's is its own collective (and link entry), so the two are
@@ -234,20 +234,14 @@ impl EpRank {
                 });
             }
             Ffn::Moe(moe) => {
-                let sharding = self.sharding.expect("an MoE layer implies an MoE config");
-                let (x, routing, slots, slot_experts) = ctx.compute(Some(i), ops::ROUTER, || {
-                    let (x, _) = flat(layer.post_norm.forward(post_attention.clone()));
-                    let routing = moe.route(x.clone());
-                    let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
-                    let slots = moe.slot_inputs(x.clone(), &routing);
-                    (x, routing, slots, plan.slot_experts)
+                let (x, _) = ctx.compute(Some(i), ops::ROUTER, || {
+                    flat(layer.post_norm.forward(post_attention.clone()))
                 });
-                let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
-                let dispatch = dispatch_start(
-                    ctx.comm,
-                    &sharding,
-                    slots,
-                    &Routing::new(slot_experts, ones)?,
+                let (routing, dispatch) = self.route_and_dispatch(
+                    ctx,
+                    i,
+                    moe,
+                    x.clone(),
                     ctx.tag(tbo_ops::DISPATCH[mb], i),
                 )?;
                 half.h = post_attention.clone();
