@@ -82,6 +82,9 @@ struct Ctx<'a, C: Communicator + ?Sized> {
     comm: &'a C,
     trace: &'a Trace,
     phase: Phase,
+    /// Keep each MoE layer's routed collective unissued until [`RankSchedule::launch`] (the depth ≥ 2
+    /// dispatch-ahead order, which issues it after the next layer's dispatch).
+    hold_routed: bool,
 }
 
 impl<C: Communicator + ?Sized> Ctx<'_, C> {
@@ -169,6 +172,22 @@ trait RankSchedule {
         p: Self::Pending,
     ) -> Result<Tensor<3>>;
 
+    /// Whether, at skip depth ≥ 2, a converted MoE layer routes and dispatches before its attention: its input
+    /// `M_i = S_i (+ r_{i−d})` does not read the layer's attention, so the dispatch can stay in flight during the
+    /// whole attention, and the previous layer's routed collective is issued after it (held back by
+    /// `hold_routed`, launched by [`RankSchedule::launch`]) so that it does not queue ahead of the dispatch.
+    /// EP: yes. TP: no (its attention ends in an all-reduce that the experts hide).
+    const DISPATCH_AHEAD: bool = false;
+
+    /// Issues a routed collective that was held back (see `hold_routed`); a no-op once issued.
+    fn launch<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        _p: &mut Self::Pending,
+    ) -> Result<()> {
+        Ok(())
+    }
+
     /// Waits for a pending MoE output and forms the layer's output state.
     fn resolve<C: Communicator + ?Sized>(
         &self,
@@ -202,6 +221,7 @@ trait RankSchedule {
             comm,
             trace,
             phase: Phase::Forward,
+            hold_routed: false,
         };
         let model = self.model();
         let conn = model.connectivity().clone();
@@ -304,6 +324,14 @@ fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
     depth: usize,
     input_ids: Tensor<2, Int>,
 ) -> Result<Tensor<3>> {
+    // The dispatch-ahead order holds each routed collective back until the next layer has dispatched.
+    let ahead_ctx = Ctx {
+        comm: ctx.comm,
+        trace: ctx.trace,
+        phase: ctx.phase,
+        hold_routed: S::DISPATCH_AHEAD,
+    };
+    let ctx = &ahead_ctx;
     let model = schedule.model();
     let resolve_all = |queue: Vec<S::Pending>| -> Result<Vec<Tensor<3>>> {
         queue
@@ -315,6 +343,16 @@ fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
     // S, and the routed collectives in flight, newest first (at most `depth`).
     let mut settled = ctx.compute(None, ops::HEAD, || model.embed(input_ids));
     let mut queue: Vec<S::Pending> = Vec::with_capacity(depth);
+    // A converted MoE layer's input does not read its attention: with `DISPATCH_AHEAD` it routes and dispatches
+    // first, and its attention runs while the dispatch is in flight.
+    let routes_ahead = |i: usize| {
+        S::DISPATCH_AHEAD
+            && conn.is_converted(i)
+            && model
+                .layers
+                .get(i)
+                .is_some_and(|l| matches!(l.ffn, Ffn::Moe(_)))
+    };
     for (i, layer) in model.layers.iter().enumerate() {
         let converted = conn.is_converted(i);
         // What attention reads: S (converted) or, for a stock layer, R = S + ΣP once everything has landed.
@@ -324,6 +362,36 @@ fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
             let r = add_all(settled.clone(), resolve_all(std::mem::take(&mut queue))?);
             (r, Vec::new())
         };
+        if let (true, Ffn::Moe(moe)) = (routes_ahead(i), &layer.ffn) {
+            let m = if in_flight.len() >= depth {
+                let oldest = resolve_all(in_flight.split_off(depth - 1))?;
+                add_all(settled.clone(), oldest)
+            } else {
+                settled.clone()
+            };
+            let x = ctx.compute(Some(i), ops::ROUTER, || layer.post_norm.forward(m.clone()));
+            let mut p = schedule.moe(ctx, layer, moe, x, &mut || {
+                // The previous layer's routed collective goes out behind this layer's dispatch.
+                for q in in_flight.iter_mut() {
+                    schedule.launch(ctx, q)?;
+                }
+                let normed = ctx.compute(Some(i), ops::ATTN_1, || {
+                    layer.input_norm.forward(attn_in.clone())
+                });
+                let qkv = schedule.attn_begin(ctx, layer, normed)?;
+                Ok(m.clone() + schedule.attn_end(ctx, layer, qkv)?)
+            })?;
+            if !routes_ahead(i + 1) {
+                schedule.launch(ctx, &mut p.routed)?;
+            }
+            settled = match p.shared {
+                Some(s) => p.post_attention + s,
+                None => p.post_attention,
+            };
+            queue.push(p.routed);
+            queue.append(&mut in_flight);
+            continue;
+        }
         let normed = ctx.compute(Some(i), ops::ATTN_1, || {
             layer.input_norm.forward(attn_in.clone())
         });
@@ -346,7 +414,8 @@ fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
         match (&layer.ffn, m) {
             (Ffn::Moe(moe), Some(m)) => {
                 let x = ctx.compute(Some(i), ops::ROUTER, || layer.post_norm.forward(m.clone()));
-                let p = schedule.moe(ctx, layer, moe, x, &mut || finish_attention(&m))?;
+                let mut p = schedule.moe(ctx, layer, moe, x, &mut || finish_attention(&m))?;
+                schedule.launch(ctx, &mut p.routed)?;
                 settled = match p.shared {
                     Some(s) => p.post_attention + s,
                     None => p.post_attention,
@@ -359,7 +428,8 @@ fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
                 let x = ctx.compute(Some(i), ops::ROUTER, || {
                     layer.post_norm.forward(post_attention.clone())
                 });
-                let p = schedule.moe(ctx, layer, moe, x, &mut || Ok(post_attention.clone()))?;
+                let mut p = schedule.moe(ctx, layer, moe, x, &mut || Ok(post_attention.clone()))?;
+                schedule.launch(ctx, &mut p.routed)?;
                 settled = match p.shared {
                     Some(s) => p.post_attention + s,
                     None => p.post_attention,
@@ -391,10 +461,22 @@ pub struct EpRank {
 
 /// What an EP layer has in flight: the combine.
 pub struct EpPending {
-    combine: Pending<Tensor<2>>,
+    combine: Combine,
     routing: ModelRouting,
     moe: MoeBlock,
     dims: [usize; 3],
+}
+
+/// A combine, issued or held back until [`RankSchedule::launch`].
+enum Combine {
+    InFlight(Pending<Tensor<2>>),
+    Held {
+        rows: Tensor<2>,
+        plan: DispatchPlan,
+        tag: CollectiveTag,
+    },
+    /// Moved out by a launch in progress.
+    Taken,
 }
 
 impl EpRank {
@@ -516,7 +598,12 @@ impl RankSchedule for EpRank {
         let y = ctx.compute(Some(i), ops::EXPERTS, || {
             moe.experts.forward_grouped(inputs.tokens, &inputs.counts)
         });
-        let combine = combine_start(ctx.comm, y, plan, ctx.tag(ops::COMBINE, i))?;
+        let tag = ctx.tag(ops::COMBINE, i);
+        let combine = if ctx.hold_routed {
+            Combine::Held { rows: y, plan, tag }
+        } else {
+            Combine::InFlight(combine_start(ctx.comm, y, plan, tag)?)
+        };
         let shared = ctx.compute(Some(i), ops::SHARED, || moe.shared(x2));
         let [b, t, h] = dims;
         Ok(PendingMoe {
@@ -531,12 +618,28 @@ impl RankSchedule for EpRank {
         })
     }
 
+    const DISPATCH_AHEAD: bool = true;
+
+    fn launch<C: Communicator + ?Sized>(&self, ctx: &Ctx<'_, C>, p: &mut EpPending) -> Result<()> {
+        p.combine = match std::mem::replace(&mut p.combine, Combine::Taken) {
+            Combine::Held { rows, plan, tag } => {
+                Combine::InFlight(combine_start(ctx.comm, rows, plan, tag)?)
+            }
+            other => other,
+        };
+        Ok(())
+    }
+
     fn moe_finish<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        p: EpPending,
+        mut p: EpPending,
     ) -> Result<Tensor<3>> {
-        let slot_out = p.combine.wait()?;
+        self.launch(ctx, &mut p)?;
+        let Combine::InFlight(combine) = p.combine else {
+            unreachable!("launch issues a held combine, and only a failed launch leaves it taken")
+        };
+        let slot_out = combine.wait()?;
         let [b, t, h] = p.dims;
         let layer = None;
         Ok(ctx.compute(layer, ops::COMBINE, || {

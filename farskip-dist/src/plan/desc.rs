@@ -119,6 +119,11 @@ pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Sch
             s.push(Step::Compute(key(ops::COMBINE, None, f)));
         }
     };
+    // At depth ≥ 2 an EP rank routes and dispatches a converted MoE layer before its attention, and issues the
+    // previous layer's combine (held back) right after that dispatch (`RankSchedule::DISPATCH_AHEAD`).
+    let ahead = |i: usize| {
+        split == Split::Expert && depth >= 2 && i < layers && converted(i) && is_moe(config, i)
+    };
     s.push(Step::Compute(key(ops::HEAD, None, f)));
     for i in 0..layers {
         let conv = converted(i);
@@ -129,6 +134,38 @@ pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Sch
         }
         let mut in_flight = std::mem::take(&mut queue);
         let l = Some(i);
+        if ahead(i) {
+            if in_flight.len() >= depth {
+                for k in in_flight.split_off(depth - 1) {
+                    resolve(&mut s, k);
+                }
+            }
+            s.push(Step::Compute(key(ops::ROUTER, l, f)));
+            let d = key(ops::DISPATCH, l, f);
+            s.push(Step::Issue { key: d, channel: 0 });
+            if i > 0 && ahead(i - 1) {
+                s.push(Step::Issue {
+                    key: key(ops::COMBINE, Some(i - 1), f),
+                    channel: 0,
+                });
+            }
+            s.push(Step::Compute(key(ops::ATTN_1, l, f)));
+            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+            s.push(Step::Wait(d));
+            s.push(Step::Compute(key(ops::EXPERTS, l, f)));
+            if !ahead(i + 1) {
+                s.push(Step::Issue {
+                    key: key(ops::COMBINE, l, f),
+                    channel: 0,
+                });
+            }
+            if has_shared(config) {
+                s.push(Step::Compute(key(ops::SHARED, l, f)));
+            }
+            queue.push(i);
+            queue.append(&mut in_flight);
+            continue;
+        }
         s.push(Step::Compute(key(ops::ATTN_1, l, f)));
         let attn_coll = key(ops::AR_ATTN, l, f);
         if split == Split::Tensor {

@@ -149,6 +149,7 @@ impl EpRank {
             comm,
             trace,
             phase: Phase::Forward,
+            hold_routed: false,
         };
         let model = &self.model;
         let mut halves = embed_halves(&ctx, model, input_ids, || EpInflight::None)?;
@@ -326,6 +327,7 @@ impl TpRank {
             comm,
             trace,
             phase: Phase::Forward,
+            hold_routed: false,
         };
         let model = &self.model;
         let mut halves = embed_halves(&ctx, model, input_ids, || TpInflight::None)?;
