@@ -467,16 +467,54 @@ pub struct EpPending {
     dims: [usize; 3],
 }
 
-/// A combine, issued or held back until [`RankSchedule::launch`].
-enum Combine {
+/// A combine, issued or held back until launched (the depth ≥ 2 dispatch-ahead order issues a layer's combine
+/// after the next layer's dispatch, so that it does not queue ahead of it on the rank's comm stream).
+pub(crate) enum Combine {
     InFlight(Pending<Tensor<2>>),
     Held {
         rows: Tensor<2>,
         plan: DispatchPlan,
         tag: CollectiveTag,
     },
-    /// Moved out by a launch in progress.
+    /// Moved out by a launch that failed.
     Taken,
+}
+
+impl Combine {
+    /// Issues the combine of `rows` now, or holds it back (`hold`) until [`Combine::launch`].
+    pub(crate) fn start<C: Communicator + ?Sized>(
+        comm: &C,
+        rows: Tensor<2>,
+        plan: DispatchPlan,
+        tag: CollectiveTag,
+        hold: bool,
+    ) -> Result<Self> {
+        Ok(if hold {
+            Self::Held { rows, plan, tag }
+        } else {
+            Self::InFlight(combine_start(comm, rows, plan, tag)?)
+        })
+    }
+
+    /// Issues a held combine; a no-op once issued.
+    pub(crate) fn launch<C: Communicator + ?Sized>(&mut self, comm: &C) -> Result<()> {
+        *self = match std::mem::replace(self, Self::Taken) {
+            Self::Held { rows, plan, tag } => Self::InFlight(combine_start(comm, rows, plan, tag)?),
+            other => other,
+        };
+        Ok(())
+    }
+
+    /// Issues the combine if it was held, and waits for it.
+    pub(crate) fn wait<C: Communicator + ?Sized>(mut self, comm: &C) -> Result<Tensor<2>> {
+        self.launch(comm)?;
+        match self {
+            Self::InFlight(p) => Ok(p.wait()?),
+            Self::Held { .. } | Self::Taken => Err(ScheduleError::Comm(
+                CommError::InvalidArgument("a combine whose launch failed was waited for".into()),
+            )),
+        }
+    }
 }
 
 impl EpRank {
@@ -598,12 +636,7 @@ impl RankSchedule for EpRank {
         let y = ctx.compute(Some(i), ops::EXPERTS, || {
             moe.experts.forward_grouped(inputs.tokens, &inputs.counts)
         });
-        let tag = ctx.tag(ops::COMBINE, i);
-        let combine = if ctx.hold_routed {
-            Combine::Held { rows: y, plan, tag }
-        } else {
-            Combine::InFlight(combine_start(ctx.comm, y, plan, tag)?)
-        };
+        let combine = Combine::start(ctx.comm, y, plan, ctx.tag(ops::COMBINE, i), ctx.hold_routed)?;
         let shared = ctx.compute(Some(i), ops::SHARED, || moe.shared(x2));
         let [b, t, h] = dims;
         Ok(PendingMoe {
@@ -621,25 +654,15 @@ impl RankSchedule for EpRank {
     const DISPATCH_AHEAD: bool = true;
 
     fn launch<C: Communicator + ?Sized>(&self, ctx: &Ctx<'_, C>, p: &mut EpPending) -> Result<()> {
-        p.combine = match std::mem::replace(&mut p.combine, Combine::Taken) {
-            Combine::Held { rows, plan, tag } => {
-                Combine::InFlight(combine_start(ctx.comm, rows, plan, tag)?)
-            }
-            other => other,
-        };
-        Ok(())
+        p.combine.launch(ctx.comm)
     }
 
     fn moe_finish<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        mut p: EpPending,
+        p: EpPending,
     ) -> Result<Tensor<3>> {
-        self.launch(ctx, &mut p)?;
-        let Combine::InFlight(combine) = p.combine else {
-            unreachable!("launch issues a held combine, and only a failed launch leaves it taken")
-        };
-        let slot_out = combine.wait()?;
+        let slot_out = p.combine.wait(ctx.comm)?;
         let [b, t, h] = p.dims;
         let layer = None;
         Ok(ctx.compute(layer, ops::COMBINE, || {

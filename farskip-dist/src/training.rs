@@ -27,7 +27,7 @@ use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, combine_start, dispatch_start};
-use crate::schedule::{Result, ScheduleError, ops};
+use crate::schedule::{Combine, Result, ScheduleError, ops};
 use crate::trace::{Phase, Trace};
 
 mod deep;
@@ -181,7 +181,7 @@ struct LayerTape {
 
 /// What a layer's forward leaves pending for the next one.
 struct Inflight {
-    combine: Pending<Tensor<2>>,
+    combine: Combine,
     residual: Tensor<3>,
     attn: Tensor<3>,
     shared: Option<Tensor<2>>,
@@ -597,7 +597,7 @@ impl EpTrainRank {
         let mut tapes: Vec<LayerTape> = Vec::with_capacity(self.model.layers.len());
         let join =
             |i: usize, p: Inflight, tapes: &mut Vec<LayerTape>| -> Result<(Tensor<3>, Tensor<3>)> {
-                let slot_out = p.combine.wait()?;
+                let slot_out = p.combine.wait(comm)?;
                 let gj = span(Some(i), ops::COMBINE, fwd);
                 let moe = self.moe(i);
                 let shape = p.residual.dims();
@@ -664,15 +664,16 @@ impl EpTrainRank {
                 &norm_src,
                 attn_in,
                 || match attn_out {
-                    Some(a) => a,
+                    Some(a) => Ok(a),
                     None => {
                         let g = span(Some(i), ops::ATTN_2, fwd);
                         let a = layer.attention.attend(qkv);
                         g.finish();
-                        a
+                        Ok(a)
                     }
                 },
                 blocking,
+                false,
             )?;
             // The join adds the MoE output to the stream the MoE read: R (FarSkip: `norm_src` is R) plus
             // attention's output, or the post-attention stream R' (stock: `norm_src` is R' and `attn` zero).
@@ -963,8 +964,8 @@ impl EpTrainRank {
     /// One MoE layer's forward on this rank from the stream its MoE reads (`moe_in`): norm, router and slot
     /// gather (each from a fresh leaf), the async dispatch, `during_dispatch` while it is in flight (attention
     /// part 2 under FarSkip; it returns attention's output), the routed experts on their owner, the async combine
-    /// (`blocking`: waited for at once) and the shared expert. Returns the layer's tape (with `attn_in`) and the
-    /// combine.
+    /// (`blocking`: waited for at once; `hold`: held back until [`Combine::launch`]) and the shared expert.
+    /// Returns the layer's tape (with `attn_in`) and the combine.
     #[allow(clippy::too_many_arguments)]
     fn moe_forward<C: Communicator + ?Sized>(
         &self,
@@ -973,9 +974,10 @@ impl EpTrainRank {
         i: usize,
         moe_in: &Tensor<3>,
         attn_in: Tensor<3>,
-        during_dispatch: impl FnOnce() -> Tensor<3>,
+        during_dispatch: impl FnOnce() -> Result<Tensor<3>>,
         blocking: bool,
-    ) -> Result<(PartialTape, Pending<Tensor<2>>)> {
+        hold: bool,
+    ) -> Result<(PartialTape, Combine)> {
         let (fwd, moe) = (Phase::Forward, self.moe(i));
         let span = |op: &'static str| trace.compute(self.rank, Some(i), op, fwd);
         let tag = |name: &'static str| CollectiveTag::new(name).at_layer(i).in_phase(fwd);
@@ -993,7 +995,7 @@ impl EpTrainRank {
             &plan.slot_experts,
             tag(ops::DISPATCH),
         )?;
-        let attn_out = during_dispatch();
+        let attn_out = during_dispatch()?;
         let (inputs, dplan) = dispatched.wait()?;
         let g = span(ops::EXPERTS);
         let expert_in = leaf(&inputs.tokens);
@@ -1001,10 +1003,18 @@ impl EpTrainRank {
             .experts
             .forward_grouped(expert_in.clone(), &inputs.counts);
         g.finish();
-        let combine = settled(
-            combine_start(comm, expert_out.clone().detach(), dplan, tag(ops::COMBINE))?,
-            blocking,
-        );
+        let combine = if blocking {
+            let rows = combine_start(comm, expert_out.clone().detach(), dplan, tag(ops::COMBINE))?;
+            Combine::InFlight(settled(rows, true))
+        } else {
+            Combine::start(
+                comm,
+                expert_out.clone().detach(),
+                dplan,
+                tag(ops::COMBINE),
+                hold,
+            )?
+        };
         let g = span(ops::SHARED);
         let shared_in = leaf(&norm_out.clone().detach());
         let shared_out = moe.shared(shared_in.clone());

@@ -260,8 +260,9 @@ pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Sch
 }
 
 /// The expert-parallel training step of one rank (forward, then backward with the gradient all-reduces on
-/// their own lane): FarSkip at the connectivity's depth d (the oldest of d combines in flight joins after
-/// attention part 1), every collective waited for at issue for the standard model. Dense layers run attention and their MLP with no collective.
+/// their own lane): FarSkip at the connectivity's depth d (depth 1: the previous combine joins after attention
+/// part 1; depth ≥ 2: the oldest of d combines joins before the router, which runs ahead of attention), every
+/// collective waited for at issue for the standard model. Dense layers run attention and their MLP with no collective.
 pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
     let depth = overlap_depth(conn);
     let farskip = depth > 0;
@@ -285,6 +286,39 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
     };
     for i in 0..layers {
         let l = Some(i);
+        if depth >= 2 && is_moe(config, i) {
+            // M_i does not read layer i's attention: route and dispatch first, attention while the dispatch is in
+            // flight, the previous layer's combine issued behind the dispatch (held back until then).
+            if inflight.len() >= depth
+                && let Some(k) = inflight.pop()
+            {
+                join(&mut s, k);
+            }
+            s.push(Step::Compute(key(ops::ROUTER, l, f)));
+            let d = key(ops::DISPATCH, l, f);
+            s.push(Step::Issue { key: d, channel: 0 });
+            if i > 0 && is_moe(config, i - 1) {
+                s.push(Step::Issue {
+                    key: key(ops::COMBINE, Some(i - 1), f),
+                    channel: 0,
+                });
+            }
+            s.push(Step::Compute(key(ops::ATTN_1, l, f)));
+            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+            s.push(Step::Wait(d));
+            s.push(Step::Compute(key(ops::EXPERTS, l, f)));
+            if i + 1 == layers || !is_moe(config, i + 1) {
+                s.push(Step::Issue {
+                    key: key(ops::COMBINE, l, f),
+                    channel: 0,
+                });
+            }
+            if has_shared(config) {
+                s.push(Step::Compute(key(ops::SHARED, l, f)));
+            }
+            inflight.insert(0, i);
+            continue;
+        }
         s.push(Step::Compute(key(ops::ATTN_1, l, f)));
         if farskip
             && inflight.len() >= depth

@@ -2,7 +2,10 @@
 //!
 //! The forward keeps up to d combines in flight per rank: layer i's attention reads the settled stream S_i;
 //! once d routed outputs are queued, the oldest, r_{i−d}, is waited for and joined into the MoE's input
-//! `M_i = S_i + r_{i−d}`; then `S_{i+1} = (M_i + a_i) + s_i` and r_i joins the queue. The final norm reads
+//! `M_i = S_i + r_{i−d}`; then `S_{i+1} = (M_i + a_i) + s_i` and r_i joins the queue. M_i does not read layer
+//! i's attention, so the layer routes and dispatches first and runs its whole attention while the dispatch is in
+//! flight; its combine is held back and issued right after the next layer's dispatch, so that it does not queue
+//! ahead of that dispatch on the rank's comm stream. The final norm reads
 //! `R = S_L + Σ queue` (newest first) — the model's additions in the model's order.
 //!
 //! The backward is segmented as at depth 1, but the stream additions are linear and handled by hand: the
@@ -21,13 +24,13 @@ use super::{
 };
 use crate::comm::{CollectiveTag, Communicator, Pending};
 use crate::dispatch::combine_start;
-use crate::schedule::{ScheduleError, ops};
+use crate::schedule::{Combine, ScheduleError, ops};
 use crate::trace::{Phase, Trace};
 
 /// A routed output in flight: its combine and the routing weights it is joined with.
 struct InFlight {
     layer: usize,
-    combine: Pending<Tensor<2>>,
+    combine: Combine,
     weights: Tensor<2>,
 }
 
@@ -84,7 +87,7 @@ impl EpTrainRank {
         let mut tapes: Vec<DeepTape> = Vec::with_capacity(layers);
         // Waits for a routed output, joins it (r = weighted sum of its slot outputs) and records the join.
         let join = |p: InFlight, tapes: &mut Vec<DeepTape>| -> Result<Tensor<3>> {
-            let slot_out = p.combine.wait()?;
+            let slot_out = p.combine.wait(comm)?;
             let gj = span(Some(p.layer), ops::COMBINE, fwd);
             let (y, w) = (leaf(&slot_out), leaf(&p.weights));
             let routing = ModelRouting {
@@ -100,12 +103,8 @@ impl EpTrainRank {
             Ok(routed.detach())
         };
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let g = span(Some(i), ops::ATTN_1, fwd);
-            let attn_in = leaf(&settled);
-            let qkv = layer
-                .attention
-                .project(layer.input_norm.forward(attn_in.clone()), 0, None);
-            g.finish();
+            // M_i does not read layer i's attention: route and dispatch first, run the whole attention while the
+            // dispatch is in flight, and issue the previous layer's combine (held back) behind the dispatch.
             let (m, settled_from) = if queue.len() >= depth {
                 let oldest = queue.pop().expect("queue holds depth outputs");
                 let from = oldest.layer;
@@ -113,19 +112,29 @@ impl EpTrainRank {
             } else {
                 (settled.clone(), None)
             };
+            let attn_in = leaf(&settled);
             let (part, combine) = self.moe_forward(
                 comm,
                 trace,
                 i,
                 &m,
-                attn_in,
+                attn_in.clone(),
                 || {
+                    for p in queue.iter_mut() {
+                        p.combine.launch(comm)?;
+                    }
+                    let g = span(Some(i), ops::ATTN_1, fwd);
+                    let qkv = layer
+                        .attention
+                        .project(layer.input_norm.forward(attn_in), 0, None);
+                    g.finish();
                     let g = span(Some(i), ops::ATTN_2, fwd);
                     let a = layer.attention.attend(qkv);
                     g.finish();
-                    a
+                    Ok(a)
                 },
                 false,
+                i + 1 < layers,
             )?;
             // S_{i+1} = (M_i + a_i) + s_i.
             let post_attention = m + part.attn_out.clone().detach();
