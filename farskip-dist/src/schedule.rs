@@ -471,11 +471,8 @@ pub struct EpPending {
 /// after the next layer's dispatch, so that it does not queue ahead of it on the rank's comm stream).
 pub(crate) enum Combine {
     InFlight(Pending<Tensor<2>>),
-    Held {
-        rows: Tensor<2>,
-        plan: DispatchPlan,
-        tag: CollectiveTag,
-    },
+    /// The expert outputs, their plan and the collective's tag.
+    Held(Box<(Tensor<2>, DispatchPlan, CollectiveTag)>),
     /// Moved out by a launch that failed.
     Taken,
 }
@@ -490,7 +487,7 @@ impl Combine {
         hold: bool,
     ) -> Result<Self> {
         Ok(if hold {
-            Self::Held { rows, plan, tag }
+            Self::Held(Box::new((rows, plan, tag)))
         } else {
             Self::InFlight(combine_start(comm, rows, plan, tag)?)
         })
@@ -499,7 +496,10 @@ impl Combine {
     /// Issues a held combine; a no-op once issued.
     pub(crate) fn launch<C: Communicator + ?Sized>(&mut self, comm: &C) -> Result<()> {
         *self = match std::mem::replace(self, Self::Taken) {
-            Self::Held { rows, plan, tag } => Self::InFlight(combine_start(comm, rows, plan, tag)?),
+            Self::Held(held) => {
+                let (rows, plan, tag) = *held;
+                Self::InFlight(combine_start(comm, rows, plan, tag)?)
+            }
             other => other,
         };
         Ok(())
@@ -510,9 +510,9 @@ impl Combine {
         self.launch(comm)?;
         match self {
             Self::InFlight(p) => Ok(p.wait()?),
-            Self::Held { .. } | Self::Taken => Err(ScheduleError::Comm(
-                CommError::InvalidArgument("a combine whose launch failed was waited for".into()),
-            )),
+            Self::Held(_) | Self::Taken => Err(ScheduleError::Comm(CommError::InvalidArgument(
+                "a combine whose launch failed was waited for".into(),
+            ))),
         }
     }
 }
