@@ -99,7 +99,8 @@ fn run(
     } else {
         println!(
             "{:?} world {} comm_ratio {}: blocking {:.1} ms, {} {:.1} ms ({:.2}x), overlap {:.1}% (blocking {:.1}%), \
-             two-micro-batch {:.1} ms (overlap {:.1}%), compute bound {:.1} ms, exposed comm {:.1} ms (waiting for a \
+             two-micro-batch {:.1} ms (overlap {:.1}%), farskip+tbo {:.1} ms (overlap {:.1}%), compute bound {:.1} ms, \
+             exposed comm {:.1} ms (waiting for a \
              later peer {:.1} ms), max |diff| {:.2e}",
             report.parallel,
             report.world,
@@ -112,6 +113,8 @@ fn run(
             report.blocking_overlap_pct,
             report.tbo_ms,
             report.tbo_overlap_pct,
+            report.farskip_tbo_ms,
+            report.farskip_tbo_overlap_pct,
             report.compute_ms,
             report.exposed_ms,
             report.peer_wait_ms,

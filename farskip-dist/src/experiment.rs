@@ -126,7 +126,8 @@ fn check_world(backend: &Backend, world: usize) -> Result<(), RunError> {
 pub enum ForwardSchedule {
     /// The model's connectivity decides: blocking for standard, overlapped for FarSkip at any depth.
     Connectivity,
-    /// Two-micro-batch overlap ([`EpRank::forward_tbo`], [`TpRank::forward_tbo`]; standard connectivity).
+    /// Two-micro-batch overlap ([`EpRank::forward_tbo`], [`TpRank::forward_tbo`]; standard connectivity, or
+    /// FarSkip at skip depth 1: `farskip+tbo`).
     TwoMicroBatch,
 }
 
@@ -390,6 +391,13 @@ pub struct OverlapReport {
     pub tbo_overlap_pct: f64,
     /// Max |TBO logits − single-rank standard logits|.
     pub tbo_max_abs_diff: f64,
+    /// FarSkip (skip depth 1, all layers) with two-micro-batch overlap on top (`farskip+tbo`): the median wall
+    /// time of the same paired repeats, ms.
+    pub farskip_tbo_ms: f64,
+    /// `farskip+tbo`: share of comm time covered by the same rank's compute.
+    pub farskip_tbo_overlap_pct: f64,
+    /// Max |`farskip+tbo` logits − single-rank FarSkip logits|.
+    pub farskip_tbo_max_abs_diff: f64,
     /// The overlapped run's connectivity.
     pub connectivity: String,
     /// Max |distributed standard logits − single-rank standard logits|.
@@ -667,6 +675,10 @@ pub fn overlap_inference_on(
         .clone()
         .with_connectivity(Connectivity::Standard)?
         .forward_unchecked(ids.clone(), None);
+    let reference_farskip = model
+        .clone()
+        .with_connectivity(Connectivity::farskip())?
+        .forward_unchecked(ids.clone(), None);
     let ep = cfg.parallel == Parallel::Expert && model.config().moe.is_some();
     let (model, expert_placement, load_imbalance) = if ep {
         // The imbalance is reported on the measured batch.
@@ -728,16 +740,19 @@ pub fn overlap_inference_on(
         logits: Tensor<3>,
         window_ms: f64,
     }
-    let (mut farskip_runs, mut blocking_runs, mut tbo_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut farskip_runs, mut blocking_runs, mut tbo_runs, mut farskip_tbo_runs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.repeats {
         let win = min_windows(&[free_pass()?, free_pass()?]);
         let window_ms = win.values().map(Duration::as_secs_f64).sum::<f64>() * 1e3;
         let win = Arc::new(win);
-        // FarSkip, the blocking baseline and two-micro-batch overlap back to back on this repeat's link.
+        // FarSkip, the blocking baseline, two-micro-batch overlap and FarSkip + two micro-batches back to back on
+        // this repeat's link.
         for (m, schedule, out) in [
             (&measured, ForwardSchedule::Connectivity, &mut farskip_runs),
             (&standard, ForwardSchedule::Connectivity, &mut blocking_runs),
             (&standard, ForwardSchedule::TwoMicroBatch, &mut tbo_runs),
+            (&farskip, ForwardSchedule::TwoMicroBatch, &mut farskip_tbo_runs),
         ] {
             let trace = Trace::new();
             let (logits, wall) = run_forward_scheduled(
@@ -768,6 +783,7 @@ pub fn overlap_inference_on(
     let blocking = median(blocking_runs);
     let fs = median(farskip_runs);
     let tbo = median(tbo_runs);
+    let farskip_tbo = median(farskip_tbo_runs);
     let (blocking_ms, blocking_trace, blocking_logits) =
         (blocking.wall_ms, blocking.trace, blocking.logits);
     let (farskip_ms, trace, farskip_logits, window_ms) =
@@ -797,11 +813,24 @@ pub fn overlap_inference_on(
         tbo_ms: tbo.wall_ms,
         tbo_overlap_pct: overlap_pct(&tbo.trace, Phase::Forward).unwrap_or(0.0),
         tbo_max_abs_diff: max_abs_diff(tbo.logits, reference_std),
+        farskip_tbo_ms: farskip_tbo.wall_ms,
+        farskip_tbo_overlap_pct: overlap_pct(&farskip_tbo.trace, Phase::Forward).unwrap_or(0.0),
+        farskip_tbo_max_abs_diff: max_abs_diff(farskip_tbo.logits, reference_farskip),
         expert_placement,
         load_imbalance,
         trace,
         blocking_trace,
     })
+}
+
+/// How a training step is scheduled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TrainSchedule {
+    /// The model's connectivity decides (standard: blocking; FarSkip: overlapped at its depth).
+    Connectivity,
+    /// Two-micro-batch overlap (standard connectivity): one sequence computes while the other's collectives
+    /// are in flight.
+    TwoMicroBatch,
 }
 
 /// Settings of the overlapped-training experiment.
@@ -813,8 +842,12 @@ pub struct TrainingConfig {
     pub steps: usize,
     /// Collective time as a multiple of its overlap window (forward and backward).
     pub comm_ratio: f64,
-    /// Tokens per rank per step (one sequence per rank).
+    /// Tokens per rank per step: two sequences of `tokens / 2` per rank, so that two-micro-batch overlap can
+    /// run one sequence while the other's collectives are in flight (every schedule trains the same windows).
     pub tokens: usize,
+    /// Repeats: each calibrates the link afresh and trains FarSkip, the blocking baseline and two-micro-batch
+    /// overlap back to back on it (`steps` steps each); each schedule reports its repeat with the median step.
+    pub repeats: usize,
     /// AdamW learning rate.
     pub lr: f64,
     /// Seed of the token windows.
@@ -848,6 +881,20 @@ pub struct TrainingReport {
     pub blocking_step_ms: f64,
     /// FarSkip, overlapped schedule: the step with the median wall time, ms.
     pub farskip_step_ms: f64,
+    /// Two-micro-batch overlap on standard connectivity (the schedule-only baseline): the median step, ms.
+    pub tbo_step_ms: f64,
+    /// Two-micro-batch overlap: share of comm time covered by compute, forward and backward together.
+    pub tbo_overlap_pct: f64,
+    /// Two-micro-batch overlap: forward share.
+    pub tbo_fwd_overlap_pct: f64,
+    /// Two-micro-batch overlap: backward share.
+    pub tbo_bwd_overlap_pct: f64,
+    /// Max |TBO loss − single-rank standard loss| over the steps.
+    pub tbo_loss_max_abs_diff: f64,
+    /// [`TrainingReport::grad_max_rel_diff`] of two-micro-batch overlap against the single-rank standard model.
+    pub tbo_grad_max_rel_diff: f64,
+    /// Repeats run (see [`TrainingConfig::repeats`]).
+    pub repeats: usize,
     /// The busiest rank's compute in that FarSkip step.
     pub compute_step_ms: f64,
     /// `blocking_step_ms / farskip_step_ms`.
@@ -1029,10 +1076,11 @@ fn ep_train(
     cfg: &TrainingConfig,
     windows_per_step: &[Tensor<2, Int>],
     link: LinkModel,
+    schedule: TrainSchedule,
 ) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
     #[cfg(feature = "mpi")]
     if let Backend::Mpi(mpi) = backend {
-        return ep_train_mpi(mpi, model, cfg, windows_per_step, link);
+        return ep_train_mpi(mpi, model, cfg, windows_per_step, link, schedule);
     }
     let _ = backend;
     let world = cfg.world;
@@ -1064,6 +1112,7 @@ fn ep_train(
             comm,
             &grad_comm,
             trace,
+            schedule,
             || {
                 // Every rank's spans of this step are in (the loss all-reduce follows them all): keep a copy
                 // before any rank clears the trace for the next step.
@@ -1129,6 +1178,7 @@ fn train_rank<C: Communicator + ?Sized, G: Communicator + ?Sized>(
     comm: &C,
     grad_comm: &G,
     trace: &Trace,
+    schedule: TrainSchedule,
     mut after_step: impl FnMut() -> Result<(), ScheduleError>,
 ) -> Result<(Vec<f64>, NamedGrads, Vec<f64>), ScheduleError> {
     use burn::optim::AdamWConfig;
@@ -1143,13 +1193,14 @@ fn train_rank<C: Communicator + ?Sized, G: Communicator + ?Sized>(
         comm.barrier(CollectiveTag::new("step_start")).wait()?;
         let t0 = Instant::now();
         let rows = w.dims()[0] / world;
-        let step = rank.step_on(
-            comm,
-            grad_comm,
-            trace,
-            w.clone().narrow(0, r * rows, rows),
-            &crate::training::Objective::CrossEntropy,
-        )?;
+        let mine = w.clone().narrow(0, r * rows, rows);
+        let objective = crate::training::Objective::CrossEntropy;
+        let step = match schedule {
+            TrainSchedule::Connectivity => rank.step_on(comm, grad_comm, trace, mine, &objective)?,
+            TrainSchedule::TwoMicroBatch => {
+                rank.step_tbo_on(comm, grad_comm, trace, mine, &objective)?
+            }
+        };
         walls.push(t0.elapsed().as_secs_f64() * 1e3);
         let total = comm
             .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
@@ -1176,6 +1227,7 @@ fn ep_train_mpi(
     cfg: &TrainingConfig,
     windows_per_step: &[Tensor<2, Int>],
     link: LinkModel,
+    schedule: TrainSchedule,
 ) -> Result<(Vec<f64>, Vec<NamedGrads>, TimedStep), RunError> {
     use crate::comm::LinkedComm;
     let rank = mpi.rank();
@@ -1190,6 +1242,7 @@ fn ep_train_mpi(
         &comm,
         &grad_comm,
         trace,
+        schedule,
         || {
             backend::mpi_ranks::gather_trace(&mpi.plain, trace)?;
             traces.push(Trace::from_spans(trace.spans()));
@@ -1371,10 +1424,13 @@ pub fn overlap_training_on(
     cfg: &TrainingConfig,
 ) -> Result<TrainingReport, RunError> {
     check_world(backend, cfg.world)?;
-    if cfg.world == 0 || cfg.steps == 0 || cfg.tokens == 0 {
-        return Err(RunError::Invalid(
-            "world, steps and tokens must be > 0".into(),
-        ));
+    if cfg.world == 0 || cfg.steps == 0 || cfg.repeats == 0 || cfg.tokens < 2 || cfg.tokens % 2 != 0
+    {
+        return Err(RunError::Invalid(format!(
+            "world, steps and repeats must be > 0 and tokens even and >= 2 (two sequences per rank), got world \
+             {}, steps {}, repeats {}, tokens {}",
+            cfg.world, cfg.steps, cfg.repeats, cfg.tokens
+        )));
     }
     let device = model
         .devices()
@@ -1382,11 +1438,12 @@ pub fn overlap_training_on(
         .cloned()
         .unwrap_or_else(Device::flex);
     let vocab = model.config().vocab_size;
+    // Two sequences per rank (rows r·2 and r·2 + 1 go to rank r).
     let windows_per_step: Vec<Tensor<2, Int>> = (0..cfg.steps)
         .map(|s| {
             random_ids(
-                cfg.world,
-                cfg.tokens + 1,
+                2 * cfg.world,
+                cfg.tokens / 2 + 1,
                 vocab,
                 cfg.seed + s as u64,
                 &device,
@@ -1413,47 +1470,79 @@ pub fn overlap_training_on(
     let measured = model.clone().with_connectivity(cfg.connectivity.clone())?;
     let standard = model.clone().with_connectivity(Connectivity::Standard)?;
     let (ref_losses, ref_grads) = reference_train(&measured, cfg, &windows_per_step);
+    let (std_losses, std_grads) = reference_train(&standard, cfg, &windows_per_step);
 
-    // Calibrate the windows with a free link (a one-step warm-up, then one measured step).
+    // Every repeat calibrates the link afresh — each collective's depth-1 FarSkip window with a free link, the
+    // minimum over two one-step passes — and trains FarSkip, the blocking baseline and two-micro-batch overlap
+    // back to back on it, so the three compare at the same machine speed. The embedding/head gradient
+    // all-reduce has no window in the FarSkip schedule (it is waited for at the end of the step), so it gets no
+    // link time in any schedule: it is charged equally (zero) to all three.
     let calib = &windows_per_step[..1];
-    let mut runs = Vec::new();
-    for pass in 0..4 {
-        let one = TrainingConfig {
-            steps: 1,
-            ..cfg.clone()
-        };
-        let (_, _, (_, step)) = ep_train(backend, &farskip, &one, calib, LinkModel::instant())?;
-        if pass > 0 {
-            runs.push(windows_training(&step, cfg.world, model.layers.len()));
+    let one = TrainingConfig {
+        steps: 1,
+        ..cfg.clone()
+    };
+    let calibrate_pass = || -> Result<Windows, RunError> {
+        let (_, _, (_, step)) = ep_train(
+            backend,
+            &farskip,
+            &one,
+            calib,
+            LinkModel::instant(),
+            TrainSchedule::Connectivity,
+        )?;
+        Ok(windows_training(&step, cfg.world, model.layers.len()))
+    };
+    calibrate_pass()?; // warm-up
+    struct Repeat {
+        step_ms: f64,
+        trace: Trace,
+        losses: Vec<f64>,
+        grads: Vec<NamedGrads>,
+    }
+    let (mut farskip_runs, mut blocking_runs, mut tbo_runs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..cfg.repeats {
+        let win = Arc::new(min_windows(&[calibrate_pass()?, calibrate_pass()?]));
+        for (m, schedule, out) in [
+            (&measured, TrainSchedule::Connectivity, &mut farskip_runs),
+            (&standard, TrainSchedule::Connectivity, &mut blocking_runs),
+            (&standard, TrainSchedule::TwoMicroBatch, &mut tbo_runs),
+        ] {
+            let (losses, grads, (step_ms, trace)) = ep_train(
+                backend,
+                m,
+                cfg,
+                &windows_per_step,
+                calibrated_link(win.clone(), cfg.comm_ratio),
+                schedule,
+            )?;
+            out.push(Repeat {
+                step_ms,
+                trace,
+                losses,
+                grads,
+            });
         }
     }
-    let win = Arc::new(min_windows(&runs));
-
-    let (losses, grads, (farskip_step_ms, trace)) = ep_train(
-        backend,
-        &measured,
-        cfg,
-        &windows_per_step,
-        calibrated_link(win.clone(), cfg.comm_ratio),
-    )?;
-    let (_, _, (blocking_step_ms, blocking_trace)) = ep_train(
-        backend,
-        &standard,
-        cfg,
-        &windows_per_step,
-        calibrated_link(win, cfg.comm_ratio),
-    )?;
+    let median = |mut runs: Vec<Repeat>| -> Repeat {
+        runs.sort_by(|a, b| a.step_ms.total_cmp(&b.step_ms));
+        runs.swap_remove(runs.len() / 2)
+    };
+    let fs = median(farskip_runs);
+    let blocking = median(blocking_runs);
+    let tbo = median(tbo_runs);
+    let (losses, grads, farskip_step_ms, trace) = (fs.losses, fs.grads, fs.step_ms, fs.trace);
+    let (blocking_step_ms, blocking_trace) = (blocking.step_ms, blocking.trace);
     let compute = max_over_ranks(cfg.world, |r| {
         compute_time(&trace, r, Phase::Forward) + compute_time(&trace, r, Phase::Backward)
     });
     let compute_step_ms = compute.as_secs_f64() * 1e3;
-    let blocking_overlap = {
-        let f = hidden_comm_time;
+    let both_phases = |t: &Trace| {
         let (mut hidden, mut total) = (Duration::ZERO, Duration::ZERO);
         for r in 0..cfg.world {
             for p in [Phase::Forward, Phase::Backward] {
-                hidden += f(&blocking_trace, r, p);
-                total += comm_time(&blocking_trace, r, p);
+                hidden += hidden_comm_time(t, r, p);
+                total += comm_time(t, r, p);
             }
         }
         if total.is_zero() {
@@ -1462,7 +1551,9 @@ pub fn overlap_training_on(
             100.0 * hidden.as_secs_f64() / total.as_secs_f64()
         }
     };
+    let blocking_overlap = both_phases(&blocking_trace);
     let grad_diff = grad_rel_diff(model, cfg.world, &ref_grads, &grads);
+    let tbo_grad_diff = grad_rel_diff(model, cfg.world, &std_grads, &tbo.grads);
     let blocking_grad_allreduce_ms = {
         let spans = blocking_trace.spans();
         max_over_ranks(cfg.world, |r| {
@@ -1489,6 +1580,13 @@ pub fn overlap_training_on(
         blocking_overlap_pct: blocking_overlap,
         blocking_step_ms,
         farskip_step_ms,
+        tbo_step_ms: tbo.step_ms,
+        tbo_overlap_pct: both_phases(&tbo.trace),
+        tbo_fwd_overlap_pct: overlap_pct(&tbo.trace, Phase::Forward).unwrap_or(0.0),
+        tbo_bwd_overlap_pct: overlap_pct(&tbo.trace, Phase::Backward).unwrap_or(0.0),
+        tbo_loss_max_abs_diff: farskip_model::compare::max_abs_diff(&tbo.losses, &std_losses),
+        tbo_grad_max_rel_diff: tbo_grad_diff.0,
+        repeats: cfg.repeats,
         compute_step_ms,
         speedup: blocking_step_ms / farskip_step_ms,
         blocking_grad_allreduce_ms,

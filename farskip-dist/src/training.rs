@@ -31,6 +31,7 @@ use crate::schedule::{Combine, Result, ScheduleError, ops};
 use crate::trace::{Phase, Trace};
 
 mod deep;
+mod tbo;
 
 /// Names of the backward intervals in traces.
 pub mod bwd_ops {
@@ -52,6 +53,10 @@ pub mod bwd_ops {
     pub const DISPATCH_BWD: &str = "dispatch_bwd";
     /// All-reduce of replicated gradients.
     pub const GRAD_ALLREDUCE: &str = "grad_allreduce";
+    /// Two-micro-batch overlap: the backward of half 0's / half 1's Combine (each half of [`COMBINE_BWD`]).
+    pub const COMBINE_BWD_MB: [&str; 2] = ["combine_bwd.mb0", "combine_bwd.mb1"];
+    /// Two-micro-batch overlap: the backward of half 0's / half 1's Dispatch (each half of [`DISPATCH_BWD`]).
+    pub const DISPATCH_BWD_MB: [&str; 2] = ["dispatch_bwd.mb0", "dispatch_bwd.mb1"];
 }
 
 /// How many layers' output streams the KL + L2 baseline compares with the teacher's: the intermediate ones,
@@ -209,6 +214,17 @@ struct PartialTape {
     expert_in: Tensor<2>,
     expert_out: Tensor<2>,
     slot_experts: Vec<usize>,
+}
+
+/// An MoE layer's forward up to its dispatch (in flight), kept for [`EpTrainRank::moe_end`].
+struct MoeBegun {
+    norm_in: Tensor<3>,
+    norm_out: Tensor<2>,
+    router_in: Tensor<2>,
+    slots: Tensor<2>,
+    weights: Tensor<2>,
+    slot_experts: Vec<usize>,
+    dispatched: Pending<(crate::dispatch::ExpertInputs, DispatchPlan)>,
 }
 
 /// The result of one rank's step.
@@ -978,10 +994,32 @@ impl EpTrainRank {
         blocking: bool,
         hold: bool,
     ) -> Result<(PartialTape, Combine)> {
+        let begun = self.moe_begin(comm, trace, i, moe_in, ops::DISPATCH)?;
+        let attn_out = during_dispatch()?;
+        self.moe_end(
+            comm,
+            trace,
+            i,
+            begun,
+            (attn_in, attn_out),
+            ops::COMBINE,
+            blocking,
+            hold,
+        )
+    }
+
+    /// The first part of [`EpTrainRank::moe_forward`]: norm, router and slot gather (each from a fresh leaf) and
+    /// the async dispatch, tagged `dispatch`.
+    fn moe_begin<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        i: usize,
+        moe_in: &Tensor<3>,
+        dispatch: &'static str,
+    ) -> Result<MoeBegun> {
         let (fwd, moe) = (Phase::Forward, self.moe(i));
-        let span = |op: &'static str| trace.compute(self.rank, Some(i), op, fwd);
-        let tag = |name: &'static str| CollectiveTag::new(name).at_layer(i).in_phase(fwd);
-        let g = span(ops::ROUTER);
+        let g = trace.compute(self.rank, Some(i), ops::ROUTER, fwd);
         let norm_in = leaf(moe_in);
         let norm_out = flat3(self.model.layers[i].post_norm.forward(norm_in.clone()));
         let router_in = leaf(&norm_out);
@@ -993,9 +1031,47 @@ impl EpTrainRank {
             comm,
             slots.clone().detach(),
             &plan.slot_experts,
-            tag(ops::DISPATCH),
+            CollectiveTag::new(dispatch).at_layer(i).in_phase(fwd),
         )?;
-        let attn_out = during_dispatch()?;
+        Ok(MoeBegun {
+            norm_in,
+            norm_out,
+            router_in,
+            slots,
+            weights: routing.weights,
+            slot_experts: plan.slot_experts,
+            dispatched,
+        })
+    }
+
+    /// The second part of [`EpTrainRank::moe_forward`]: waits for the dispatch, runs the routed experts on their
+    /// owner, starts the combine (tagged `combine`; `blocking`: waited for at once; `hold`: held back until
+    /// [`Combine::launch`]) and runs the shared expert. `attention` is attention's `(input leaf, output)` for the
+    /// tape.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_end<C: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        trace: &Trace,
+        i: usize,
+        begun: MoeBegun,
+        attention: (Tensor<3>, Tensor<3>),
+        combine: &'static str,
+        blocking: bool,
+        hold: bool,
+    ) -> Result<(PartialTape, Combine)> {
+        let (fwd, moe) = (Phase::Forward, self.moe(i));
+        let span = |op: &'static str| trace.compute(self.rank, Some(i), op, fwd);
+        let tag = CollectiveTag::new(combine).at_layer(i).in_phase(fwd);
+        let MoeBegun {
+            norm_in,
+            norm_out,
+            router_in,
+            slots,
+            weights,
+            slot_experts,
+            dispatched,
+        } = begun;
         let (inputs, dplan) = dispatched.wait()?;
         let g = span(ops::EXPERTS);
         let expert_in = leaf(&inputs.tokens);
@@ -1004,21 +1080,16 @@ impl EpTrainRank {
             .forward_grouped(expert_in.clone(), &inputs.counts);
         g.finish();
         let combine = if blocking {
-            let rows = combine_start(comm, expert_out.clone().detach(), dplan, tag(ops::COMBINE))?;
+            let rows = combine_start(comm, expert_out.clone().detach(), dplan, tag)?;
             Combine::InFlight(settled(rows, true))
         } else {
-            Combine::start(
-                comm,
-                expert_out.clone().detach(),
-                dplan,
-                tag(ops::COMBINE),
-                hold,
-            )?
+            Combine::start(comm, expert_out.clone().detach(), dplan, tag, hold)?
         };
         let g = span(ops::SHARED);
         let shared_in = leaf(&norm_out.clone().detach());
         let shared_out = moe.shared(shared_in.clone());
         g.finish();
+        let (attn_in, attn_out) = attention;
         let tape = PartialTape {
             attn_in,
             attn_out,
@@ -1026,12 +1097,12 @@ impl EpTrainRank {
             norm_out,
             router_in,
             slots,
-            weights: routing.weights,
+            weights,
             shared_in,
             shared_out,
             expert_in,
             expert_out,
-            slot_experts: plan.slot_experts,
+            slot_experts,
         };
         Ok((tape, combine))
     }

@@ -19,9 +19,13 @@ use burn::prelude::*;
 use farskip_model::attention::LayerKvCache;
 use farskip_model::model::Ffn;
 use farskip_model::moe::{Routing as ModelRouting, SlotPlan};
+use farskip_model::connectivity::{FfnInput, Residual};
 use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
 
-use super::{Ctx, EpRank, Result, ScheduleError, TpRank, all_reduce_tensor, flat, from_host, ops};
+use super::{
+    Ctx, EpRank, Result, ScheduleError, TpRank, all_reduce_tensor, flat, from_host, ops,
+    overlappable,
+};
 use crate::comm::{Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
 use crate::trace::{Phase, Trace};
@@ -46,16 +50,18 @@ pub mod tbo_ops {
     }
 }
 
-/// Refuses a connectivity other than standard: two-micro-batch overlap is the schedule-only baseline.
-fn standard_only(model: &Model) -> Result<()> {
+/// Refuses a connectivity two-micro-batch overlap does not run: it runs standard connectivity (the
+/// schedule-only baseline) and FarSkip at skip depth 1 (`farskip+tbo`), not deeper skips.
+fn depth_one(model: &Model) -> Result<()> {
     match model.connectivity() {
-        Connectivity::Standard => Ok(()),
-        other => Err(ScheduleError::Model(ModelError::InvalidConnectivity {
-            spec: other.to_string(),
-            message:
-                "two-micro-batch overlap runs standard connectivity (the schedule-only baseline)"
+        other @ Connectivity::FarSkip(_) if other.depth().is_some_and(|d| d > 1) => {
+            Err(ScheduleError::Model(ModelError::InvalidConnectivity {
+                spec: other.to_string(),
+                message: "two-micro-batch overlap runs standard connectivity or FarSkip at skip depth 1"
                     .into(),
-        })),
+            }))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -97,7 +103,8 @@ enum EpInflight {
 }
 
 struct Half<I> {
-    h: Tensor<3>,
+    /// The layer input once nothing is in flight.
+    state: Residual,
     offset: usize,
     inflight: I,
 }
@@ -109,9 +116,9 @@ fn embed_halves<C: Communicator + ?Sized, I>(
     input_ids: Tensor<2, Int>,
     nothing_in_flight: impl Fn() -> I,
 ) -> Result<[Half<I>; 2]> {
-    standard_only(model)?;
+    depth_one(model)?;
     Ok(halves(input_ids)?.map(|(ids, offset)| Half {
-        h: ctx.compute(None, ops::HEAD, || model.embed(ids)),
+        state: Residual::Plain(ctx.compute(None, ops::HEAD, || model.embed(ids))),
         offset,
         inflight: nothing_in_flight(),
     }))
@@ -163,19 +170,20 @@ impl EpRank {
             }
         }
         head(&ctx, model, halves, |half| {
-            self.tbo_settle(&ctx, half.h, half.inflight)
+            Ok(self.tbo_settle(&ctx, half.state, half.inflight)?.full())
         })
     }
 
-    /// Waits for a half's combine and adds the MoE output to its stream: `R' + (r + s)`.
+    /// Waits for a half's combine and forms the layer's output state (standard: `R' + (r + s)`; FarSkip: that
+    /// and the routed-free stream).
     fn tbo_settle<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        h: Tensor<3>,
+        state: Residual,
         inflight: EpInflight,
-    ) -> Result<Tensor<3>> {
+    ) -> Result<Residual> {
         match inflight {
-            EpInflight::None => Ok(h),
+            EpInflight::None => Ok(state),
             EpInflight::Combining {
                 layer,
                 combine,
@@ -191,14 +199,12 @@ impl EpRank {
                 let routed = ctx.compute(Some(layer), ops::COMBINE, || {
                     moe.combine_slots(slot_out, &routing).reshape(dims)
                 });
-                Ok(Connectivity::Standard
-                    .moe_output(
-                        post_attention,
-                        routed,
-                        shared.map(|s| s.reshape(dims)),
-                        Vec::new(),
-                    )
-                    .full())
+                Ok(self.model.connectivity().moe_output(
+                    post_attention,
+                    routed,
+                    shared.map(|s| s.reshape(dims)),
+                    Vec::new(),
+                ))
             }
             EpInflight::Dispatched { .. } => unreachable!("stage 1 always follows stage 0"),
         }
@@ -215,28 +221,51 @@ impl EpRank {
         cache: &mut LayerKvCache,
     ) -> Result<()> {
         let i = layer.index();
+        let conn = self.model.connectivity();
         let inflight = std::mem::replace(&mut half.inflight, EpInflight::None);
-        let r = self.tbo_settle(ctx, half.h.clone(), inflight)?;
-        let post_attention = ctx.compute(Some(i), ops::ATTN, || {
-            let a = layer.attention.forward(
-                layer.input_norm.forward(r.clone()),
-                half.offset,
-                Some(cache),
-            );
-            r + a
-        });
+        let attend = |x: Tensor<3>, cache: &mut LayerKvCache| {
+            ctx.compute(Some(i), ops::ATTN, || {
+                layer
+                    .attention
+                    .forward(layer.input_norm.forward(x), half.offset, Some(cache))
+            })
+        };
+        // FarSkip: attention reads the routed-free stream, known while the previous combine is in flight.
+        let (a, inputs) = match &inflight {
+            EpInflight::Combining {
+                post_attention,
+                shared,
+                ..
+            } if overlappable(conn, i) => {
+                let routed_free = match shared {
+                    Some(s) => post_attention.clone() + s.clone().reshape(post_attention.dims()),
+                    None => post_attention.clone(),
+                };
+                let a = attend(routed_free, cache);
+                let state = self.tbo_settle(ctx, half.state.clone(), inflight)?;
+                (a, conn.layer_inputs(i, state))
+            }
+            _ => {
+                let state = self.tbo_settle(ctx, half.state.clone(), inflight)?;
+                let inputs = conn.layer_inputs(i, state);
+                (attend(inputs.attn_in.clone(), cache), inputs)
+            }
+        };
+        let post_attention = inputs.residual + a;
+        let ffn_in = match inputs.ffn_in {
+            FfnInput::PostAttention => post_attention.clone(),
+            FfnInput::PreAttention(m) => m,
+        };
         match &layer.ffn {
             Ffn::Dense(mlp) => {
-                half.h = ctx.compute(Some(i), ops::MLP, || {
-                    let y = mlp.forward(layer.post_norm.forward(post_attention.clone()));
-                    Connectivity::Standard
-                        .dense_output(post_attention, y, Vec::new())
-                        .full()
+                half.state = ctx.compute(Some(i), ops::MLP, || {
+                    let y = mlp.forward(layer.post_norm.forward(ffn_in));
+                    conn.dense_output(post_attention, y, Vec::new())
                 });
             }
             Ffn::Moe(moe) => {
                 let (x, _) = ctx.compute(Some(i), ops::ROUTER, || {
-                    flat(layer.post_norm.forward(post_attention.clone()))
+                    flat(layer.post_norm.forward(ffn_in))
                 });
                 let (routing, dispatch) = self.route_and_dispatch(
                     ctx,
@@ -245,7 +274,6 @@ impl EpRank {
                     x.clone(),
                     ctx.tag(tbo_ops::DISPATCH[mb], i),
                 )?;
-                half.h = post_attention.clone();
                 half.inflight = EpInflight::Dispatched {
                     dispatch,
                     routing,
@@ -301,8 +329,12 @@ impl EpRank {
 enum TpInflight {
     /// Nothing: the stream is settled.
     None,
-    /// Stage 0 ended with the attention all-reduce.
-    Attention(Pending<Vec<f32>>),
+    /// Stage 0 ended with the attention all-reduce; the layer's residual and MoE input wait for it.
+    Attention {
+        reduce: Pending<Vec<f32>>,
+        residual: Tensor<3>,
+        ffn_in: FfnInput,
+    },
     /// Stage 1 ended with the routed all-reduce.
     Moe {
         reduce: Pending<Vec<f32>>,
@@ -312,8 +344,9 @@ enum TpInflight {
 }
 
 impl TpRank {
-    /// The forward pass with two-micro-batch overlap (standard connectivity; every rank runs the same tokens):
-    /// equals [`TpRank::forward`] of the standard model up to float rounding.
+    /// The forward pass with two-micro-batch overlap (every rank runs the same tokens): equals
+    /// [`TpRank::forward`] of the same model up to float rounding. Standard connectivity, or FarSkip at skip
+    /// depth 1 (`farskip+tbo`: a converted layer's attention also hides the previous routed all-reduce).
     ///
     /// # Shapes
     /// - `input_ids`: `[batch, seq ≥ 2]` -> `[batch, seq, vocab]`
@@ -330,74 +363,117 @@ impl TpRank {
             hold_routed: false,
         };
         let model = &self.model;
+        let conn = model.connectivity();
         let mut halves = embed_halves(&ctx, model, input_ids, || TpInflight::None)?;
         for layer in &model.layers {
             let i = layer.index();
             let mut cache = LayerKvCache::default();
-            // Stage 0: the previous routed all-reduce, attention, its all-reduce.
+            // Stage 0: attention (FarSkip: on the routed-free stream, before the previous routed all-reduce is
+            // waited for), its all-reduce.
             for (mb, half) in halves.iter_mut().enumerate() {
-                let r = tp_settle(half)?;
-                let partial = ctx.compute(Some(i), ops::ATTN, || {
-                    layer.attention.forward(
-                        layer.input_norm.forward(r.clone()),
-                        half.offset,
-                        Some(&mut cache),
-                    )
-                });
-                half.h = r;
-                half.inflight = TpInflight::Attention(all_reduce_tensor(
-                    ctx.comm,
-                    ctx.tag(tbo_ops::AR_ATTN[mb], i),
-                    partial,
-                ));
+                let inflight = std::mem::replace(&mut half.inflight, TpInflight::None);
+                let offset = half.offset;
+                let mut attend = |x: Tensor<3>| {
+                    let partial = ctx.compute(Some(i), ops::ATTN, || {
+                        layer.attention.forward(
+                            layer.input_norm.forward(x),
+                            offset,
+                            Some(&mut cache),
+                        )
+                    });
+                    all_reduce_tensor(ctx.comm, ctx.tag(tbo_ops::AR_ATTN[mb], i), partial)
+                };
+                let (reduce, inputs) = match &inflight {
+                    TpInflight::Moe {
+                        post_attention,
+                        shared,
+                        ..
+                    } if overlappable(conn, i) => {
+                        let routed_free = match shared {
+                            Some(s) => post_attention.clone() + s.clone(),
+                            None => post_attention.clone(),
+                        };
+                        let reduce = attend(routed_free);
+                        let state = tp_settle(conn, half.state.clone(), inflight)?;
+                        (reduce, conn.layer_inputs(i, state))
+                    }
+                    _ => {
+                        let state = tp_settle(conn, half.state.clone(), inflight)?;
+                        let inputs = conn.layer_inputs(i, state);
+                        (attend(inputs.attn_in.clone()), inputs)
+                    }
+                };
+                half.inflight = TpInflight::Attention {
+                    reduce,
+                    residual: inputs.residual,
+                    ffn_in: inputs.ffn_in,
+                };
             }
-            // Stage 1: attention's all-reduce, the MoE (or dense MLP), its all-reduce.
+            // Stage 1: attention's all-reduce, the MoE (FarSkip: before that wait, on the pre-attention stream) or
+            // dense MLP, the routed all-reduce.
             for (mb, half) in halves.iter_mut().enumerate() {
-                let TpInflight::Attention(reduce) =
-                    std::mem::replace(&mut half.inflight, TpInflight::None)
+                let TpInflight::Attention {
+                    reduce,
+                    residual,
+                    ffn_in,
+                } = std::mem::replace(&mut half.inflight, TpInflight::None)
                 else {
                     unreachable!("stage 0 leaves the attention all-reduce in flight")
                 };
-                let dims = half.h.dims();
-                let device = half.h.device();
-                let post_attention = half.h.clone() + from_host(reduce.wait()?, dims, &device);
-                match &layer.ffn {
-                    Ffn::Dense(mlp) => {
-                        half.h = ctx.compute(Some(i), ops::MLP, || {
-                            let y = mlp.forward(layer.post_norm.forward(post_attention.clone()));
-                            Connectivity::Standard
-                                .dense_output(post_attention, y, Vec::new())
-                                .full()
-                        });
+                let dims = residual.dims();
+                let device = residual.device();
+                let moe_part = |x: Tensor<3>, moe: &farskip_model::moe::MoeBlock| {
+                    ctx.compute(Some(i), ops::EXPERTS, || {
+                        let (x, _) = flat(layer.post_norm.forward(x));
+                        let routing = moe.route(x.clone());
+                        let plan = SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
+                        (moe.routed(x.clone(), &routing, &plan), moe.shared(x))
+                    })
+                };
+                let (post_attention, out) = match (&layer.ffn, ffn_in) {
+                    (Ffn::Moe(moe), FfnInput::PreAttention(m)) => {
+                        let out = moe_part(m, moe);
+                        (residual + from_host(reduce.wait()?, dims, &device), Some(out))
                     }
-                    Ffn::Moe(moe) => {
-                        let (routed, shared) = ctx.compute(Some(i), ops::EXPERTS, || {
-                            let (x, _) = flat(layer.post_norm.forward(post_attention.clone()));
-                            let routing = moe.route(x.clone());
-                            let plan =
-                                SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
-                            (moe.routed(x.clone(), &routing, &plan), moe.shared(x))
-                        });
-                        half.inflight = TpInflight::Moe {
-                            reduce: ctx.comm.all_reduce(
-                                ctx.tag(tbo_ops::AR_MOE[mb], i),
-                                super::to_host(routed),
-                            ),
-                            post_attention,
-                            shared: shared.map(|s| s.reshape(dims)),
+                    (Ffn::Moe(moe), FfnInput::PostAttention) => {
+                        let post = residual + from_host(reduce.wait()?, dims, &device);
+                        let out = moe_part(post.clone(), moe);
+                        (post, Some(out))
+                    }
+                    (Ffn::Dense(mlp), ffn_in) => {
+                        let post = residual + from_host(reduce.wait()?, dims, &device);
+                        let m = match ffn_in {
+                            FfnInput::PostAttention => post.clone(),
+                            FfnInput::PreAttention(m) => m,
                         };
+                        half.state = ctx.compute(Some(i), ops::MLP, || {
+                            let y = mlp.forward(layer.post_norm.forward(m));
+                            conn.dense_output(post.clone(), y, Vec::new())
+                        });
+                        (post, None)
                     }
+                };
+                if let Some((routed, shared)) = out {
+                    half.inflight = TpInflight::Moe {
+                        reduce: ctx
+                            .comm
+                            .all_reduce(ctx.tag(tbo_ops::AR_MOE[mb], i), super::to_host(routed)),
+                        post_attention,
+                        shared: shared.map(|s| s.reshape(dims)),
+                    };
                 }
             }
         }
-        head(&ctx, model, halves, |mut half| tp_settle(&mut half))
+        head(&ctx, model, halves, |half| {
+            Ok(tp_settle(conn, half.state, half.inflight)?.full())
+        })
     }
 }
 
-/// Waits for the half's routed all-reduce and adds the MoE output: `R' + (r + s)`.
-fn tp_settle(half: &mut Half<TpInflight>) -> Result<Tensor<3>> {
-    match std::mem::replace(&mut half.inflight, TpInflight::None) {
-        TpInflight::None => Ok(half.h.clone()),
+/// Waits for the half's routed all-reduce and forms the layer's output state (standard: `R' + (r + s)`).
+fn tp_settle(conn: &Connectivity, state: Residual, inflight: TpInflight) -> Result<Residual> {
+    match inflight {
+        TpInflight::None => Ok(state),
         TpInflight::Moe {
             reduce,
             post_attention,
@@ -406,10 +482,8 @@ fn tp_settle(half: &mut Half<TpInflight>) -> Result<Tensor<3>> {
             let dims = post_attention.dims();
             let device = post_attention.device();
             let routed = from_host(reduce.wait()?, dims, &device);
-            Ok(Connectivity::Standard
-                .moe_output(post_attention, routed, shared, Vec::new())
-                .full())
+            Ok(conn.moe_output(post_attention, routed, shared, Vec::new()))
         }
-        TpInflight::Attention(_) => unreachable!("stage 1 always follows stage 0"),
+        TpInflight::Attention { .. } => unreachable!("stage 1 always follows stage 0"),
     }
 }
