@@ -466,3 +466,26 @@ impl EpTrainRank {
         Ok(g_post + g_in)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::bwd_ops;
+    use crate::schedule::tbo_ops;
+
+    /// The link model gives a micro-batch's collective half the time of the full one it names.
+    #[test]
+    fn backward_micro_batch_collectives_are_halves_of_the_backward_exchanges() {
+        for mb in 0..2 {
+            assert_eq!(
+                tbo_ops::full_op(bwd_ops::COMBINE_BWD_MB[mb]),
+                Some(bwd_ops::COMBINE_BWD)
+            );
+            assert_eq!(
+                tbo_ops::full_op(bwd_ops::DISPATCH_BWD_MB[mb]),
+                Some(bwd_ops::DISPATCH_BWD)
+            );
+        }
+        assert_ne!(bwd_ops::COMBINE_BWD_MB[0], bwd_ops::COMBINE_BWD_MB[1]);
+        assert_ne!(bwd_ops::DISPATCH_BWD_MB[0], bwd_ops::DISPATCH_BWD_MB[1]);
+    }
+}
