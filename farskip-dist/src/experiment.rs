@@ -1171,6 +1171,7 @@ fn median_step(
 /// One rank's training steps: per step the global loss, the rank's wall time, and (last step) its gradients
 /// by name. `after_step` runs once every rank's spans of the step are recorded, before the next step clears
 /// the trace.
+#[allow(clippy::too_many_arguments)]
 fn train_rank<C: Communicator + ?Sized, G: Communicator + ?Sized>(
     model: &Model,
     cfg: &TrainingConfig,
@@ -1424,7 +1425,7 @@ pub fn overlap_training_on(
     cfg: &TrainingConfig,
 ) -> Result<TrainingReport, RunError> {
     check_world(backend, cfg.world)?;
-    if cfg.world == 0 || cfg.steps == 0 || cfg.repeats == 0 || cfg.tokens < 2 || cfg.tokens % 2 != 0
+    if cfg.world == 0 || cfg.steps == 0 || cfg.repeats == 0 || cfg.tokens < 2 || !cfg.tokens.is_multiple_of(2)
     {
         return Err(RunError::Invalid(format!(
             "world, steps and repeats must be > 0 and tokens even and >= 2 (two sequences per rank), got world \

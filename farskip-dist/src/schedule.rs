@@ -23,12 +23,10 @@ use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
 
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{
-    DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start,
-    dispatch_start,
-};
+use crate::dispatch::{DispatchError, DispatchPlan, ExpertSharding, combine_start};
 use crate::trace::{Phase, Trace};
 
+pub(crate) mod ep_moe;
 mod tbo;
 pub use tbo::tbo_ops;
 
@@ -505,6 +503,19 @@ impl Combine {
         Ok(())
     }
 
+    /// Waits for the combine now (the blocking baseline), keeping it as a finished one whose wait returns the
+    /// result.
+    pub(crate) fn settled<C: Communicator + ?Sized>(mut self, comm: &C) -> Result<Self> {
+        self.launch(comm)?;
+        Ok(match self {
+            Self::InFlight(p) => {
+                let op = p.op().to_owned();
+                Self::InFlight(Pending::ready(op, p.wait()))
+            }
+            other => other,
+        })
+    }
+
     /// Issues the combine if it was held, and waits for it.
     pub(crate) fn wait<C: Communicator + ?Sized>(mut self, comm: &C) -> Result<Tensor<2>> {
         self.launch(comm)?;
@@ -561,32 +572,35 @@ impl EpRank {
 }
 
 impl EpRank {
-    /// Router and slot gather on layer `i`'s normalised MoE input `x` (`[tokens, hidden]`; the rows per expert
-    /// go into the loads when recorded), then the async dispatch of the slot rows, tagged `tag`.
-    fn route_and_dispatch<C: Communicator + ?Sized>(
+    /// Where layer `i`'s EP MoE step runs, in `ctx`.
+    fn at<'a, C: Communicator + ?Sized>(&self, ctx: &Ctx<'a, C>, i: usize) -> ep_moe::At<'a, C> {
+        ep_moe::At {
+            comm: ctx.comm,
+            trace: ctx.trace,
+            layer: i,
+            phase: ctx.phase,
+        }
+    }
+
+    /// [`ep_moe::begin`] on this rank's experts, recording the loads when asked to.
+    fn moe_begin<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
         i: usize,
         moe: &MoeBlock,
-        x: Tensor<2>,
-        tag: CollectiveTag,
-    ) -> Result<(ModelRouting, Pending<(ExpertInputs, DispatchPlan)>)> {
+        x: &Tensor<2>,
+        tag: &'static str,
+    ) -> Result<ep_moe::Begun> {
         let sharding = self.sharding.expect("an MoE layer implies an MoE config");
-        let (routing, slots, slot_experts) = ctx.compute(Some(i), ops::ROUTER, || {
-            let routing = moe.route(x.clone());
-            let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
-            let slots = moe.slot_inputs(x, &routing);
-            if let Some(loads) = &self.loads {
-                loads.record(i, &plan.counts);
-            }
-            (routing, slots, plan.slot_experts)
-        });
-        // Slot rows travel one by one (top_k = 1, weight 1): the routing weights stay home and are applied by
-        // `combine_slots`, exactly as on one rank.
-        let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
-        let slot_routing = Routing::new(slot_experts, ones)?;
-        let dispatched = dispatch_start(ctx.comm, &sharding, slots, &slot_routing, tag)?;
-        Ok((routing, dispatched))
+        ep_moe::begin(
+            &self.at(ctx, i),
+            moe,
+            &sharding,
+            self.loads.as_ref(),
+            x,
+            &ep_moe::Through,
+            tag,
+        )
     }
 }
 
@@ -629,15 +643,19 @@ impl RankSchedule for EpRank {
     ) -> Result<PendingMoe<EpPending>> {
         let i = layer.index();
         let (x2, dims) = flat(x);
-        let (routing, dispatched) =
-            self.route_and_dispatch(ctx, i, moe, x2.clone(), ctx.tag(ops::DISPATCH, i))?;
+        let begun = self.moe_begin(ctx, i, moe, &x2, ops::DISPATCH)?;
         let post_attention = finish_attention()?;
-        let (inputs, plan) = dispatched.wait()?;
-        let y = ctx.compute(Some(i), ops::EXPERTS, || {
-            moe.experts.forward_grouped(inputs.tokens, &inputs.counts)
-        });
-        let combine = Combine::start(ctx.comm, y, plan, ctx.tag(ops::COMBINE, i), ctx.hold_routed)?;
-        let shared = ctx.compute(Some(i), ops::SHARED, || moe.shared(x2));
+        let ended = ep_moe::end(
+            &self.at(ctx, i),
+            moe,
+            begun.dispatched,
+            &x2,
+            &ep_moe::Through,
+            ops::COMBINE,
+            false,
+            ctx.hold_routed,
+        )?;
+        let (routing, combine, shared) = (begun.routing, ended.combine, ended.shared_out);
         let [b, t, h] = dims;
         Ok(PendingMoe {
             post_attention,

@@ -22,12 +22,12 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Gradients;
 use farskip_model::model::Ffn;
-use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
+use farskip_model::moe::{MoeBlock, Routing as ModelRouting};
 use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, combine_start, dispatch_start};
-use crate::schedule::{Combine, Result, ScheduleError, ops};
+use crate::schedule::{Combine, Result, ScheduleError, ep_moe, ops};
 use crate::trace::{Phase, Trace};
 
 mod deep;
@@ -73,6 +73,15 @@ pub fn l2_compared_layers(num_layers: usize) -> usize {
 /// A fresh autodiff leaf holding `t`'s value: the input of a segment.
 fn leaf<const D: usize>(t: &Tensor<D>) -> Tensor<D> {
     t.clone().detach().autodiff().require_grad()
+}
+
+/// Training's [`ep_moe::Cut`]: every input of a segment is a fresh autodiff leaf.
+struct Leaves;
+
+impl ep_moe::Cut for Leaves {
+    fn cut(&self, t: &Tensor<2>) -> Tensor<2> {
+        leaf(t)
+    }
 }
 
 /// `Σ outputs · seeds`: backpropagating it gives the vector-Jacobian product of a segment.
@@ -1008,8 +1017,8 @@ impl EpTrainRank {
         )
     }
 
-    /// The first part of [`EpTrainRank::moe_forward`]: norm, router and slot gather (each from a fresh leaf) and
-    /// the async dispatch, tagged `dispatch`.
+    /// The first part of [`EpTrainRank::moe_forward`]: the MoE's norm, then [`ep_moe::begin`] (router and slot
+    /// gather, each from a fresh leaf, and the async dispatch tagged `dispatch`).
     fn moe_begin<C: Communicator + ?Sized>(
         &self,
         comm: &C,
@@ -1018,35 +1027,34 @@ impl EpTrainRank {
         moe_in: &Tensor<3>,
         dispatch: &'static str,
     ) -> Result<MoeBegun> {
-        let (fwd, moe) = (Phase::Forward, self.moe(i));
-        let g = trace.compute(self.rank, Some(i), ops::ROUTER, fwd);
+        let at = self.at(comm, trace, i);
+        let g = trace.compute(self.rank, Some(i), ops::ROUTER, Phase::Forward);
         let norm_in = leaf(moe_in);
         let norm_out = flat3(self.model.layers[i].post_norm.forward(norm_in.clone()));
-        let router_in = leaf(&norm_out);
-        let routing = moe.route(router_in.clone());
-        let plan = SlotPlan::from_experts(&routing.experts, self.sharding.num_experts());
-        let slots = moe.slot_inputs(router_in.clone(), &routing);
         g.finish();
-        let dispatched = self.send_slots(
-            comm,
-            slots.clone().detach(),
-            &plan.slot_experts,
-            CollectiveTag::new(dispatch).at_layer(i).in_phase(fwd),
+        let begun = ep_moe::begin(
+            &at,
+            self.moe(i),
+            &self.sharding,
+            None,
+            &norm_out,
+            &Leaves,
+            dispatch,
         )?;
         Ok(MoeBegun {
             norm_in,
             norm_out,
-            router_in,
-            slots,
-            weights: routing.weights,
-            slot_experts: plan.slot_experts,
-            dispatched,
+            router_in: begun.router_in,
+            slots: begun.slots,
+            weights: begun.routing.weights,
+            slot_experts: begun.slot_experts,
+            dispatched: begun.dispatched,
         })
     }
 
-    /// The second part of [`EpTrainRank::moe_forward`]: waits for the dispatch, runs the routed experts on their
-    /// owner, starts the combine (tagged `combine`; `blocking`: waited for at once; `hold`: held back until
-    /// [`Combine::launch`]) and runs the shared expert. `attention` is attention's `(input leaf, output)` for the
+    /// The second part of [`EpTrainRank::moe_forward`]: [`ep_moe::end`] (the routed experts on their owner, the
+    /// combine tagged `combine` — `blocking`: waited for at once; `hold`: held back until [`Combine::launch`] —
+    /// and the shared expert, each from fresh leaves). `attention` is attention's `(input leaf, output)` for the
     /// tape.
     #[allow(clippy::too_many_arguments)]
     fn moe_end<C: Communicator + ?Sized>(
@@ -1060,9 +1068,6 @@ impl EpTrainRank {
         blocking: bool,
         hold: bool,
     ) -> Result<(PartialTape, Combine)> {
-        let (fwd, moe) = (Phase::Forward, self.moe(i));
-        let span = |op: &'static str| trace.compute(self.rank, Some(i), op, fwd);
-        let tag = CollectiveTag::new(combine).at_layer(i).in_phase(fwd);
         let MoeBegun {
             norm_in,
             norm_out,
@@ -1072,23 +1077,16 @@ impl EpTrainRank {
             slot_experts,
             dispatched,
         } = begun;
-        let (inputs, dplan) = dispatched.wait()?;
-        let g = span(ops::EXPERTS);
-        let expert_in = leaf(&inputs.tokens);
-        let expert_out = moe
-            .experts
-            .forward_grouped(expert_in.clone(), &inputs.counts);
-        g.finish();
-        let combine = if blocking {
-            let rows = combine_start(comm, expert_out.clone().detach(), dplan, tag)?;
-            Combine::InFlight(settled(rows, true))
-        } else {
-            Combine::start(comm, expert_out.clone().detach(), dplan, tag, hold)?
-        };
-        let g = span(ops::SHARED);
-        let shared_in = leaf(&norm_out.clone().detach());
-        let shared_out = moe.shared(shared_in.clone());
-        g.finish();
+        let ended = ep_moe::end(
+            &self.at(comm, trace, i),
+            self.moe(i),
+            dispatched,
+            &norm_out,
+            &Leaves,
+            combine,
+            blocking,
+            hold,
+        )?;
         let (attn_in, attn_out) = attention;
         let tape = PartialTape {
             attn_in,
@@ -1098,13 +1096,28 @@ impl EpTrainRank {
             router_in,
             slots,
             weights,
-            shared_in,
-            shared_out,
-            expert_in,
-            expert_out,
+            shared_in: ended.shared_in,
+            shared_out: ended.shared_out,
+            expert_in: ended.expert_in,
+            expert_out: ended.expert_out,
             slot_experts,
         };
-        Ok((tape, combine))
+        Ok((tape, ended.combine))
+    }
+
+    /// Where layer `i`'s EP MoE step runs (forward).
+    fn at<'a, C: Communicator + ?Sized>(
+        &self,
+        comm: &'a C,
+        trace: &'a Trace,
+        i: usize,
+    ) -> ep_moe::At<'a, C> {
+        ep_moe::At {
+            comm,
+            trace,
+            layer: i,
+            phase: Phase::Forward,
+        }
     }
 
     fn moe(&self, i: usize) -> &MoeBlock {

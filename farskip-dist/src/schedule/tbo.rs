@@ -17,9 +17,9 @@
 
 use burn::prelude::*;
 use farskip_model::attention::LayerKvCache;
+use farskip_model::connectivity::{FfnInput, Residual};
 use farskip_model::model::Ffn;
 use farskip_model::moe::{Routing as ModelRouting, SlotPlan};
-use farskip_model::connectivity::{FfnInput, Residual};
 use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
 
 use super::{
@@ -27,7 +27,7 @@ use super::{
     overlappable,
 };
 use crate::comm::{Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
+use crate::dispatch::{DispatchPlan, ExpertInputs};
 use crate::trace::{Phase, Trace};
 
 /// Names of the micro-batches' collectives: each half's is its own collective (and link entry), so the two are
@@ -57,8 +57,9 @@ fn depth_one(model: &Model) -> Result<()> {
         other @ Connectivity::FarSkip(_) if other.depth().is_some_and(|d| d > 1) => {
             Err(ScheduleError::Model(ModelError::InvalidConnectivity {
                 spec: other.to_string(),
-                message: "two-micro-batch overlap runs standard connectivity or FarSkip at skip depth 1"
-                    .into(),
+                message:
+                    "two-micro-batch overlap runs standard connectivity or FarSkip at skip depth 1"
+                        .into(),
             }))
         }
         _ => Ok(()),
@@ -95,7 +96,7 @@ enum EpInflight {
     /// Stage 1 ended with a combine.
     Combining {
         layer: usize,
-        combine: Pending<Tensor<2>>,
+        combine: super::Combine,
         routing: ModelRouting,
         post_attention: Tensor<3>,
         shared: Option<Tensor<2>>,
@@ -191,7 +192,7 @@ impl EpRank {
                 post_attention,
                 shared,
             } => {
-                let slot_out = combine.wait()?;
+                let slot_out = combine.wait(ctx.comm)?;
                 let Ffn::Moe(moe) = &self.model.layers[layer].ffn else {
                     unreachable!("only MoE layers combine")
                 };
@@ -267,16 +268,10 @@ impl EpRank {
                 let (x, _) = ctx.compute(Some(i), ops::ROUTER, || {
                     flat(layer.post_norm.forward(ffn_in))
                 });
-                let (routing, dispatch) = self.route_and_dispatch(
-                    ctx,
-                    i,
-                    moe,
-                    x.clone(),
-                    ctx.tag(tbo_ops::DISPATCH[mb], i),
-                )?;
+                let begun = self.moe_begin(ctx, i, moe, &x, tbo_ops::DISPATCH[mb])?;
                 half.inflight = EpInflight::Dispatched {
-                    dispatch,
-                    routing,
+                    dispatch: begun.dispatched,
+                    routing: begun.routing,
                     post_attention,
                     x,
                 };
@@ -306,12 +301,17 @@ impl EpRank {
         else {
             unreachable!("matched above")
         };
-        let (inputs, plan) = dispatch.wait()?;
-        let y = ctx.compute(Some(i), ops::EXPERTS, || {
-            moe.experts.forward_grouped(inputs.tokens, &inputs.counts)
-        });
-        let combine = combine_start(ctx.comm, y, plan, ctx.tag(tbo_ops::COMBINE[mb], i))?;
-        let shared = ctx.compute(Some(i), ops::SHARED, || moe.shared(x));
+        let ended = super::ep_moe::end(
+            &self.at(ctx, i),
+            moe,
+            dispatch,
+            &x,
+            &super::ep_moe::Through,
+            tbo_ops::COMBINE[mb],
+            false,
+            false,
+        )?;
+        let (combine, shared) = (ended.combine, ended.shared_out);
         half.inflight = EpInflight::Combining {
             layer: i,
             combine,
@@ -426,14 +426,18 @@ impl TpRank {
                     ctx.compute(Some(i), ops::EXPERTS, || {
                         let (x, _) = flat(layer.post_norm.forward(x));
                         let routing = moe.route(x.clone());
-                        let plan = SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
+                        let plan =
+                            SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
                         (moe.routed(x.clone(), &routing, &plan), moe.shared(x))
                     })
                 };
                 let (post_attention, out) = match (&layer.ffn, ffn_in) {
                     (Ffn::Moe(moe), FfnInput::PreAttention(m)) => {
                         let out = moe_part(m, moe);
-                        (residual + from_host(reduce.wait()?, dims, &device), Some(out))
+                        (
+                            residual + from_host(reduce.wait()?, dims, &device),
+                            Some(out),
+                        )
                     }
                     (Ffn::Moe(moe), FfnInput::PostAttention) => {
                         let post = residual + from_host(reduce.wait()?, dims, &device);

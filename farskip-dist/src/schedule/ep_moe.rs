@@ -1,0 +1,176 @@
+//! One expert-parallel MoE layer step, shared by every EP schedule: inference at any depth
+//! ([`super::EpRank`]), two-micro-batch inference ([`super::EpRank::forward_tbo`]) and the training steps
+//! (`training::EpTrainRank`, forward of the standard, FarSkip, deep and two-micro-batch steps). The step has two
+//! halves so that a schedule can put work between them while the dispatch is in flight:
+//!
+//! - [`begin`]: router and slot gather on the normalised MoE input (span `router`), then the async dispatch of
+//!   the slot rows to the experts' owners;
+//! - [`end`]: wait for the dispatch, the routed experts on their owner (span `experts`), the combine (issued,
+//!   waited for at once, or held back — see [`Combine`]) and the shared expert (span `shared`).
+//!
+//! Training differs from inference only in how tensors enter the layer: a [`Cut`] makes each input of a
+//! segment a fresh autodiff leaf (the boundaries of the segmented backward), inference passes them through.
+
+use burn::prelude::*;
+use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
+
+use super::{Combine, Result};
+use crate::balance::ExpertLoads;
+use crate::comm::{CollectiveTag, Communicator, Pending};
+use crate::dispatch::{DispatchPlan, ExpertInputs, ExpertSharding, Routing, dispatch_start};
+use crate::schedule::ops;
+use crate::trace::{Phase, Trace};
+
+/// How a tensor enters the layer's graph.
+pub(crate) trait Cut {
+    /// The tensor as the layer reads it.
+    fn cut(&self, t: &Tensor<2>) -> Tensor<2>;
+}
+
+/// Inference: tensors pass through.
+pub(crate) struct Through;
+
+impl Cut for Through {
+    fn cut(&self, t: &Tensor<2>) -> Tensor<2> {
+        t.clone()
+    }
+}
+
+/// Where and as what a step runs: its rank's comm and trace, the layer, the pass.
+pub(crate) struct At<'a, C: Communicator + ?Sized> {
+    pub comm: &'a C,
+    pub trace: &'a Trace,
+    pub layer: usize,
+    pub phase: Phase,
+}
+
+impl<C: Communicator + ?Sized> At<'_, C> {
+    fn span<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
+        let g = self
+            .trace
+            .compute(self.comm.rank(), Some(self.layer), op, self.phase);
+        let out = f();
+        g.finish();
+        out
+    }
+}
+
+/// What [`begin`] leaves for [`end`] and for a backward.
+pub(crate) struct Begun {
+    /// The router's input as the layer read it (a leaf in training).
+    pub router_in: Tensor<2>,
+    /// Expert ids and weights of every token.
+    pub routing: ModelRouting,
+    /// The slot rows, token-major, `top_k` per token.
+    pub slots: Tensor<2>,
+    /// Global expert id of every slot row.
+    pub slot_experts: Vec<usize>,
+    /// The dispatch in flight.
+    pub dispatched: Pending<(ExpertInputs, DispatchPlan)>,
+}
+
+/// Router and slot gather on `normed` (`[tokens, hidden]`, the normalised MoE input; its rows per expert go into
+/// `loads` when given), then the async dispatch of the slot rows, tagged `tag`. Slot rows travel one by one
+/// (top_k = 1, weight 1): the routing weights stay home and are applied by the combine, as on one rank.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn begin<C: Communicator + ?Sized>(
+    at: &At<'_, C>,
+    moe: &MoeBlock,
+    sharding: &ExpertSharding,
+    loads: Option<&ExpertLoads>,
+    normed: &Tensor<2>,
+    cut: &impl Cut,
+    tag: &'static str,
+) -> Result<Begun> {
+    let (router_in, routing, slots, slot_experts) = at.span(ops::ROUTER, || {
+        let router_in = cut.cut(normed);
+        let routing = moe.route(router_in.clone());
+        let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
+        let slots = moe.slot_inputs(router_in.clone(), &routing);
+        if let Some(loads) = loads {
+            loads.record(at.layer, &plan.counts);
+        }
+        (router_in, routing, slots, plan.slot_experts)
+    });
+    let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
+    let slot_routing = Routing::new(slot_experts.clone(), ones)?;
+    let dispatched = dispatch_start(
+        at.comm,
+        sharding,
+        slots.clone().detach().without_autodiff(),
+        &slot_routing,
+        CollectiveTag::new(tag)
+            .at_layer(at.layer)
+            .in_phase(at.phase),
+    )?;
+    Ok(Begun {
+        router_in,
+        routing,
+        slots,
+        slot_experts,
+        dispatched,
+    })
+}
+
+/// What [`end`] leaves for the combine's wait and for a backward.
+pub(crate) struct Ended {
+    /// The expert bank's input rows as the layer read them (a leaf in training).
+    pub expert_in: Tensor<2>,
+    /// The expert bank's output rows (before they travel back).
+    pub expert_out: Tensor<2>,
+    /// The shared expert's input (a leaf in training).
+    pub shared_in: Tensor<2>,
+    /// The shared expert's output, if the layer has one.
+    pub shared_out: Option<Tensor<2>>,
+    /// The combine: in flight, finished (`blocking`) or held back (`hold`).
+    pub combine: Combine,
+}
+
+/// Waits for the dispatch, runs the routed experts on their owner, starts the combine (tagged `tag`;
+/// `blocking`: waited for at once; `hold`: held back until [`Combine::launch`]) and runs the shared expert on
+/// `shared_src` (the normalised MoE input).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn end<C: Communicator + ?Sized>(
+    at: &At<'_, C>,
+    moe: &MoeBlock,
+    dispatched: Pending<(ExpertInputs, DispatchPlan)>,
+    shared_src: &Tensor<2>,
+    cut: &impl Cut,
+    tag: &'static str,
+    blocking: bool,
+    hold: bool,
+) -> Result<Ended> {
+    let (inputs, plan) = dispatched.wait()?;
+    let (expert_in, expert_out) = at.span(ops::EXPERTS, || {
+        let expert_in = cut.cut(&inputs.tokens);
+        let expert_out = moe
+            .experts
+            .forward_grouped(expert_in.clone(), &inputs.counts);
+        (expert_in, expert_out)
+    });
+    let tag = CollectiveTag::new(tag)
+        .at_layer(at.layer)
+        .in_phase(at.phase);
+    let mut combine = Combine::start(
+        at.comm,
+        expert_out.clone().detach(),
+        plan,
+        tag,
+        hold && !blocking,
+    )?;
+    if blocking {
+        combine = Combine::settled(combine, at.comm)?;
+    }
+    let (shared_in, shared_out) = at.span(ops::SHARED, || {
+        let shared_in = cut.cut(shared_src);
+        let shared_out = moe.shared(shared_in.clone());
+        (shared_in, shared_out)
+    });
+    Ok(Ended {
+        expert_in,
+        expert_out,
+        shared_in,
+        shared_out,
+        combine,
+    })
+}
