@@ -7,6 +7,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use farskip_model::checkpoint::{TensorStore, TensorWriter};
+use farskip_model::hf::WeightDtype;
 use farskip_model::{MemoryCheck, Model, ModelConfig};
 
 /// An example's exit status from what its `run` returned: success, or status 1 after printing the error and
@@ -87,8 +88,23 @@ pub fn load_model_with(
     device: &Device,
     memory: MemoryCheck,
 ) -> Result<Model> {
+    load_model_as(model, preset, device, memory, None)
+}
+
+/// [`load_model_with`], keeping a checkpoint's weights in `dtype` (`None`: the checkpoint's own). Presets are
+/// f32 only.
+pub fn load_model_as(
+    model: Option<&Path>,
+    preset: Option<&str>,
+    device: &Device,
+    memory: MemoryCheck,
+    dtype: Option<WeightDtype>,
+) -> Result<Model> {
+    if preset.is_some() && dtype == Some(WeightDtype::Bf16) {
+        bail!("--dtype bf16 needs --model DIR (presets are f32)");
+    }
     match (model, preset) {
-        (Some(dir), None) => Model::from_pretrained_with(dir, device, memory)
+        (Some(dir), None) => Model::from_pretrained_as(dir, device, memory, dtype)
             .with_context(|| format!("loading model from {}", dir.display())),
         (None, Some(name)) => {
             device.seed(0);
@@ -351,5 +367,23 @@ pub fn exit_on_error(
         }
         #[cfg(feature = "mpi")]
         (_, r) => r,
+    }
+}
+
+/// The process's peak resident set so far in MiB (`getrusage`'s `ru_maxrss`); `None` off Linux.
+pub fn peak_rss_mb() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage writes a `rusage` into the pointer it is given, which is valid and large enough.
+        let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+        // SAFETY: on success the struct was written (and it was zeroed before in any case).
+        let usage = unsafe { usage.assume_init() };
+        // Linux reports ru_maxrss in KiB.
+        (rc == 0).then(|| usage.ru_maxrss as f64 / 1024.0)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
     }
 }

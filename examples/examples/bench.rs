@@ -15,11 +15,12 @@ use anyhow::{Result, ensure};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use clap::Parser;
-use farskip_examples::{init_logging, load_model_with, random_ids, tune_allocator};
+use farskip_examples::{init_logging, load_model_as, random_ids, tune_allocator};
 use farskip_model::config::WeightOn;
 use farskip_model::connectivity::FfnInput;
+use farskip_model::hf::WeightDtype;
 use farskip_model::moe::{SlotPlan, index_tensor};
-use farskip_model::{Connectivity, Ffn, MemoryCheck, Model};
+use farskip_model::{Connectivity, Ffn, KvCache, MemoryCheck, Model};
 use farskip_train::losses::cross_entropy;
 use farskip_train::optim::FusedAdamWConfig;
 
@@ -47,6 +48,10 @@ struct Args {
     /// Skip the training step.
     #[arg(long)]
     no_train: bool,
+    /// Also time greedy decoding of this many tokens (batch 1, KV cache, after a prompt of 16 tokens):
+    /// `decode_tok_s` in the JSON. 0 = skip.
+    #[arg(long, default_value_t = 0)]
+    decode: usize,
     /// Run the forward's independent work side by side on single-threaded lanes (`farskip_model::lanes`); the
     /// training step never uses them.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -60,6 +65,10 @@ struct Args {
     /// Load a checkpoint even when it needs more memory than is available (a warning instead of an error).
     #[arg(long)]
     force: bool,
+    /// Weight dtype of the forward and decode: f32 or bf16 (default: the checkpoint's own). The training step
+    /// always runs in f32.
+    #[arg(long)]
+    dtype: Option<WeightDtype>,
 }
 
 impl Args {
@@ -102,11 +111,12 @@ fn try_main() -> Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
     farskip_model::lanes::set_enabled(args.lanes);
     let device = Device::default();
-    let model = load_model_with(
+    let model = load_model_as(
         args.model.as_deref(),
         args.preset.as_deref(),
         &device,
         args.memory_check(),
+        args.dtype,
     )?
     .with_connectivity(args.connectivity.clone())?;
     let vocab = model.config().vocab_size;
@@ -129,6 +139,18 @@ fn try_main() -> Result<()> {
     let part_ms: Vec<f64> = (0..PARTS.len())
         .map(|i| median(parts.iter().map(|p| p[i]).collect()))
         .collect();
+
+    let decode_ms = (args.decode > 0).then(|| {
+        let prompt = ids.clone().narrow(1, 0, DECODE_PROMPT.min(args.tokens));
+        for _ in 0..args.warmup.min(1) {
+            decode_ms(&model, prompt.clone(), args.decode);
+        }
+        median(
+            (0..args.runs.min(3))
+                .map(|_| decode_ms(&model, prompt.clone(), args.decode))
+                .collect(),
+        )
+    });
 
     let (train, train_cpu_ms) = match args.no_train {
         true => (None, None),
@@ -176,6 +198,11 @@ fn try_main() -> Result<()> {
                 })),
                 "breakdown_ms": breakdown_json,
                 "breakdown_total_ms": round(part_ms.iter().sum()),
+                "dtype": args.dtype.map(|d| format!("{d:?}").to_lowercase()),
+                "decode_tokens": args.decode,
+                "decode_ms": decode_ms.map(round),
+                "decode_tok_s": decode_ms.map(|ms| round(args.decode as f64 / (ms / 1e3))),
+                "peak_rss_mb": farskip_examples::peak_rss_mb().map(round),
             })
         );
     } else {
@@ -193,6 +220,13 @@ fn try_main() -> Result<()> {
         for (name, ms) in PARTS.iter().zip(&part_ms) {
             eprintln!("  {name:<10} {ms:8.1} ms");
         }
+        if let Some(ms) = decode_ms {
+            eprintln!(
+                "decode {} tokens {ms:.1} ms ({:.0} tok/s)",
+                args.decode,
+                args.decode as f64 / (ms / 1e3)
+            );
+        }
     }
     Ok(())
 }
@@ -202,11 +236,12 @@ fn try_main() -> Result<()> {
 fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<([f64; 4], Option<f64>)> {
     let device = Device::default().autodiff();
     let mut model = Some(
-        load_model_with(
+        load_model_as(
             args.model.as_deref(),
             args.preset.as_deref(),
             &device,
             args.memory_check(),
+            Some(WeightDtype::F32),
         )?
         .with_connectivity(args.connectivity.clone())?,
     );
@@ -249,6 +284,30 @@ fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<([f64; 4], Option<f
         std::array::from_fn(|i| median(phases.iter().map(|p| p[i]).collect())),
         cpu,
     ))
+}
+
+/// Prompt length before the timed decode steps.
+const DECODE_PROMPT: usize = 16;
+
+/// Wall time (ms) of `steps` greedy decode steps (batch 1, KV cache) after the untimed prefill of `prompt`.
+fn decode_ms(model: &Model, prompt: Tensor<2, Int>, steps: usize) -> f64 {
+    let mut cache = KvCache::new(model.layers.len());
+    let logits = model.forward_unchecked(prompt, Some(&mut cache));
+    let mut next = last_argmax(logits);
+    let _ = next.clone().into_data();
+    let start = Instant::now();
+    for _ in 0..steps {
+        let logits = model.forward_unchecked(next, Some(&mut cache));
+        next = last_argmax(logits);
+    }
+    let _ = next.into_data();
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Greedy choice at the last position, `[batch, 1]`.
+fn last_argmax(logits: Tensor<3>) -> Tensor<2, Int> {
+    let [b, t, v] = logits.dims();
+    logits.narrow(1, t - 1, 1).reshape([b, v]).argmax(1)
 }
 
 /// The forward again, part by part from the public sub-steps, with a host read after each part.

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use clap::Parser;
 use farskip_examples::{
-    exit_status, init_logging, load_model_with, random_ids, read_ids, tune_allocator, write_tensors,
+    exit_status, init_logging, load_model_as, random_ids, read_ids, tune_allocator, write_tensors,
 };
 use farskip_model::checkpoint::TensorWriter;
 use farskip_model::{Connectivity, MemoryCheck};
@@ -62,6 +62,10 @@ struct Args {
     /// Load a checkpoint even when it needs more memory than is available (a warning instead of an error).
     #[arg(long)]
     force: bool,
+    /// Weight dtype in memory: f32 or bf16 (bf16 keeps projection, expert, embedding and head weights bf16;
+    /// products accumulate in f32). Default: the checkpoint's own.
+    #[arg(long)]
+    dtype: Option<farskip_model::hf::WeightDtype>,
 }
 
 fn main() -> ExitCode {
@@ -80,12 +84,15 @@ fn run() -> Result<()> {
     } else {
         MemoryCheck::Refuse
     };
-    let mut model = load_model_with(
+    let load_start = Instant::now();
+    let mut model = load_model_as(
         args.model.as_deref(),
         args.preset.as_deref(),
         &device,
         memory,
+        args.dtype,
     )?;
+    let load_ms = load_start.elapsed().as_secs_f64() * 1e3;
     if let Some(c) = &args.connectivity {
         model = model.with_connectivity(c.clone())?;
     }
@@ -167,6 +174,8 @@ fn run() -> Result<()> {
             "forward_ms": forward_s * 1e3,
             "tokens_per_s": tokens / forward_s,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "load_ms": load_ms,
+            "peak_rss_mb": farskip_examples::peak_rss_mb(),
         });
         if let (Some(s), Some(n)) = (gen_s, args.generate) {
             j["generate_ms"] = serde_json::json!(s * 1e3);

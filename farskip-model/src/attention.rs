@@ -15,6 +15,7 @@ use crate::config::{
     AttentionConfig, GqaConfig, LayerConfig, MaskKind, MlaConfig, ModelConfig, QkNorm,
 };
 use crate::lanes;
+use crate::matvec::linear as lin;
 use crate::rope::Rope;
 
 /// Queries per block in [`Attention::attend`].
@@ -289,9 +290,9 @@ impl Attention {
         match &self.kind {
             AttentionKind::Gqa(a) => {
                 let g = &a.cfg;
-                let mut q = a.q_proj.forward(x.clone());
-                let mut k = a.k_proj.forward(x.clone());
-                let v = a.v_proj.forward(x);
+                let mut q = lin(&a.q_proj, x.clone());
+                let mut k = lin(&a.k_proj, x.clone());
+                let v = lin(&a.v_proj, x);
                 let mut v = v;
                 if g.qk_norm == QkNorm::Whole {
                     q = a.q_norm.as_ref().map_or(q.clone(), |n| n.forward(q));
@@ -335,21 +336,17 @@ impl Attention {
                 let m = &a.cfg;
                 let (nope, rd) = (m.qk_nope_head_dim, m.qk_rope_head_dim);
                 let q = match (&a.q_proj, &a.q_a_proj, &a.q_a_norm, &a.q_b_proj) {
-                    (Some(p), ..) => p.forward(x.clone()),
-                    (None, Some(qa), Some(qn), Some(qb)) => {
-                        qb.forward(qn.forward(qa.forward(x.clone())))
-                    }
+                    (Some(p), ..) => lin(p, x.clone()),
+                    (None, Some(qa), Some(qn), Some(qb)) => lin(qb, qn.forward(lin(qa, x.clone()))),
                     _ => unreachable!("MLA built without a query projection"),
                 };
                 let q = q.reshape([b, t, m.num_heads, nope + rd]).swap_dims(1, 2);
                 let q_nope = q.clone().narrow(3, 0, nope);
                 let q_rot = rope(q.narrow(3, nope, rd));
-                let ckv = a.kv_a_proj.forward(x);
+                let ckv = lin(&a.kv_a_proj, x);
                 let latent = ckv.clone().narrow(2, 0, m.kv_lora_rank);
                 let k_rot = rope(ckv.narrow(2, m.kv_lora_rank, rd).reshape([b, 1, t, rd]));
-                let kv = a
-                    .kv_b_proj
-                    .forward(a.kv_a_norm.forward(latent))
+                let kv = lin(&a.kv_b_proj, a.kv_a_norm.forward(latent))
                     .reshape([b, t, m.num_heads, nope + m.v_head_dim])
                     .swap_dims(1, 2);
                 let k_nope = kv.clone().narrow(3, 0, nope);
@@ -399,7 +396,7 @@ impl Attention {
             AttentionKind::Gqa(a) => &a.o_proj,
             AttentionKind::Mla(a) => &a.o_proj,
         };
-        let out = lanes::rows(out, LANE_POSITIONS, |x| o_proj.forward(x));
+        let out = lanes::rows(out, LANE_POSITIONS, |x| lin(o_proj, x));
         let h = out.dims()[1];
         out.reshape([b, t, h])
     }

@@ -1,8 +1,12 @@
 //! Reading and writing safetensors checkpoints (single file or sharded with `model.safetensors.index.json`),
-//! converting F32 / F16 / BF16 / F64 to f32. Knows nothing of model names: see `hf.rs`.
+//! converting F32 / F16 / BF16 / F64 to f32 or bf16. Knows nothing of model names: see `hf.rs`.
+//!
+//! Tensors are read one at a time from the open files (positioned reads of exactly their bytes), never the
+//! whole file at once: loading holds the model plus one tensor's bytes, not the files and the model.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -117,28 +121,28 @@ impl TensorIndex {
         self.entry(name).map(|e| e.dtype)
     }
 
-    /// Total size of the files in bytes: what [`Self::read`] holds in memory.
+    /// Total size of the files in bytes.
     pub fn file_bytes(&self) -> u64 {
         self.files.iter().map(|(_, n)| n).sum()
     }
 
-    /// Reads the tensors' bytes.
+    /// Opens the files for reading tensor by tensor ([`TensorStore`]).
     pub fn read(self) -> Result<TensorStore> {
         let mut data = Vec::with_capacity(self.files.len());
         for (path, len) in &self.files {
-            let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+            let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+            let now = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
             // The offsets were checked against the header's length: a file that changed since is refused
-            // rather than sliced out of bounds.
-            if bytes.len() as u64 != *len {
+            // rather than read out of bounds.
+            if now != *len {
                 return Err(ModelError::Safetensors {
                     path: path.clone(),
                     message: format!(
-                        "the file changed while loading ({len} bytes in its header, {} now)",
-                        bytes.len()
+                        "the file changed while loading ({len} bytes in its header, {now} now)"
                     ),
                 });
             }
-            data.push(bytes);
+            data.push(file);
         }
         Ok(TensorStore { index: self, data })
     }
@@ -187,10 +191,16 @@ fn read_header(path: &Path) -> Result<(usize, Metadata, u64)> {
     Ok((n as usize, meta, file_len))
 }
 
-/// All tensors of a checkpoint directory, read into memory.
+/// The tensors of a checkpoint directory, read on demand from its open files.
 pub struct TensorStore {
     index: TensorIndex,
-    data: Vec<Vec<u8>>,
+    data: Vec<std::fs::File>,
+}
+
+/// A float tensor's values in the dtype a model keeps them in.
+enum Values {
+    F32(Vec<f32>),
+    Bf16(Vec<half::bf16>),
 }
 
 impl TensorStore {
@@ -224,10 +234,43 @@ impl TensorStore {
         self.index.shape(name)
     }
 
+    /// The bytes of `name`, read from its file.
+    fn bytes(&self, e: &Entry) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; e.end - e.start];
+        let path = &self.index.files[e.file].0;
+        self.data[e.file]
+            .read_exact_at(&mut buf, e.start as u64)
+            .map_err(|err| ModelError::io(path, err))?;
+        Ok(buf)
+    }
+
+    /// `name` in `dtype` (f32, or bf16: a bf16 tensor keeps its bits, others round to nearest), row-major as
+    /// stored.
+    fn values(&self, name: &str, dtype: burn::tensor::FloatDType) -> Result<(Values, Vec<usize>)> {
+        let e = self.index.entry(name)?;
+        if dtype == burn::tensor::FloatDType::BF16 {
+            let bytes = self.bytes(e)?;
+            let values = match e.dtype {
+                Dtype::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+                _ => {
+                    drop(bytes);
+                    let (v, _) = self.f32(name)?;
+                    v.into_iter().map(half::bf16::from_f32).collect()
+                }
+            };
+            return Ok((Values::Bf16(values), e.shape.clone()));
+        }
+        let (v, shape) = self.f32(name)?;
+        Ok((Values::F32(v), shape))
+    }
+
     /// `name` as f32 values (row-major) and its shape.
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let e = self.index.entry(name)?;
-        let bytes = &self.data[e.file][e.start..e.end];
+        let bytes = &self.bytes(e)?[..];
         let values = match e.dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
@@ -258,7 +301,7 @@ impl TensorStore {
     /// `name` as i64 values and its shape (I64 / I32 tensors).
     pub fn i64(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>)> {
         let e = self.index.entry(name)?;
-        let bytes = &self.data[e.file][e.start..e.end];
+        let bytes = &self.bytes(e)?[..];
         let values = match e.dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)
@@ -296,12 +339,168 @@ impl TensorStore {
         Ok(Tensor::from_data(TensorData::new(v, expected), device))
     }
 
+    /// A float tensor of rank `D` with exactly `expected` shape as stored, kept in `dtype`, optionally with
+    /// its last two dimensions swapped (HF's `[out, in]` linear weights become burn's `[in, out]`, row-major:
+    /// one pass, no transposed view). The error names the tensor.
+    pub fn tensor_as<const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        swap_last_two: bool,
+        dtype: burn::tensor::FloatDType,
+        device: &Device,
+    ) -> Result<Tensor<D>> {
+        let (values, shape) = self.values(name, dtype)?;
+        if shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: shape,
+            });
+        }
+        let mut dims = expected;
+        let swap = swap_last_two && D >= 2;
+        if swap {
+            dims.swap(D - 2, D - 1);
+        }
+        let data = match values {
+            Values::F32(v) if swap => TensorData::new(swap_last(&v, &expected), dims),
+            Values::F32(v) => TensorData::new(v, dims),
+            Values::Bf16(v) if swap => TensorData::new(swap_last(&v, &expected), dims),
+            Values::Bf16(v) => TensorData::new(v, dims),
+        };
+        let dtype = data.dtype();
+        Ok(Tensor::from_data(
+            data,
+            burn::tensor::TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+        ))
+    }
+
+    /// Per-expert `[rows, cols]` matrices `names[e]` (`e` = expert), each transposed into columns
+    /// `offset..offset + rows` of expert `e`'s `[cols, width]` block of one stacked `[experts, cols, width]`
+    /// buffer: the expert bank built in place, in `dtype`, without a per-expert tensor. `parts` lists the
+    /// matrices per expert with their column offsets (e.g. gate at 0 and up at `inter` for `gate_up`).
+    pub fn stacked_transposed(
+        &self,
+        parts: &[(Vec<String>, usize)],
+        [experts, rows, cols]: [usize; 3],
+        width: usize,
+        dtype: burn::tensor::FloatDType,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        let dims = [experts, cols, width];
+        fn fill<T: Copy + Default + Send>(
+            store: &TensorStore,
+            parts: &[(Vec<String>, usize)],
+            [experts, rows, cols]: [usize; 3],
+            width: usize,
+            take: impl Fn(Values) -> Vec<T> + Sync,
+            dtype: burn::tensor::FloatDType,
+        ) -> Result<Vec<T>> {
+            use rayon::prelude::*;
+            let mut out = vec![T::default(); experts * cols * width];
+            // Experts side by side: each reads its own bytes and fills its own block.
+            out.par_chunks_mut(cols * width)
+                .enumerate()
+                .try_for_each(|(e, block)| {
+                    for (names, offset) in parts {
+                        let name = &names[e];
+                        let (values, shape) = store.values(name, dtype)?;
+                        if shape != [rows, cols] {
+                            return Err(ModelError::ShapeMismatch {
+                                name: name.clone(),
+                                expected: vec![rows, cols],
+                                found: shape,
+                            });
+                        }
+                        transpose_into(&take(values), rows, cols, block, width, *offset);
+                    }
+                    Ok(())
+                })?;
+            Ok(out)
+        }
+        let shape = [experts, rows, cols];
+        let data = match dtype {
+            burn::tensor::FloatDType::BF16 => TensorData::new(
+                fill(
+                    self,
+                    parts,
+                    shape,
+                    width,
+                    |v| match v {
+                        Values::Bf16(v) => v,
+                        Values::F32(v) => v.into_iter().map(half::bf16::from_f32).collect(),
+                    },
+                    dtype,
+                )?,
+                dims,
+            ),
+            _ => TensorData::new(
+                fill(
+                    self,
+                    parts,
+                    shape,
+                    width,
+                    |v| match v {
+                        Values::F32(v) => v,
+                        Values::Bf16(v) => v.into_iter().map(half::bf16::to_f32).collect(),
+                    },
+                    dtype,
+                )?,
+                dims,
+            ),
+        };
+        let dtype = data.dtype();
+        Ok(Tensor::from_data(
+            data,
+            burn::tensor::TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+        ))
+    }
+
     /// The path of the file holding `name`.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.index
             .entries
             .get(name)
             .map(|e| self.index.files[e.file].0.as_path())
+    }
+}
+
+/// `v` (row-major, `shape`) with its last two dimensions swapped, in tiles of 32 × 32 (both sides stay in
+/// cache).
+fn swap_last<T: Copy + Default>(v: &[T], shape: &[usize]) -> Vec<T> {
+    let d = shape.len();
+    let (rows, cols) = (shape[d - 2], shape[d - 1]);
+    let mut out = vec![T::default(); v.len()];
+    let m = rows * cols;
+    if m == 0 {
+        return out;
+    }
+    for (src, dst) in v.chunks_exact(m).zip(out.chunks_exact_mut(m)) {
+        transpose_into(src, rows, cols, dst, rows, 0);
+    }
+    out
+}
+
+/// `dst[c][offset + r] = src[r][c]` for `src` `[rows, cols]` and `dst` `[cols, width]`, in 32 × 32 tiles.
+fn transpose_into<T: Copy>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+    width: usize,
+    offset: usize,
+) {
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(cols) {
+                let row = &mut dst[c * width + offset..];
+                for r in r0..(r0 + TILE).min(rows) {
+                    row[r] = src[r * cols + c];
+                }
+            }
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -751,29 +752,76 @@ fn per_expert_names(style: ExpertStyle, prefix: &str, e: usize) -> [String; 3] {
     }
 }
 
-/// `t` laid out row-major in its own buffer. HF stores linear weights as `[out, in]` and burn multiplies by
-/// `[in, out]`: a transposed view would make every matmul read the weights with strides (≈ 15 % slower
-/// forward on the bench checkpoint), so loading pays for one copy instead.
-fn contiguous<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    let device = t.device();
-    Tensor::from_data(t.into_data(), &device)
+/// The dtype a model keeps its weights in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// f32 (bf16 / f16 checkpoints are widened on load).
+    F32,
+    /// bf16: projection, expert, embedding and LM-head weights stay bf16 in memory; norms, biases and the
+    /// router stay f32. Products accumulate in f32 (see [`crate::matvec`]).
+    Bf16,
 }
 
-/// Loads HF tensors into a model built from the same config.
+impl WeightDtype {
+    /// The checkpoint's own dtype as config.json gives it ([`weights_dtype`]): bf16 for bf16, else f32.
+    pub fn of_config(config: &Value) -> Result<Self> {
+        Ok(match weights_dtype(config)? {
+            Dtype::BF16 => WeightDtype::Bf16,
+            _ => WeightDtype::F32,
+        })
+    }
+
+    fn float(self) -> FloatDType {
+        match self {
+            WeightDtype::F32 => FloatDType::F32,
+            WeightDtype::Bf16 => FloatDType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(WeightDtype::F32),
+            "bf16" | "bfloat16" => Ok(WeightDtype::Bf16),
+            other => Err(ModelError::InvalidInput(format!(
+                "weight dtype `{other}`: expected f32 or bf16"
+            ))),
+        }
+    }
+}
+
+/// A parameter's dims without drawing it (the model is built with lazy parameters that loading replaces).
+fn lazy_dims<const D: usize>(p: &Param<Tensor<D>>) -> [usize; D] {
+    let shape = p.lazy_shape();
+    std::array::from_fn(|i| shape[i])
+}
+
+/// Loads HF tensors into a model built from the same config. HF stores linear weights as `[out, in]` and burn
+/// multiplies by `[in, out]`: a transposed view would make every matmul read the weights with strides (≈ 15 %
+/// slower forward on the bench checkpoint), so each weight is transposed while it is read.
 struct Loader<'a> {
     store: &'a TensorStore,
     device: Device,
+    dtype: FloatDType,
 }
 
 impl Loader<'_> {
     fn linear(&self, lin: &mut Linear, name: &str) -> Result<()> {
-        let [d_in, d_out] = lin.weight.dims();
-        let w: Tensor<2> =
-            self.store
-                .tensor(&format!("{name}.weight"), [d_out, d_in], &self.device)?;
-        lin.weight = Param::from_tensor(contiguous(w.transpose()));
+        self.linear_as(lin, name, self.dtype)
+    }
+    fn linear_as(&self, lin: &mut Linear, name: &str, dtype: FloatDType) -> Result<()> {
+        let [d_in, d_out] = lazy_dims(&lin.weight);
+        lin.weight = Param::from_tensor(self.store.tensor_as(
+            &format!("{name}.weight"),
+            [d_out, d_in],
+            true,
+            dtype,
+            &self.device,
+        )?);
         if let Some(b) = &lin.bias {
-            let [n] = b.dims();
+            let [n] = lazy_dims(b);
             lin.bias = Some(Param::from_tensor(self.store.tensor(
                 &format!("{name}.bias"),
                 [n],
@@ -783,7 +831,7 @@ impl Loader<'_> {
         Ok(())
     }
     fn norm(&self, n: &mut RmsNorm, name: &str) -> Result<()> {
-        let [d] = n.gamma.dims();
+        let [d] = lazy_dims(&n.gamma);
         n.gamma = Param::from_tensor(self.store.tensor(
             &format!("{name}.weight"),
             [d],
@@ -797,44 +845,55 @@ impl Loader<'_> {
         self.linear(&mut m.down_proj, &format!("{prefix}.down_proj"))
     }
     fn experts(&self, bank: &mut ExpertBank, names: &FfnNames) -> Result<()> {
-        let [e_n, h, i2] = bank.gate_up.dims();
+        let [e_n, h, i2] = lazy_dims(&bank.gate_up);
         let i = i2 / 2;
         let fused_gate_up = format!("{}.experts.gate_up_proj", names.prefix);
         let fused_down = format!("{}.experts.down_proj", names.prefix);
+        let (store, dev, dt) = (self.store, &self.device, self.dtype);
         if names.expert_style == ExpertStyle::FusedInOut {
-            bank.gate_up = Param::from_tensor(self.store.tensor(
+            bank.gate_up = Param::from_tensor(store.tensor_as(
                 &fused_gate_up,
                 [e_n, h, i2],
-                &self.device,
+                false,
+                dt,
+                dev,
             )?);
             bank.down =
-                Param::from_tensor(self.store.tensor(&fused_down, [e_n, i, h], &self.device)?);
+                Param::from_tensor(store.tensor_as(&fused_down, [e_n, i, h], false, dt, dev)?);
             return Ok(());
         }
         let first = per_expert_names(names.expert_style, &names.prefix, 0);
-        if !self.store.contains(&first[0]) && self.store.contains(&fused_gate_up) {
+        if !store.contains(&first[0]) && store.contains(&fused_gate_up) {
             // transformers 5.x in-memory layout: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
-            let gu: Tensor<3> = self
-                .store
-                .tensor(&fused_gate_up, [e_n, i2, h], &self.device)?;
-            let dn: Tensor<3> = self.store.tensor(&fused_down, [e_n, h, i], &self.device)?;
-            bank.gate_up = Param::from_tensor(contiguous(gu.swap_dims(1, 2)));
-            bank.down = Param::from_tensor(contiguous(dn.swap_dims(1, 2)));
+            bank.gate_up =
+                Param::from_tensor(store.tensor_as(&fused_gate_up, [e_n, i2, h], true, dt, dev)?);
+            bank.down =
+                Param::from_tensor(store.tensor_as(&fused_down, [e_n, h, i], true, dt, dev)?);
             return Ok(());
         }
-        let mut gate_up = Vec::with_capacity(e_n);
-        let mut down = Vec::with_capacity(e_n);
-        for e in 0..e_n {
-            let [g, u, d] = per_expert_names(names.expert_style, &names.prefix, e);
-            let g: Tensor<2> = self.store.tensor(&g, [i, h], &self.device)?;
-            let u: Tensor<2> = self.store.tensor(&u, [i, h], &self.device)?;
-            let d: Tensor<2> = self.store.tensor(&d, [h, i], &self.device)?;
-            gate_up.push(Tensor::cat(vec![g.transpose(), u.transpose()], 1));
-            down.push(d.transpose());
-        }
-        // `stack` writes a new row-major tensor: no second copy needed.
-        bank.gate_up = Param::from_tensor(Tensor::stack(gate_up, 0));
-        bank.down = Param::from_tensor(Tensor::stack(down, 0));
+        let names_of = |part: usize| -> Vec<String> {
+            (0..e_n)
+                .map(|e| {
+                    let [g, u, d] = per_expert_names(names.expert_style, &names.prefix, e);
+                    [g, u, d][part].clone()
+                })
+                .collect()
+        };
+        // Each expert's matrices transposed straight into the stacked bank.
+        bank.gate_up = Param::from_tensor(store.stacked_transposed(
+            &[(names_of(0), 0), (names_of(1), i)],
+            [e_n, i, h],
+            i2,
+            dt,
+            dev,
+        )?);
+        bank.down = Param::from_tensor(store.stacked_transposed(
+            &[(names_of(2), 0)],
+            [e_n, h, i],
+            h,
+            dt,
+            dev,
+        )?);
         Ok(())
     }
 }
@@ -904,6 +963,18 @@ impl Model {
         device: &Device,
         memory: MemoryCheck,
     ) -> Result<Self> {
+        Self::from_pretrained_as(dir, device, memory, None)
+    }
+
+    /// [`Self::from_pretrained_with`], keeping the weights in `dtype` (`None`: the checkpoint's own,
+    /// [`WeightDtype::of_config`]). The model is built without drawing random weights and each tensor is read
+    /// from the files straight into its place, so loading holds the model plus one tensor's bytes.
+    pub fn from_pretrained_as(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        memory: MemoryCheck,
+        dtype: Option<WeightDtype>,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             return Err(ModelError::io(
@@ -911,10 +982,16 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
             ));
         }
-        let (config, json, store) = check::open_checked(dir, memory)?;
+        let json = read_config_json(dir)?;
+        let dtype = match dtype {
+            Some(d) => d,
+            None => WeightDtype::of_config(&json)?,
+        };
+        let (config, json, store) = check::open_checked(dir, memory, dtype)?;
         let connectivity = parse_connectivity(&json, config.num_layers())?;
-        let mut model = Model::new(&config, device)?;
-        model.load_hf_tensors(&store)?;
+        config.validate()?;
+        let mut model = Model::new_lazy(&config, device);
+        model.load_hf_tensors_as(&store, dtype)?;
         let model = model.with_connectivity(connectivity)?;
         tracing::info!(family = %config.family, layers = config.num_layers(), dir = %dir.display(), "loaded checkpoint");
         Ok(model)
@@ -922,12 +999,26 @@ impl Model {
 
     /// Replaces every weight with the tensors of an HF checkpoint.
     pub fn load_hf_tensors(&mut self, store: &TensorStore) -> Result<()> {
-        let device = self.embed.weight.device();
-        let l = Loader { store, device };
+        self.load_hf_tensors_as(store, WeightDtype::F32)
+    }
+
+    /// [`Self::load_hf_tensors`], keeping the weights in `dtype` ([`WeightDtype`]).
+    pub fn load_hf_tensors_as(&mut self, store: &TensorStore, dtype: WeightDtype) -> Result<()> {
+        let device = self.embed.weight.lazy_device();
+        let l = Loader {
+            store,
+            device,
+            dtype: dtype.float(),
+        };
         let family = self.config().family.clone();
-        let [v, h] = self.embed.weight.dims();
-        self.embed.weight =
-            Param::from_tensor(store.tensor("model.embed_tokens.weight", [v, h], &l.device)?);
+        let [v, h] = lazy_dims(&self.embed.weight);
+        self.embed.weight = Param::from_tensor(store.tensor_as(
+            "model.embed_tokens.weight",
+            [v, h],
+            false,
+            l.dtype,
+            &l.device,
+        )?);
         l.norm(&mut self.norm, "model.norm")?;
         if let Some(head) = self.lm_head.as_mut() {
             l.linear(head, "lm_head")?;
@@ -1081,12 +1172,14 @@ impl Model {
 }
 
 fn load_moe(l: &Loader, moe: &mut MoeBlock, names: &FfnNames) -> Result<()> {
-    l.linear(
+    // The router stays f32: its scores pick the experts, and it is small.
+    l.linear_as(
         &mut moe.router.gate,
         &format!("{}.{}", names.prefix, names.router),
+        FloatDType::F32,
     )?;
     if let Some(b) = moe.router.correction_bias.as_mut() {
-        let [e] = b.dims();
+        let [e] = lazy_dims(b);
         *b = Param::from_tensor(l.store.tensor(
             &format!("{}.{}.e_score_correction_bias", names.prefix, names.router),
             [e],

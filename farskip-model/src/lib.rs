@@ -35,6 +35,7 @@ pub mod error;
 pub mod generate;
 pub mod hf;
 pub mod lanes;
+pub mod matvec;
 pub mod memory;
 pub mod mlp;
 pub mod model;

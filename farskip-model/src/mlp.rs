@@ -5,6 +5,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{sigmoid, silu};
 
+use crate::matvec::linear;
+
 /// A SwiGLU MLP.
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -30,8 +32,8 @@ impl Mlp {
     /// # Shapes
     /// - `x`: `[..., hidden]` -> `[..., hidden]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let g = silu(linear(&self.gate_proj, x.clone()));
+        linear(&self.down_proj, g * linear(&self.up_proj, x))
     }
 }
 
@@ -50,7 +52,7 @@ impl SharedExpert {
     pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let y = self.mlp.forward(x.clone());
         match &self.gate {
-            Some(g) => sigmoid(g.forward(x)) * y,
+            Some(g) => sigmoid(linear(g, x)) * y,
             None => y,
         }
     }

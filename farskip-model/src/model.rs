@@ -166,8 +166,9 @@ impl Model {
         Ok(model)
     }
 
-    /// [`Self::new`] with burn's lazy parameters (drawn on first use); `config` already validated.
-    fn new_lazy(config: &ModelConfig, device: &Device) -> Self {
+    /// [`Self::new`] with burn's lazy parameters (drawn on first use); `config` already validated. A loader
+    /// replaces every parameter, so none is ever drawn.
+    pub(crate) fn new_lazy(config: &ModelConfig, device: &Device) -> Self {
         Self {
             embed: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
                 .with_initializer(burn::nn::Initializer::Normal {
@@ -264,7 +265,7 @@ impl Model {
 
     /// Embedding lookup.
     pub fn embed(&self, input_ids: Tensor<2, Int>) -> Tensor<3> {
-        self.embed.forward(input_ids)
+        crate::matvec::widened(self.embed.forward(input_ids))
     }
 
     /// Final norm and LM head on the full stream.
@@ -274,8 +275,12 @@ impl Model {
     pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
         let h = self.norm.forward(h);
         match &self.lm_head {
-            Some(head) => head.forward(h),
-            None => h.matmul(self.embed.weight.val().transpose().unsqueeze::<3>()),
+            Some(head) => crate::matvec::linear(head, h),
+            None => h.matmul(
+                crate::matvec::widened(self.embed.weight.val())
+                    .transpose()
+                    .unsqueeze::<3>(),
+            ),
         }
     }
 

@@ -22,20 +22,25 @@ use crate::model::Model;
 pub(super) fn open_checked(
     dir: &Path,
     memory: MemoryCheck,
+    dtype: super::WeightDtype,
 ) -> Result<(ModelConfig, Value, TensorStore)> {
     let json = read_config_json(dir)?;
     let index = TensorIndex::open_dir(dir)?;
     check_layer_count(&json, &index)?;
     let config = parse_config(&json)?;
     check_tensors(&config, &json, &index)?;
-    let weights = Model::estimate_bytes(&config);
-    let files = index.file_bytes();
+    // Tensors are read one at a time: the model's weights are what loading needs (bf16 halves the f32
+    // estimate; its norms and routers, which stay f32, are a rounding error).
+    let weights = match dtype {
+        super::WeightDtype::F32 => Model::estimate_bytes(&config),
+        super::WeightDtype::Bf16 => Model::estimate_bytes(&config) / 2,
+    };
     memory.check(
         &format!(
-            "loading {} ({weights} bytes of f32 weights, {files} bytes of checkpoint files)",
+            "loading {} ({weights} bytes of {dtype:?} weights)",
             dir.display()
         ),
-        weights.saturating_add(files),
+        weights,
     )?;
     Ok((config, json, index.read()?))
 }

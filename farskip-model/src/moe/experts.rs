@@ -7,6 +7,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use crate::lanes;
+use crate::matvec::{self, widened};
 
 /// Stacked SwiGLU experts.
 #[derive(Module, Debug)]
@@ -88,11 +89,50 @@ impl ExpertBank {
         {
             return ys;
         }
+        if !tracked && let Some(ys) = self.forward_few_rows(&xs, counts) {
+            return ys;
+        }
         match ExpertBatches::plan(counts, tracked) {
             Some(batches) => self.forward_batched(xs, &batches),
             None => self.forward_loop(xs, counts),
         }
     }
+
+    /// Rows grouped by expert through [`matvec::expert_rows`](crate::matvec::expert_rows), reading each
+    /// chosen expert's weights in place: decoding, where an expert gets a row or two. `None` for more than
+    /// [`Self::FEW_ROWS`] rows or off flex.
+    fn forward_few_rows(&self, xs: &Tensor<2>, counts: &[usize]) -> Option<Tensor<2>> {
+        let [m, hidden] = xs.dims();
+        if m > Self::FEW_ROWS {
+            return None;
+        }
+        let gate_up = matvec::flex_primitive(&self.gate_up.val())?;
+        let down = matvec::flex_primitive(&self.down.val())?;
+        let x = matvec::flex_primitive(xs)?;
+        let x = match x.as_slice::<f32>() {
+            Some(s) => s.to_vec(),
+            None if x.dtype() == burn::tensor::DType::F32 => {
+                x.to_contiguous().as_slice::<f32>()?.to_vec()
+            }
+            None => return None,
+        };
+        let segments: Vec<(usize, usize)> = counts.iter().copied().enumerate().collect();
+        let out = matvec::expert_rows(
+            &x,
+            &segments,
+            matvec::Weights::of(&gate_up)?,
+            matvec::Weights::of(&down)?,
+            hidden,
+            self.intermediate_size(),
+        );
+        Some(Tensor::from_data(
+            TensorData::new(out, [m, hidden]),
+            &xs.device(),
+        ))
+    }
+
+    /// Rows up to which [`Self::forward_grouped`] runs the few-row kernels (decoding a batch of a few sequences).
+    const FEW_ROWS: usize = 16;
 
     /// The rows of [`Self::forward_grouped`] laid out by `batches`: one gather, two batched matmuls, one gather
     /// back. Padding rows repeat row 0; their outputs are dropped (so they get a zero gradient).
@@ -102,10 +142,12 @@ impl ExpertBank {
         let inter = self.intermediate_size();
         let (n, cap) = (batches.len(), batches.cap);
         let (gate_up, down) = match &batches.experts {
-            None if n == self.num_experts() => (self.gate_up.val(), self.down.val()),
+            None if n == self.num_experts() => {
+                (widened(self.gate_up.val()), widened(self.down.val()))
+            }
             None => (
-                self.gate_up.val().narrow(0, 0, n),
-                self.down.val().narrow(0, 0, n),
+                widened(self.gate_up.val().narrow(0, 0, n)),
+                widened(self.down.val().narrow(0, 0, n)),
             ),
             // Gathered as `[experts, rows * cols]` matrices: flex copies (and scatter-adds backward) whole rows
             // in 2-D, element by element in 3-D.
@@ -117,7 +159,10 @@ impl ExpertBank {
                         .select(0, idx.clone())
                         .reshape([experts.len(), r, c])
                 };
-                (gather(self.gate_up.val()), gather(self.down.val()))
+                (
+                    widened(gather(self.gate_up.val())),
+                    widened(gather(self.down.val())),
+                )
             }
         };
         let x = xs
@@ -161,9 +206,9 @@ impl ExpertBank {
                 continue;
             }
             let x = xs.clone().narrow(0, offset, c);
-            let h = x.matmul(gate_up.clone().narrow(0, e, 1).squeeze_dim::<2>(0));
+            let h = x.matmul(widened(gate_up.clone().narrow(0, e, 1).squeeze_dim::<2>(0)));
             let a = silu(h.clone().narrow(1, 0, inter)) * h.narrow(1, inter, inter);
-            outs.push(a.matmul(down.clone().narrow(0, e, 1).squeeze_dim::<2>(0)));
+            outs.push(a.matmul(widened(down.clone().narrow(0, e, 1).squeeze_dim::<2>(0))));
             offset += c;
         }
         Tensor::cat(outs, 0)

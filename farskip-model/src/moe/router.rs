@@ -67,7 +67,7 @@ impl Router {
     /// # Shapes
     /// - `x`: `[tokens, hidden]`
     pub fn route(&self, x: Tensor<2>) -> Routing {
-        let logits = self.gate.forward(x);
+        let logits = crate::matvec::linear(&self.gate, x);
         let [n, e] = logits.dims();
         let scores = match self.cfg.scoring {
             Scoring::Softmax => softmax(logits, 1),
