@@ -7,17 +7,19 @@
 //! wait dispatch + experts + async combine + shared expert, `join` = wait combine + weighted combine + residual:
 //!
 //! - forward: attn(0) → begin(0) → join(1) of layer i − 1 → attn(1) → begin(1) → end(0) → end(1) → join(0);
-//!   half 1's join is held over to the next layer (the last layer joins it before the head), so its combine
-//!   hides behind half 0's next attention;
-//! - backward (the mirror): join-bwd(0) + async combine-bwd(0) → end-bwd(1) (wait combine-bwd(1), experts-bwd,
-//!   async dispatch-bwd(1), shared-bwd) → end-bwd(0) → begin-bwd(1) (wait dispatch-bwd(1), router-bwd) → attn-bwd(1)
-//!   → join-bwd(1) + async combine-bwd(1) of layer i − 1 → begin-bwd(0) → attn-bwd(0) → async all-reduce of the
-//!   layer's replicated gradients (both halves'). Half 1's combine-bwd of layer i was issued at the end of layer
-//!   i + 1's backward (for the last layer: right after the head's), so it hides behind half 0's attention
-//!   backward of layer i + 1.
+//!   half 1's join is held over to the next layer, so its combine hides behind half 0's next attention; after
+//!   the last layer: head(0) → join(1) → head(1);
+//! - backward: head-bwd(1) → join-bwd(1) of the last layer, its combine-bwd(1) issued → head-bwd(0) →
+//!   join-bwd(0), combine-bwd(0) issued; then per layer i, from the last: end-bwd(1) (wait combine-bwd(1),
+//!   experts-bwd, dispatch-bwd(1) issued, shared-bwd) → begin-bwd(1) (wait dispatch-bwd(1), router-bwd,
+//!   attn-bwd) → join-bwd(1) of layer i − 1, combine-bwd(1) issued → end-bwd(0) → begin-bwd(0) → the layer's
+//!   replicated gradients (both halves') all-reduced asynchronously → join-bwd(0) of layer i − 1,
+//!   combine-bwd(0) issued. Each half's combine backward hides behind the other half's experts, router and
+//!   attention backward (half 1's of the last layer behind half 0's head backward).
 //!
-//! The embedding and the head run once on the whole batch (the loss is the whole batch's), so the step's loss
-//! and gradients equal [`EpTrainRank::step_on`]'s up to float rounding.
+//! The embedding runs once on the whole batch; the head runs per half, each half's loss weighted ½ so that
+//! the two add up to the whole batch's. The step's loss and gradients equal [`EpTrainRank::step_on`]'s up to
+//! float rounding.
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -181,51 +183,80 @@ impl EpTrainRank {
             held = Some(self.tbo_end(comm, trace, i, 1, begun1)?);
             full[0] = self.tbo_join(comm, trace, p0, &mut tapes[0])?;
         }
+        // The head, half by half: half 1's last combine is in flight while half 0's head runs. Each half's loss
+        // is its mean weighted ½, so the two add up to the whole batch's.
+        let head = |mb: usize, full: &Tensor<3>| -> (Tensor<3>, Tensor<1>) {
+            let g = span(None, ops::HEAD, fwd);
+            let final_in = leaf(full);
+            let logits = self.model.logits(final_in.clone());
+            let v = logits.dims()[2];
+            let rows = |t3: &Tensor<3>| t3.clone().narrow(0, mb * half, half);
+            let objective = match objective {
+                Objective::Distill {
+                    teacher_logits,
+                    temperature,
+                } => Objective::Distill {
+                    teacher_logits: rows(teacher_logits),
+                    temperature: *temperature,
+                },
+                other => other.clone(),
+            };
+            let y = y_ids.clone().narrow(0, mb * half, half);
+            let loss = self
+                .logits_loss(&objective, &logits.reshape([half * t, v]), y)
+                .mul_scalar(0.5);
+            g.finish();
+            (final_in, loss)
+        };
+        let (final0, loss0) = head(0, &full[0]);
         if let Some(p) = held.take() {
             full[1] = self.tbo_join(comm, trace, p, &mut tapes[1])?;
         }
-        let g = span(None, ops::HEAD, fwd);
-        let [f0, f1] = full;
-        let final_in = leaf(&Tensor::cat(vec![f0, f1], 0));
-        let logits = self.model.logits(final_in.clone());
-        let [_, _, v] = logits.dims();
-        let loss = self.logits_loss(objective, &logits.reshape([b * t, v]), y_ids);
-        let loss_value = loss.clone().into_scalar::<f64>();
-        g.finish();
+        let (final1, loss1) = head(1, &full[1]);
+        let loss_value = loss0.clone().into_scalar::<f64>() + loss1.clone().into_scalar::<f64>();
 
         // ---- backward ----
+        // Each half's combine backward is issued as soon as its join's backward has run, and waited for
+        // after the other half's next block of compute: half 1's behind half 0's head (last layer) or half
+        // 0's attention backward of the layer above, half 0's behind half 1's experts, router and attention
+        // backward.
         let mut acc = GradientsParams::new();
-        let g = span(None, bwd_ops::HEAD, bwd);
-        let grads = loss.backward();
-        let g_final = final_in
-            .grad(&grads)
-            .expect("final stream is a leaf")
-            .detach();
-        absorb(&mut acc, grads, &self.model);
-        g.finish();
-        let mut g_full = [
-            g_final.clone().narrow(0, 0, half),
-            g_final.narrow(0, half, half),
-        ];
+        let head_bwd = |loss: Tensor<1>, final_in: Tensor<3>, acc: &mut GradientsParams| {
+            let g = span(None, bwd_ops::HEAD, bwd);
+            let grads = loss.backward();
+            let g_final = final_in
+                .grad(&grads)
+                .expect("final stream is a leaf")
+                .detach();
+            absorb(acc, grads, &self.model);
+            g.finish();
+            g_final
+        };
         let [mut tapes0, mut tapes1] = tapes;
         let mut pending_grads: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)> = Vec::new();
-        let mut held = tapes1
+        let mut g_full1 = head_bwd(loss1, final1, &mut acc);
+        let mut held1 = tapes1
             .pop()
-            .map(|last| self.tbo_join_bwd(comm, trace, 1, last, &g_full[1]))
+            .map(|last| self.tbo_join_bwd(comm, trace, 1, last, &g_full1))
             .transpose()?;
-        while let Some(tape0) = tapes0.pop() {
-            let i = tapes0.len();
-            let c1 = held
+        let mut g_full0 = head_bwd(loss0, final0, &mut acc);
+        let mut held0 = tapes0
+            .pop()
+            .map(|last| self.tbo_join_bwd(comm, trace, 0, last, &g_full0))
+            .transpose()?;
+        while let Some(c0) = held0.take() {
+            let i = c0.layer;
+            let c1 = held1
                 .take()
                 .expect("half 1's combine backward of this layer was issued");
-            let c0 = self.tbo_join_bwd(comm, trace, 0, tape0, &g_full[0])?;
             let d1 = self.tbo_end_bwd(comm, trace, 1, c1, &mut acc)?;
+            g_full1 = self.tbo_begin_bwd(trace, d1, &mut acc)?;
+            held1 = tapes1
+                .pop()
+                .map(|tape| self.tbo_join_bwd(comm, trace, 1, tape, &g_full1))
+                .transpose()?;
             let d0 = self.tbo_end_bwd(comm, trace, 0, c0, &mut acc)?;
-            g_full[1] = self.tbo_begin_bwd(trace, d1, &mut acc)?;
-            if let Some(tape1) = tapes1.pop() {
-                held = Some(self.tbo_join_bwd(comm, trace, 1, tape1, &g_full[1])?);
-            }
-            g_full[0] = self.tbo_begin_bwd(trace, d0, &mut acc)?;
+            g_full0 = self.tbo_begin_bwd(trace, d0, &mut acc)?;
             // Both halves' backward of this layer is done: all-reduce its replicated gradients while the
             // layers below run.
             let mut f = Flatten {
@@ -239,10 +270,13 @@ impl EpTrainRank {
                 .at_layer(i)
                 .in_phase(bwd);
             pending_grads.push((i, present, grad_comm.all_reduce(tag, buffer)));
+            held0 = tapes0
+                .pop()
+                .map(|tape| self.tbo_join_bwd(comm, trace, 0, tape, &g_full0))
+                .transpose()?;
         }
         let g = span(None, bwd_ops::HEAD, bwd);
-        let [g0, g1] = g_full;
-        let g_emb = Tensor::cat(vec![g0, g1], 0);
+        let g_emb = Tensor::cat(vec![g_full0, g_full1], 0);
         let grads = (flat3(emb) * flat3(g_emb)).sum().backward();
         absorb(&mut acc, grads, &self.model);
         g.finish();
