@@ -308,7 +308,10 @@ pub fn schedule(
     match kind {
         ScheduleKind::Blocking => one(&Connectivity::Standard),
         ScheduleKind::FarSkip => one(conn),
-        ScheduleKind::Tbo => desc::two_micro_batches(&one(&Connectivity::Standard)),
+        ScheduleKind::Tbo => match mode {
+            Mode::Train => desc::training_tbo(config),
+            Mode::Prefill | Mode::Decode => desc::two_micro_batches(&one(&Connectivity::Standard)),
+        },
     }
 }
 

@@ -11,9 +11,9 @@ use farskip_dist::plan::{
     Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule,
 };
-use farskip_dist::schedule::{EpRank, TpRank};
+use farskip_dist::schedule::{EpRank, TpRank, tbo_ops};
 use farskip_dist::trace::{Phase, Stream};
-use farskip_dist::training::EpTrainRank;
+use farskip_dist::training::{EpTrainRank, Objective};
 use farskip_dist::{Communicator, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, Trace};
 use farskip_model::{Connectivity, Model, ModelConfig};
 
@@ -344,6 +344,44 @@ fn descriptions_follow_the_executors_op_order() {
         // The step ends with the loss all-reduce and the optimizer's bookkeeping, which the description leaves out.
         assert_eq!(dc, tc[..dc.len().min(tc.len())].to_vec(), "{conn} training");
     }
+    // Two-micro-batch training: each rank's two sequences are the micro-batches.
+    let windows = random_ids(4, 9, config.vocab_size, 5, &device);
+    let trace = Trace::new();
+    let cfg = LocalWorldConfig::new(LinkModel::instant()).with_trace(trace.clone());
+    LocalWorld::run_with(2, cfg, |comm: &LocalComm| {
+        let mine = windows.clone().narrow(0, 2 * comm.rank(), 2);
+        EpTrainRank::new(&model, comm.rank(), 2)
+            .unwrap()
+            .step_tbo_on(comm, comm, &trace, mine, &Objective::CrossEntropy)
+            .map(|_| ())
+    })
+    .unwrap()
+    .into_iter()
+    .for_each(|r| r.unwrap());
+    let d = schedule(
+        &config,
+        &Connectivity::Standard,
+        Split::Expert,
+        Mode::Train,
+        ScheduleKind::Tbo,
+    );
+    let (tc, tm) = traced(&trace);
+    let (dc, dm) = described(&d);
+    assert_eq!(dc, tc[..dc.len().min(tc.len())].to_vec(), "TBO training");
+    // The executor's collectives carry their micro-batch in the name (`dispatch.mb1`), and the embedding/head
+    // gradient all-reduce is tagged with layer usize::MAX: the same sequence.
+    let full: Ops = tm
+        .iter()
+        .map(|(op, l)| {
+            let layer = l.filter(|&l| l != usize::MAX);
+            (tbo_ops::full_op(op).unwrap_or(op).to_string(), layer)
+        })
+        .collect();
+    assert_eq!(
+        dm,
+        full[..dm.len().min(full.len())].to_vec(),
+        "TBO training collectives"
+    );
 }
 
 fn configs_dir() -> PathBuf {

@@ -408,6 +408,144 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
     Schedule { steps: s }
 }
 
+/// The expert-parallel training step with two-micro-batch overlap (`EpTrainRank::step_tbo_on`, standard
+/// connectivity): each rank's two sequences are the micro-batches, interleaved per layer as the executor does —
+/// forward `attn(0) begin(0) join(1) of the layer below attn(1) begin(1) end(0) end(1) join(0)`, the head per
+/// micro-batch; backward `end-bwd(1) begin-bwd(1) join-bwd(1) of the layer below end-bwd(0) begin-bwd(0)`, the
+/// layer's gradient all-reduce, `join-bwd(0) of the layer below`. Every layer is MoE (as the executor requires);
+/// a dense layer is planned as attention + MLP per micro-batch with no collective.
+pub fn training_tbo(config: &ModelConfig) -> Schedule {
+    let (f, b) = (Phase::Forward, Phase::Backward);
+    let k = |op: &'static str, layer: Option<usize>, phase: Phase, micro: u8| OpKey {
+        op,
+        layer,
+        phase,
+        micro,
+    };
+    let layers = config.layers.len();
+    let shared = has_shared(config);
+    let mut s = Vec::new();
+    // The embedding runs once on the whole batch: both micro-batches' share of it.
+    s.push(Step::Compute(k(ops::HEAD, None, f, 0)));
+    s.push(Step::Compute(k(ops::HEAD, None, f, 1)));
+    let join = |s: &mut Vec<Step>, i: usize, m: u8| {
+        s.push(Step::Wait(k(ops::COMBINE, Some(i), f, m)));
+        s.push(Step::Compute(k(ops::COMBINE, Some(i), f, m)));
+    };
+    let mut held: Option<usize> = None;
+    for i in 0..layers {
+        let l = Some(i);
+        let moe = is_moe(config, i);
+        let begin = |s: &mut Vec<Step>, m: u8| {
+            s.push(Step::Compute(k(ops::ATTN_1, l, f, m)));
+            s.push(Step::Compute(k(ops::ATTN_2, l, f, m)));
+            if moe {
+                s.push(Step::Compute(k(ops::ROUTER, l, f, m)));
+                s.push(Step::Issue {
+                    key: k(ops::DISPATCH, l, f, m),
+                    channel: 0,
+                });
+            } else {
+                s.push(Step::Compute(k(ops::MLP, l, f, m)));
+            }
+        };
+        let end = |s: &mut Vec<Step>, m: u8| {
+            s.push(Step::Wait(k(ops::DISPATCH, l, f, m)));
+            s.push(Step::Compute(k(ops::EXPERTS, l, f, m)));
+            s.push(Step::Issue {
+                key: k(ops::COMBINE, l, f, m),
+                channel: 0,
+            });
+            if shared {
+                s.push(Step::Compute(k(ops::SHARED, l, f, m)));
+            }
+        };
+        begin(&mut s, 0);
+        if let Some(j) = held.take() {
+            join(&mut s, j, 1);
+        }
+        begin(&mut s, 1);
+        if moe {
+            end(&mut s, 0);
+            end(&mut s, 1);
+            join(&mut s, i, 0);
+            held = Some(i);
+        }
+    }
+    s.push(Step::Compute(k(ops::HEAD, None, f, 0)));
+    if let Some(j) = held.take() {
+        join(&mut s, j, 1);
+    }
+    s.push(Step::Compute(k(ops::HEAD, None, f, 1)));
+    // Backward.
+    let join_bwd = |s: &mut Vec<Step>, i: usize, m: u8| {
+        s.push(Step::Compute(k(bwd_ops::JOIN, Some(i), b, m)));
+        s.push(Step::Issue {
+            key: k(bwd_ops::COMBINE_BWD, Some(i), b, m),
+            channel: 0,
+        });
+    };
+    let last_moe = |below: usize| (0..below).rev().find(|&j| is_moe(config, j));
+    let mut grads = Vec::new();
+    s.push(Step::Compute(k(bwd_ops::HEAD, None, b, 1)));
+    if let Some(j) = last_moe(layers) {
+        join_bwd(&mut s, j, 1);
+    }
+    s.push(Step::Compute(k(bwd_ops::HEAD, None, b, 0)));
+    if let Some(j) = last_moe(layers) {
+        join_bwd(&mut s, j, 0);
+    }
+    for i in (0..layers).rev() {
+        let l = Some(i);
+        if !is_moe(config, i) {
+            for m in [1, 0] {
+                s.push(Step::Compute(k(MLP_BWD, l, b, m)));
+                s.push(Step::Compute(k(bwd_ops::ATTN, l, b, m)));
+            }
+        } else {
+            let half = |s: &mut Vec<Step>, m: u8| {
+                s.push(Step::Wait(k(bwd_ops::COMBINE_BWD, l, b, m)));
+                s.push(Step::Compute(k(bwd_ops::EXPERTS, l, b, m)));
+                s.push(Step::Issue {
+                    key: k(bwd_ops::DISPATCH_BWD, l, b, m),
+                    channel: 0,
+                });
+                if shared {
+                    s.push(Step::Compute(k(bwd_ops::SHARED, l, b, m)));
+                }
+                s.push(Step::Wait(k(bwd_ops::DISPATCH_BWD, l, b, m)));
+                s.push(Step::Compute(k(bwd_ops::ROUTER, l, b, m)));
+                s.push(Step::Compute(k(bwd_ops::ATTN, l, b, m)));
+            };
+            half(&mut s, 1);
+            if let Some(j) = last_moe(i) {
+                join_bwd(&mut s, j, 1);
+            }
+            half(&mut s, 0);
+        }
+        let g = k(bwd_ops::GRAD_ALLREDUCE, l, b, 0);
+        s.push(Step::Issue { key: g, channel: 1 });
+        grads.push(g);
+        if is_moe(config, i)
+            && let Some(j) = last_moe(i)
+        {
+            join_bwd(&mut s, j, 0);
+        }
+    }
+    s.push(Step::Compute(k(bwd_ops::HEAD, None, b, 0)));
+    s.push(Step::Compute(k(bwd_ops::HEAD, None, b, 1)));
+    let outer = k(bwd_ops::GRAD_ALLREDUCE, None, b, 0);
+    s.push(Step::Issue {
+        key: outer,
+        channel: 1,
+    });
+    for g in grads {
+        s.push(Step::Wait(g));
+    }
+    s.push(Step::Wait(outer));
+    Schedule { steps: s }
+}
+
 /// Backward of a dense layer's MLP (the executors' training runs MoE layers only; the planner costs dense
 /// layers too).
 pub const MLP_BWD: &str = "mlp_bwd";
