@@ -5,9 +5,8 @@
 //! A decode step multiplies one row by every weight matrix it touches, so it is bound by reading the weights
 //! from memory. gemm's one-row path spent ~45 % of a decode step (perf, `bench --decode`) and bf16 weights
 //! would first be widened to a full f32 copy (burn-flex's bf16 matmul converts both operands, then rounds the
-//! product to bf16). Here each weight row is streamed once, widened in registers, and the product of up to
-//! [`MAX_ROWS`] rows is split by columns over the rayon pool. Every output element sums over `k` in the same
-//! order whatever the split, so results do not depend on the thread count.
+//! product to bf16). Here each weight row is streamed once, widened in registers (the same speed as gemm's
+//! one-row path for f32, half the bytes for bf16), on the calling thread.
 //!
 //! Longer inputs (prefill, training) keep burn's matmul; a bf16 weight is then widened to f32 for the call
 //! (one copy of that matrix, freed after it): accumulation in f32 on the bf16 values, as PyTorch does on CPU.
@@ -19,9 +18,6 @@ use burn_flex::{Flex, FlexTensor};
 
 /// Rows up to which [`linear`] and the expert bank use these kernels instead of gemm.
 pub const MAX_ROWS: usize = 4;
-
-/// Weight elements below which a product stays on the calling thread (a hand-off costs more).
-const MIN_SPLIT_ELEMS: usize = 1 << 16;
 
 /// Columns per tile: a tile of `k` weight rows stays in L2 while each input row passes over it.
 const TILE_COLS: usize = 4096;
@@ -139,48 +135,17 @@ pub fn small_product<const D: usize>(x: &Tensor<D>, w: &Tensor<2>) -> Option<Ten
     ))
 }
 
-/// `out[r, :] = Σ_j x[r, j] · w[j, :]` for `rows` rows of `x` (`[rows, k]`), `w` `[k, n]`, in f32.
+/// `out[r, :] = Σ_j x[r, j] · w[j, :]` for `rows` rows of `x` (`[rows, k]`), `w` `[k, n]`, in f32, on the
+/// calling thread.
 ///
-/// Split by columns over the rayon pool when `w` is large enough; each output element's sum runs over `j`
-/// in the same order either way.
+/// Not split over threads: a decode step makes ~70 of these products of 0.1–4 MB each, and handing each to
+/// the rayon pool cost more than it saved on a 2-core machine that is also busy with other work (measured:
+/// 66 tok/s split over two threads against 124 on one, f32, `bench --decode 128`, load average 5).
 pub fn rows_times(x: &[f32], rows: usize, w: Weights<'_>, k: usize, n: usize) -> Vec<f32> {
     assert_eq!(x.len(), rows * k, "rows_times: x is not [rows, k]");
     assert_eq!(w.len(), k * n, "rows_times: w is not [k, n]");
-    let threads = rayon::current_num_threads();
-    let parts = match k * n >= 2 * MIN_SPLIT_ELEMS && threads > 1 {
-        true => threads.min(n.div_ceil(16)),
-        false => 1,
-    };
-    if parts <= 1 {
-        let mut out = vec![0.0; rows * n];
-        columns(x, rows, w, k, n, 0, n, &mut out);
-        return out;
-    }
-    // Column ranges, multiples of 16 (one AVX-512 register) except the last.
-    let per = n.div_ceil(parts).div_ceil(16) * 16;
-    let ranges: Vec<(usize, usize)> = (0..n)
-        .step_by(per)
-        .map(|c0| (c0, (c0 + per).min(n)))
-        .collect();
-    use rayon::prelude::*;
-    let blocks: Vec<Vec<f32>> = ranges
-        .par_iter()
-        .map(|&(c0, c1)| {
-            let mut out = vec![0.0; rows * (c1 - c0)];
-            columns(x, rows, w, k, n, c0, c1, &mut out);
-            out
-        })
-        .collect();
-    if rows == 1 {
-        return blocks.concat();
-    }
     let mut out = vec![0.0; rows * n];
-    for (&(c0, c1), block) in ranges.iter().zip(&blocks) {
-        let cw = c1 - c0;
-        for r in 0..rows {
-            out[r * n + c0..r * n + c1].copy_from_slice(&block[r * cw..(r + 1) * cw]);
-        }
-    }
+    columns(x, rows, w, k, n, 0, n, &mut out);
     out
 }
 
@@ -375,7 +340,7 @@ mod tests {
         out
     }
 
-    /// f32 and bf16 weights, shapes that split over threads and that do not, odd widths and depths.
+    /// f32 and bf16 weights, odd widths and depths, one to four rows.
     #[test]
     fn rows_times_matches_a_f64_reference() {
         let mut seed = 7u64;
