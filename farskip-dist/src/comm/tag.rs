@@ -176,7 +176,12 @@ impl CollectiveCall {
         words[1] = shape_kind;
         words[2] = a as u64;
         words[3] = b as u64;
-        words[4] = self.tag.layer.map_or(0, |l| l as u64 + 1);
+        // 0: no layer; l + 1 otherwise, with usize::MAX (the tag of the embedding/head gradient all-reduce) as
+        // u64::MAX instead of overflowing.
+        words[4] = self
+            .tag
+            .layer
+            .map_or(0, |l| (l as u64).checked_add(1).unwrap_or(u64::MAX));
         words[5] = match self.tag.phase {
             Phase::Forward => 0,
             Phase::Backward => 1,
@@ -214,6 +219,7 @@ impl CollectiveCall {
         };
         let layer = match words[4] {
             0 => None,
+            u64::MAX => Some(usize::MAX),
             l => Some(usize::try_from(l - 1).ok()?),
         };
         let phase = match words[5] {
@@ -256,6 +262,13 @@ mod tests {
             shape: CallShape::Broadcast { root: 2, len: 99 },
         };
         assert_eq!(CollectiveCall::from_words(&call.to_words()), Some(call));
+        // The embedding/head gradient all-reduce is tagged with layer usize::MAX.
+        let outer = CollectiveCall {
+            kind: CollectiveKind::AllReduce,
+            tag: CollectiveTag::new("grad_allreduce").at_layer(usize::MAX),
+            shape: CallShape::Elements { len: 3 },
+        };
+        assert_eq!(CollectiveCall::from_words(&outer.to_words()), Some(outer));
         let long = CollectiveCall {
             kind: CollectiveKind::Barrier,
             tag: CollectiveTag::new("é".repeat(20)),
