@@ -130,6 +130,14 @@ pub enum ModelError {
         /// Why it is invalid.
         message: String,
     },
+    /// A device was asked for by a name this build does not know, or could not be brought up.
+    #[error("device `{name}`: {message}")]
+    Device {
+        /// The device as named (`flex`, `wgpu`, or the `BURN_DEVICE` value).
+        name: String,
+        /// Why it is not available.
+        message: String,
+    },
 }
 
 fn gib(bytes: u64) -> f64 {

@@ -221,9 +221,7 @@ impl Model {
                 "input_ids has an empty shape [{b}, {t}]"
             )));
         }
-        let ids = input_ids
-            .clone()
-            .into_data()
+        let ids = crate::host_reads::read_ints(input_ids.clone())
             .try_into_vec_as::<i64>()
             .map_err(|e| ModelError::InvalidInput(format!("input_ids: {e:?}")))?;
         let vocab = self.config.vocab_size;

@@ -377,9 +377,7 @@ impl SlotPlan {
     /// Reads the routing's expert ids from the device (one sync) and groups them.
     pub fn from_experts(experts: &Tensor<2, Int>, num_experts: usize) -> Self {
         let [_, k] = experts.dims();
-        let ids: Vec<usize> = experts
-            .clone()
-            .into_data()
+        let ids: Vec<usize> = crate::host_reads::read_ints(experts.clone())
             .try_into_vec_as::<i64>()
             .unwrap_or_default()
             .into_iter()
@@ -583,5 +581,56 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// On wgpu the hand-written backward declines (it computes on flex primitives) and the generic step runs:
+    /// its output and gradients equal flex's hand-written op.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn wgpu_runs_the_generic_step_and_matches_flex() {
+        let wgpu = crate::DeviceName::Wgpu.device().unwrap().autodiff();
+        let flex = Device::flex().autodiff();
+        let counts = [3, 0, 5, 2];
+        let xs_flex = Tensor::<2>::random([10, 8], Distribution::Normal(0.0, 1.0), &flex);
+        let bank_flex = bank(&flex);
+        let copy = |w: &Param<Tensor<3>>| {
+            Param::from_tensor(Tensor::from_data(w.val().into_data(), &wgpu))
+        };
+        let bank_wgpu = ExpertBank {
+            gate_up: copy(&bank_flex.gate_up),
+            down: copy(&bank_flex.down),
+        };
+        let xs_wgpu = xs_flex.clone().to_device(&wgpu);
+        assert!(
+            super::super::backward::grouped_experts(
+                &xs_wgpu,
+                &bank_wgpu.gate_up.val(),
+                &bank_wgpu.down.val(),
+                &counts
+            )
+            .is_none()
+        );
+        let run = |bank: &ExpertBank, xs: &Tensor<2>| {
+            let x = xs.clone().detach().require_grad();
+            let out = bank.forward_grouped(x.clone(), &counts);
+            let grads = (out.clone() * out.clone()).sum().backward();
+            (
+                out.inner(),
+                x.grad(&grads).unwrap(),
+                bank.gate_up.val().grad(&grads).unwrap(),
+                bank.down.val().grad(&grads).unwrap(),
+            )
+        };
+        let (a, b) = (run(&bank_flex, &xs_flex), run(&bank_wgpu, &xs_wgpu));
+        // Relative to the largest flex value: the sum of squares makes gradients of order 100.
+        fn rel<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
+            let scale = a.clone().abs().max().into_scalar::<f32>() as f64;
+            crate::compare::max_abs_diff_tensors(a, b) / scale
+        }
+        let diffs = [rel(a.0, b.0), rel(a.1, b.1), rel(a.2, b.2), rel(a.3, b.3)];
+        assert!(
+            diffs.iter().all(|&d| d < 1e-5),
+            "output / d_x / d_gate_up / d_down differ by {diffs:?} (relative)"
+        );
     }
 }
