@@ -275,6 +275,28 @@ pub fn write_timelines(
     .with_context(|| format!("writing {}", other.display()))
 }
 
+/// The `--device` option of the examples.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DeviceArgs {
+    /// flex (burn's CPU backend) or wgpu (burn's CubeCL backend on the first wgpu adapter; needs a build with
+    /// `--features wgpu`). Default: $BURN_DEVICE when set, else flex.
+    #[arg(long)]
+    pub device: Option<farskip_model::DeviceName>,
+}
+
+impl DeviceArgs {
+    /// The device asked for, brought up: an error (not a panic) for a backend the build lacks or a machine
+    /// without an adapter.
+    pub fn device(&self) -> Result<Device> {
+        Ok(self.name()?.device()?)
+    }
+
+    /// The device's name: `--device`, else `BURN_DEVICE`, else flex.
+    pub fn name(&self) -> Result<farskip_model::DeviceName> {
+        Ok(farskip_model::DeviceName::resolve(self.device)?)
+    }
+}
+
 /// Which distributed engine runs the ranks of an example.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {

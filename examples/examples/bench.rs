@@ -27,6 +27,8 @@ use farskip_train::optim::FusedAdamWConfig;
 #[derive(Parser, Debug)]
 #[command(about = "Forward and training-step throughput with a per-part forward breakdown")]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Hugging Face checkpoint directory (config.json + model.safetensors).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -110,7 +112,7 @@ fn try_main() -> Result<()> {
     let args = Args::parse();
     ensure!(args.runs > 0, "--runs must be at least 1");
     farskip_model::lanes::set_enabled(args.lanes);
-    let device = Device::default();
+    let device = args.device.device()?;
     let model = load_model_as(
         args.model.as_deref(),
         args.preset.as_deref(),
@@ -234,7 +236,7 @@ fn try_main() -> Result<()> {
 /// One training step (forward, next-token cross-entropy, backward, AdamW): the median of the whole step and of
 /// its three phases (each phase ends with a host read, which flex makes free).
 fn train_step_ms(args: &Args, ids: Tensor<2, Int>) -> Result<([f64; 4], Option<f64>)> {
-    let device = Device::default().autodiff();
+    let device = args.device.device()?.autodiff();
     let mut model = Some(
         load_model_as(
             args.model.as_deref(),

@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::prelude::*;
 use clap::Parser;
 use farskip_examples::{init_logging, tune_allocator};
 use farskip_model::Connectivity;
@@ -19,6 +18,8 @@ use farskip_train::{DistillConfig, run_distill};
     about = "Convert an HF MoE checkpoint to FarSkip, recover it with FCSD and save it as an HF checkpoint"
 )]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Hugging Face checkpoint directory (config.json + safetensors; tokenizer.json is used when present,
     /// bytes otherwise).
     #[arg(long)]
@@ -70,7 +71,7 @@ fn try_main() -> Result<()> {
     cfg.seq_len = args.seq_len;
     cfg.tokens_per_batch = args.tokens_per_batch;
     cfg.seed = args.seed;
-    let (report, _) = run_distill(&cfg, &Device::default())
+    let (report, _) = run_distill(&cfg, &args.device.device()?)
         .with_context(|| format!("distilling {}", args.model.display()))?;
     if args.json {
         println!("{}", report.json());

@@ -24,6 +24,8 @@ use farskip_train::data::HfTokenizer;
 #[derive(Parser, Debug)]
 #[command(about = "Forward pass and greedy generation with standard or FarSkip connectivity")]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Hugging Face checkpoint directory (config.json + model.safetensors).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -78,7 +80,7 @@ fn run() -> Result<()> {
     let args = Args::parse();
     // Inference only: independent work runs side by side on single-threaded lanes.
     farskip_model::lanes::set_enabled(true);
-    let device = Device::default();
+    let device = args.device.device()?;
     let memory = if args.force {
         MemoryCheck::Warn
     } else {
@@ -132,7 +134,8 @@ fn run() -> Result<()> {
     // One warm-up pass so the timing below is steady-state.
     let _ = model.forward_unchecked(input.clone().narrow(1, 0, seq.min(8)), None);
     let start = Instant::now();
-    let logits = model.forward_unchecked(input.clone(), None);
+    let (logits, host_reads) =
+        farskip_model::host_reads::count(|| model.forward_unchecked(input.clone(), None));
     let vocab = logits.dims()[2];
     let logits_data = logits.into_data();
     let forward_s = start.elapsed().as_secs_f64();
@@ -174,8 +177,11 @@ fn run() -> Result<()> {
             "forward_ms": forward_s * 1e3,
             "tokens_per_s": tokens / forward_s,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "device": args.device.name()?.to_string(),
+            "host_reads": host_reads,
             "load_ms": load_ms,
             "peak_rss_mb": farskip_examples::peak_rss_mb(),
+            "moe_layers": model.layers.iter().filter(|l| matches!(l.ffn, farskip_model::Ffn::Moe(_))).count(),
         });
         if let (Some(s), Some(n)) = (gen_s, args.generate) {
             j["generate_ms"] = serde_json::json!(s * 1e3);

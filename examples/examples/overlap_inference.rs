@@ -9,7 +9,6 @@
 //! `mpirun -np 2 target/release/examples/overlap_inference --backend mpi --world 2 --parallel ep --json`
 
 use anyhow::Result;
-use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference_on};
 use farskip_examples::{
@@ -21,6 +20,8 @@ use farskip_examples::{
     about = "Measure how much expert/tensor-parallel communication the FarSkip schedule hides"
 )]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Ranks (threads of one process, or the processes of `mpirun -np` with --backend mpi).
     #[arg(long, default_value_t = 2)]
     world: usize,
@@ -62,7 +63,7 @@ fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
-    let device = Device::default();
+    let device = args.device.device()?;
     let model = args.model.load(&device)?;
     let backend = args.backend.backend(args.world, &model)?;
     let result = run(&args, &model, &backend);

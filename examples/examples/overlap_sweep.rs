@@ -8,7 +8,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{OverlapConfig, Parallel, overlap_inference};
 use farskip_examples::{OverlapModelArgs, init_logging, tune_allocator};
@@ -20,6 +19,8 @@ use farskip_train::plot::{Line, Panel, Stroke, panels_svg};
     about = "Overlap and speedup of FarSkip (depth 1, 2, 3) and two-micro-batch overlap as communication gets slower"
 )]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Ranks.
     #[arg(long, default_value_t = 2)]
     world: usize,
@@ -50,7 +51,7 @@ fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
-    let device = Device::default();
+    let device = args.device.device()?;
     let model = args.model.load(&device)?;
     let (mut overlap, mut speedup) = (Vec::new(), Vec::new());
     for (p, parallel) in [Parallel::Expert, Parallel::Tensor].into_iter().enumerate() {

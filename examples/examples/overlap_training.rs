@@ -8,7 +8,6 @@
 //! `mpirun -np 2 target/release/examples/overlap_training --backend mpi --world 2 --steps 3 --json`
 
 use anyhow::Result;
-use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::{Backend, TrainingConfig, overlap_training_on};
 use farskip_examples::{
@@ -20,6 +19,8 @@ use farskip_examples::{
     about = "Measure forward/backward communication overlap of expert-parallel FarSkip training"
 )]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Ranks (threads of one process, or the processes of `mpirun -np` with --backend mpi).
     #[arg(long, default_value_t = 2)]
     world: usize,
@@ -68,7 +69,7 @@ fn try_main() -> Result<()> {
     init_logging();
     tune_allocator();
     let args = Args::parse();
-    let device = Device::default();
+    let device = args.device.device()?;
     let model = args.model.load(&device)?;
     let backend = args.backend.backend(args.world, &model)?;
     let result = run(&args, &model, &backend);

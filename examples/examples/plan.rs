@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::Parallel;
 use farskip_dist::plan::calibrate::{
@@ -29,6 +28,8 @@ use farskip_train::plot::line_chart_svg;
     about = "Predict step time and overlap of the blocking, FarSkip and TBO schedules on a model and cluster"
 )]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// HF config.json, or a checkpoint directory holding one.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -145,7 +146,10 @@ fn measured_imbalance(args: &Args, tokens: usize) -> f64 {
     if !has_weights || args.ep <= 1 {
         return 1.0;
     }
-    let measured = load_model(Some(dir), None, &Device::default())
+    let measured = args
+        .device
+        .device()
+        .and_then(|device| load_model(Some(dir), None, &device))
         .and_then(|m| Ok(routing_imbalance(&m, args.ep, tokens.min(256), 1)?));
     match measured {
         Ok(i) => {
@@ -369,7 +373,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     let calibration = match cached {
         Some(c) => c,
         None => {
-            let device = Device::default();
+            let device = args.device.device()?;
             let model = match &args.model {
                 Some(p) => load_model(Some(p), None, &device)?,
                 None => load_model(None, Some(&name), &device)?,

@@ -11,7 +11,6 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use burn::prelude::*;
 use clap::Parser;
 use farskip_dist::experiment::Backend;
 use farskip_examples::{BackendArgs, exit_on_error, init_logging, tune_allocator};
@@ -20,6 +19,8 @@ use farskip_train::{RecipeConfig, run_recipe};
 #[derive(Parser, Debug)]
 #[command(about = "Train a MoE teacher, convert it to FarSkip, recover it with FCSD / SFT / KL+L2")]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// The ≈2-minute version (teacher 320 steps, each recovery run 96).
     #[arg(long)]
     quick: bool,
@@ -128,7 +129,7 @@ fn run(args: Args, backend: &Backend) -> Result<()> {
             cfg.save_teacher = None;
         }
     }
-    let report = run_recipe(&cfg, &Device::default());
+    let report = run_recipe(&cfg, &args.device.device()?);
     #[cfg(feature = "mpi")]
     farskip_train::ep::stop_mpi();
     let report = report?;

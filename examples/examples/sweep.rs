@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use burn::prelude::*;
 use clap::Parser;
 use farskip_examples::{init_logging, tune_allocator};
 use farskip_model::Model;
@@ -18,6 +17,8 @@ use farskip_train::sweep::{run_sweep, sweep_windows};
     about = "Convert a share of the layers to FarSkip (from the first or the last) and measure the damage"
 )]
 struct Args {
+    #[command(flatten)]
+    device: farskip_examples::DeviceArgs,
     /// Hugging Face checkpoint directory (tokenizer.json is used when present, bytes otherwise).
     #[arg(long)]
     model: PathBuf,
@@ -47,7 +48,7 @@ fn try_main() -> Result<()> {
     tune_allocator();
     let args = Args::parse();
     farskip_model::lanes::set_enabled(true);
-    let device = Device::default();
+    let device = args.device.device()?;
     let model = Model::from_pretrained(&args.model, &device)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let (tokens, vocab) = corpus_tokens(Some(&args.model), &args.corpus)?;

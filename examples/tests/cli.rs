@@ -370,3 +370,125 @@ fn forward_matches_every_familys_skip_depth_references() {
         }
     }
 }
+
+/// `forward --device D --connectivity farskip --generate 8 --prompt-len 8` on every family's references: logits
+/// within 1e-4, greedy ids equal; and `--json` (no `--generate`) reports at most one host read per MoE layer.
+fn forward_matches_every_familys_farskip_references_on(device: &str) {
+    use farskip_model::checkpoint::TensorStore;
+    const FAMILIES: [&str; 7] = [
+        "deepseek_v2",
+        "deepseek_v3",
+        "llama4_text",
+        "mixtral",
+        "olmoe",
+        "qwen2_moe",
+        "qwen3_moe",
+    ];
+    let dir = TempDir::new(&format!("farskip-{device}"));
+    let mut report = Vec::new();
+    for family in FAMILIES {
+        let model = fixture(family);
+        let input = model.join("reference.safetensors");
+        let out = dir.join(&format!("{family}.safetensors"));
+        let (run, _) = forward(
+            &[
+                "--device",
+                device,
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--connectivity",
+                "farskip",
+                "--out",
+                out.to_str().unwrap(),
+                "--generate",
+                "8",
+                "--prompt-len",
+                "8",
+            ],
+            &[],
+        );
+        assert!(run.status.success(), "{family}: {:?}", stderr_lines(&run));
+        let reference = TensorStore::open_files(std::slice::from_ref(&input)).expect("references");
+        let got = TensorStore::open_files(&[out]).expect("forward's output");
+        let (logits, shape) = got.f32("logits").expect("logits");
+        let (want, want_shape) = reference.f32("farskip_logits").expect("reference");
+        assert_eq!(shape, want_shape, "{family}");
+        let diff = farskip_model::compare::max_abs_diff(&logits, &want);
+        assert!(diff <= 1e-4, "{family} on {device}: max |Δlogits| = {diff}");
+        let ids = got.i64("greedy_ids").expect("greedy ids").0;
+        let want = reference
+            .i64("farskip_greedy_ids")
+            .expect("reference ids")
+            .0;
+        assert_eq!(ids, want, "{family} on {device}: greedy ids");
+
+        let (run, _) = forward(
+            &[
+                "--device",
+                device,
+                "--model",
+                model.to_str().unwrap(),
+                "--input",
+                input.to_str().unwrap(),
+                "--connectivity",
+                "farskip",
+                "--json",
+            ],
+            &[],
+        );
+        assert!(run.status.success(), "{family}: {:?}", stderr_lines(&run));
+        let line = String::from_utf8_lossy(&run.stdout);
+        let j: Value = serde_json::from_str(line.trim()).expect("one JSON line");
+        let reads = j["host_reads"].as_u64().expect("host_reads");
+        let moe = j["moe_layers"].as_u64().expect("moe_layers");
+        assert_eq!(j["device"], device, "{family}");
+        assert!(moe > 0, "{family}: no MoE layer");
+        // One read per MoE layer: the routing's expert ids, which a dispatch needs on the host.
+        assert!(
+            reads <= moe,
+            "{family} on {device}: {reads} host reads for {moe} MoE layers"
+        );
+        report.push(format!(
+            "{family} {diff:.2e} ({reads} reads / {moe} MoE layers)"
+        ));
+    }
+    eprintln!(
+        "forward --device {device} --connectivity farskip: {}",
+        report.join(", ")
+    );
+}
+
+#[test]
+fn forward_matches_every_familys_farskip_references_on_flex() {
+    forward_matches_every_familys_farskip_references_on("flex");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn forward_matches_every_familys_farskip_references_on_wgpu() {
+    forward_matches_every_familys_farskip_references_on("wgpu");
+}
+
+/// A build without the wgpu backend refuses `--device wgpu` (and `BURN_DEVICE=wgpu`) with one line naming the
+/// feature; an unknown `BURN_DEVICE` is named too.
+#[cfg(not(feature = "wgpu"))]
+#[test]
+fn wgpu_without_the_feature_is_a_one_line_error() {
+    let (out, _) = forward(
+        &["--device", "wgpu", "--preset", "tiny", "--tokens", "4"],
+        &[],
+    );
+    assert_one_line_error(&out, &["wgpu", "feature"], "--device wgpu");
+    let (out, _) = forward(
+        &["--preset", "tiny", "--tokens", "4"],
+        &[("BURN_DEVICE", "wgpu")],
+    );
+    assert_one_line_error(&out, &["wgpu", "feature"], "BURN_DEVICE=wgpu");
+    let (out, _) = forward(
+        &["--preset", "tiny", "--tokens", "4"],
+        &[("BURN_DEVICE", "tpu")],
+    );
+    assert_one_line_error(&out, &["tpu", "flex or wgpu"], "BURN_DEVICE=tpu");
+}

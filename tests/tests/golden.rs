@@ -1,14 +1,17 @@
 //! Golden fixtures: logits and greedy ids of every family, standard and FarSkip (all layers and two ranges) and
-//! FarSkip at skip depth 2 and 3, against PyTorch/transformers references (tolerance 1e-4 max-abs, ids exact).
+//! FarSkip at skip depth 2 and 3, against PyTorch/transformers references (tolerance 1e-4 max-abs, ids exact), on
+//! flex and, in a build with the feature `wgpu`, on burn's CubeCL backend through wgpu as well.
 
 use burn::prelude::*;
-use farskip_model::{Connectivity, Model};
+use farskip_model::{Connectivity, DeviceName, Model};
 use farskip_tests::*;
 
 const TOL: f32 = 1e-4;
 
-fn check_family(family: &str) {
-    let device = Device::flex();
+fn check_family(family: &str, name: DeviceName) {
+    let device = name
+        .device()
+        .unwrap_or_else(|e| panic!("{family} on {name}: {e}"));
     let model = Model::from_pretrained(fixture_dir(family), &device)
         .unwrap_or_else(|e| panic!("{family}: {e}"));
     let r = reference(family);
@@ -53,16 +56,21 @@ fn check_family(family: &str) {
             failures.push(format!("{spec}: greedy step logits diff {diff}"));
         }
     }
-    check_depths(&model, family, &mut report, &mut failures);
-    eprintln!("{family}: {}", report.join(", "));
-    assert!(failures.is_empty(), "{family}: {failures:#?}");
+    check_depths(&model, family, &device, &mut report, &mut failures);
+    eprintln!("{family} on {name}: {}", report.join(", "));
+    assert!(failures.is_empty(), "{family} on {name}: {failures:#?}");
 }
 
 /// Skip depth 2 and 3 (all layers), depth 2 over layers 1..=3, and depth-2 greedy decoding with the KV cache.
-fn check_depths(model: &Model, family: &str, report: &mut Vec<String>, failures: &mut Vec<String>) {
-    let device = Device::flex();
+fn check_depths(
+    model: &Model,
+    family: &str,
+    device: &Device,
+    report: &mut Vec<String>,
+    failures: &mut Vec<String>,
+) {
     let r = depth_reference(family);
-    let input = ids(&r, "input_ids", &device);
+    let input = ids(&r, "input_ids", device);
     let with = |spec: &str| {
         model
             .clone()
@@ -113,31 +121,34 @@ fn a_nan_logit_fails_the_golden_comparison() {
     }
 }
 
-#[test]
-fn deepseek_v2() {
-    check_family("deepseek_v2");
+/// One test per family on flex, and one per family on wgpu in a build with the feature `wgpu`.
+macro_rules! families {
+    ($($family:ident),*) => {
+        $(
+            #[test]
+            fn $family() {
+                check_family(stringify!($family), DeviceName::Flex);
+            }
+        )*
+        #[cfg(feature = "wgpu")]
+        mod wgpu {
+            use super::*;
+            $(
+                #[test]
+                fn $family() {
+                    check_family(stringify!($family), DeviceName::Wgpu);
+                }
+            )*
+        }
+    };
 }
-#[test]
-fn deepseek_v3() {
-    check_family("deepseek_v3");
-}
-#[test]
-fn llama4_text() {
-    check_family("llama4_text");
-}
-#[test]
-fn mixtral() {
-    check_family("mixtral");
-}
-#[test]
-fn olmoe() {
-    check_family("olmoe");
-}
-#[test]
-fn qwen2_moe() {
-    check_family("qwen2_moe");
-}
-#[test]
-fn qwen3_moe() {
-    check_family("qwen3_moe");
-}
+
+families!(
+    deepseek_v2,
+    deepseek_v3,
+    llama4_text,
+    mixtral,
+    olmoe,
+    qwen2_moe,
+    qwen3_moe
+);
