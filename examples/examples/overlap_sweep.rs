@@ -1,5 +1,6 @@
 //! Sweeps `comm_ratio` for expert and tensor parallelism and plots, in two panels, the overlap and the speedup over
-//! the blocking baseline of FarSkip at skip depth 1, 2 and 3 and of two-micro-batch overlap (TBO), all over the
+//! the blocking baseline of FarSkip at skip depth 1, 2 and 3, of two-micro-batch overlap (TBO) and of both at once
+//! (`farskip+tbo`, depth 1), all over the
 //! same link (each collective lasts `comm_ratio ×` its depth-1 FarSkip window), with what perfect hiding would give
 //! as dashed lines.
 //!
@@ -60,9 +61,10 @@ fn try_main() -> Result<()> {
         } else {
             "TP"
         };
-        let colour = |i: usize| p * (args.depths.len() + 2) + i;
+        let colour = |i: usize| p * (args.depths.len() + 3) + i;
         let mut depth_points = vec![(Vec::new(), Vec::new()); args.depths.len()];
         let (mut tbo_overlap, mut tbo_speedup, mut bound) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut fs_tbo_overlap, mut fs_tbo_speedup) = (Vec::new(), Vec::new());
         for &r in &args.ratios {
             for (d, &depth) in args.depths.iter().enumerate() {
                 let connectivity: Connectivity = format!("farskip-d{depth}").parse()?;
@@ -84,6 +86,8 @@ fn try_main() -> Result<()> {
                     // TBO and the bound come from the first depth's repeats (the same link and machine speed).
                     tbo_overlap.push((r, rep.tbo_overlap_pct));
                     tbo_speedup.push((r, rep.blocking_ms / rep.tbo_ms));
+                    fs_tbo_overlap.push((r, rep.farskip_tbo_overlap_pct));
+                    fs_tbo_speedup.push((r, rep.blocking_ms / rep.farskip_tbo_ms));
                     bound.push((r, rep.blocking_ms / rep.compute_ms));
                 }
             }
@@ -96,11 +100,24 @@ fn try_main() -> Result<()> {
         let t = colour(args.depths.len());
         overlap.push(line(&format!("{name} TBO"), tbo_overlap, Stroke::Solid, t));
         speedup.push(line(&format!("{name} TBO"), tbo_speedup, Stroke::Solid, t));
+        let ft = colour(args.depths.len() + 1);
+        overlap.push(line(
+            &format!("{name} farskip+tbo"),
+            fs_tbo_overlap,
+            Stroke::Solid,
+            ft,
+        ));
+        speedup.push(line(
+            &format!("{name} farskip+tbo"),
+            fs_tbo_speedup,
+            Stroke::Solid,
+            ft,
+        ));
         speedup.push(line(
             &format!("{name} bound: blocking / compute"),
             bound,
             Stroke::Dashed,
-            colour(args.depths.len() + 1),
+            colour(args.depths.len() + 2),
         ));
     }
     // With every collective lasting R x its depth-1 window, depth 1 can hide at most 1/R of it.
@@ -113,7 +130,7 @@ fn try_main() -> Result<()> {
         "bound for depth 1: min(100, 100/R)",
         depth1_bound,
         Stroke::Dashed,
-        9,
+        12,
     ));
     let x = "comm_ratio (collective time / depth-1 overlap window)";
     panels_svg(

@@ -752,7 +752,11 @@ pub fn overlap_inference_on(
             (&measured, ForwardSchedule::Connectivity, &mut farskip_runs),
             (&standard, ForwardSchedule::Connectivity, &mut blocking_runs),
             (&standard, ForwardSchedule::TwoMicroBatch, &mut tbo_runs),
-            (&farskip, ForwardSchedule::TwoMicroBatch, &mut farskip_tbo_runs),
+            (
+                &farskip,
+                ForwardSchedule::TwoMicroBatch,
+                &mut farskip_tbo_runs,
+            ),
         ] {
             let trace = Trace::new();
             let (logits, wall) = run_forward_scheduled(
@@ -1197,7 +1201,9 @@ fn train_rank<C: Communicator + ?Sized, G: Communicator + ?Sized>(
         let mine = w.clone().narrow(0, r * rows, rows);
         let objective = crate::training::Objective::CrossEntropy;
         let step = match schedule {
-            TrainSchedule::Connectivity => rank.step_on(comm, grad_comm, trace, mine, &objective)?,
+            TrainSchedule::Connectivity => {
+                rank.step_on(comm, grad_comm, trace, mine, &objective)?
+            }
             TrainSchedule::TwoMicroBatch => {
                 rank.step_tbo_on(comm, grad_comm, trace, mine, &objective)?
             }
@@ -1425,7 +1431,11 @@ pub fn overlap_training_on(
     cfg: &TrainingConfig,
 ) -> Result<TrainingReport, RunError> {
     check_world(backend, cfg.world)?;
-    if cfg.world == 0 || cfg.steps == 0 || cfg.repeats == 0 || cfg.tokens < 2 || !cfg.tokens.is_multiple_of(2)
+    if cfg.world == 0
+        || cfg.steps == 0
+        || cfg.repeats == 0
+        || cfg.tokens < 2
+        || !cfg.tokens.is_multiple_of(2)
     {
         return Err(RunError::Invalid(format!(
             "world, steps and repeats must be > 0 and tokens even and >= 2 (two sequences per rank), got world \

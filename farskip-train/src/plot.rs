@@ -39,8 +39,8 @@ pub enum PlotError {
     },
 }
 
-/// Line colours, one per run (Tableau 10), reused cyclically.
-const COLOURS: [RGBColor; 10] = [
+/// Line colours, one per run (Tableau 10, then four darker tones), reused cyclically.
+const COLOURS: [RGBColor; 14] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -51,6 +51,10 @@ const COLOURS: [RGBColor; 10] = [
     RGBColor(127, 127, 127),
     RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
+    RGBColor(0, 0, 0),
+    RGBColor(128, 0, 0),
+    RGBColor(0, 77, 64),
+    RGBColor(60, 0, 130),
 ];
 
 /// Writes an SVG of validation loss (y) against step (x), one line and legend entry per `(name, points)` series.
