@@ -336,8 +336,8 @@ pub fn measure_inference(
     })
 }
 
-/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank) on rank 0's windows of the
-/// first step the training experiment draws with `seed`.
+/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank as two sequences) on rank 0's
+/// windows of the first step the training experiment draws with `seed`.
 pub fn measure_training(
     model: &Model,
     name: &str,
@@ -352,11 +352,13 @@ pub fn measure_training(
         .first()
         .cloned()
         .unwrap_or_else(Device::flex);
-    let all = random_ids(world, tokens + 1, model.config().vocab_size, seed, &device);
-    let windows = all.clone().narrow(0, 0, 1);
+    // As the training experiment draws them: two sequences of `tokens / 2` per rank.
+    let seq = (tokens / 2).max(1);
+    let all = random_ids(2 * world, seq + 1, model.config().vocab_size, seed, &device);
+    let windows = all.clone().narrow(0, 0, 2);
     let top_k = model.config().moe.as_ref().map_or(0, |m| m.top_k);
     let expert_share = if top_k > 0 {
-        let inputs = all.narrow(1, 0, tokens);
+        let inputs = all.narrow(1, 0, seq);
         expert_share(&model, &inputs, world, (tokens * top_k) as f64)?
     } else {
         Vec::new()
