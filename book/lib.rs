@@ -26,6 +26,9 @@ pub mod mpi {}
 #[doc = include_str!("src/nccl.md")]
 pub mod nccl {}
 
+#[doc = include_str!("src/backends.md")]
+pub mod backends {}
+
 #[doc = include_str!("src/planner.md")]
 pub mod planner {}
 

@@ -4,7 +4,7 @@
 //! per forward pass bounds how often the host stalls the device. The forward path reads only what it must: the
 //! expert ids of each MoE layer's routing (a dispatch needs the per-expert counts on the host, see
 //! [`SlotPlan::from_experts`](crate::moe::experts::SlotPlan::from_experts)), and nothing in attention. Every such
-//! read goes through [`read_ints`], which counts it; [`count`] reports the reads a closure made.
+//! read goes through one wrapper that counts it; [`count`] reports the reads a closure made.
 //!
 //! Reads made only to validate input ([`Model::check_input`](crate::Model::check_input)) or to return results are
 //! counted too when they happen inside [`count`]; a forward pass on valid input
