@@ -81,14 +81,15 @@ pub fn load_model(model: Option<&Path>, preset: Option<&str>, device: &Device) -
 }
 
 /// [`load_model`], with what a checkpoint that needs more memory than is available does: an error, or a
-/// warning (`--force`).
+/// warning (`--force`). f32 weights.
 pub fn load_model_with(
     model: Option<&Path>,
     preset: Option<&str>,
     device: &Device,
     memory: MemoryCheck,
 ) -> Result<Model> {
-    load_model_as(model, preset, device, memory, None)
+    // Training and the overlap examples need f32 weights whatever the checkpoint holds.
+    load_model_as(model, preset, device, memory, Some(WeightDtype::F32))
 }
 
 /// [`load_model_with`], keeping a checkpoint's weights in `dtype` (`None`: the checkpoint's own). Presets are

@@ -956,14 +956,14 @@ impl Model {
 
     /// [`Self::from_pretrained`] with a choice of what happens when the checkpoint needs more memory than is
     /// available. Before a weight is allocated, config.json is checked against the safetensors headers (every
-    /// dimension it implies, the layer count, the dtypes) and the estimate ([`Model::estimate_bytes`] plus the
-    /// files) against the available memory.
+    /// dimension it implies, the layer count, the dtypes) and the estimate ([`Model::estimate_bytes`]) against
+    /// the available memory. The weights are f32 (a bf16 checkpoint is widened): see [`Self::from_pretrained_as`].
     pub fn from_pretrained_with(
         dir: impl AsRef<Path>,
         device: &Device,
         memory: MemoryCheck,
     ) -> Result<Self> {
-        Self::from_pretrained_as(dir, device, memory, None)
+        Self::from_pretrained_as(dir, device, memory, Some(WeightDtype::F32))
     }
 
     /// [`Self::from_pretrained_with`], keeping the weights in `dtype` (`None`: the checkpoint's own,
