@@ -178,10 +178,7 @@ impl CollectiveCall {
         words[3] = b as u64;
         // 0: no layer; l + 1 otherwise, with usize::MAX (the tag of the embedding/head gradient all-reduce) as
         // u64::MAX instead of overflowing.
-        words[4] = self
-            .tag
-            .layer
-            .map_or(0, |l| (l as u64).checked_add(1).unwrap_or(u64::MAX));
+        words[4] = self.tag.layer.map_or(0, |l| (l as u64).saturating_add(1));
         words[5] = match self.tag.phase {
             Phase::Forward => 0,
             Phase::Backward => 1,
