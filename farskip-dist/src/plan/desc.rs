@@ -101,6 +101,41 @@ fn has_shared(config: &ModelConfig) -> bool {
     config.moe.as_ref().is_some_and(|m| m.shared.is_some())
 }
 
+/// One converted MoE layer at skip depth ≥ 2 in the EP dispatch-ahead order, shared by the inference and
+/// training descriptions: router, dispatch, the previous layer's held combine (`prev_held`), the whole attention,
+/// the experts, this layer's combine unless the next layer issues it (`issue_own`), the shared expert.
+fn dispatch_ahead_layer(
+    s: &mut Vec<Step>,
+    config: &ModelConfig,
+    i: usize,
+    prev_held: bool,
+    issue_own: bool,
+) {
+    let (l, f) = (Some(i), Phase::Forward);
+    s.push(Step::Compute(key(ops::ROUTER, l, f)));
+    let d = key(ops::DISPATCH, l, f);
+    s.push(Step::Issue { key: d, channel: 0 });
+    if prev_held {
+        s.push(Step::Issue {
+            key: key(ops::COMBINE, Some(i - 1), f),
+            channel: 0,
+        });
+    }
+    s.push(Step::Compute(key(ops::ATTN_1, l, f)));
+    s.push(Step::Compute(key(ops::ATTN_2, l, f)));
+    s.push(Step::Wait(d));
+    s.push(Step::Compute(key(ops::EXPERTS, l, f)));
+    if issue_own {
+        s.push(Step::Issue {
+            key: key(ops::COMBINE, l, f),
+            channel: 0,
+        });
+    }
+    if has_shared(config) {
+        s.push(Step::Compute(key(ops::SHARED, l, f)));
+    }
+}
+
 /// The inference forward of one rank under `conn` (`Connectivity::Standard` is the blocking baseline).
 pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Schedule {
     let depth = overlap_depth(conn);
@@ -140,28 +175,7 @@ pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Sch
                     resolve(&mut s, k);
                 }
             }
-            s.push(Step::Compute(key(ops::ROUTER, l, f)));
-            let d = key(ops::DISPATCH, l, f);
-            s.push(Step::Issue { key: d, channel: 0 });
-            if i > 0 && ahead(i - 1) {
-                s.push(Step::Issue {
-                    key: key(ops::COMBINE, Some(i - 1), f),
-                    channel: 0,
-                });
-            }
-            s.push(Step::Compute(key(ops::ATTN_1, l, f)));
-            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
-            s.push(Step::Wait(d));
-            s.push(Step::Compute(key(ops::EXPERTS, l, f)));
-            if !ahead(i + 1) {
-                s.push(Step::Issue {
-                    key: key(ops::COMBINE, l, f),
-                    channel: 0,
-                });
-            }
-            if has_shared(config) {
-                s.push(Step::Compute(key(ops::SHARED, l, f)));
-            }
+            dispatch_ahead_layer(&mut s, config, i, i > 0 && ahead(i - 1), !ahead(i + 1));
             queue.push(i);
             queue.append(&mut in_flight);
             continue;
@@ -294,28 +308,9 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
             {
                 join(&mut s, k);
             }
-            s.push(Step::Compute(key(ops::ROUTER, l, f)));
-            let d = key(ops::DISPATCH, l, f);
-            s.push(Step::Issue { key: d, channel: 0 });
-            if i > 0 && is_moe(config, i - 1) {
-                s.push(Step::Issue {
-                    key: key(ops::COMBINE, Some(i - 1), f),
-                    channel: 0,
-                });
-            }
-            s.push(Step::Compute(key(ops::ATTN_1, l, f)));
-            s.push(Step::Compute(key(ops::ATTN_2, l, f)));
-            s.push(Step::Wait(d));
-            s.push(Step::Compute(key(ops::EXPERTS, l, f)));
-            if i + 1 == layers || !is_moe(config, i + 1) {
-                s.push(Step::Issue {
-                    key: key(ops::COMBINE, l, f),
-                    channel: 0,
-                });
-            }
-            if has_shared(config) {
-                s.push(Step::Compute(key(ops::SHARED, l, f)));
-            }
+            let prev_held = i > 0 && is_moe(config, i - 1);
+            let issue_own = i + 1 == layers || !is_moe(config, i + 1);
+            dispatch_ahead_layer(&mut s, config, i, prev_held, issue_own);
             inflight.insert(0, i);
             continue;
         }
