@@ -24,23 +24,164 @@ const QUERY_BLOCK: usize = 128;
 /// Positions per lane below which [`Attention::project`] and the output projection run in place.
 const LANE_POSITIONS: usize = 64;
 
-/// Keys and values of earlier positions for one layer.
+/// Keys and values of earlier positions for one layer: tensors, or (while decoding one position at a time on
+/// the CPU) host buffers with room to grow, written in place at each step instead of concatenated.
 #[derive(Clone, Debug, Default)]
 pub struct LayerKvCache {
-    /// `([batch, kv_heads, cached, key_dim], [batch, kv_heads, cached, value_dim])`.
-    pub kv: Option<(Tensor<4>, Tensor<4>)>,
+    kv: Option<(Tensor<4>, Tensor<4>)>,
+    host: Option<HostKv>,
 }
+
+/// A one-sequence cache on the host: `[kv_heads, capacity, dim]` keys and values, `len` positions filled.
+#[derive(Clone, Debug)]
+struct HostKv {
+    heads: usize,
+    k_dim: usize,
+    v_dim: usize,
+    len: usize,
+    cap: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    device: Device,
+}
+
+impl HostKv {
+    fn new(heads: usize, k_dim: usize, v_dim: usize, cap: usize, device: Device) -> Self {
+        Self {
+            heads,
+            k_dim,
+            v_dim,
+            len: 0,
+            cap,
+            k: vec![0.0; heads * cap * k_dim],
+            v: vec![0.0; heads * cap * v_dim],
+            device,
+        }
+    }
+
+    /// Room for at least `len + extra` positions (doubling).
+    fn reserve(&mut self, extra: usize) {
+        if self.len + extra <= self.cap {
+            return;
+        }
+        let cap = (self.len + extra).max(2 * self.cap);
+        let grow = |old: &[f32], d: usize| {
+            let mut new = vec![0.0; self.heads * cap * d];
+            for h in 0..self.heads {
+                new[h * cap * d..h * cap * d + self.len * d]
+                    .copy_from_slice(&old[h * self.cap * d..h * self.cap * d + self.len * d]);
+            }
+            new
+        };
+        self.k = grow(&self.k, self.k_dim);
+        self.v = grow(&self.v, self.v_dim);
+        self.cap = cap;
+    }
+
+    /// Appends positions given as `[heads, t, dim]` keys and values.
+    fn push(&mut self, k: &[f32], v: &[f32], t: usize) {
+        self.reserve(t);
+        for h in 0..self.heads {
+            for (src, dst, d) in [(k, &mut self.k, self.k_dim), (v, &mut self.v, self.v_dim)] {
+                let at = h * self.cap * d + self.len * d;
+                dst[at..at + t * d].copy_from_slice(&src[h * t * d..(h + 1) * t * d]);
+            }
+        }
+        self.len += t;
+    }
+
+    /// Keys of head `h`, `[len, k_dim]`.
+    fn keys(&self, h: usize) -> &[f32] {
+        &self.k[h * self.cap * self.k_dim..(h * self.cap + self.len) * self.k_dim]
+    }
+
+    /// Values of head `h`, `[len, v_dim]`.
+    fn values(&self, h: usize) -> &[f32] {
+        &self.v[h * self.cap * self.v_dim..(h * self.cap + self.len) * self.v_dim]
+    }
+
+    /// The cache as `[1, heads, len, dim]` tensors.
+    fn tensors(&self) -> (Tensor<4>, Tensor<4>) {
+        let dense = |d: usize, h: fn(&Self, usize) -> &[f32]| {
+            let mut out = Vec::with_capacity(self.heads * self.len * d);
+            for i in 0..self.heads {
+                out.extend_from_slice(h(self, i));
+            }
+            Tensor::from_data(
+                TensorData::new(out, [1, self.heads, self.len, d]),
+                &self.device,
+            )
+        };
+        (
+            dense(self.k_dim, Self::keys),
+            dense(self.v_dim, Self::values),
+        )
+    }
+}
+
+/// Positions a host cache makes room for beyond what it holds when it is first built.
+const HOST_KV_SLACK: usize = 256;
 
 impl LayerKvCache {
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+        match (&self.host, &self.kv) {
+            (Some(h), _) => h.len,
+            (None, Some((k, _))) => k.dims()[2],
+            (None, None) => 0,
+        }
     }
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.kv.is_none()
+        self.len() == 0
+    }
+    /// The cached keys and values, `([batch, kv_heads, cached, key_dim], [batch, kv_heads, cached,
+    /// value_dim])`; `None` when nothing is cached.
+    pub fn kv(&self) -> Option<(Tensor<4>, Tensor<4>)> {
+        match &self.host {
+            Some(h) => Some(h.tensors()),
+            None => self.kv.clone(),
+        }
+    }
+    /// Moves a host cache back into tensors (before a longer input or a batch comes through).
+    fn to_tensors(&mut self) {
+        if let Some(h) = self.host.take() {
+            self.kv = (h.len > 0).then(|| h.tensors());
+        }
+    }
+    /// The host cache for one sequence of `heads` K/V heads, built from the tensors on the first call; `None`
+    /// when the cached tensors cannot be read on the host or hold another shape.
+    fn host(
+        &mut self,
+        heads: usize,
+        k_dim: usize,
+        v_dim: usize,
+        device: &Device,
+    ) -> Option<&mut HostKv> {
+        if self.host.is_none() {
+            let mut h = match &self.kv {
+                None => HostKv::new(heads, k_dim, v_dim, HOST_KV_SLACK, device.clone()),
+                Some((k, v)) => {
+                    let [b, kh, s, kd] = k.dims();
+                    let [_, _, _, vd] = v.dims();
+                    if (b, kh, kd, vd) != (1, heads, k_dim, v_dim) {
+                        return None;
+                    }
+                    let hk = crate::matvec::host_f32(k)?;
+                    let hv = crate::matvec::host_f32(v)?;
+                    let mut h = HostKv::new(heads, k_dim, v_dim, s + HOST_KV_SLACK, device.clone());
+                    h.push(&hk, &hv, s);
+                    h
+                }
+            };
+            h.reserve(1);
+            self.host = Some(h);
+            self.kv = None;
+        }
+        self.host.as_mut()
     }
     fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        self.to_tensors();
         let (k, v) = match self.kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -227,10 +368,161 @@ impl Attention {
         &self,
         x: Tensor<3>,
         offset: usize,
-        cache: Option<&mut LayerKvCache>,
+        mut cache: Option<&mut LayerKvCache>,
     ) -> Tensor<3> {
+        if let Some(c) = cache.as_deref_mut()
+            && let Some(out) = self.decode_one(&x, offset, c)
+        {
+            return out;
+        }
         let qkv = self.project(x, offset, cache);
         self.attend(qkv)
+    }
+
+    /// One position of one sequence with a cache, grouped-query attention on plain flex: the whole step on the
+    /// host (projections through [`crate::matvec::products`], norms, rope, the cache written in place, the
+    /// scores and softmax, the output projection), the same maths as [`Self::project`] + [`Self::attend`]
+    /// without their ~40 burn ops and the cache's concatenation. `None` (the caller takes the tensor path) for
+    /// anything else: several positions or sequences, MLA, tensor-parallel heads, autodiff, another device.
+    fn decode_one(
+        &self,
+        x: &Tensor<3>,
+        offset: usize,
+        cache: &mut LayerKvCache,
+    ) -> Option<Tensor<3>> {
+        use crate::matvec::{Product, Weights, flex_primitive, host_f32, products, rms_norm_rows};
+        let [b, t, hidden] = x.dims();
+        let AttentionKind::Gqa(a) = &self.kind else {
+            return None;
+        };
+        if b != 1 || t != 1 || a.local_heads.is_some() || x.is_autodiff() || cache.len() != offset {
+            if b != 1 || t != 1 {
+                cache.to_tensors();
+            }
+            return None;
+        }
+        let g = &a.cfg;
+        let (heads, kv_heads, hd) = (g.num_heads, g.num_kv_heads, g.head_dim);
+        let prims =
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj].map(|l| flex_primitive(&l.weight.val()));
+        let [Some(wq), Some(wk), Some(wv), Some(wo)] = &prims else {
+            return None;
+        };
+        let weights = [
+            Weights::of(wq)?,
+            Weights::of(wk)?,
+            Weights::of(wv)?,
+            Weights::of(wo)?,
+        ];
+        let bias = |l: &Linear| match &l.bias {
+            Some(b) => host_f32(&b.val()).map(Some),
+            None => Some(None),
+        };
+        let biases = [
+            bias(&a.q_proj)?,
+            bias(&a.k_proj)?,
+            bias(&a.v_proj)?,
+            bias(&a.o_proj)?,
+        ];
+        let gamma = |n: &Option<RmsNorm>| match n {
+            Some(n) => host_f32(&n.gamma.val()).map(|g| Some((g, n.epsilon))),
+            None => Some(None),
+        };
+        let (q_norm, k_norm) = (gamma(&a.q_norm)?, gamma(&a.k_norm)?);
+        let xs = host_f32(x)?;
+        crate::host_reads::note_read();
+        let device = x.device();
+        let cached = cache.host(kv_heads, hd, hd, &device)?;
+
+        let dims = [heads * hd, kv_heads * hd, kv_heads * hd];
+        let list: Vec<Product<'_>> = (0..3)
+            .map(|i| Product {
+                x: &xs,
+                rows: 1,
+                w: weights[i],
+                k: hidden,
+                n: dims[i],
+            })
+            .collect();
+        let mut qkv = products(&list);
+        for (y, b) in qkv.iter_mut().zip(&biases) {
+            if let Some(b) = b {
+                y.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+            }
+        }
+        let [mut q, mut k, v]: [Vec<f32>; 3] = qkv.try_into().ok()?;
+        if matches!(g.qk_norm, QkNorm::Whole | QkNorm::PerHead) {
+            for (y, n) in [(&mut q, &q_norm), (&mut k, &k_norm)] {
+                if let Some((gamma, eps)) = n {
+                    rms_norm_rows(y, gamma, *eps);
+                }
+            }
+        }
+        if let Some(r) = &self.rope {
+            let (cos, sin) = r.table_rows(offset, 1);
+            for y in [&mut q, &mut k] {
+                for head in y.chunks_mut(hd) {
+                    r.rotate_row(head, &cos, &sin);
+                }
+            }
+            if g.qk_norm == QkNorm::L2AfterRope {
+                for y in [&mut q, &mut k] {
+                    for head in y.chunks_mut(hd) {
+                        let mean = head.iter().map(|&v| v * v).sum::<f32>() / hd as f32;
+                        let rms = (mean + self.eps as f32).sqrt();
+                        head.iter_mut().for_each(|v| *v /= rms);
+                    }
+                }
+            }
+        }
+        if let (Some((floor_scale, attn_scale)), None) = (g.temperature_tuning, &self.rope) {
+            let s =
+                ((((offset + 1) as f64 / floor_scale).floor()).ln_1p() * attn_scale + 1.0) as f32;
+            q.iter_mut().for_each(|v| *v *= s);
+        }
+        cached.push(&k, &v, 1);
+
+        let s = cached.len;
+        let visible = |j: usize| {
+            let i = offset;
+            !(j > i
+                || match self.mask {
+                    MaskKind::Causal => false,
+                    MaskKind::Chunked { size } => j / size != i / size,
+                    MaskKind::SlidingWindow { window } => i >= window && j <= i - window,
+                })
+        };
+        let mut out = vec![0.0f32; heads * hd];
+        let first = (0..s).find(|&j| visible(j)).unwrap_or(s);
+        let last = (first..s).find(|&j| !visible(j)).unwrap_or(s);
+        debug_assert!(
+            (last..s).all(|j| !visible(j)),
+            "one query sees a contiguous run of keys"
+        );
+        one_query(
+            &q,
+            cached,
+            heads,
+            hd,
+            self.scale as f32,
+            first..last,
+            &mut out,
+        );
+        let mut y = products(&[Product {
+            x: &out,
+            rows: 1,
+            w: weights[3],
+            k: heads * hd,
+            n: hidden,
+        }])
+        .remove(0);
+        if let Some(b) = &biases[3] {
+            y.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+        }
+        Some(Tensor::from_data(
+            TensorData::new(y, [1, 1, hidden]),
+            &device,
+        ))
     }
 
     /// Part 1: projections, q/k norms, rope, and the KV cache update.
@@ -468,6 +760,115 @@ impl Attention {
     }
 }
 
+/// Softmax attention of one query per head (`q`: `[heads, dim]`) over the keys `keys` of a host cache, into
+/// `out` (`[heads, dim]`), compiled for the widest vector unit found at run time. Query head `h` reads K/V head
+/// `h / (heads / kv_heads)`.
+fn one_query(
+    q: &[f32],
+    cache: &HostKv,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    keys: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above); the function is safe code otherwise.
+            unsafe { one_query_avx512(q, cache, heads, hd, scale, keys, out) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked just above).
+            unsafe { one_query_avx2(q, cache, heads, hd, scale, keys, out) };
+            return;
+        }
+    }
+    one_query_portable(q, cache, heads, hd, scale, keys, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn one_query_avx512(
+    q: &[f32],
+    cache: &HostKv,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    keys: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    one_query_portable(q, cache, heads, hd, scale, keys, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn one_query_avx2(
+    q: &[f32],
+    cache: &HostKv,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    keys: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    one_query_portable(q, cache, heads, hd, scale, keys, out)
+}
+
+#[inline(always)]
+fn one_query_portable(
+    q: &[f32],
+    cache: &HostKv,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    keys: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
+    let group = heads / cache.heads;
+    let mut p = vec![0.0f32; keys.len()];
+    for h in 0..heads {
+        let qh = &q[h * hd..(h + 1) * hd];
+        let kh = &cache.keys(h / group)[keys.start * hd..keys.end * hd];
+        let vh = &cache.values(h / group)[keys.start * hd..keys.end * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (pj, kj) in p.iter_mut().zip(kh.chunks_exact(hd)) {
+            *pj = dot(qh, kj) * scale;
+            max = max.max(*pj);
+        }
+        let mut sum = 0.0f32;
+        for pj in p.iter_mut() {
+            *pj = (*pj - max).exp();
+            sum += *pj;
+        }
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        for (&pj, vj) in p.iter().zip(vh.chunks_exact(hd)) {
+            let w = pj / sum;
+            oh.iter_mut().zip(vj).for_each(|(o, &v)| *o += w * v);
+        }
+    }
+}
+
+/// `Σ a[i] · b[i]` in 16 running sums (one vector register's worth).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(&x, &y)| x * y)
+        .sum();
+    for (x, y) in a16.zip(b16) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Weightless RMS norm over the last dim (Llama-4's `L2Norm`).
 fn l2_norm(x: Tensor<4>, eps: f64) -> Tensor<4> {
     let rms = (x.clone().square().mean_dim(3) + eps).sqrt();
@@ -508,6 +909,54 @@ mod tests {
 
     fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
         (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Positions decoded one at a time (the host path, [`Attention::decode_one`]) with a prefill before and a
+    /// two-position step between them (the cache moves from tensors to the host and back), against one
+    /// forward over all positions, for every mask kind and q/k norm variant.
+    #[test]
+    fn host_decoding_matches_the_tensor_path() {
+        let cfg = ModelConfig::small_moe(32, 32, 1, 4, 2, 8, 4, 2, 16, None);
+        let device = Device::flex();
+        device.seed(5);
+        let mut attn = Attention::new(&cfg, &cfg.layers[0], &device);
+        for (mask, norm) in [
+            (MaskKind::Causal, QkNorm::PerHead),
+            (MaskKind::Chunked { size: 5 }, QkNorm::None),
+            (MaskKind::SlidingWindow { window: 4 }, QkNorm::L2AfterRope),
+            (MaskKind::Causal, QkNorm::Whole),
+        ] {
+            attn.mask = mask;
+            if let AttentionKind::Gqa(a) = &mut attn.kind {
+                a.cfg.qk_norm = norm;
+                let (q, kv) = (a.cfg.num_heads * 8, a.cfg.num_kv_heads * 8);
+                (a.q_norm, a.k_norm) = match norm {
+                    QkNorm::PerHead => (Some(rms(8, 1e-6, &device)), Some(rms(8, 1e-6, &device))),
+                    QkNorm::Whole => (Some(rms(q, 1e-6, &device)), Some(rms(kv, 1e-6, &device))),
+                    _ => (None, None),
+                };
+            }
+            let t = 12;
+            let x = Tensor::<3>::random([1, t, 32], Distribution::Normal(0.0, 1.0), &device);
+            let want = attn.forward(x.clone(), 0, None);
+            let mut cache = LayerKvCache::default();
+            let mut outs = vec![attn.forward(x.clone().narrow(1, 0, 3), 0, Some(&mut cache))];
+            for (start, len) in [
+                (3, 1),
+                (4, 1),
+                (5, 1),
+                (6, 2),
+                (8, 1),
+                (9, 1),
+                (10, 1),
+                (11, 1),
+            ] {
+                outs.push(attn.forward(x.clone().narrow(1, start, len), start, Some(&mut cache)));
+                assert_eq!(cache.len(), start + len);
+            }
+            let diff = max_diff(Tensor::cat(outs, 1), want);
+            assert!(diff < 1e-5, "{mask:?}, {norm:?}: off by {diff}");
+        }
     }
 
     /// Long inputs (query blocks), grouped heads, a cache offset and every mask kind, on the fused path (plain

@@ -6,6 +6,10 @@
 //! [`SlotPlan::from_experts`](crate::moe::experts::SlotPlan::from_experts)), and nothing in attention. Every such
 //! read goes through one wrapper that counts it; [`count`] reports the reads a closure made.
 //!
+//! On the CPU (flex), inputs of at most [`MAX_ROWS`](crate::matvec::MAX_ROWS) tokens take host paths that read
+//! their rows instead: an MoE layer reads its input rows (one read, in place of the expert ids) and, decoding one
+//! position with a KV cache, an attention layer reads its input row (one read).
+//!
 //! Reads made only to validate input ([`Model::check_input`](crate::Model::check_input)) or to return results are
 //! counted too when they happen inside [`count`]; a forward pass on valid input
 //! ([`Model::forward_unchecked`](crate::Model::forward_unchecked)) makes at most one read per MoE layer.
@@ -42,6 +46,11 @@ pub fn count<R>(f: impl FnOnce() -> R) -> (R, usize) {
 }
 
 /// The values of an int tensor on the host, counted as one device→host read.
+/// Counts one device→host read made outside [`read_ints`] (the few-row host paths).
+pub(crate) fn note_read() {
+    READS.with(|r| r.set(r.get() + 1));
+}
+
 pub(crate) fn read_ints<const D: usize>(t: Tensor<D, Int>) -> TensorData {
     READS.with(|r| r.set(r.get() + 1));
     t.into_data()

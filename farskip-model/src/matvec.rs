@@ -11,7 +11,7 @@
 //! Longer inputs (prefill, training) keep burn's matmul; a bf16 weight is then widened to f32 for the call
 //! (one copy of that matrix, freed after it): accumulation in f32 on the bf16 values, as PyTorch does on CPU.
 
-use burn::nn::Linear;
+use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType, bf16};
 use burn_flex::{Flex, FlexTensor};
@@ -70,7 +70,7 @@ pub fn flex_primitive<const D: usize>(t: &Tensor<D>) -> Option<FlexTensor> {
 }
 
 /// `x`'s values as contiguous f32 when it is a plain flex f32 tensor.
-fn host_f32<const D: usize>(x: &Tensor<D>) -> Option<Vec<f32>> {
+pub fn host_f32<const D: usize>(x: &Tensor<D>) -> Option<Vec<f32>> {
     let p = flex_primitive(x)?;
     if p.dtype() != DType::F32 {
         return None;
@@ -78,6 +78,36 @@ fn host_f32<const D: usize>(x: &Tensor<D>) -> Option<Vec<f32>> {
     match p.as_slice::<f32>() {
         Some(s) => Some(s.to_vec()),
         None => p.to_contiguous().as_slice::<f32>().map(<[f32]>::to_vec),
+    }
+}
+
+/// `x` normalised by `norm` (burn's `RmsNorm`: `x / sqrt(mean(x²) + eps) · gamma` over the last dim); up to
+/// [`MAX_ROWS`] rows of plain flex f32 on the host (one read, one tensor out, instead of burn's seven ops),
+/// otherwise `norm.forward(x)`.
+pub fn rms_norm<const D: usize>(norm: &RmsNorm, x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    if rows == 0 || rows > MAX_ROWS || x.is_autodiff() || norm.gamma.is_autodiff() {
+        return norm.forward(x);
+    }
+    match (host_f32(&x), host_f32(&norm.gamma.val())) {
+        (Some(mut v), Some(gamma)) if gamma.len() == dims[D - 1] => {
+            rms_norm_rows(&mut v, &gamma, norm.epsilon);
+            Tensor::from_data(TensorData::new(v, dims), &x.device())
+        }
+        _ => norm.forward(x),
+    }
+}
+
+/// [`rms_norm`] in place on host rows of `gamma.len()` values each.
+pub fn rms_norm_rows(x: &mut [f32], gamma: &[f32], eps: f64) {
+    let d = gamma.len();
+    for row in x.chunks_mut(d) {
+        let mean = row.iter().map(|&v| v * v).sum::<f32>() / d as f32;
+        let rms = (mean + eps as f32).sqrt();
+        row.iter_mut()
+            .zip(gamma)
+            .for_each(|(v, &g)| *v = *v / rms * g);
     }
 }
 
@@ -135,24 +165,88 @@ pub fn small_product<const D: usize>(x: &Tensor<D>, w: &Tensor<2>) -> Option<Ten
     ))
 }
 
-/// `out[r, :] = Σ_j x[r, j] · w[j, :]` for `rows` rows of `x` (`[rows, k]`), `w` `[k, n]`, in f32, on the
-/// calling thread.
+/// `out[r, :] = Σ_j x[r, j] · w[j, :]` for `rows` rows of `x` (`[rows, k]`), `w` `[k, n]`, in f32.
 ///
-/// Not split over threads: a decode step makes ~70 of these products of 0.1–4 MB each, and handing each to
-/// the rayon pool cost more than it saved on a 2-core machine that is also busy with other work (measured:
-/// 66 tok/s split over two threads against 124 on one, f32, `bench --decode 128`, load average 5).
+/// Large enough products are split by columns between the calling thread and the decode helper thread
+/// ([`pair`]); every column is still summed in the same order, so the result does not depend on the split.
 pub fn rows_times(x: &[f32], rows: usize, w: Weights<'_>, k: usize, n: usize) -> Vec<f32> {
-    assert_eq!(x.len(), rows * k, "rows_times: x is not [rows, k]");
-    assert_eq!(w.len(), k * n, "rows_times: w is not [k, n]");
-    let mut out = vec![0.0; rows * n];
-    columns(x, rows, w, k, n, 0, n, &mut out);
-    out
+    products(&[Product { x, rows, w, k, n }]).remove(0)
 }
 
-/// Columns `c0..c1` of `x · w` into `out` (`[rows, c1 - c0]`), compiled for the widest vector unit found at
-/// run time.
+/// One product of [`products`]: `x` (`[rows, k]`) times `w` (`[k, n]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Product<'a> {
+    /// `[rows, k]`, row-major.
+    pub x: &'a [f32],
+    /// Rows of `x`.
+    pub rows: usize,
+    /// `[k, n]`.
+    pub w: Weights<'a>,
+    /// Depth.
+    pub k: usize,
+    /// Output columns.
+    pub n: usize,
+}
+
+/// Weight elements (summed over a batch of products) from which [`products`] splits the work with the helper
+/// thread: below it the hand-off costs more than it saves.
+const SPLIT_MIN_ELEMENTS: usize = 1 << 16;
+
+/// Several independent products at once (e.g. the q/k/v projections of one position), each `[rows, n]`.
+///
+/// With a second thread available ([`pair`]), each product's columns are cut in two halves and the helper
+/// thread computes the second half of every product while the caller computes the first: one hand-off for the
+/// whole batch. A decode step makes a few dozen such batches of 0.1–4 MB of weights each; the rayon pool's
+/// wake-up per product cost more than it saved, a spinning helper does not.
+pub fn products(list: &[Product<'_>]) -> Vec<Vec<f32>> {
+    for p in list {
+        assert_eq!(p.x.len(), p.rows * p.k, "products: x is not [rows, k]");
+        assert_eq!(p.w.len(), p.k * p.n, "products: w is not [k, n]");
+    }
+    let mut outs: Vec<Vec<f32>> = list.iter().map(|p| vec![0.0; p.rows * p.n]).collect();
+    let ptrs: Vec<OutPtr> = outs.iter_mut().map(|o| OutPtr(o.as_mut_ptr())).collect();
+    let run = |half: usize, halves: usize| {
+        for (p, o) in list.iter().zip(&ptrs) {
+            let (c0, c1) = half_columns(p.n, half, halves);
+            if c0 < c1 {
+                // SAFETY: `o` points at `outs[i]` (`[rows, n]`, alive until `products` returns); the halves
+                // write disjoint column ranges of it.
+                unsafe { columns(p.x, p.rows, p.w, p.k, p.n, c0, c1, o.0) };
+            }
+        }
+    };
+    let elements: usize = list.iter().map(|p| p.k * p.n).sum();
+    if elements < SPLIT_MIN_ELEMENTS || !pair::run(&|half| run(half, 2)) {
+        run(0, 1);
+    }
+    outs
+}
+
+/// Columns `half` of `halves` equal parts of `0..n`, cut at multiples of 16 (one AVX-512 register of f32).
+fn half_columns(n: usize, half: usize, halves: usize) -> (usize, usize) {
+    let cut = |i: usize| match i {
+        0 => 0,
+        i if i >= halves => n,
+        i => ((n * i / halves).div_ceil(16) * 16).min(n),
+    };
+    (cut(half), cut(half + 1))
+}
+
+/// The output buffer of one product, shared by the two halves (disjoint columns).
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only disjoint columns are written through it from each thread, while the owner waits.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+/// Columns `c0..c1` of `x · w` into those columns of `out` (`[rows, n]`), compiled for the widest vector
+/// unit found at run time.
+///
+/// # Safety
+/// `out` must point at `rows * n` f32 that no one else reads or writes in columns `c0..c1` meanwhile.
 #[allow(clippy::too_many_arguments)]
-fn columns(
+unsafe fn columns(
     x: &[f32],
     rows: usize,
     w: Weights<'_>,
@@ -160,13 +254,13 @@ fn columns(
     n: usize,
     c0: usize,
     c1: usize,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         let fma = std::arch::is_x86_feature_detected!("fma");
         if fma && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F and FMA (checked just above); the function is safe code otherwise.
+            // SAFETY: the CPU has AVX-512F and FMA (checked just above); `out` as the caller promised.
             unsafe { columns_avx512(x, rows, w, k, n, c0, c1, out) };
             return;
         }
@@ -176,13 +270,14 @@ fn columns(
             return;
         }
     }
-    columns_portable::<false>(x, rows, w, k, n, c0, c1, out)
+    // SAFETY: as the caller promised.
+    unsafe { columns_portable::<false>(x, rows, w, k, n, c0, c1, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
-fn columns_avx512(
+unsafe fn columns_avx512(
     x: &[f32],
     rows: usize,
     w: Weights<'_>,
@@ -190,15 +285,16 @@ fn columns_avx512(
     n: usize,
     c0: usize,
     c1: usize,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
-    columns_portable::<true>(x, rows, w, k, n, c0, c1, out)
+    // SAFETY: as [`columns`]'s caller promised.
+    unsafe { columns_portable::<true>(x, rows, w, k, n, c0, c1, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-fn columns_avx2(
+unsafe fn columns_avx2(
     x: &[f32],
     rows: usize,
     w: Weights<'_>,
@@ -206,14 +302,15 @@ fn columns_avx2(
     n: usize,
     c0: usize,
     c1: usize,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
-    columns_portable::<true>(x, rows, w, k, n, c0, c1, out)
+    // SAFETY: as [`columns`]'s caller promised.
+    unsafe { columns_portable::<true>(x, rows, w, k, n, c0, c1, out) }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn columns_portable<const FMA: bool>(
+unsafe fn columns_portable<const FMA: bool>(
     x: &[f32],
     rows: usize,
     w: Weights<'_>,
@@ -221,11 +318,14 @@ fn columns_portable<const FMA: bool>(
     n: usize,
     c0: usize,
     c1: usize,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
-    match w {
-        Weights::F32(w) => tiles::<f32, FMA>(x, rows, w, k, n, c0, c1, out),
-        Weights::Bf16(w) => tiles::<bf16, FMA>(x, rows, w, k, n, c0, c1, out),
+    // SAFETY: as [`columns`]'s caller promised.
+    unsafe {
+        match w {
+            Weights::F32(w) => tiles::<f32, FMA>(x, rows, w, k, n, c0, c1, out),
+            Weights::Bf16(w) => tiles::<bf16, FMA>(x, rows, w, k, n, c0, c1, out),
+        }
     }
 }
 
@@ -250,7 +350,7 @@ impl Widen for bf16 {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tiles<W: Widen, const FMA: bool>(
+unsafe fn tiles<W: Widen, const FMA: bool>(
     x: &[f32],
     rows: usize,
     w: &[W],
@@ -258,15 +358,15 @@ fn tiles<W: Widen, const FMA: bool>(
     n: usize,
     c0: usize,
     c1: usize,
-    out: &mut [f32],
+    out: *mut f32,
 ) {
-    let cw = c1 - c0;
     let mut t0 = c0;
     while t0 < c1 {
         let t1 = (t0 + TILE_COLS).min(c1);
         for r in 0..rows {
             let xr = &x[r * k..(r + 1) * k];
-            let o = &mut out[r * cw + (t0 - c0)..r * cw + (t1 - c0)];
+            // SAFETY: columns `t0..t1` of row `r` are inside `out` and written by this call only.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.add(r * n + t0), t1 - t0) };
             tile_row::<W, FMA>(xr, w, n, t0, o);
         }
         t0 = t1;
@@ -301,26 +401,254 @@ pub fn expert_rows(
     hidden: usize,
     inter: usize,
 ) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
+    let mut starts = Vec::with_capacity(segments.len());
     let mut row = 0;
     for &(e, c) in segments {
-        if c == 0 {
-            continue;
+        if c > 0 {
+            starts.push((e, c, row));
         }
-        let xs = &x[row * hidden..(row + c) * hidden];
-        let gu = gate_up.range(e * hidden * 2 * inter, hidden * 2 * inter);
-        let h = rows_times(xs, c, gu, hidden, 2 * inter);
-        let mut a = Vec::with_capacity(c * inter);
-        for r in 0..c {
-            let hr = &h[r * 2 * inter..(r + 1) * 2 * inter];
-            let (g, u) = hr.split_at(inter);
-            a.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
-        }
-        let dn = down.range(e * inter * hidden, inter * hidden);
-        out.extend(rows_times(&a, c, dn, inter, hidden));
         row += c;
     }
+    // Every chosen expert's gate/up product in one batch, then every down product in another: two hand-offs
+    // to the helper thread per MoE layer.
+    let up: Vec<Product<'_>> = starts
+        .iter()
+        .map(|&(e, c, row)| Product {
+            x: &x[row * hidden..(row + c) * hidden],
+            rows: c,
+            w: gate_up.range(e * hidden * 2 * inter, hidden * 2 * inter),
+            k: hidden,
+            n: 2 * inter,
+        })
+        .collect();
+    let acts: Vec<Vec<f32>> = products(&up)
+        .into_iter()
+        .zip(&starts)
+        .map(|(h, &(_, c, _))| {
+            let mut a = Vec::with_capacity(c * inter);
+            for r in 0..c {
+                let hr = &h[r * 2 * inter..(r + 1) * 2 * inter];
+                let (g, u) = hr.split_at(inter);
+                a.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+            }
+            a
+        })
+        .collect();
+    let downs: Vec<Product<'_>> = starts
+        .iter()
+        .zip(&acts)
+        .map(|(&(e, c, _), a)| Product {
+            x: a,
+            rows: c,
+            w: down.range(e * inter * hidden, inter * hidden),
+            k: inter,
+            n: hidden,
+        })
+        .collect();
+    let mut out = Vec::with_capacity(x.len());
+    for y in products(&downs) {
+        out.extend(y);
+    }
     out
+}
+
+/// A second thread for the decode products: a persistent helper that spin-waits for work for a while after
+/// each job (so the next hand-off costs a cache-line transfer, not a wake-up), then parks.
+///
+/// Used when the process has at least two threads to work with: `FARSKIP_DECODE_THREADS` (1: off), else
+/// `RAYON_NUM_THREADS`, else the cores. One caller at a time: a second thread asking
+/// while the helper is busy runs its whole product itself.
+pub mod pair {
+    use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+    use std::thread::Thread;
+    use std::time::{Duration, Instant};
+
+    /// How long the helper spins after a job before it parks.
+    const SPIN: Duration = Duration::from_micros(500);
+
+    /// A wait for the helper's half longer than this means it was descheduled (a busy machine) ...
+    const STALL: Duration = Duration::from_micros(200);
+
+    /// ... and so do this many hand-offs in a row that the helper did not pick up in time ...
+    const MISSES: usize = 4;
+
+    /// ... and the next this many calls run on the caller alone.
+    const PAUSE_CALLS: usize = 2048;
+
+    type Job<'a> = &'a (dyn Fn(usize) + Sync);
+
+    struct Pair {
+        /// The job on offer (a pointer to a [`Job`] on the caller's stack), or null.
+        job: AtomicPtr<Job<'static>>,
+        done: AtomicBool,
+        panicked: AtomicBool,
+        sleeping: AtomicBool,
+        busy: AtomicBool,
+        /// Calls left to run on the caller alone (see [`STALL`]).
+        pause: AtomicUsize,
+        /// Hand-offs in a row taken back by the caller.
+        misses: AtomicUsize,
+        helper: OnceLock<Thread>,
+    }
+
+    fn pair() -> Option<&'static Pair> {
+        static PAIR: OnceLock<Option<&'static Pair>> = OnceLock::new();
+        *PAIR.get_or_init(|| {
+            let var = |name: &str| {
+                std::env::var(name)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .filter(|&n| n > 0)
+            };
+            let threads = var("FARSKIP_DECODE_THREADS")
+                .or_else(|| var("RAYON_NUM_THREADS"))
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            if threads < 2 {
+                return None;
+            }
+            let p: &'static Pair = Box::leak(Box::new(Pair {
+                job: AtomicPtr::new(std::ptr::null_mut()),
+                done: AtomicBool::new(false),
+                panicked: AtomicBool::new(false),
+                sleeping: AtomicBool::new(false),
+                busy: AtomicBool::new(false),
+                pause: AtomicUsize::new(0),
+                misses: AtomicUsize::new(0),
+                helper: OnceLock::new(),
+            }));
+            let handle = std::thread::Builder::new()
+                .name("farskip-decode".into())
+                .spawn(move || helper(p))
+                .ok()?;
+            let _ = p.helper.set(handle.thread().clone());
+            Some(p)
+        })
+    }
+
+    /// Whether a helper thread exists (it is started on first use).
+    pub fn available() -> bool {
+        pair().is_some()
+    }
+
+    fn helper(p: &'static Pair) {
+        let mut idle_since = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            // Taking the pointer claims the job: the caller takes it back the same way if it finishes its own
+            // half first (this thread was not scheduled), so exactly one of the two runs it.
+            let job = match p.job.load(Ordering::Relaxed).is_null() {
+                true => std::ptr::null_mut(),
+                false => p.job.swap(std::ptr::null_mut(), Ordering::Acquire),
+            };
+            if !job.is_null() {
+                // SAFETY: the caller keeps the job alive until it has seen `done`.
+                let f: Job<'_> = unsafe { *job };
+                let result = catch_unwind(AssertUnwindSafe(|| f(1)));
+                if result.is_err() {
+                    p.panicked.store(true, Ordering::Relaxed);
+                }
+                p.done.store(true, Ordering::Release);
+                idle_since = Instant::now();
+                spins = 0;
+                continue;
+            }
+            spins = spins.wrapping_add(1);
+            if spins % 256 == 0 && idle_since.elapsed() > SPIN {
+                p.sleeping.store(true, Ordering::SeqCst);
+                if p.job.load(Ordering::SeqCst).is_null() {
+                    std::thread::park();
+                }
+                p.sleeping.store(false, Ordering::SeqCst);
+                idle_since = Instant::now();
+            } else if spins % 16 == 0 {
+                // Let another thread of this core run (a no-op on an idle core).
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Runs `f(0)` here and `f(1)` on the helper thread, and returns when both are done; `false` (nothing
+    /// run) when there is no helper or another thread is using it. If the helper has not picked `f(1)` up by
+    /// the time `f(0)` is done (it was not scheduled: a busy machine), `f(1)` runs here as well, so a loaded
+    /// machine costs the hand-off, not a wait.
+    pub fn run(f: &(dyn Fn(usize) + Sync)) -> bool {
+        let Some(p) = pair() else {
+            return false;
+        };
+        if p.pause.load(Ordering::Relaxed) > 0 {
+            p.pause.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        if p.busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        let job: Job<'_> = f;
+        let ptr = &job as *const Job<'_> as *mut Job<'static>;
+        p.done.store(false, Ordering::Relaxed);
+        // SAFETY (lifetime): the helper only uses the job until it sets `done`, which is awaited below, or
+        // never, if the job is taken back.
+        p.job.store(ptr, Ordering::SeqCst);
+        if p.sleeping.load(Ordering::SeqCst)
+            && let Some(t) = p.helper.get()
+        {
+            t.unpark();
+        }
+        let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
+        let taken_back = p
+            .job
+            .compare_exchange(
+                ptr,
+                std::ptr::null_mut(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        let theirs = match taken_back {
+            // The helper has not started it (not scheduled, or asleep): the second half runs here too. Several
+            // misses in a row mean the machine is busy: the helper then parks for a while instead of
+            // spinning, which would only take time from this thread.
+            true => {
+                if p.misses.fetch_add(1, Ordering::Relaxed) + 1 >= MISSES {
+                    p.misses.store(0, Ordering::Relaxed);
+                    p.pause.store(PAUSE_CALLS, Ordering::Relaxed);
+                }
+                catch_unwind(AssertUnwindSafe(|| f(1)))
+            }
+            false => {
+                p.misses.store(0, Ordering::Relaxed);
+                if !p.done.load(Ordering::Acquire) {
+                    let start = Instant::now();
+                    let mut spins = 0u32;
+                    while !p.done.load(Ordering::Acquire) {
+                        spins = spins.wrapping_add(1);
+                        match spins % 1024 {
+                            0 => std::thread::yield_now(),
+                            _ => std::hint::spin_loop(),
+                        }
+                    }
+                    if start.elapsed() > STALL {
+                        // The helper was descheduled mid-job: the machine is busy. Work alone for a while.
+                        p.pause.store(PAUSE_CALLS, Ordering::Relaxed);
+                    }
+                }
+                Ok(())
+            }
+        };
+        let helper_panicked = p.panicked.swap(false, Ordering::Relaxed);
+        p.busy.store(false, Ordering::Release);
+        if let Err(e) = mine.and(theirs) {
+            resume_unwind(e);
+        }
+        assert!(!helper_panicked, "the decode helper thread panicked");
+        true
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use crate::attention::{Attention, LayerKvCache};
 use crate::config::{FfnKind, ModelConfig};
 use crate::connectivity::{Connectivity, FfnInput, Residual};
 use crate::error::{ModelError, Result};
+use crate::matvec::rms_norm;
 use crate::mlp::Mlp;
 use crate::moe::MoeBlock;
 
@@ -78,14 +79,17 @@ impl DecoderLayer {
         cache: Option<&mut LayerKvCache>,
     ) -> Residual {
         let inputs = connectivity.layer_inputs(self.index, state);
-        let attn = self
-            .attention
-            .forward(self.input_norm.forward(inputs.attn_in), offset, cache);
+        let attn =
+            self.attention
+                .forward(rms_norm(&self.input_norm, inputs.attn_in), offset, cache);
         let post_attention = inputs.residual + attn;
-        let x = self.post_norm.forward(match inputs.ffn_in {
-            FfnInput::PostAttention => post_attention.clone(),
-            FfnInput::PreAttention(m) => m,
-        });
+        let x = rms_norm(
+            &self.post_norm,
+            match inputs.ffn_in {
+                FfnInput::PostAttention => post_attention.clone(),
+                FfnInput::PreAttention(m) => m,
+            },
+        );
         match &self.ffn {
             Ffn::Dense(mlp) => {
                 connectivity.dense_output(post_attention, mlp.forward(x), inputs.in_flight)
@@ -271,7 +275,7 @@ impl Model {
     /// # Shapes
     /// - `h`: `[batch, seq, hidden]` -> `[batch, seq, vocab]`
     pub fn logits(&self, h: Tensor<3>) -> Tensor<3> {
-        let h = self.norm.forward(h);
+        let h = rms_norm(&self.norm, h);
         match &self.lm_head {
             Some(head) => crate::matvec::linear(head, h),
             None => h.matmul(

@@ -132,6 +132,16 @@ impl Rope {
     /// # Shapes
     /// - output: `([len, dim], [len, dim])`
     pub fn tables(&self, offset: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let (cos, sin) = self.table_rows(offset, len);
+        let dim = 2 * self.inv_freq.len();
+        (
+            Tensor::from_data(TensorData::new(cos, [len, dim]), device),
+            Tensor::from_data(TensorData::new(sin, [len, dim]), device),
+        )
+    }
+
+    /// [`Self::tables`] on the host, `[len, dim]` each.
+    pub fn table_rows(&self, offset: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let dim = 2 * half;
         let mut cos = Vec::with_capacity(len * dim);
@@ -149,10 +159,25 @@ impl Rope {
                 );
             }
         }
-        (
-            Tensor::from_data(TensorData::new(cos, [len, dim]), device),
-            Tensor::from_data(TensorData::new(sin, [len, dim]), device),
-        )
+        (cos, sin)
+    }
+
+    /// [`Self::apply`] to one head's vector on the host (`dim` values; `cos`, `sin` one row of
+    /// [`Self::table_rows`]), with the same f32 operations.
+    pub fn rotate_row(&self, x: &mut [f32], cos: &[f32], sin: &[f32]) {
+        let d = x.len();
+        let h = d / 2;
+        let src: Vec<f32> = match self.layout {
+            RopeLayout::Half => x.to_vec(),
+            RopeLayout::Interleaved => (0..d).map(|i| x[(i % h) * 2 + i / h]).collect(),
+        };
+        for i in 0..d {
+            let rotated = match i < h {
+                true => -src[i + h],
+                false => src[i - h],
+            };
+            x[i] = src[i] * cos[i] + rotated * sin[i];
+        }
     }
 
     /// Rotates `x`.

@@ -16,6 +16,7 @@ pub use router::{Router, Routing};
 
 use crate::ModelError;
 use crate::config::{MoeConfig, WeightOn};
+use crate::matvec;
 use crate::mlp::{Mlp, SharedExpert};
 
 /// One MoE feed-forward block.
@@ -111,12 +112,84 @@ impl MoeBlock {
     /// # Shapes
     /// - `x`: `[tokens, hidden]`
     pub fn forward(&self, x: Tensor<2>) -> MoeOutput {
+        if let Some(routed) = self.routed_few_tokens(&x) {
+            return MoeOutput {
+                routed,
+                shared: self.shared(x),
+            };
+        }
         let routing = self.route(x.clone());
         let plan = SlotPlan::from_experts(&routing.experts, self.experts.num_experts());
         MoeOutput {
             routed: self.routed(x.clone(), &routing, &plan),
             shared: self.shared(x),
         }
+    }
+
+    /// The routed output of a few tokens (decoding) computed on the host: the router's product and choice
+    /// ([`Router::route_host`]), the chosen experts through [`matvec::expert_rows`] and the weighted sum in
+    /// slot order, the same steps as [`Self::route`] + [`Self::routed`] without a burn op between them. `None`
+    /// (the caller takes the tensor path) for more than [`matvec::MAX_ROWS`] tokens, with autodiff, or off flex.
+    fn routed_few_tokens(&self, x: &Tensor<2>) -> Option<Tensor<2>> {
+        let [n, h] = x.dims();
+        if n == 0 || n > matvec::MAX_ROWS || x.is_autodiff() || self.experts.gate_up.is_autodiff() {
+            return None;
+        }
+        let gate = matvec::flex_primitive(&self.router.gate.weight.val())?;
+        let gate_up = matvec::flex_primitive(&self.experts.gate_up.val())?;
+        let down = matvec::flex_primitive(&self.experts.down.val())?;
+        let xs = matvec::host_f32(x)?;
+        crate::host_reads::note_read();
+        let e = self.experts.num_experts();
+        let inter = self.experts.intermediate_size();
+        let mut logits = matvec::rows_times(&xs, n, matvec::Weights::of(&gate)?, h, e);
+        if let Some(b) = &self.router.gate.bias {
+            let b = matvec::host_f32(&b.val())?;
+            for row in logits.chunks_mut(e) {
+                row.iter_mut().zip(&b).for_each(|(l, &b)| *l += b);
+            }
+        }
+        let (weights, experts) = self.router.route_host(&logits, n)?;
+        let k = self.router.top_k();
+        let plan = SlotPlan::new(experts, k, e);
+        let on_input = self.router.config().weight_on == WeightOn::Input;
+        let mut rows = Vec::with_capacity(plan.sorted_slots.len() * h);
+        for &s in &plan.sorted_slots {
+            let xr = &xs[(s / k) * h..(s / k + 1) * h];
+            match on_input {
+                true => rows.extend(xr.iter().map(|&v| v * weights[s])),
+                false => rows.extend_from_slice(xr),
+            }
+        }
+        let segments: Vec<(usize, usize)> = plan.counts.iter().copied().enumerate().collect();
+        let ys = matvec::expert_rows(
+            &rows,
+            &segments,
+            matvec::Weights::of(&gate_up)?,
+            matvec::Weights::of(&down)?,
+            h,
+            inter,
+        );
+        let inverse = plan.inverse();
+        let slot = |s: usize| &ys[inverse[s] * h..(inverse[s] + 1) * h];
+        let mut out = vec![0.0f32; n * h];
+        for (t, acc) in out.chunks_mut(h).enumerate() {
+            for j in 0..k {
+                let s = t * k + j;
+                let w = weights[s];
+                for (a, &y) in acc.iter_mut().zip(slot(s)) {
+                    let y = match on_input {
+                        true => y,
+                        false => y * w,
+                    };
+                    *a = match j {
+                        0 => y,
+                        _ => *a + y,
+                    };
+                }
+            }
+        }
+        Some(Tensor::from_data(TensorData::new(out, [n, h]), &x.device()))
     }
 
     /// Router sub-step.

@@ -110,3 +110,76 @@ impl Router {
         Routing { weights, experts }
     }
 }
+
+impl Router {
+    /// [`Self::route`] for router logits already on the host (`[tokens, experts]`, the gate's output): the same
+    /// scoring, selection and weights, in f32, as `(weights [tokens, top_k], experts [tokens, top_k])`. Decoding
+    /// uses it for its one or few tokens, where each burn op costs more than the arithmetic.
+    ///
+    /// Ties in the selection go to the lower expert id. `None` if the correction bias cannot be read.
+    pub fn route_host(&self, logits: &[f32], tokens: usize) -> Option<(Vec<f32>, Vec<usize>)> {
+        let e = logits.len() / tokens.max(1);
+        let k = self.top_k;
+        let bias: Option<Vec<f32>> = match &self.correction_bias {
+            Some(b) => Some(crate::matvec::host_f32(&b.val())?),
+            None => None,
+        };
+        let mut weights = Vec::with_capacity(tokens * k);
+        let mut experts = Vec::with_capacity(tokens * k);
+        for row in logits.chunks(e) {
+            let scores: Vec<f32> = match self.cfg.scoring {
+                Scoring::Softmax => {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let exps: Vec<f32> = row.iter().map(|&l| (l - max).exp()).collect();
+                    let sum: f32 = exps.iter().sum();
+                    exps.iter().map(|&x| x / sum).collect()
+                }
+                Scoring::Sigmoid => row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect(),
+            };
+            let mut select: Vec<f32> = match &bias {
+                Some(b) => scores.iter().zip(b).map(|(&s, &b)| s + b).collect(),
+                None => scores.clone(),
+            };
+            if let Some(g) = self.cfg.group_limit {
+                let per = e / g.num_groups;
+                let group_scores: Vec<f32> = select
+                    .chunks(per)
+                    .map(|grp| match g.group_score {
+                        GroupScore::Max => grp.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                        GroupScore::SumTop2 => {
+                            let top = top_indices(grp, 2);
+                            top.iter().map(|&i| grp[i]).sum()
+                        }
+                    })
+                    .collect();
+                let keep = top_indices(&group_scores, g.topk_groups);
+                for (gi, grp) in select.chunks_mut(per).enumerate() {
+                    if !keep.contains(&gi) {
+                        grp.fill(f32::NEG_INFINITY);
+                    }
+                }
+            }
+            let chosen = top_indices(&select, k);
+            let mut w: Vec<f32> = chosen.iter().map(|&i| scores[i]).collect();
+            if self.cfg.renormalize {
+                let sum: f32 = w.iter().sum::<f32>() + 1e-20;
+                w.iter_mut().for_each(|x| *x /= sum);
+            }
+            if self.cfg.scaling_factor != 1.0 {
+                let f = self.cfg.scaling_factor as f32;
+                w.iter_mut().for_each(|x| *x *= f);
+            }
+            weights.extend(w);
+            experts.extend(chosen);
+        }
+        Some((weights, experts))
+    }
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index.
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..values.len()).collect();
+    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
