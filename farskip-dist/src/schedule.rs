@@ -8,26 +8,32 @@
 //! - Tensor parallelism ([`TpRank`]): attention heads and every expert's intermediate columns are split; each
 //!   sub-block ends in an all-reduce of partial sums. Shared experts and dense MLPs are replicated.
 //!
-//! With standard connectivity every collective is waited for as soon as it is issued (the blocking baseline).
-//! With FarSkip, a converted layer's attention reads the routed-free stream, so the previous layer's combine
-//! (EP) or routed all-reduce (TP) stays in flight while attention computes, and EP's dispatch hides behind the
-//! second half of attention — the paper's schedule (DESIGN.md §1). Results equal the single-rank model: EP
-//! bit-for-bit (same per-row maths, same slot order), TP within float rounding (partial sums).
+//! The order is not written here: a rank walks its schedule description
+//! ([`plan::desc::inference`](crate::plan::desc::inference)), the same one the planner simulates, step by step
+//! (`walk`). With standard connectivity every collective is waited for as soon as it is issued (the blocking
+//! baseline). With FarSkip, a converted layer's attention reads the routed-free stream, so the previous layer's
+//! combine (EP) or routed all-reduce (TP) stays in flight while attention computes, and EP's dispatch hides
+//! behind the second half of attention — the paper's schedule (DESIGN.md §1); at skip depth d ≥ 2 up to d
+//! routed outputs stay in flight and EP routes and dispatches a layer before its attention. Results equal the
+//! single-rank model: EP bit-for-bit (same per-row maths, same slot order, the model's order of additions), TP
+//! within float rounding (partial sums).
 
 use burn::prelude::*;
 use farskip_model::attention::ProjectedQkv;
-use farskip_model::connectivity::{FarSkipVariant, FfnInput, Residual};
+use farskip_model::connectivity::FarSkipVariant;
 use farskip_model::model::Ffn;
 use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
-use farskip_model::{Connectivity, DecoderLayer, Model, ModelError};
+use farskip_model::{Connectivity, Model, ModelError};
 
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{DispatchError, DispatchPlan, ExpertSharding, combine_start};
+use crate::dispatch::{DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, combine_start};
+use crate::plan::desc::{OpKey, Split};
 use crate::trace::{Phase, Trace};
 
 pub(crate) mod ep_moe;
 mod tbo;
+pub(crate) mod walk;
 pub use tbo::tbo_ops;
 
 /// Errors of a distributed schedule.
@@ -42,6 +48,9 @@ pub enum ScheduleError {
     /// The model could not be split or run.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A schedule description asked for a step this rank cannot run (a bug in the description or the walker).
+    #[error("schedule description: {0}")]
+    Description(String),
 }
 
 /// Result alias of the schedules.
@@ -76,23 +85,25 @@ pub mod ops {
 }
 
 /// Shared bookkeeping of one rank's forward pass.
-struct Ctx<'a, C: Communicator + ?Sized> {
-    comm: &'a C,
-    trace: &'a Trace,
-    phase: Phase,
-    /// Keep each MoE layer's routed collective unissued until [`RankSchedule::launch`] (the depth ≥ 2
-    /// dispatch-ahead order, which issues it after the next layer's dispatch).
-    hold_routed: bool,
+pub(crate) struct Ctx<'a, C: Communicator + ?Sized> {
+    pub(crate) comm: &'a C,
+    pub(crate) trace: &'a Trace,
+    pub(crate) phase: Phase,
 }
 
 impl<C: Communicator + ?Sized> Ctx<'_, C> {
-    fn compute<T>(&self, layer: Option<usize>, op: &'static str, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn compute<T>(
+        &self,
+        layer: Option<usize>,
+        op: &'static str,
+        f: impl FnOnce() -> T,
+    ) -> T {
         let g = self.trace.compute(self.comm.rank(), layer, op, self.phase);
         let out = f();
         g.finish();
         out
     }
-    fn tag(&self, name: &'static str, layer: usize) -> CollectiveTag {
+    pub(crate) fn tag(&self, name: &'static str, layer: usize) -> CollectiveTag {
         CollectiveTag::new(name)
             .at_layer(layer)
             .in_phase(self.phase)
@@ -118,351 +129,11 @@ fn to_host(t: Tensor<2>) -> Vec<f32> {
         .unwrap_or_default()
 }
 
-/// An MoE output whose routed part may still be in flight.
-struct PendingMoe<P> {
-    post_attention: Tensor<3>,
-    shared: Option<Tensor<3>>,
-    routed: P,
-}
-
-/// The state between layers: resolved, or waiting on an MoE collective.
-enum Flow<P> {
-    Ready(Residual),
-    Waiting(PendingMoe<P>),
-}
-
-/// The schedule of one rank, generic over how attention and the MoE exchange data (EP or TP). The order of
-/// sub-steps, and therefore what hides what, is decided here once for both.
-trait RankSchedule {
-    /// Attention in progress (EP: projected q/k/v; TP: the all-reduce of partial outputs).
-    type Attn;
-    /// What travels while an MoE result is pending.
-    type Pending;
-    fn model(&self) -> &Model;
-    /// Attention part 1 on the normalised input.
-    fn attn_begin<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        normed: Tensor<3>,
-    ) -> Result<Self::Attn>;
-    /// Attention part 2: the finished attention output.
-    fn attn_end<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        a: Self::Attn,
-    ) -> Result<Tensor<3>>;
-    /// Runs the MoE on the normalised input `x`. `finish_attention` returns the post-attention stream; the
-    /// schedule calls it while its first collective is in flight.
-    fn moe<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        moe: &MoeBlock,
-        x: Tensor<3>,
-        finish_attention: &mut dyn FnMut() -> Result<Tensor<3>>,
-    ) -> Result<PendingMoe<Self::Pending>>;
-    /// Waits for the routed output.
-    fn moe_finish<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        p: Self::Pending,
-    ) -> Result<Tensor<3>>;
-
-    /// Whether, at skip depth ≥ 2, a converted MoE layer routes and dispatches before its attention: its input
-    /// `M_i = S_i (+ r_{i−d})` does not read the layer's attention, so the dispatch can stay in flight during the
-    /// whole attention, and the previous layer's routed collective is issued after it (held back by
-    /// `hold_routed`, launched by [`RankSchedule::launch`]) so that it does not queue ahead of the dispatch.
-    /// EP: yes. TP: no (its attention ends in an all-reduce that the experts hide).
-    const DISPATCH_AHEAD: bool = false;
-
-    /// Issues a routed collective that was held back (see `hold_routed`); a no-op once issued.
-    fn launch<C: Communicator + ?Sized>(
-        &self,
-        _ctx: &Ctx<'_, C>,
-        _p: &mut Self::Pending,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    /// Waits for a pending MoE output and forms the layer's output state.
-    fn resolve<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        conn: &Connectivity,
-        p: PendingMoe<Self::Pending>,
-    ) -> Result<Residual> {
-        let routed = self.moe_finish(ctx, p.routed)?;
-        Ok(conn.moe_output(p.post_attention, routed, p.shared, Vec::new()))
-    }
-
-    /// The forward pass at skip depth ≥ 2 (see [`run_deep`]).
-    fn run_deep<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        conn: &Connectivity,
-        depth: usize,
-        input_ids: Tensor<2, Int>,
-    ) -> Result<Tensor<3>> {
-        run_deep(self, ctx, conn, depth, input_ids)
-    }
-
-    /// The forward pass of this rank's tokens under the model's connectivity.
-    fn run<C: Communicator + ?Sized>(
-        &self,
-        comm: &C,
-        trace: &Trace,
-        input_ids: Tensor<2, Int>,
-    ) -> Result<Tensor<3>> {
-        let ctx = Ctx {
-            comm,
-            trace,
-            phase: Phase::Forward,
-            hold_routed: false,
-        };
-        let model = self.model();
-        let conn = model.connectivity().clone();
-        if let Some(depth) = conn.depth().filter(|&d| d > 1) {
-            return self.run_deep(&ctx, &conn, depth, input_ids);
-        }
-        let blocking = !conn.keeps_routed_free_stream();
-        let mut flow = Flow::Ready(Residual::Plain(
-            ctx.compute(None, ops::HEAD, || model.embed(input_ids)),
-        ));
-        for (i, layer) in model.layers.iter().enumerate() {
-            // A converted layer's attention reads the routed-free stream, known while the previous routed output
-            // is still in flight: keep that collective pending until attention part 1 is done.
-            let (state, pending_in) = match flow {
-                Flow::Waiting(p) if overlappable(&conn, i) => {
-                    let routed_free = match &p.shared {
-                        Some(s) => p.post_attention.clone() + s.clone(),
-                        None => p.post_attention.clone(),
-                    };
-                    // `full` is a placeholder: only attention's input is read before the pair is resolved.
-                    let pair = Residual::Pair {
-                        full: routed_free.clone(),
-                        routed_free,
-                    };
-                    (pair, Some(p))
-                }
-                Flow::Waiting(p) => (self.resolve(&ctx, &conn, p)?, None),
-                Flow::Ready(r) => (r, None),
-            };
-            let inputs = conn.layer_inputs(i, state);
-            let normed = ctx.compute(Some(i), ops::ATTN_1, || {
-                layer.input_norm.forward(inputs.attn_in)
-            });
-            let attn = self.attn_begin(&ctx, layer, normed)?;
-            let (residual, ffn_in) = match pending_in {
-                Some(p) => {
-                    let li = conn.layer_inputs(i, self.resolve(&ctx, &conn, p)?);
-                    (li.residual, li.ffn_in)
-                }
-                None => (inputs.residual, inputs.ffn_in),
-            };
-            let mut attn = Some(attn);
-            let mut finish_attention = |residual: &Tensor<3>| -> Result<Tensor<3>> {
-                let a =
-                    self.attn_end(&ctx, layer, attn.take().expect("attention finishes once"))?;
-                Ok(residual.clone() + a)
-            };
-            flow = match (&layer.ffn, ffn_in) {
-                (Ffn::Moe(moe), FfnInput::PreAttention(m)) => {
-                    // Parallel block: route and exchange first, finish attention while the exchange is in flight.
-                    let x = ctx.compute(Some(i), ops::ROUTER, || layer.post_norm.forward(m));
-                    let p = self.moe(&ctx, layer, moe, x, &mut || finish_attention(&residual))?;
-                    if blocking {
-                        Flow::Ready(self.resolve(&ctx, &conn, p)?)
-                    } else {
-                        Flow::Waiting(p)
-                    }
-                }
-                (Ffn::Moe(moe), FfnInput::PostAttention) => {
-                    let post_attention = finish_attention(&residual)?;
-                    let x = ctx.compute(Some(i), ops::ROUTER, || {
-                        layer.post_norm.forward(post_attention.clone())
-                    });
-                    let p = self.moe(&ctx, layer, moe, x, &mut || Ok(post_attention.clone()))?;
-                    if blocking || !overlappable(&conn, i + 1) {
-                        Flow::Ready(self.resolve(&ctx, &conn, p)?)
-                    } else {
-                        Flow::Waiting(p)
-                    }
-                }
-                (Ffn::Dense(mlp), ffn_in) => {
-                    let post_attention = finish_attention(&residual)?;
-                    let m = match ffn_in {
-                        FfnInput::PostAttention => post_attention.clone(),
-                        FfnInput::PreAttention(m) => m,
-                    };
-                    let out = ctx.compute(Some(i), ops::MLP, || {
-                        mlp.forward(layer.post_norm.forward(m))
-                    });
-                    Flow::Ready(conn.dense_output(post_attention, out, Vec::new()))
-                }
-            };
-        }
-        let full = match flow {
-            Flow::Ready(r) => r.full(),
-            Flow::Waiting(p) => self.resolve(&ctx, &conn, p)?.full(),
-        };
-        Ok(ctx.compute(None, ops::HEAD, || model.logits(full)))
-    }
-}
-
-/// The forward pass at skip depth `depth` ≥ 2 (the rules of `Connectivity::layer_inputs`): each MoE layer's
-/// routed collective stays in flight until the layer that first reads it — a converted layer's MoE once `depth`
-/// outputs are queued, a stock or dense layer at once, the final norm at the end. The additions are the
-/// model's, in the model's order, so EP equals the single-rank model bit for bit.
-fn run_deep<S: RankSchedule + ?Sized, C: Communicator + ?Sized>(
-    schedule: &S,
-    ctx: &Ctx<'_, C>,
-    conn: &Connectivity,
-    depth: usize,
-    input_ids: Tensor<2, Int>,
-) -> Result<Tensor<3>> {
-    // The dispatch-ahead order holds each routed collective back until the next layer has dispatched.
-    let ahead_ctx = Ctx {
-        comm: ctx.comm,
-        trace: ctx.trace,
-        phase: ctx.phase,
-        hold_routed: S::DISPATCH_AHEAD,
-    };
-    let ctx = &ahead_ctx;
-    let model = schedule.model();
-    let resolve_all = |queue: Vec<S::Pending>| -> Result<Vec<Tensor<3>>> {
-        queue
-            .into_iter()
-            .map(|p| schedule.moe_finish(ctx, p))
-            .collect()
-    };
-    let add_all = |x: Tensor<3>, ps: Vec<Tensor<3>>| ps.into_iter().fold(x, |acc, p| acc + p);
-    // S, and the routed collectives in flight, newest first (at most `depth`).
-    let mut settled = ctx.compute(None, ops::HEAD, || model.embed(input_ids));
-    let mut queue: Vec<S::Pending> = Vec::with_capacity(depth);
-    // A converted MoE layer's input does not read its attention: with `DISPATCH_AHEAD` it routes and dispatches
-    // first, and its attention runs while the dispatch is in flight.
-    let routes_ahead = |i: usize| {
-        S::DISPATCH_AHEAD
-            && conn.is_converted(i)
-            && model
-                .layers
-                .get(i)
-                .is_some_and(|l| matches!(l.ffn, Ffn::Moe(_)))
-    };
-    for (i, layer) in model.layers.iter().enumerate() {
-        let converted = conn.is_converted(i);
-        // What attention reads: S (converted) or, for a stock layer, R = S + ΣP once everything has landed.
-        let (attn_in, mut in_flight) = if converted {
-            (settled.clone(), std::mem::take(&mut queue))
-        } else {
-            let r = add_all(settled.clone(), resolve_all(std::mem::take(&mut queue))?);
-            (r, Vec::new())
-        };
-        if let (true, Ffn::Moe(moe)) = (routes_ahead(i), &layer.ffn) {
-            let m = if in_flight.len() >= depth {
-                let oldest = resolve_all(in_flight.split_off(depth - 1))?;
-                add_all(settled.clone(), oldest)
-            } else {
-                settled.clone()
-            };
-            let x = ctx.compute(Some(i), ops::ROUTER, || layer.post_norm.forward(m.clone()));
-            let mut p = schedule.moe(ctx, layer, moe, x, &mut || {
-                // The previous layer's routed collective goes out behind this layer's dispatch.
-                for q in in_flight.iter_mut() {
-                    schedule.launch(ctx, q)?;
-                }
-                let normed = ctx.compute(Some(i), ops::ATTN_1, || {
-                    layer.input_norm.forward(attn_in.clone())
-                });
-                let qkv = schedule.attn_begin(ctx, layer, normed)?;
-                Ok(m.clone() + schedule.attn_end(ctx, layer, qkv)?)
-            })?;
-            if !routes_ahead(i + 1) {
-                schedule.launch(ctx, &mut p.routed)?;
-            }
-            settled = match p.shared {
-                Some(s) => p.post_attention + s,
-                None => p.post_attention,
-            };
-            queue.push(p.routed);
-            queue.append(&mut in_flight);
-            continue;
-        }
-        let normed = ctx.compute(Some(i), ops::ATTN_1, || {
-            layer.input_norm.forward(attn_in.clone())
-        });
-        let attn = schedule.attn_begin(ctx, layer, normed)?;
-        // The MoE's input: S plus the oldest in-flight output once `depth` are queued (it settles), else S;
-        // a stock layer's MoE reads the post-attention stream.
-        let m = if !converted {
-            None
-        } else if in_flight.len() >= depth {
-            let oldest = resolve_all(in_flight.split_off(depth - 1))?;
-            Some(add_all(settled.clone(), oldest))
-        } else {
-            Some(settled.clone())
-        };
-        let mut attn = Some(attn);
-        let mut finish_attention = |residual: &Tensor<3>| -> Result<Tensor<3>> {
-            let a = schedule.attn_end(ctx, layer, attn.take().expect("attention finishes once"))?;
-            Ok(residual.clone() + a)
-        };
-        match (&layer.ffn, m) {
-            (Ffn::Moe(moe), Some(m)) => {
-                let x = ctx.compute(Some(i), ops::ROUTER, || layer.post_norm.forward(m.clone()));
-                let mut p = schedule.moe(ctx, layer, moe, x, &mut || finish_attention(&m))?;
-                schedule.launch(ctx, &mut p.routed)?;
-                settled = match p.shared {
-                    Some(s) => p.post_attention + s,
-                    None => p.post_attention,
-                };
-                queue.push(p.routed);
-                queue.append(&mut in_flight);
-            }
-            (Ffn::Moe(moe), None) => {
-                let post_attention = finish_attention(&attn_in)?;
-                let x = ctx.compute(Some(i), ops::ROUTER, || {
-                    layer.post_norm.forward(post_attention.clone())
-                });
-                let mut p = schedule.moe(ctx, layer, moe, x, &mut || Ok(post_attention.clone()))?;
-                schedule.launch(ctx, &mut p.routed)?;
-                settled = match p.shared {
-                    Some(s) => p.post_attention + s,
-                    None => p.post_attention,
-                };
-                queue.push(p.routed);
-            }
-            (Ffn::Dense(mlp), m) => {
-                let residual = m.clone().unwrap_or_else(|| attn_in.clone());
-                let post_attention = finish_attention(&residual)?;
-                let x = m.unwrap_or_else(|| post_attention.clone());
-                let out = ctx.compute(Some(i), ops::MLP, || {
-                    mlp.forward(layer.post_norm.forward(x))
-                });
-                // Everything still in flight joins the stream: R + a + MLP(x).
-                settled = add_all(post_attention, resolve_all(in_flight)?) + out;
-            }
-        }
-    }
-    let full = add_all(settled, resolve_all(queue)?);
-    Ok(ctx.compute(None, ops::HEAD, || model.logits(full)))
-}
-
 /// One expert-parallel rank: replicated non-expert weights, a contiguous block of every MoE layer's experts.
 pub struct EpRank {
     model: Model,
     sharding: Option<ExpertSharding>,
     loads: Option<ExpertLoads>,
-}
-
-/// What an EP layer has in flight: the combine.
-pub struct EpPending {
-    combine: Combine,
-    routing: ModelRouting,
-    moe: MoeBlock,
-    dims: [usize; 3],
 }
 
 /// A combine, issued or held back until launched (the depth ≥ 2 dispatch-ahead order issues a layer's combine
@@ -567,7 +238,12 @@ impl EpRank {
         trace: &Trace,
         input_ids: Tensor<2, Int>,
     ) -> Result<Tensor<3>> {
-        self.run(comm, trace, input_ids)
+        let ctx = Ctx {
+            comm,
+            trace,
+            phase: Phase::Forward,
+        };
+        walk::walk(self, &ctx, input_ids)
     }
 }
 
@@ -604,87 +280,250 @@ impl EpRank {
     }
 }
 
-impl RankSchedule for EpRank {
+/// An EP MoE layer between its router and its combine.
+pub(crate) struct EpMoe {
+    moe: MoeBlock,
+    dims: [usize; 3],
+    /// The normalised MoE input `[tokens, hidden]` (the shared expert's input).
+    x: Tensor<2>,
+    routing: Option<ModelRouting>,
+    slots: Option<(Tensor<2>, Vec<usize>)>,
+    dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
+    arrived: Option<(ExpertInputs, DispatchPlan)>,
+    expert_out: Option<(Tensor<2>, DispatchPlan)>,
+    shared: Option<Tensor<3>>,
+}
+
+/// An EP combine in flight, and what joins its result.
+pub(crate) struct EpRouted {
+    combine: Pending<Tensor<2>>,
+    join: EpJoin,
+}
+
+/// What joins a combine's slot rows into the routed output.
+pub(crate) struct EpJoin {
+    moe: MoeBlock,
+    routing: ModelRouting,
+    dims: [usize; 3],
+}
+
+fn missing(key: &OpKey, what: &str) -> ScheduleError {
+    walk::bad_step(
+        key,
+        &format!("{what} is missing (the steps are out of order)"),
+    )
+}
+
+impl walk::Exec for EpRank {
     type Attn = ProjectedQkv;
-    type Pending = EpPending;
+    type Moe = EpMoe;
+    type Routed = EpRouted;
+    type Waited = (Tensor<2>, EpJoin);
+    const SPLIT: Split = Split::Expert;
+    const JOIN_STEP: bool = true;
+
     fn model(&self) -> &Model {
         &self.model
     }
 
-    fn attn_begin<C: Communicator + ?Sized>(
+    fn attn_1<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        normed: Tensor<3>,
-    ) -> Result<ProjectedQkv> {
-        Ok(ctx.compute(Some(layer.index()), ops::ATTN_1, || {
-            layer.attention.project(normed, 0, None)
-        }))
-    }
-
-    fn attn_end<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        qkv: ProjectedQkv,
-    ) -> Result<Tensor<3>> {
-        Ok(ctx.compute(Some(layer.index()), ops::ATTN_2, || {
-            layer.attention.attend(qkv)
-        }))
-    }
-
-    fn moe<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        moe: &MoeBlock,
+        i: usize,
         x: Tensor<3>,
-        finish_attention: &mut dyn FnMut() -> Result<Tensor<3>>,
-    ) -> Result<PendingMoe<EpPending>> {
-        let i = layer.index();
-        let (x2, dims) = flat(x);
-        let begun = self.moe_begin(ctx, i, moe, &x2, ops::DISPATCH)?;
-        let post_attention = finish_attention()?;
-        let ended = ep_moe::end(
-            &self.at(ctx, i),
-            moe,
-            begun.dispatched,
-            &x2,
-            &ep_moe::Through,
-            ops::COMBINE,
-            false,
-            ctx.hold_routed,
-        )?;
-        let (routing, combine, shared) = (begun.routing, ended.combine, ended.shared_out);
-        let [b, t, h] = dims;
-        Ok(PendingMoe {
-            post_attention,
-            shared: shared.map(|s| s.reshape([b, t, h])),
-            routed: EpPending {
-                combine,
+    ) -> Result<ProjectedQkv> {
+        let layer = &self.model.layers[i];
+        Ok(ctx.compute(Some(i), ops::ATTN_1, || {
+            layer
+                .attention
+                .project(layer.input_norm.forward(x), 0, None)
+        }))
+    }
+
+    fn attn_step<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        qkv: ProjectedQkv,
+    ) -> Result<walk::Attention<ProjectedQkv>> {
+        if key.op != ops::ATTN_2 {
+            return Err(walk::bad_step(
+                key,
+                "expert parallelism runs attention as attn_1, attn_2",
+            ));
+        }
+        let layer = &self.model.layers[key.layer.unwrap_or_default()];
+        Ok(walk::Attention::Done(ctx.compute(
+            key.layer,
+            ops::ATTN_2,
+            || layer.attention.attend(qkv),
+        )))
+    }
+
+    fn attn_issue<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        _a: ProjectedQkv,
+    ) -> Result<ProjectedQkv> {
+        Err(walk::bad_step(
+            key,
+            "expert parallelism has no attention collective",
+        ))
+    }
+
+    fn attn_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        _a: ProjectedQkv,
+    ) -> Result<Tensor<3>> {
+        Err(walk::bad_step(
+            key,
+            "expert parallelism has no attention collective",
+        ))
+    }
+
+    fn router<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        i: usize,
+        m: Tensor<3>,
+    ) -> Result<EpMoe> {
+        let layer = &self.model.layers[i];
+        let Ffn::Moe(moe) = &layer.ffn else {
+            return Err(ScheduleError::Description(format!(
+                "layer {i} is dense but its description routes it"
+            )));
+        };
+        let sharding = self.sharding.expect("an MoE layer implies an MoE config");
+        let (x, dims, r) = ctx.compute(Some(i), ops::ROUTER, || {
+            let (x, dims) = flat(layer.post_norm.forward(m));
+            let r = ep_moe::route(moe, &sharding, self.loads.as_ref(), i, &x, &ep_moe::Through);
+            (x, dims, r)
+        });
+        Ok(EpMoe {
+            moe: moe.clone(),
+            dims,
+            x,
+            routing: Some(r.routing),
+            slots: Some((r.slots, r.slot_experts)),
+            dispatched: None,
+            arrived: None,
+            expert_out: None,
+            shared: None,
+        })
+    }
+
+    fn moe_step<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut EpMoe,
+    ) -> Result<()> {
+        match key.op {
+            ops::EXPERTS => {
+                let (inputs, plan) = m
+                    .arrived
+                    .take()
+                    .ok_or_else(|| missing(key, "the dispatched rows"))?;
+                let (_, out) = ctx.compute(key.layer, ops::EXPERTS, || {
+                    ep_moe::experts(&m.moe, &inputs, &ep_moe::Through)
+                });
+                m.expert_out = Some((out, plan));
+            }
+            ops::SHARED => {
+                let [b, t, h] = m.dims;
+                m.shared = ctx.compute(key.layer, ops::SHARED, || {
+                    m.moe.shared(m.x.clone()).map(|s| s.reshape([b, t, h]))
+                });
+            }
+            _ => return Err(walk::bad_step(key, "is not an MoE step")),
+        }
+        Ok(())
+    }
+
+    fn dispatch_issue<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut EpMoe,
+    ) -> Result<()> {
+        let sharding = self.sharding.expect("an MoE layer implies an MoE config");
+        let (slots, slot_experts) = m
+            .slots
+            .take()
+            .ok_or_else(|| missing(key, "the slot rows"))?;
+        m.dispatched = Some(ep_moe::dispatch(
+            &self.at(ctx, key.layer.unwrap_or_default()),
+            &sharding,
+            &slots,
+            &slot_experts,
+            key.op,
+        )?);
+        Ok(())
+    }
+
+    fn dispatch_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut EpMoe,
+    ) -> Result<()> {
+        let d = m
+            .dispatched
+            .take()
+            .ok_or_else(|| missing(key, "the dispatch"))?;
+        m.arrived = Some(d.wait()?);
+        Ok(())
+    }
+
+    fn take_shared(m: &mut EpMoe) -> Option<Tensor<3>> {
+        m.shared.take()
+    }
+
+    fn routed_issue<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut EpMoe,
+    ) -> Result<EpRouted> {
+        let (rows, plan) = m
+            .expert_out
+            .take()
+            .ok_or_else(|| missing(key, "the expert outputs"))?;
+        let routing = m
+            .routing
+            .take()
+            .ok_or_else(|| missing(key, "the routing"))?;
+        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+        Ok(EpRouted {
+            combine: combine_start(ctx.comm, rows, plan, tag)?,
+            join: EpJoin {
+                moe: m.moe.clone(),
                 routing,
-                moe: moe.clone(),
-                dims,
+                dims: m.dims,
             },
         })
     }
 
-    const DISPATCH_AHEAD: bool = true;
-
-    fn launch<C: Communicator + ?Sized>(&self, ctx: &Ctx<'_, C>, p: &mut EpPending) -> Result<()> {
-        p.combine.launch(ctx.comm)
+    fn routed_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        r: EpRouted,
+    ) -> Result<(Tensor<2>, EpJoin)> {
+        Ok((r.combine.wait()?, r.join))
     }
 
-    fn moe_finish<C: Communicator + ?Sized>(
+    fn join<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        p: EpPending,
+        _layer: usize,
+        (slot_out, r): (Tensor<2>, EpJoin),
     ) -> Result<Tensor<3>> {
-        let slot_out = p.combine.wait(ctx.comm)?;
-        let [b, t, h] = p.dims;
-        let layer = None;
-        Ok(ctx.compute(layer, ops::COMBINE, || {
-            p.moe.combine_slots(slot_out, &p.routing).reshape([b, t, h])
+        let [b, t, h] = r.dims;
+        Ok(ctx.compute(None, ops::COMBINE, || {
+            r.moe.combine_slots(slot_out, &r.routing).reshape([b, t, h])
         }))
     }
 }
@@ -692,13 +531,6 @@ impl RankSchedule for EpRank {
 /// One tensor-parallel rank: its attention heads and its slice of every expert's intermediate columns.
 pub struct TpRank {
     model: Model,
-}
-
-/// What a TP layer has in flight: the all-reduce of the routed partial sums.
-pub struct TpPending {
-    reduce: Pending<Vec<f32>>,
-    dims: [usize; 3],
-    device: Device,
 }
 
 impl TpRank {
@@ -721,7 +553,12 @@ impl TpRank {
         trace: &Trace,
         input_ids: Tensor<2, Int>,
     ) -> Result<Tensor<3>> {
-        self.run(comm, trace, input_ids)
+        let ctx = Ctx {
+            comm,
+            trace,
+            phase: Phase::Forward,
+        };
+        walk::walk(self, &ctx, input_ids)
     }
 }
 
@@ -738,81 +575,212 @@ fn from_host(v: Vec<f32>, dims: [usize; 3], device: &Device) -> Tensor<3> {
     Tensor::from_data(TensorData::new(v, dims), device)
 }
 
-impl RankSchedule for TpRank {
-    type Attn = (Pending<Vec<f32>>, [usize; 3], Device);
-    type Pending = TpPending;
+/// TP attention between its steps.
+pub(crate) enum TpAttn {
+    /// The normalised input (after `attn_1`).
+    Normed(Tensor<3>),
+    /// This rank's partial output (after `attn`).
+    Partial(Tensor<3>),
+    /// The all-reduce of the partial outputs in flight.
+    Reducing(Pending<Vec<f32>>, [usize; 3], Device),
+}
+
+/// A TP MoE layer between its router and its all-reduce.
+pub(crate) struct TpMoe {
+    moe: MoeBlock,
+    x: Tensor<2>,
+    dims: [usize; 3],
+    routed: Option<Tensor<2>>,
+    shared: Option<Tensor<3>>,
+}
+
+/// A TP routed all-reduce in flight.
+pub(crate) struct TpRouted {
+    reduce: Pending<Vec<f32>>,
+    dims: [usize; 3],
+    device: Device,
+}
+
+impl walk::Exec for TpRank {
+    type Attn = TpAttn;
+    type Moe = TpMoe;
+    type Routed = TpRouted;
+    type Waited = Tensor<3>;
+    const SPLIT: Split = Split::Tensor;
+    const JOIN_STEP: bool = false;
+
     fn model(&self) -> &Model {
         &self.model
     }
 
-    fn attn_begin<C: Communicator + ?Sized>(
+    fn attn_1<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        normed: Tensor<3>,
-    ) -> Result<Self::Attn> {
-        let i = layer.index();
-        let dims = normed.dims();
-        let device = normed.device();
-        let partial = ctx.compute(Some(i), ops::ATTN, || {
-            layer.attention.forward(normed, 0, None)
-        });
-        Ok((
-            all_reduce_tensor(ctx.comm, ctx.tag(ops::AR_ATTN, i), partial),
+        i: usize,
+        x: Tensor<3>,
+    ) -> Result<TpAttn> {
+        let layer = &self.model.layers[i];
+        Ok(TpAttn::Normed(ctx.compute(Some(i), ops::ATTN_1, || {
+            layer.input_norm.forward(x)
+        })))
+    }
+
+    fn attn_step<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        a: TpAttn,
+    ) -> Result<walk::Attention<TpAttn>> {
+        match (key.op, a) {
+            (ops::ATTN, TpAttn::Normed(x)) => {
+                let layer = &self.model.layers[key.layer.unwrap_or_default()];
+                Ok(walk::Attention::Running(TpAttn::Partial(ctx.compute(
+                    key.layer,
+                    ops::ATTN,
+                    || layer.attention.forward(x, 0, None),
+                ))))
+            }
+            _ => Err(walk::bad_step(
+                key,
+                "tensor parallelism runs attention as attn_1, attn, its all-reduce",
+            )),
+        }
+    }
+
+    fn attn_issue<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        a: TpAttn,
+    ) -> Result<TpAttn> {
+        let TpAttn::Partial(partial) = a else {
+            return Err(missing(key, "attention's partial output"));
+        };
+        let dims = partial.dims();
+        let device = partial.device();
+        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+        Ok(TpAttn::Reducing(
+            all_reduce_tensor(ctx.comm, tag, partial),
             dims,
             device,
         ))
     }
 
-    fn attn_end<C: Communicator + ?Sized>(
+    fn attn_wait<C: Communicator + ?Sized>(
         &self,
         _ctx: &Ctx<'_, C>,
-        _layer: &DecoderLayer,
-        (reduce, dims, device): Self::Attn,
+        key: &OpKey,
+        a: TpAttn,
     ) -> Result<Tensor<3>> {
+        let TpAttn::Reducing(reduce, dims, device) = a else {
+            return Err(missing(key, "attention's all-reduce"));
+        };
         Ok(from_host(reduce.wait()?, dims, &device))
     }
 
-    fn moe<C: Communicator + ?Sized>(
+    fn router<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
-        layer: &DecoderLayer,
-        moe: &MoeBlock,
-        x: Tensor<3>,
-        finish_attention: &mut dyn FnMut() -> Result<Tensor<3>>,
-    ) -> Result<PendingMoe<TpPending>> {
-        let i = layer.index();
-        let (x2, dims) = flat(x);
-        let [b, t, h] = dims;
-        let device = x2.device();
-        let (routed, shared) = ctx.compute(Some(i), ops::EXPERTS, || {
-            let routing = moe.route(x2.clone());
-            let plan = SlotPlan::from_experts(&routing.experts, moe.experts.num_experts());
-            (
-                moe.routed(x2.clone(), &routing, &plan),
-                moe.shared(x2.clone()),
-            )
-        });
-        let post_attention = finish_attention()?;
-        let reduce = ctx
-            .comm
-            .all_reduce(ctx.tag(ops::AR_MOE, i), to_host(routed));
-        Ok(PendingMoe {
-            post_attention,
-            shared: shared.map(|s| s.reshape([b, t, h])),
-            routed: TpPending {
-                reduce,
-                dims,
-                device,
-            },
+        i: usize,
+        m: Tensor<3>,
+    ) -> Result<TpMoe> {
+        let layer = &self.model.layers[i];
+        let Ffn::Moe(moe) = &layer.ffn else {
+            return Err(ScheduleError::Description(format!(
+                "layer {i} is dense but its description routes it"
+            )));
+        };
+        let (x, dims) = ctx.compute(Some(i), ops::ROUTER, || flat(layer.post_norm.forward(m)));
+        Ok(TpMoe {
+            moe: moe.clone(),
+            x,
+            dims,
+            routed: None,
+            shared: None,
         })
     }
 
-    fn moe_finish<C: Communicator + ?Sized>(
+    fn moe_step<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut TpMoe,
+    ) -> Result<()> {
+        if key.op != ops::EXPERTS {
+            return Err(walk::bad_step(
+                key,
+                "tensor parallelism runs the routed and shared experts in one step",
+            ));
+        }
+        let [b, t, h] = m.dims;
+        let (routed, shared) = ctx.compute(key.layer, ops::EXPERTS, || {
+            let routing = m.moe.route(m.x.clone());
+            let plan = SlotPlan::from_experts(&routing.experts, m.moe.experts.num_experts());
+            (
+                m.moe.routed(m.x.clone(), &routing, &plan),
+                m.moe.shared(m.x.clone()).map(|s| s.reshape([b, t, h])),
+            )
+        });
+        m.routed = Some(routed);
+        m.shared = shared;
+        Ok(())
+    }
+
+    fn dispatch_issue<C: Communicator + ?Sized>(
         &self,
         _ctx: &Ctx<'_, C>,
-        p: TpPending,
+        key: &OpKey,
+        _m: &mut TpMoe,
+    ) -> Result<()> {
+        Err(walk::bad_step(key, "tensor parallelism does not dispatch"))
+    }
+
+    fn dispatch_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        _m: &mut TpMoe,
+    ) -> Result<()> {
+        Err(walk::bad_step(key, "tensor parallelism does not dispatch"))
+    }
+
+    fn take_shared(m: &mut TpMoe) -> Option<Tensor<3>> {
+        m.shared.take()
+    }
+
+    fn routed_issue<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut TpMoe,
+    ) -> Result<TpRouted> {
+        let routed = m
+            .routed
+            .take()
+            .ok_or_else(|| missing(key, "the routed partial sums"))?;
+        let device = routed.device();
+        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+        Ok(TpRouted {
+            reduce: ctx.comm.all_reduce(tag, to_host(routed)),
+            dims: m.dims,
+            device,
+        })
+    }
+
+    fn routed_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        r: TpRouted,
     ) -> Result<Tensor<3>> {
-        Ok(from_host(p.reduce.wait()?, p.dims, &p.device))
+        Ok(from_host(r.reduce.wait()?, r.dims, &r.device))
+    }
+
+    fn join<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        _layer: usize,
+        w: Tensor<3>,
+    ) -> Result<Tensor<3>> {
+        Ok(w)
     }
 }

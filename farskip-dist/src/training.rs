@@ -3,7 +3,9 @@
 //! The all-to-alls cut the autodiff graph (rows travel through host buffers), so every rank runs its part of the
 //! step as small graphs ("segments") whose inputs are fresh leaves, and backpropagates them one by one with the
 //! gradient of their outputs as seed — the Rust counterpart of the paper's custom autograd functions and hooks.
-//! Per MoE layer k (FarSkip, converted):
+//! The step walks its schedule description (`plan::desc::training`, the one the planner simulates; the private
+//! `walk` module): the forward is the inference walker recording segments, the backward walks the description's
+//! backward steps. Per MoE layer k (FarSkip, depth 1):
 //!
 //! - forward: attention part 1 on A_k → wait Combine(k−1) → join → norm + router → async Dispatch(k) →
 //!   attention part 2 → wait → routed experts (on their owner) → async Combine(k) → shared experts;
@@ -13,25 +15,25 @@
 //!   Expert gradients stay on their owner; the replicated gradients of each layer are all-reduced
 //!   asynchronously as soon as they are complete, hidden behind the backward of the layers below.
 //!
-//! Standard connectivity runs the same segments in the stock order with every collective waited for at once
-//! (the blocking baseline). At skip depth d ≥ 2 up to d combines stay in flight (the private `deep` module). Gradients equal
-//! single-rank training up to float rounding.
+//! At skip depth d ≥ 2 up to d combines stay in flight and each layer routes and dispatches before its
+//! attention. Standard connectivity runs the same segments in the stock order with every collective waited for
+//! at once (the blocking baseline). Gradients equal single-rank training up to float rounding.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::Gradients;
 use farskip_model::model::Ffn;
-use farskip_model::moe::{MoeBlock, Routing as ModelRouting};
+use farskip_model::moe::MoeBlock;
 use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, combine_start, dispatch_start};
+use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, dispatch_start};
 use crate::schedule::{Combine, Result, ScheduleError, ep_moe, ops};
 use crate::trace::{Phase, Trace};
 
-mod deep;
 mod tbo;
+mod walk;
 
 /// Names of the backward intervals in traces.
 pub mod bwd_ops {
@@ -90,17 +92,6 @@ fn seeded(pairs: Vec<(Tensor<2>, Tensor<2>)>) -> Option<Tensor<1>> {
         .into_iter()
         .map(|(out, seed)| (out * seed).sum())
         .reduce(|a, b| a + b)
-}
-
-/// `pending` itself, or — when `blocking` — the collective already waited for (its result, or its error, is
-/// what the later `wait` returns), so nothing overlaps it.
-fn settled<T: Send + 'static>(pending: Pending<T>, blocking: bool) -> Pending<T> {
-    if blocking {
-        let op = pending.op().to_owned();
-        Pending::ready(op, pending.wait())
-    } else {
-        pending
-    }
 }
 
 fn flat3(x: Tensor<3>) -> Tensor<2> {
@@ -178,29 +169,6 @@ pub struct EpTrainRank {
     sharding: ExpertSharding,
     rank: usize,
     world: usize,
-}
-
-/// The forward record of one MoE layer, kept for its backward: the segments before the combine, then the join.
-struct LayerTape {
-    part: PartialTape,
-    /// Join segment leaves and outputs.
-    join_residual: Tensor<3>,
-    join_attn: Tensor<3>,
-    join_shared: Option<Tensor<3>>,
-    join_slots: Tensor<2>,
-    join_weights: Tensor<2>,
-    join_full: Tensor<3>,
-    join_routed_free: Tensor<3>,
-}
-
-/// What a layer's forward leaves pending for the next one.
-struct Inflight {
-    combine: Combine,
-    residual: Tensor<3>,
-    attn: Tensor<3>,
-    shared: Option<Tensor<2>>,
-    weights: Tensor<2>,
-    tape: PartialTape,
 }
 
 /// Adds one segment's parameter gradients into `acc`.
@@ -577,18 +545,6 @@ impl EpTrainRank {
                 comm.world_size()
             ))));
         }
-        let farskip = self.model.connectivity().keeps_routed_free_stream();
-        // Standard connectivity is the blocking baseline: every collective is waited for as soon as it is issued.
-        let blocking = !farskip;
-        let fwd = Phase::Forward;
-        let bwd = Phase::Backward;
-        let rank = self.rank;
-        let span = |layer: Option<usize>, op: &'static str, phase: Phase| {
-            trace.compute(rank, layer, op, phase)
-        };
-        let tag = |name: &'static str, layer: usize, phase: Phase| {
-            CollectiveTag::new(name).at_layer(layer).in_phase(phase)
-        };
         let [b, t1] = windows.dims();
         if t1 < 2 || b == 0 {
             return Err(ScheduleError::Model(
@@ -607,303 +563,7 @@ impl EpTrainRank {
         )?;
         let x_ids = windows.clone().narrow(1, 0, t);
         let y_ids = windows.narrow(1, 1, t);
-        if let Some(depth) = self.model.connectivity().depth().filter(|&d| d > 1) {
-            return self.step_deep(comm, grad_comm, trace, x_ids, y_ids, objective, depth);
-        }
-
-        // ---- forward ----
-        let g = span(None, ops::HEAD, fwd);
-        let emb = self.model.embed(x_ids);
-        let h0 = emb.clone().detach();
-        g.finish();
-        let mut full = h0.clone();
-        let mut routed_free = h0.clone();
-        let mut inflight: Option<(usize, Inflight)> = None;
-        let mut tapes: Vec<LayerTape> = Vec::with_capacity(self.model.layers.len());
-        let join =
-            |i: usize, p: Inflight, tapes: &mut Vec<LayerTape>| -> Result<(Tensor<3>, Tensor<3>)> {
-                let slot_out = p.combine.wait(comm)?;
-                let gj = span(Some(i), ops::COMBINE, fwd);
-                let moe = self.moe(i);
-                let shape = p.residual.dims();
-                let (r, a, s, y, w) = (
-                    leaf(&p.residual),
-                    leaf(&p.attn),
-                    p.shared.as_ref().map(|s| leaf(&s.clone().reshape(shape))),
-                    leaf(&slot_out),
-                    leaf(&p.weights),
-                );
-                let routing = ModelRouting {
-                    weights: w.clone(),
-                    experts: Tensor::zeros([1, 1], &w.device()),
-                };
-                let routed = moe.combine_slots(y.clone(), &routing).reshape(shape);
-                let post_attention = r.clone() + a.clone();
-                let (next_full, next_rf) = match &s {
-                    Some(s) => (
-                        post_attention.clone() + (routed + s.clone()),
-                        post_attention + s.clone(),
-                    ),
-                    None => (post_attention.clone() + routed, post_attention),
-                };
-                tapes.push(LayerTape {
-                    part: p.tape,
-                    join_residual: r,
-                    join_attn: a,
-                    join_shared: s,
-                    join_slots: y,
-                    join_weights: w,
-                    join_full: next_full.clone(),
-                    join_routed_free: next_rf.clone(),
-                });
-                gj.finish();
-                Ok((next_full.detach(), next_rf.detach()))
-            };
-        for (i, layer) in self.model.layers.iter().enumerate() {
-            // Attention part 1 reads A (FarSkip) — known while the previous combine is in flight.
-            let g = span(Some(i), ops::ATTN_1, fwd);
-            let attn_in = leaf(if farskip { &routed_free } else { &full });
-            let qkv = layer
-                .attention
-                .project(layer.input_norm.forward(attn_in.clone()), 0, None);
-            g.finish();
-            if let Some((k, p)) = inflight.take() {
-                // The routed-free stream was already formed from the same values at the end of layer k.
-                let (f, _) = join(k, p, &mut tapes)?;
-                full = f;
-            }
-            let (attn_out, norm_src) = if farskip {
-                // MoE reads the pre-attention stream R: route and dispatch before attention part 2.
-                (None, full.clone())
-            } else {
-                let g = span(Some(i), ops::ATTN_2, fwd);
-                let a = layer.attention.attend(qkv.clone());
-                g.finish();
-                let post = full.clone() + a.clone().detach();
-                (Some(a), post)
-            };
-            let (tape, combine) = self.moe_forward(
-                comm,
-                trace,
-                i,
-                &norm_src,
-                attn_in,
-                || match attn_out {
-                    Some(a) => Ok(a),
-                    None => {
-                        let g = span(Some(i), ops::ATTN_2, fwd);
-                        let a = layer.attention.attend(qkv);
-                        g.finish();
-                        Ok(a)
-                    }
-                },
-                blocking,
-                false,
-            )?;
-            // The join adds the MoE output to the stream the MoE read: R (FarSkip: `norm_src` is R) plus
-            // attention's output, or the post-attention stream R' (stock: `norm_src` is R' and `attn` zero).
-            let p = Inflight {
-                combine,
-                residual: norm_src,
-                attn: if farskip {
-                    tape.attn_out.clone().detach()
-                } else {
-                    Tensor::zeros(full.dims(), &full.device())
-                },
-                shared: tape.shared_out.clone().map(|s| s.detach()),
-                weights: tape.weights.clone().detach(),
-                tape,
-            };
-            if farskip {
-                // A_{k+1} = (R + a) + s is known now, before the combine returns (same ops as the join).
-                let post_attention = p.residual.clone() + p.attn.clone();
-                routed_free = match &p.shared {
-                    Some(s) => post_attention + s.clone().reshape(full.dims()),
-                    None => post_attention,
-                };
-                inflight = Some((i, p));
-            } else {
-                let (f, rf) = join(i, p, &mut tapes)?;
-                full = f;
-                routed_free = rf;
-            }
-        }
-        if let Some((k, p)) = inflight.take() {
-            let (f, _) = join(k, p, &mut tapes)?;
-            full = f;
-        }
-        let g = span(None, ops::HEAD, fwd);
-        let final_in = leaf(&full);
-        let logits = self.model.logits(final_in.clone());
-        let [_, _, v] = logits.dims();
-        let logits = logits.reshape([b * t, v]);
-        // KL + L2: the hidden-state term reads each layer's full output stream through a fresh leaf, whose
-        // gradient joins the stream's gradient when the backward reaches that layer.
-        let mut hidden_leaves: Vec<Tensor<3>> = Vec::new();
-        let loss = match objective {
-            Objective::CrossEntropy | Objective::Distill { .. } => {
-                self.logits_loss(objective, &logits, y_ids)
-            }
-            Objective::DistillHidden {
-                teacher_hidden,
-                l2_weight,
-                ..
-            } => {
-                hidden_leaves = tapes[..l2_compared_layers(tapes.len())]
-                    .iter()
-                    .map(|tape| leaf(&tape.join_full))
-                    .collect();
-                let n_layers = hidden_leaves.len() as f64;
-                let mse = hidden_leaves
-                    .iter()
-                    .zip(teacher_hidden)
-                    .map(|(s, th)| (s.clone() - th.clone().detach()).square().mean())
-                    .reduce(|acc, layer| acc + layer)
-                    .map(|sum| sum.mul_scalar(1.0 / n_layers));
-                let kl = self.logits_loss(objective, &logits, y_ids);
-                match mse {
-                    Some(mse) => kl + mse.mul_scalar(*l2_weight / self.world as f64),
-                    None => kl,
-                }
-            }
-        };
-        let loss_value = loss.clone().into_scalar::<f64>();
-        g.finish();
-
-        // ---- backward ----
-        let mut acc = GradientsParams::new();
-        let absorb = |acc: &mut GradientsParams, grads: Gradients| absorb(acc, grads, &self.model);
-        let g = span(None, bwd_ops::HEAD, bwd);
-        let grads = loss.backward();
-        let mut g_full = final_in
-            .grad(&grads)
-            .expect("final stream is a leaf")
-            .detach();
-        let mut g_hidden: Vec<Option<Tensor<3>>> =
-            hidden_leaves.iter().map(|h| h.grad(&grads)).collect();
-        absorb(&mut acc, grads);
-        g.finish();
-        let mut g_rf: Option<Tensor<3>> = None;
-        let mut pending_grads: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)> = Vec::new();
-        for (i, tape) in tapes.into_iter().enumerate().rev() {
-            let layer = &self.model.layers[i];
-            if let Some(gh) = g_hidden.get_mut(i).and_then(Option::take) {
-                // KL + L2: this layer's output stream also fed the hidden-state term.
-                g_full = g_full + gh;
-            }
-            // Join: seeds are the gradients of the streams it produced.
-            let gj = span(Some(i), bwd_ops::JOIN, bwd);
-            let mut seed = vec![(flat3(tape.join_full.clone()), flat3(g_full.clone()))];
-            if let Some(grf) = &g_rf {
-                seed.push((flat3(tape.join_routed_free.clone()), flat3(grf.clone())));
-            }
-            let grads = seeded(seed).expect("non-empty").backward();
-            let g_res = tape.join_residual.grad(&grads).expect("leaf");
-            let g_attn = tape.join_attn.grad(&grads).expect("leaf");
-            let g_shared = tape.join_shared.as_ref().and_then(|s| s.grad(&grads));
-            let g_y = tape.join_slots.grad(&grads).expect("leaf");
-            let g_w = tape.join_weights.grad(&grads).expect("leaf");
-            gj.finish();
-            // Backward of Combine: expert-output gradients travel to the experts' owners.
-            let to_owner = self.send_slots(
-                comm,
-                g_y,
-                &tape.part.slot_experts,
-                tag(bwd_ops::COMBINE_BWD, i, bwd),
-            )?;
-            let g_attn_in;
-            let mut g_norm_src_extra: Option<Tensor<3>> = None;
-            if farskip {
-                // Attention's backward hides the exchange.
-                let ga = span(Some(i), bwd_ops::ATTN, bwd);
-                let grads = (tape.part.attn_out.clone() * g_attn.clone())
-                    .sum()
-                    .backward();
-                g_attn_in = tape.part.attn_in.grad(&grads).expect("leaf");
-                absorb(&mut acc, grads);
-                ga.finish();
-            } else {
-                g_attn_in = Tensor::zeros(g_res.dims(), &g_res.device());
-            }
-            let (g_rows, back_plan) = to_owner.wait()?;
-            let ge = span(Some(i), bwd_ops::EXPERTS, bwd);
-            let g_expert_in = tape
-                .part
-                .experts_backward(g_rows.tokens, &mut acc, &self.model);
-            ge.finish();
-            // Backward of Dispatch: input gradients return to the tokens' ranks.
-            let back = settled(
-                combine_start(
-                    comm,
-                    g_expert_in,
-                    back_plan,
-                    tag(bwd_ops::DISPATCH_BWD, i, bwd),
-                )?,
-                blocking,
-            );
-            let gs = span(Some(i), bwd_ops::SHARED, bwd);
-            let g_m = g_shared
-                .as_ref()
-                .and_then(|g| tape.part.shared_backward(g, &mut acc, &self.model));
-            gs.finish();
-            let g_slots = back.wait()?;
-            let gr = span(Some(i), bwd_ops::ROUTER, bwd);
-            let g_norm_in = tape
-                .part
-                .router_backward(g_slots, g_w, g_m, &mut acc, &self.model);
-            gr.finish();
-            if !farskip {
-                // Stock order: the MoE read R' = R + a, so attention's backward waits for it.
-                let g_post = g_res.clone() + g_norm_in.clone();
-                let ga = span(Some(i), bwd_ops::ATTN, bwd);
-                let grads = (tape.part.attn_out.clone() * g_post.clone())
-                    .sum()
-                    .backward();
-                let g_in = tape.part.attn_in.grad(&grads).expect("leaf");
-                absorb(&mut acc, grads);
-                ga.finish();
-                g_norm_src_extra = Some(g_in);
-                g_full = g_post;
-                g_rf = None;
-            } else {
-                // R fed the residual add and the norm; A fed attention.
-                g_full = g_res + g_norm_in;
-                g_rf = Some(g_attn_in);
-            }
-            if let Some(extra) = g_norm_src_extra {
-                g_full = g_full + extra;
-            }
-            // This layer's replicated gradients are complete: all-reduce them while the layers below run.
-            let mut f = Flatten {
-                grads: &mut acc,
-                buffer: Vec::new(),
-                present: Vec::new(),
-            };
-            visit_replicated_layer(layer, &mut f);
-            let (buffer, present) = (f.buffer, f.present);
-            pending_grads.push((
-                i,
-                present,
-                settled(
-                    grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, bwd), buffer),
-                    blocking,
-                ),
-            ));
-        }
-        // Embedding: its output fed both streams at layer 0.
-        let g = span(None, bwd_ops::HEAD, bwd);
-        let g_emb = match g_rf {
-            Some(grf) => g_full + grf,
-            None => g_full,
-        };
-        let grads = (flat3(emb) * flat3(g_emb)).sum().backward();
-        absorb(&mut acc, grads);
-        g.finish();
-        self.reduce_replicated(grad_comm, &mut acc, pending_grads, h0.device().inner())?;
-        Ok(RankStep {
-            loss: loss_value,
-            grads: acc,
-        })
+        self.step_walk(comm, grad_comm, trace, x_ids, y_ids, objective)
     }
 
     /// The loss on this rank's logits `[tokens, vocab]`: next-token cross-entropy on `y_ids`, or the KL to the
@@ -984,37 +644,6 @@ impl EpTrainRank {
         };
         visit_replicated_outer(&self.model, &mut u);
         Ok(())
-    }
-
-    /// One MoE layer's forward on this rank from the stream its MoE reads (`moe_in`): norm, router and slot
-    /// gather (each from a fresh leaf), the async dispatch, `during_dispatch` while it is in flight (attention
-    /// part 2 under FarSkip; it returns attention's output), the routed experts on their owner, the async combine
-    /// (`blocking`: waited for at once; `hold`: held back until [`Combine::launch`]) and the shared expert.
-    /// Returns the layer's tape (with `attn_in`) and the combine.
-    #[allow(clippy::too_many_arguments)]
-    fn moe_forward<C: Communicator + ?Sized>(
-        &self,
-        comm: &C,
-        trace: &Trace,
-        i: usize,
-        moe_in: &Tensor<3>,
-        attn_in: Tensor<3>,
-        during_dispatch: impl FnOnce() -> Result<Tensor<3>>,
-        blocking: bool,
-        hold: bool,
-    ) -> Result<(PartialTape, Combine)> {
-        let begun = self.moe_begin(comm, trace, i, moe_in, ops::DISPATCH)?;
-        let attn_out = during_dispatch()?;
-        self.moe_end(
-            comm,
-            trace,
-            i,
-            begun,
-            (attn_in, attn_out),
-            ops::COMBINE,
-            blocking,
-            hold,
-        )
     }
 
     /// The first part of [`EpTrainRank::moe_forward`]: the MoE's norm, then [`ep_moe::begin`] (router and slot

@@ -1,10 +1,12 @@
 //! Schedule descriptions: the op order of one rank, with the collectives it issues and where it waits for
 //! them. A description knows no costs; [`super::sim`] walks it with a cost model.
 //!
-//! The builders follow the executors' order op for op (`schedule::RankSchedule::run` and `run_deep` for
-//! inference, `training::EpTrainRank::step_on` for training), with the executors' op names ([`ops`],
-//! [`bwd_ops`]). The executors do not walk these descriptions; a test runs both on a small model and compares
-//! the op sequence of the trace with the description's, so the two cannot drift apart unnoticed.
+//! The inference executors walk [`inference`] themselves (`EpRank::forward`, `TpRank::forward`: one step of
+//! the description at a time), so the planner simulates exactly the order they run. The training and
+//! two-micro-batch executors (`training::EpTrainRank::step_on`, `step_tbo_on`, `EpRank::forward_tbo`) keep
+//! their own walkers with the same op names ([`ops`], [`bwd_ops`]); a test runs them on a small model and
+//! compares the op sequence of the trace with [`training`] and [`training_tbo`], so the two cannot drift apart
+//! unnoticed.
 
 use farskip_model::config::FfnKind;
 use farskip_model::connectivity::FarSkipVariant;
@@ -353,6 +355,25 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
     }
     s.push(Step::Compute(key(ops::HEAD, None, f)));
     s.push(Step::Compute(key(bwd_ops::HEAD, None, b)));
+    // At depth ≥ 2 a routed output's gradient is complete once the layer it joined has run its backward (the
+    // last d outputs: at the head), d − 1 layers before its own: its join backward and the combine backward go
+    // out then, with those layers to hide them; attention's backward hides the dispatch backward instead.
+    // The last layer has no layer behind it to hide its own: it keeps the depth-1 order.
+    let early = |i: usize| depth >= 2 && i + 1 < layers;
+    let join_bwd = |s: &mut Vec<Step>, k: usize| {
+        s.push(Step::Compute(key(bwd_ops::JOIN, Some(k), b)));
+        s.push(Step::Issue {
+            key: key(bwd_ops::COMBINE_BWD, Some(k), b),
+            channel: 0,
+        });
+    };
+    if depth >= 2 {
+        for k in (layers.saturating_sub(depth)..layers).rev() {
+            if early(k) && is_moe(config, k) {
+                join_bwd(&mut s, k);
+            }
+        }
+    }
     let mut grads = Vec::new();
     for i in (0..layers).rev() {
         let l = Some(i);
@@ -360,19 +381,20 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
             s.push(Step::Compute(key(MLP_BWD, l, b)));
             s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
         } else {
-            s.push(Step::Compute(key(bwd_ops::JOIN, l, b)));
+            if !early(i) {
+                join_bwd(&mut s, i);
+            }
             let cb = key(bwd_ops::COMBINE_BWD, l, b);
-            s.push(Step::Issue {
-                key: cb,
-                channel: 0,
-            });
-            if farskip {
+            if farskip && !early(i) {
                 s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
             }
             s.push(Step::Wait(cb));
             s.push(Step::Compute(key(bwd_ops::EXPERTS, l, b)));
             let db = key(bwd_ops::DISPATCH_BWD, l, b);
             issue(&mut s, db, 0);
+            if early(i) {
+                s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
+            }
             if has_shared(config) {
                 s.push(Step::Compute(key(bwd_ops::SHARED, l, b)));
             }
@@ -382,6 +404,12 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
             s.push(Step::Compute(key(bwd_ops::ROUTER, l, b)));
             if !farskip {
                 s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
+            }
+            if depth >= 2
+                && let Some(k) = i.checked_sub(depth)
+                && is_moe(config, k)
+            {
+                join_bwd(&mut s, k);
             }
         }
         let g = key(bwd_ops::GRAD_ALLREDUCE, l, b);

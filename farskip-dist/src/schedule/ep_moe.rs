@@ -69,9 +69,79 @@ pub(crate) struct Begun {
     pub dispatched: Pending<(ExpertInputs, DispatchPlan)>,
 }
 
-/// Router and slot gather on `normed` (`[tokens, hidden]`, the normalised MoE input; its rows per expert go into
-/// `loads` when given), then the async dispatch of the slot rows, tagged `tag`. Slot rows travel one by one
+/// The router's result on a layer's normalised MoE input.
+pub(crate) struct Routed {
+    /// The router's input as the layer read it (a leaf in training).
+    pub router_in: Tensor<2>,
+    /// Expert ids and weights of every token.
+    pub routing: ModelRouting,
+    /// The slot rows, token-major, `top_k` per token.
+    pub slots: Tensor<2>,
+    /// Global expert id of every slot row.
+    pub slot_experts: Vec<usize>,
+}
+
+/// Router and slot gather on `normed` (`[tokens, hidden]`) of layer `layer`, its rows per expert added to
+/// `loads` when given. No trace span: the caller's `router` span covers it.
+pub(crate) fn route(
+    moe: &MoeBlock,
+    sharding: &ExpertSharding,
+    loads: Option<&ExpertLoads>,
+    layer: usize,
+    normed: &Tensor<2>,
+    cut: &impl Cut,
+) -> Routed {
+    let router_in = cut.cut(normed);
+    let routing = moe.route(router_in.clone());
+    let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
+    let slots = moe.slot_inputs(router_in.clone(), &routing);
+    if let Some(loads) = loads {
+        loads.record(layer, &plan.counts);
+    }
+    Routed {
+        router_in,
+        routing,
+        slots,
+        slot_experts: plan.slot_experts,
+    }
+}
+
+/// Starts the dispatch of the slot rows to their experts' owners, tagged `tag`. Slot rows travel one by one
 /// (top_k = 1, weight 1): the routing weights stay home and are applied by the combine, as on one rank.
+pub(crate) fn dispatch<C: Communicator + ?Sized>(
+    at: &At<'_, C>,
+    sharding: &ExpertSharding,
+    slots: &Tensor<2>,
+    slot_experts: &[usize],
+    tag: &'static str,
+) -> Result<Pending<(ExpertInputs, DispatchPlan)>> {
+    let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
+    let slot_routing = Routing::new(slot_experts.to_vec(), ones)?;
+    Ok(dispatch_start(
+        at.comm,
+        sharding,
+        slots.clone().detach().without_autodiff(),
+        &slot_routing,
+        CollectiveTag::new(tag)
+            .at_layer(at.layer)
+            .in_phase(at.phase),
+    )?)
+}
+
+/// The routed experts of this rank on the rows dispatched to it: (input as read, output). No trace span.
+pub(crate) fn experts(
+    moe: &MoeBlock,
+    inputs: &ExpertInputs,
+    cut: &impl Cut,
+) -> (Tensor<2>, Tensor<2>) {
+    let expert_in = cut.cut(&inputs.tokens);
+    let expert_out = moe
+        .experts
+        .forward_grouped(expert_in.clone(), &inputs.counts);
+    (expert_in, expert_out)
+}
+
+/// Router and slot gather on `normed` (span `router`), then the async dispatch of the slot rows, tagged `tag`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn begin<C: Communicator + ?Sized>(
     at: &At<'_, C>,
@@ -82,32 +152,15 @@ pub(crate) fn begin<C: Communicator + ?Sized>(
     cut: &impl Cut,
     tag: &'static str,
 ) -> Result<Begun> {
-    let (router_in, routing, slots, slot_experts) = at.span(ops::ROUTER, || {
-        let router_in = cut.cut(normed);
-        let routing = moe.route(router_in.clone());
-        let plan = SlotPlan::from_experts(&routing.experts, sharding.num_experts());
-        let slots = moe.slot_inputs(router_in.clone(), &routing);
-        if let Some(loads) = loads {
-            loads.record(at.layer, &plan.counts);
-        }
-        (router_in, routing, slots, plan.slot_experts)
+    let r = at.span(ops::ROUTER, || {
+        route(moe, sharding, loads, at.layer, normed, cut)
     });
-    let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
-    let slot_routing = Routing::new(slot_experts.clone(), ones)?;
-    let dispatched = dispatch_start(
-        at.comm,
-        sharding,
-        slots.clone().detach().without_autodiff(),
-        &slot_routing,
-        CollectiveTag::new(tag)
-            .at_layer(at.layer)
-            .in_phase(at.phase),
-    )?;
+    let dispatched = dispatch(at, sharding, &r.slots, &r.slot_experts, tag)?;
     Ok(Begun {
-        router_in,
-        routing,
-        slots,
-        slot_experts,
+        router_in: r.router_in,
+        routing: r.routing,
+        slots: r.slots,
+        slot_experts: r.slot_experts,
         dispatched,
     })
 }
@@ -141,13 +194,7 @@ pub(crate) fn end<C: Communicator + ?Sized>(
     hold: bool,
 ) -> Result<Ended> {
     let (inputs, plan) = dispatched.wait()?;
-    let (expert_in, expert_out) = at.span(ops::EXPERTS, || {
-        let expert_in = cut.cut(&inputs.tokens);
-        let expert_out = moe
-            .experts
-            .forward_grouped(expert_in.clone(), &inputs.counts);
-        (expert_in, expert_out)
-    });
+    let (expert_in, expert_out) = at.span(ops::EXPERTS, || experts(moe, &inputs, cut));
     let tag = CollectiveTag::new(tag)
         .at_layer(at.layer)
         .in_phase(at.phase);

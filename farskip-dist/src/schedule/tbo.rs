@@ -157,7 +157,6 @@ impl EpRank {
             comm,
             trace,
             phase: Phase::Forward,
-            hold_routed: false,
         };
         let model = &self.model;
         let mut halves = embed_halves(&ctx, model, input_ids, || EpInflight::None)?;
@@ -360,7 +359,6 @@ impl TpRank {
             comm,
             trace,
             phase: Phase::Forward,
-            hold_routed: false,
         };
         let model = &self.model;
         let conn = model.connectivity();

@@ -1,0 +1,749 @@
+//! The expert-parallel training step, walked from its description ([`desc::training`], the one the planner
+//! simulates). The forward is the inference walker ([`walk::walk_forward`]) with a recording [`Exec`]: each
+//! segment's input is a fresh autodiff leaf, and each layer records which routed outputs its `R` holds. The
+//! backward walks the description's backward steps on those segments.
+//!
+//! The backward's algebra is the forward's, read backwards. Per layer i (every layer MoE): `R_i = S_i + Σ r_k`
+//! over the routed outputs k that joined it; attention reads `S_i` (FarSkip) or `R_i` (standard); the MoE reads
+//! `M_i = R_i` (FarSkip) or `R_i + a_i` (standard); `S_{i+1} = R_i + a_i + s_i`. So with `g` the gradient of
+//! `S_{i+1}`: attention's output gets `g` (FarSkip) or `g + ∂M` (standard, after the MoE's backward); the shared
+//! expert gets `g`; `R_i` gets `g + ∂M (+ ∂a_in)`, which flows on to `S_i` and to every `r_k` that joined it —
+//! whose own join backward runs when the walk reaches layer k. Equal to the single-rank gradients within float
+//! rounding, at every skip depth.
+
+use std::cell::RefCell;
+
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use farskip_model::Model;
+use farskip_model::attention::ProjectedQkv;
+use farskip_model::moe::Routing as ModelRouting;
+
+use super::{
+    EpTrainRank, Flatten, Leaves, Objective, PartialTape, RankStep, Result, absorb, bwd_ops, flat3,
+    l2_compared_layers, leaf, seeded, visit_replicated_layer,
+};
+use crate::comm::{CollectiveTag, Communicator, Pending};
+use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
+use crate::plan::desc::{self, OpKey, Split, Step};
+use crate::schedule::walk::{self, Attention, Exec, bad_step};
+use crate::schedule::{Ctx, ScheduleError, ep_moe, ops};
+use crate::trace::{Phase, Trace};
+
+/// What the forward records of one layer.
+#[derive(Default)]
+struct Rec {
+    attn_in: Option<Tensor<3>>,
+    attn_out: Option<Tensor<3>>,
+    norm_in: Option<Tensor<3>>,
+    norm_out: Option<Tensor<2>>,
+    router_in: Option<Tensor<2>>,
+    slots: Option<Tensor<2>>,
+    weights: Option<Tensor<2>>,
+    slot_experts: Vec<usize>,
+    shared_in: Option<Tensor<2>>,
+    shared_out: Option<Tensor<2>>,
+    expert_in: Option<Tensor<2>>,
+    expert_out: Option<Tensor<2>>,
+    /// The layers whose routed outputs joined `R_i`.
+    from: Vec<usize>,
+    /// `R_i` (KL + L2 compares `R_{i+1}`, layer i's full output, with the teacher's).
+    r: Option<Tensor<3>>,
+    /// The join of this layer's routed output: slot-output and weight leaves, and the routed output.
+    join: Option<(Tensor<2>, Tensor<2>, Tensor<3>)>,
+}
+
+impl Rec {
+    /// The layer's segments before its join, for the backward.
+    fn part(&mut self, i: usize) -> Result<PartialTape> {
+        let missing = |what: &str| {
+            ScheduleError::Description(format!(
+                "layer {i}: the forward recorded no {what} (its description skipped a step)"
+            ))
+        };
+        let norm_out = self.norm_out.take().ok_or_else(|| missing("router"))?;
+        Ok(PartialTape {
+            attn_in: self.attn_in.take().ok_or_else(|| missing("attention"))?,
+            attn_out: self.attn_out.take().ok_or_else(|| missing("attention"))?,
+            norm_in: self.norm_in.take().ok_or_else(|| missing("router"))?,
+            // Without a shared expert its backward reads nothing.
+            shared_in: self.shared_in.take().unwrap_or_else(|| norm_out.clone()),
+            norm_out,
+            router_in: self.router_in.take().ok_or_else(|| missing("router"))?,
+            slots: self.slots.take().ok_or_else(|| missing("router"))?,
+            weights: self.weights.take().ok_or_else(|| missing("router"))?,
+            shared_out: self.shared_out.take(),
+            expert_in: self.expert_in.take().ok_or_else(|| missing("experts"))?,
+            expert_out: self.expert_out.take().ok_or_else(|| missing("experts"))?,
+            slot_experts: std::mem::take(&mut self.slot_experts),
+        })
+    }
+}
+
+/// The forward's [`Exec`]: expert parallelism with every segment input a fresh leaf, recorded per layer.
+struct Recorder<'a> {
+    rank: &'a EpTrainRank,
+    recs: RefCell<Vec<Rec>>,
+    emb: RefCell<Option<Tensor<3>>>,
+    final_from: RefCell<Vec<usize>>,
+}
+
+/// A training MoE layer between its router and its combine.
+struct TrainMoe {
+    dims: [usize; 3],
+    /// The normalised MoE input (the shared expert's input).
+    x: Tensor<2>,
+    weights: Tensor<2>,
+    slots: Option<(Tensor<2>, Vec<usize>)>,
+    dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
+    arrived: Option<(ExpertInputs, DispatchPlan)>,
+    expert_out: Option<(Tensor<2>, DispatchPlan)>,
+    shared: Option<Tensor<3>>,
+}
+
+/// A training combine in flight.
+struct TrainRouted {
+    combine: Pending<Tensor<2>>,
+    weights: Tensor<2>,
+    dims: [usize; 3],
+}
+
+fn out_of_order(key: &OpKey, what: &str) -> ScheduleError {
+    bad_step(
+        key,
+        &format!("{what} is missing (the steps are out of order)"),
+    )
+}
+
+impl Recorder<'_> {
+    fn moe(&self, i: usize) -> &farskip_model::moe::MoeBlock {
+        self.rank.moe(i)
+    }
+}
+
+impl Exec for Recorder<'_> {
+    type Attn = ProjectedQkv;
+    type Moe = TrainMoe;
+    type Routed = TrainRouted;
+    type Waited = (Tensor<2>, Tensor<2>, [usize; 3]);
+    const SPLIT: Split = Split::Expert;
+    const JOIN_STEP: bool = true;
+
+    fn model(&self) -> &Model {
+        &self.rank.model
+    }
+
+    fn embed<C: Communicator + ?Sized>(&self, ctx: &Ctx<'_, C>, ids: Tensor<2, Int>) -> Tensor<3> {
+        let emb = ctx.compute(None, ops::HEAD, || self.rank.model.embed(ids));
+        let settled = emb.clone().detach();
+        *self.emb.borrow_mut() = Some(emb);
+        settled
+    }
+
+    fn formed_r(&self, at: Option<usize>, from: &[usize], r: &Tensor<3>) {
+        match at {
+            Some(i) => {
+                let mut recs = self.recs.borrow_mut();
+                recs[i].from = from.to_vec();
+                recs[i].r = Some(r.clone());
+            }
+            None => *self.final_from.borrow_mut() = from.to_vec(),
+        }
+    }
+
+    fn attn_1<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        i: usize,
+        x: Tensor<3>,
+    ) -> Result<ProjectedQkv> {
+        let layer = &self.rank.model.layers[i];
+        let (attn_in, qkv) = ctx.compute(Some(i), ops::ATTN_1, || {
+            let attn_in = leaf(&x);
+            let qkv = layer
+                .attention
+                .project(layer.input_norm.forward(attn_in.clone()), 0, None);
+            (attn_in, qkv)
+        });
+        self.recs.borrow_mut()[i].attn_in = Some(attn_in);
+        Ok(qkv)
+    }
+
+    fn attn_step<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        qkv: ProjectedQkv,
+    ) -> Result<Attention<ProjectedQkv>> {
+        let i = key.layer.unwrap_or_default();
+        if key.op != ops::ATTN_2 {
+            return Err(bad_step(
+                key,
+                "expert parallelism runs attention as attn_1, attn_2",
+            ));
+        }
+        let layer = &self.rank.model.layers[i];
+        let a = ctx.compute(Some(i), ops::ATTN_2, || layer.attention.attend(qkv));
+        self.recs.borrow_mut()[i].attn_out = Some(a.clone());
+        Ok(Attention::Done(a.detach()))
+    }
+
+    fn attn_issue<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        _a: ProjectedQkv,
+    ) -> Result<ProjectedQkv> {
+        Err(bad_step(
+            key,
+            "expert parallelism has no attention collective",
+        ))
+    }
+
+    fn attn_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        _a: ProjectedQkv,
+    ) -> Result<Tensor<3>> {
+        Err(bad_step(
+            key,
+            "expert parallelism has no attention collective",
+        ))
+    }
+
+    fn router<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        i: usize,
+        m: Tensor<3>,
+    ) -> Result<TrainMoe> {
+        let layer = &self.rank.model.layers[i];
+        let dims = m.dims();
+        let (norm_in, norm_out, r) = ctx.compute(Some(i), ops::ROUTER, || {
+            let norm_in = leaf(&m);
+            let norm_out = flat3(layer.post_norm.forward(norm_in.clone()));
+            let r = ep_moe::route(
+                self.moe(i),
+                &self.rank.sharding,
+                None,
+                i,
+                &norm_out,
+                &Leaves,
+            );
+            (norm_in, norm_out, r)
+        });
+        let moe = TrainMoe {
+            dims,
+            x: norm_out.clone(),
+            weights: r.routing.weights.clone().detach(),
+            slots: Some((r.slots.clone().detach(), r.slot_experts.clone())),
+            dispatched: None,
+            arrived: None,
+            expert_out: None,
+            shared: None,
+        };
+        let mut recs = self.recs.borrow_mut();
+        let rec = &mut recs[i];
+        rec.norm_in = Some(norm_in);
+        rec.norm_out = Some(norm_out);
+        rec.router_in = Some(r.router_in);
+        rec.slots = Some(r.slots);
+        rec.weights = Some(r.routing.weights);
+        rec.slot_experts = r.slot_experts;
+        Ok(moe)
+    }
+
+    fn moe_step<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut TrainMoe,
+    ) -> Result<()> {
+        let i = key.layer.unwrap_or_default();
+        match key.op {
+            ops::EXPERTS => {
+                let (inputs, plan) = m
+                    .arrived
+                    .take()
+                    .ok_or_else(|| out_of_order(key, "the dispatched rows"))?;
+                let (expert_in, expert_out) = ctx.compute(Some(i), ops::EXPERTS, || {
+                    ep_moe::experts(self.moe(i), &inputs, &Leaves)
+                });
+                m.expert_out = Some((expert_out.clone().detach(), plan));
+                let mut recs = self.recs.borrow_mut();
+                recs[i].expert_in = Some(expert_in);
+                recs[i].expert_out = Some(expert_out);
+            }
+            ops::SHARED => {
+                let [b, t, h] = m.dims;
+                let (shared_in, shared_out) = ctx.compute(Some(i), ops::SHARED, || {
+                    let shared_in = leaf(&m.x);
+                    let shared_out = self.moe(i).shared(shared_in.clone());
+                    (shared_in, shared_out)
+                });
+                m.shared = shared_out
+                    .as_ref()
+                    .map(|s| s.clone().detach().reshape([b, t, h]));
+                let mut recs = self.recs.borrow_mut();
+                recs[i].shared_in = Some(shared_in);
+                recs[i].shared_out = shared_out;
+            }
+            _ => return Err(bad_step(key, "is not an MoE step")),
+        }
+        Ok(())
+    }
+
+    fn dispatch_issue<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut TrainMoe,
+    ) -> Result<()> {
+        let (slots, slot_experts) = m
+            .slots
+            .take()
+            .ok_or_else(|| out_of_order(key, "the slot rows"))?;
+        let at = ep_moe::At {
+            comm: ctx.comm,
+            trace: ctx.trace,
+            layer: key.layer.unwrap_or_default(),
+            phase: ctx.phase,
+        };
+        m.dispatched = Some(ep_moe::dispatch(
+            &at,
+            &self.rank.sharding,
+            &slots,
+            &slot_experts,
+            key.op,
+        )?);
+        Ok(())
+    }
+
+    fn dispatch_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut TrainMoe,
+    ) -> Result<()> {
+        let d = m
+            .dispatched
+            .take()
+            .ok_or_else(|| out_of_order(key, "the dispatch"))?;
+        m.arrived = Some(d.wait()?);
+        Ok(())
+    }
+
+    fn take_shared(m: &mut TrainMoe) -> Option<Tensor<3>> {
+        m.shared.take()
+    }
+
+    fn routed_issue<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+        m: &mut TrainMoe,
+    ) -> Result<TrainRouted> {
+        let (rows, plan) = m
+            .expert_out
+            .take()
+            .ok_or_else(|| out_of_order(key, "the expert outputs"))?;
+        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+        Ok(TrainRouted {
+            combine: combine_start(ctx.comm, rows, plan, tag)?,
+            weights: m.weights.clone(),
+            dims: m.dims,
+        })
+    }
+
+    fn routed_wait<C: Communicator + ?Sized>(
+        &self,
+        _ctx: &Ctx<'_, C>,
+        r: TrainRouted,
+    ) -> Result<(Tensor<2>, Tensor<2>, [usize; 3])> {
+        Ok((r.combine.wait()?, r.weights, r.dims))
+    }
+
+    fn join<C: Communicator + ?Sized>(
+        &self,
+        ctx: &Ctx<'_, C>,
+        k: usize,
+        (slot_out, weights, dims): (Tensor<2>, Tensor<2>, [usize; 3]),
+    ) -> Result<Tensor<3>> {
+        let (y, w, routed) = ctx.compute(Some(k), ops::COMBINE, || {
+            let (y, w) = (leaf(&slot_out), leaf(&weights));
+            let routing = ModelRouting {
+                weights: w.clone(),
+                experts: Tensor::zeros([1, 1], &w.device()),
+            };
+            let routed = self.moe(k).combine_slots(y.clone(), &routing).reshape(dims);
+            (y, w, routed)
+        });
+        self.recs.borrow_mut()[k].join = Some((y, w, routed.clone()));
+        Ok(routed.detach())
+    }
+}
+
+/// One layer's backward between the description's steps.
+#[derive(Default)]
+struct Bwd {
+    part: Option<PartialTape>,
+    g_y: Option<Tensor<2>>,
+    g_w: Option<Tensor<2>>,
+    to_owner: Option<Pending<(ExpertInputs, DispatchPlan)>>,
+    arrived: Option<(ExpertInputs, DispatchPlan)>,
+    /// The expert-input gradients and the plan they return by.
+    pending_rows: Option<(Tensor<2>, DispatchPlan)>,
+    back: Option<Pending<Tensor<2>>>,
+    g_slots: Option<Tensor<2>>,
+    g_shared_in: Option<Option<Tensor<2>>>,
+    g_attn_in: Option<Tensor<3>>,
+    g_norm_in: Option<Tensor<3>>,
+    done: bool,
+}
+
+impl EpTrainRank {
+    /// [`EpTrainRank::step_on`] on this rank's inputs `x_ids` and targets `y_ids` (`[batch, seq]`, already
+    /// checked): the model's description walked forward and backward.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn step_walk<C: Communicator + ?Sized, G: Communicator + ?Sized>(
+        &self,
+        comm: &C,
+        grad_comm: &G,
+        trace: &Trace,
+        x_ids: Tensor<2, Int>,
+        y_ids: Tensor<2, Int>,
+        objective: &Objective,
+    ) -> Result<RankStep> {
+        let conn = self.model.connectivity();
+        let depth = desc::overlap_depth(conn);
+        if depth > 1 && matches!(objective, Objective::DistillHidden { .. }) {
+            return Err(ScheduleError::Model(
+                farskip_model::ModelError::InvalidInput(format!(
+                    "the KL + L2 objective compares full residual streams, which expert-parallel training keeps \
+                     at skip depth 1 only (got depth {depth})"
+                )),
+            ));
+        }
+        let farskip = depth > 0;
+        let (fwd, bwd) = (Phase::Forward, Phase::Backward);
+        let layers = self.model.layers.len();
+        let schedule = desc::training(self.model.config(), conn);
+        let ctx = Ctx {
+            comm,
+            trace,
+            phase: fwd,
+        };
+        let rec = Recorder {
+            rank: self,
+            recs: RefCell::new((0..layers).map(|_| Rec::default()).collect()),
+            emb: RefCell::new(None),
+            final_from: RefCell::new(Vec::new()),
+        };
+
+        // ---- forward: the description up to the head ----
+        let (full, walked) = walk::walk_forward(&rec, &ctx, &schedule.steps, x_ids)?;
+        let Recorder {
+            recs,
+            emb,
+            final_from,
+            ..
+        } = rec;
+        let mut recs = recs.into_inner();
+        let emb = emb.into_inner().ok_or_else(|| {
+            ScheduleError::Description("the training description has no embedding".into())
+        })?;
+        let final_from = final_from.into_inner();
+        let g = trace.compute(self.rank, None, ops::HEAD, fwd);
+        let final_in = leaf(&full);
+        let logits = self.model.logits(final_in.clone());
+        let [b, t, v] = logits.dims();
+        let logits = logits.reshape([b * t, v]);
+        // KL + L2: each compared layer's full output R_{i+1} through a fresh leaf, whose gradient joins R_{i+1}'s
+        // when the backward forms it.
+        let mut hidden_leaves: Vec<Tensor<3>> = Vec::new();
+        let loss = match objective {
+            Objective::CrossEntropy | Objective::Distill { .. } => {
+                self.logits_loss(objective, &logits, y_ids)
+            }
+            Objective::DistillHidden {
+                teacher_hidden,
+                l2_weight,
+                ..
+            } => {
+                for i in 0..l2_compared_layers(layers) {
+                    let out = match recs.get(i + 1) {
+                        Some(next) => next.r.clone().ok_or_else(|| {
+                            ScheduleError::Description(format!(
+                                "layer {}'s input stream was never formed",
+                                i + 1
+                            ))
+                        })?,
+                        None => full.clone(),
+                    };
+                    hidden_leaves.push(leaf(&out));
+                }
+                let n_layers = hidden_leaves.len() as f64;
+                let mse = hidden_leaves
+                    .iter()
+                    .zip(teacher_hidden)
+                    .map(|(s, th)| (s.clone() - th.clone().detach()).square().mean())
+                    .reduce(|acc, layer| acc + layer)
+                    .map(|sum| sum.mul_scalar(1.0 / n_layers));
+                let kl = self.logits_loss(objective, &logits, y_ids);
+                match mse {
+                    Some(mse) => kl + mse.mul_scalar(*l2_weight / self.world as f64),
+                    None => kl,
+                }
+            }
+        };
+        let loss_value = loss.clone().into_scalar::<f64>();
+        g.finish();
+
+        // ---- backward: the rest of the description ----
+        let model = &self.model;
+        let span =
+            |layer: Option<usize>, op: &'static str| trace.compute(self.rank, layer, op, bwd);
+        let tag = |name: &'static str, layer: usize| {
+            CollectiveTag::new(name).at_layer(layer).in_phase(bwd)
+        };
+        let mut acc = GradientsParams::new();
+        let mut loss = Some(loss);
+        // Gradients of S_j (index j = 0..=layers), of the routed outputs, and of the compared full outputs.
+        let mut g_settled: Vec<Option<Tensor<3>>> = vec![None; layers + 1];
+        let mut g_routed: Vec<Option<Tensor<3>>> = vec![None; layers];
+        let mut g_hidden: Vec<Option<Tensor<3>>> = vec![None; layers];
+        let add = |slot: &mut Option<Tensor<3>>, g: Tensor<3>| {
+            *slot = Some(match slot.take() {
+                Some(x) => x + g,
+                None => g,
+            });
+        };
+        let mut st: Vec<Bwd> = (0..layers).map(|_| Bwd::default()).collect();
+        let mut pending_grads: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)> = Vec::new();
+        let next_g = |g_settled: &[Option<Tensor<3>>], key: &OpKey, i: usize| {
+            g_settled[i + 1].clone().ok_or_else(|| {
+                bad_step(
+                    key,
+                    "runs before the gradient of the layer's output is known",
+                )
+            })
+        };
+        for step in &schedule.steps[walked..] {
+            match step {
+                Step::Compute(key) if key.op == bwd_ops::HEAD => {
+                    let g = span(None, bwd_ops::HEAD);
+                    if let Some(loss) = loss.take() {
+                        let grads = loss.backward();
+                        let mut g_full = final_in
+                            .grad(&grads)
+                            .expect("the final stream is a leaf")
+                            .detach();
+                        for (i, h) in hidden_leaves.iter().enumerate() {
+                            g_hidden[i] = h.grad(&grads).map(|g| g.detach());
+                        }
+                        absorb(&mut acc, grads, model);
+                        // The last layer's full output is the final stream itself.
+                        if let Some(gh) = g_hidden[layers - 1].take() {
+                            g_full = g_full + gh;
+                        }
+                        for &k in &final_from {
+                            add(&mut g_routed[k], g_full.clone());
+                        }
+                        g_settled[layers] = Some(g_full);
+                    } else {
+                        let g0 = g_settled[0].take().ok_or_else(|| {
+                            bad_step(key, "the embedding's gradient is incomplete")
+                        })?;
+                        let grads = (flat3(emb.clone()) * flat3(g0)).sum().backward();
+                        absorb(&mut acc, grads, model);
+                    }
+                    g.finish();
+                }
+                Step::Compute(key) => {
+                    let i = key
+                        .layer
+                        .filter(|&i| i < layers)
+                        .ok_or_else(|| bad_step(key, "names no layer of the model"))?;
+                    if st[i].part.is_none() {
+                        st[i].part = Some(recs[i].part(i)?);
+                    }
+                    let g = span(Some(i), key.op);
+                    match key.op {
+                        bwd_ops::JOIN => {
+                            let (y, w, routed) = recs[i].join.take().ok_or_else(|| {
+                                bad_step(key, "the layer's routed output was never joined")
+                            })?;
+                            let g_r = g_routed[i].take().ok_or_else(|| {
+                                bad_step(key, "runs before every reader of the routed output")
+                            })?;
+                            let grads = seeded(vec![(flat3(routed), flat3(g_r))])
+                                .expect("non-empty")
+                                .backward();
+                            st[i].g_y = y.grad(&grads);
+                            st[i].g_w = w.grad(&grads);
+                        }
+                        bwd_ops::ATTN => {
+                            let g_a = if farskip {
+                                next_g(&g_settled, key, i)?
+                            } else {
+                                // Standard: the MoE read R + a, so attention's output also gets ∂M.
+                                let g_norm_in = st[i]
+                                    .g_norm_in
+                                    .clone()
+                                    .ok_or_else(|| out_of_order(key, "the router's backward"))?;
+                                next_g(&g_settled, key, i)? + g_norm_in
+                            };
+                            let part = st[i].part.as_ref().expect("set above");
+                            let grads = (part.attn_out.clone() * g_a).sum().backward();
+                            st[i].g_attn_in = part.attn_in.grad(&grads);
+                            absorb(&mut acc, grads, model);
+                        }
+                        bwd_ops::EXPERTS => {
+                            let (rows, plan) = st[i]
+                                .arrived
+                                .take()
+                                .ok_or_else(|| out_of_order(key, "the expert-output gradients"))?;
+                            let part = st[i].part.as_ref().expect("set above");
+                            let g_in = part.experts_backward(rows.tokens, &mut acc, model);
+                            st[i].pending_rows = Some((g_in, plan));
+                        }
+                        bwd_ops::SHARED => {
+                            let g_next = next_g(&g_settled, key, i)?;
+                            let part = st[i].part.as_ref().expect("set above");
+                            st[i].g_shared_in =
+                                Some(part.shared_backward(&g_next, &mut acc, model));
+                        }
+                        bwd_ops::ROUTER => {
+                            let g_slots = st[i]
+                                .g_slots
+                                .take()
+                                .ok_or_else(|| out_of_order(key, "the slot-row gradients"))?;
+                            let g_w = st[i].g_w.take().ok_or_else(|| {
+                                out_of_order(key, "the routing weights' gradient")
+                            })?;
+                            let g_shared_in = st[i].g_shared_in.take().flatten();
+                            let part = st[i].part.as_ref().expect("set above");
+                            st[i].g_norm_in = Some(part.router_backward(
+                                g_slots,
+                                g_w,
+                                g_shared_in,
+                                &mut acc,
+                                model,
+                            ));
+                        }
+                        _ => return Err(bad_step(key, "is not a backward step")),
+                    }
+                    g.finish();
+                    // Once attention's and the MoE's backward are both done, R_i's gradient flows on to S_i and
+                    // to the routed outputs that joined R_i.
+                    let s = &mut st[i];
+                    if !s.done
+                        && let (Some(g_attn_in), Some(g_norm_in)) = (&s.g_attn_in, &s.g_norm_in)
+                    {
+                        s.done = true;
+                        let g_next = next_g(&g_settled, key, i)?;
+                        let (mut g_r, g_s) = if farskip {
+                            let g_r = g_next + g_norm_in.clone();
+                            (g_r.clone(), Some(g_attn_in.clone()))
+                        } else {
+                            (g_next + g_norm_in.clone() + g_attn_in.clone(), None)
+                        };
+                        if i > 0
+                            && let Some(gh) = g_hidden[i - 1].take()
+                        {
+                            g_r = g_r + gh;
+                        }
+                        for &k in &recs[i].from {
+                            add(&mut g_routed[k], g_r.clone());
+                        }
+                        g_settled[i] = Some(match g_s {
+                            Some(g_attn) => g_r + g_attn,
+                            None => g_r,
+                        });
+                    }
+                }
+                Step::Issue { key, .. } => match (key.op, key.layer) {
+                    (bwd_ops::COMBINE_BWD, Some(i)) if i < layers => {
+                        let g_y = st[i]
+                            .g_y
+                            .take()
+                            .ok_or_else(|| out_of_order(key, "the join's backward"))?;
+                        let part = st[i].part.as_ref().expect("the join ran");
+                        st[i].to_owner = Some(self.send_slots(
+                            comm,
+                            g_y,
+                            &part.slot_experts,
+                            tag(bwd_ops::COMBINE_BWD, i),
+                        )?);
+                    }
+                    (bwd_ops::DISPATCH_BWD, Some(i)) if i < layers => {
+                        let (g_in, plan) = st[i]
+                            .pending_rows
+                            .take()
+                            .ok_or_else(|| out_of_order(key, "the experts' backward"))?;
+                        st[i].back = Some(combine_start(
+                            comm,
+                            g_in,
+                            plan,
+                            tag(bwd_ops::DISPATCH_BWD, i),
+                        )?);
+                    }
+                    (bwd_ops::GRAD_ALLREDUCE, Some(i)) if i < layers => {
+                        let mut f = Flatten {
+                            grads: &mut acc,
+                            buffer: Vec::new(),
+                            present: Vec::new(),
+                        };
+                        visit_replicated_layer(&model.layers[i], &mut f);
+                        let (buffer, present) = (f.buffer, f.present);
+                        pending_grads.push((
+                            i,
+                            present,
+                            grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i), buffer),
+                        ));
+                    }
+                    (bwd_ops::GRAD_ALLREDUCE, None) => {
+                        // The embedding/head all-reduce, then every layer's is waited for (the remaining
+                        // waits of the description).
+                        let device = emb.device().inner();
+                        let pending = std::mem::take(&mut pending_grads);
+                        self.reduce_replicated(grad_comm, &mut acc, pending, device)?;
+                    }
+                    _ => return Err(bad_step(key, "is not a backward collective")),
+                },
+                Step::Wait(key) => match (key.op, key.layer) {
+                    (bwd_ops::COMBINE_BWD, Some(i)) if i < layers => {
+                        let p = st[i]
+                            .to_owner
+                            .take()
+                            .ok_or_else(|| out_of_order(key, "the combine backward"))?;
+                        st[i].arrived = Some(p.wait()?);
+                    }
+                    (bwd_ops::DISPATCH_BWD, Some(i)) if i < layers => {
+                        let p = st[i]
+                            .back
+                            .take()
+                            .ok_or_else(|| out_of_order(key, "the dispatch backward"))?;
+                        st[i].g_slots = Some(p.wait()?);
+                    }
+                    (bwd_ops::GRAD_ALLREDUCE, Some(i)) => {
+                        // The blocking baseline waits for each layer's all-reduce at once.
+                        if let Some(at) = pending_grads.iter().position(|(l, _, _)| *l == i) {
+                            let (l, present, p) = pending_grads.remove(at);
+                            let op = p.op().to_owned();
+                            pending_grads.insert(at, (l, present, Pending::ready(op, p.wait())));
+                        }
+                    }
+                    // Waited for by the outer all-reduce's issue.
+                    (bwd_ops::GRAD_ALLREDUCE, None) => {}
+                    _ => return Err(bad_step(key, "is not a backward collective")),
+                },
+            }
+        }
+        Ok(RankStep {
+            loss: loss_value,
+            grads: acc,
+        })
+    }
+}
