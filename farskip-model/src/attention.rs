@@ -144,7 +144,7 @@ impl LayerKvCache {
         }
     }
     /// Moves a host cache back into tensors (before a longer input or a batch comes through).
-    fn to_tensors(&mut self) {
+    fn move_to_tensors(&mut self) {
         if let Some(h) = self.host.take() {
             self.kv = (h.len > 0).then(|| h.tensors());
         }
@@ -181,7 +181,7 @@ impl LayerKvCache {
         self.host.as_mut()
     }
     fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        self.to_tensors();
+        self.move_to_tensors();
         let (k, v) = match self.kv.take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -397,7 +397,7 @@ impl Attention {
         };
         if b != 1 || t != 1 || a.local_heads.is_some() || x.is_autodiff() || cache.len() != offset {
             if b != 1 || t != 1 {
-                cache.to_tensors();
+                cache.move_to_tensors();
             }
             return None;
         }

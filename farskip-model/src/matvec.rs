@@ -555,14 +555,14 @@ pub mod pair {
                 continue;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 == 0 && idle_since.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && idle_since.elapsed() > SPIN {
                 p.sleeping.store(true, Ordering::SeqCst);
                 if p.job.load(Ordering::SeqCst).is_null() {
                     std::thread::park();
                 }
                 p.sleeping.store(false, Ordering::SeqCst);
                 idle_since = Instant::now();
-            } else if spins % 16 == 0 {
+            } else if spins.is_multiple_of(16) {
                 // Let another thread of this core run (a no-op on an idle core).
                 std::thread::yield_now();
             } else {
