@@ -20,10 +20,9 @@
 
 use burn::prelude::*;
 use farskip_model::attention::ProjectedQkv;
-use farskip_model::connectivity::FarSkipVariant;
 use farskip_model::model::Ffn;
 use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
-use farskip_model::{Connectivity, Model, ModelError};
+use farskip_model::{Model, ModelError};
 
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
@@ -108,13 +107,6 @@ impl<C: Communicator + ?Sized> Ctx<'_, C> {
             .at_layer(layer)
             .in_phase(self.phase)
     }
-}
-
-/// Whether layer `i` reads the routed-free stream with attention and the pre-attention stream with its MoE:
-/// the layers whose incoming collective can stay in flight during attention.
-fn overlappable(conn: &Connectivity, i: usize) -> bool {
-    matches!(conn, Connectivity::FarSkip(f) if f.variant == FarSkipVariant::Full)
-        && conn.is_converted(i)
 }
 
 fn flat(x: Tensor<3>) -> (Tensor<2>, [usize; 3]) {
@@ -257,27 +249,6 @@ impl EpRank {
             phase: ctx.phase,
         }
     }
-
-    /// [`ep_moe::begin`] on this rank's experts, recording the loads when asked to.
-    fn moe_begin<C: Communicator + ?Sized>(
-        &self,
-        ctx: &Ctx<'_, C>,
-        i: usize,
-        moe: &MoeBlock,
-        x: &Tensor<2>,
-        tag: &'static str,
-    ) -> Result<ep_moe::Begun> {
-        let sharding = self.sharding.expect("an MoE layer implies an MoE config");
-        ep_moe::begin(
-            &self.at(ctx, i),
-            moe,
-            &sharding,
-            self.loads.as_ref(),
-            x,
-            &ep_moe::Through,
-            tag,
-        )
-    }
 }
 
 /// An EP MoE layer between its router and its combine.
@@ -331,12 +302,13 @@ impl walk::Exec for EpRank {
         ctx: &Ctx<'_, C>,
         i: usize,
         x: Tensor<3>,
+        pos: walk::Pos<'_>,
     ) -> Result<ProjectedQkv> {
         let layer = &self.model.layers[i];
         Ok(ctx.compute(Some(i), ops::ATTN_1, || {
             layer
                 .attention
-                .project(layer.input_norm.forward(x), 0, None)
+                .project(layer.input_norm.forward(x), pos.offset, pos.cache)
         }))
     }
 
@@ -345,6 +317,7 @@ impl walk::Exec for EpRank {
         ctx: &Ctx<'_, C>,
         key: &OpKey,
         qkv: ProjectedQkv,
+        _pos: walk::Pos<'_>,
     ) -> Result<walk::Attention<ProjectedQkv>> {
         if key.op != ops::ATTN_2 {
             return Err(walk::bad_step(
@@ -618,6 +591,7 @@ impl walk::Exec for TpRank {
         ctx: &Ctx<'_, C>,
         i: usize,
         x: Tensor<3>,
+        _pos: walk::Pos<'_>,
     ) -> Result<TpAttn> {
         let layer = &self.model.layers[i];
         Ok(TpAttn::Normed(ctx.compute(Some(i), ops::ATTN_1, || {
@@ -630,6 +604,7 @@ impl walk::Exec for TpRank {
         ctx: &Ctx<'_, C>,
         key: &OpKey,
         a: TpAttn,
+        pos: walk::Pos<'_>,
     ) -> Result<walk::Attention<TpAttn>> {
         match (key.op, a) {
             (ops::ATTN, TpAttn::Normed(x)) => {
@@ -637,7 +612,7 @@ impl walk::Exec for TpRank {
                 Ok(walk::Attention::Running(TpAttn::Partial(ctx.compute(
                     key.layer,
                     ops::ATTN,
-                    || layer.attention.forward(x, 0, None),
+                    || layer.attention.forward(x, pos.offset, pos.cache),
                 ))))
             }
             _ => Err(walk::bad_step(

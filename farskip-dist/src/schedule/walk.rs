@@ -17,10 +17,11 @@
 
 use burn::prelude::*;
 use farskip_model::Model;
+use farskip_model::attention::LayerKvCache;
 use farskip_model::connectivity::FarSkipVariant;
 use farskip_model::model::Ffn;
 
-use super::{Ctx, Result, ScheduleError, ops};
+use super::{Ctx, Result, ScheduleError, ops, tbo_ops};
 use crate::comm::Communicator;
 use crate::plan::desc::{self, OpKey, Split, Step};
 
@@ -30,6 +31,13 @@ pub(crate) enum Attention<A> {
     Running(A),
     /// The layer's attention output.
     Done(Tensor<3>),
+}
+
+/// Where a micro-batch's tokens sit in the sequence: the absolute position of its first token, and the layer's
+/// keys and values of the earlier micro-batches (`None`: one micro-batch, nothing cached).
+pub(crate) struct Pos<'c> {
+    pub offset: usize,
+    pub cache: Option<&'c mut LayerKvCache>,
 }
 
 /// The per-step work of one kind of rank, driven by [`walk`]. A step the rank kind does not have is an error
@@ -57,19 +65,21 @@ pub(crate) trait Exec {
     /// `R` of layer `at` (`None`: the final norm's input) has been formed from `S` and the routed outputs of
     /// `from` (training records it for the backward).
     fn formed_r(&self, _at: Option<usize>, _from: &[usize], _r: &Tensor<3>) {}
-    /// `attn_1`: attention's first part on its input `x` (the input norm included).
+    /// `attn_1`: attention's first part on its input `x` (the input norm included), at `pos`.
     fn attn_1<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
         i: usize,
         x: Tensor<3>,
+        pos: Pos<'_>,
     ) -> Result<Self::Attn>;
-    /// A later compute step of attention (`attn_2`, `attn`).
+    /// A later compute step of attention (`attn_2`, `attn`), at `pos`.
     fn attn_step<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
         key: &OpKey,
         a: Self::Attn,
+        pos: Pos<'_>,
     ) -> Result<Attention<Self::Attn>>;
     /// Issues attention's collective.
     fn attn_issue<C: Communicator + ?Sized>(
@@ -329,50 +339,129 @@ pub(super) fn walk<E: Exec + ?Sized, C: Communicator + ?Sized>(
 ) -> Result<Tensor<3>> {
     let model = e.model();
     let schedule = desc::inference(model.config(), model.connectivity(), E::SPLIT);
-    let (full, _) = walk_forward(e, ctx, &schedule.steps, input_ids)?;
-    Ok(ctx.compute(None, ops::HEAD, || model.logits(full)))
+    let mut logits = None;
+    walk_forward(e, ctx, &schedule.steps, vec![(input_ids, 0)], |_, full| {
+        logits = Some(ctx.compute(None, ops::HEAD, || model.logits(full)));
+        Ok(())
+    })?;
+    logits.ok_or_else(|| ScheduleError::Description("the description has no head".into()))
 }
 
-/// Walks the forward `steps` of a description (up to and including the head) on `input_ids`: the final
-/// norm's input `R` (the head itself is the caller's: inference takes the logits, training its loss) and the
-/// number of steps walked.
+/// Runs the two halves of `input_ids` (along the sequence) through this rank's model as two micro-batches,
+/// walking the two-micro-batch form of its inference description ([`desc::two_micro_batches`]: each half's
+/// steps cut before every wait and interleaved, so one half computes while the other's collective is in
+/// flight): the logits of both halves joined along the sequence. The second half's attention reads the first
+/// half's keys and values.
+pub(super) fn walk_two<E: Exec + ?Sized, C: Communicator + ?Sized>(
+    e: &E,
+    ctx: &Ctx<'_, C>,
+    halves: [(Tensor<2, Int>, usize); 2],
+) -> Result<Tensor<3>> {
+    let model = e.model();
+    let one = desc::inference(model.config(), model.connectivity(), E::SPLIT);
+    let schedule = desc::two_micro_batches(&one);
+    let mut logits: [Option<Tensor<3>>; 2] = [None, None];
+    walk_forward(e, ctx, &schedule.steps, halves.to_vec(), |m, full| {
+        logits[m] = Some(ctx.compute(None, ops::HEAD, || model.logits(full)));
+        Ok(())
+    })?;
+    match logits {
+        [Some(a), Some(b)] => Ok(Tensor::cat(vec![a, b], 1)),
+        _ => Err(ScheduleError::Description(
+            "a micro-batch never reached the head".into(),
+        )),
+    }
+}
+
+fn pos(caches: &mut [LayerKvCache], offset: usize, i: usize) -> Pos<'_> {
+    Pos {
+        offset,
+        cache: caches.get_mut(i),
+    }
+}
+
+/// A micro-batch collective's own name (`dispatch` of micro-batch 1 → `dispatch.mb1`): each half's collective is
+/// its own (and its own link entry).
+fn micro_key(key: &OpKey, micro_batches: usize) -> OpKey {
+    let names = match key.op {
+        ops::DISPATCH => tbo_ops::DISPATCH,
+        ops::COMBINE => tbo_ops::COMBINE,
+        ops::AR_ATTN => tbo_ops::AR_ATTN,
+        ops::AR_MOE => tbo_ops::AR_MOE,
+        _ => return *key,
+    };
+    if micro_batches < 2 {
+        return *key;
+    }
+    OpKey {
+        op: names[usize::from(key.micro) % 2],
+        ..*key
+    }
+}
+
+/// Walks the forward `steps` of a description on one input per micro-batch (`(ids, absolute position of the
+/// first token)`; the steps' `micro` picks one), up to each micro-batch's head, where `at_head(micro, R)` gets the
+/// final norm's input (inference takes the logits, training its loss). Returns the number of steps walked.
 pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
     e: &E,
     ctx: &Ctx<'_, C>,
     steps: &[Step],
-    input_ids: Tensor<2, Int>,
-) -> Result<(Tensor<3>, usize)> {
+    inputs: Vec<(Tensor<2, Int>, usize)>,
+    mut at_head: impl FnMut(usize, Tensor<3>) -> Result<()>,
+) -> Result<usize> {
     let model = e.model();
     let conn = model.connectivity();
     let n = model.layers.len();
-    let mut w: Walk<'_, E> = Walk {
-        exec: e,
-        model,
-        pair_rule: desc::overlap_depth(conn) <= 1,
-        s: None,
-        made: Made::Plain,
-        landed: Vec::new(),
-        layers: (0..n)
-            .map(|_| Layer {
-                attn: None,
-                r: None,
-                post: None,
-                moe: None,
-                mlp: None,
-                issued: false,
-            })
-            .collect(),
-        current: None,
-        routed: (0..n).map(|_| None).collect(),
-        waited: Default::default(),
+    let micro_batches = inputs.len();
+    let new_walk = || -> Walk<'_, E> {
+        Walk {
+            exec: e,
+            model,
+            pair_rule: desc::overlap_depth(conn) <= 1,
+            s: None,
+            made: Made::Plain,
+            landed: Vec::new(),
+            layers: (0..n)
+                .map(|_| Layer {
+                    attn: None,
+                    r: None,
+                    post: None,
+                    moe: None,
+                    mlp: None,
+                    issued: false,
+                })
+                .collect(),
+            current: None,
+            routed: (0..n).map(|_| None).collect(),
+            waited: Default::default(),
+        }
     };
-    let mut input_ids = Some(input_ids);
+    let mut walks: Vec<Walk<'_, E>> = (0..micro_batches).map(|_| new_walk()).collect();
+    let offsets: Vec<usize> = inputs.iter().map(|(_, o)| *o).collect();
+    let mut inputs: Vec<Option<Tensor<2, Int>>> =
+        inputs.into_iter().map(|(ids, _)| Some(ids)).collect();
+    // Micro-batches share each layer's keys and values (the later half attends to the earlier one).
+    let mut caches: Vec<LayerKvCache> = if micro_batches > 1 {
+        (0..n).map(|_| LayerKvCache::default()).collect()
+    } else {
+        Vec::new()
+    };
+    let mut finished = 0;
     let layer_of = |key: &OpKey| -> Result<usize> {
         key.layer
             .filter(|&i| i < n)
             .ok_or_else(|| bad_step(key, &format!("the model has {n} layers")))
     };
     for (index, step) in steps.iter().enumerate() {
+        let key = match step {
+            Step::Compute(k) | Step::Issue { key: k, .. } | Step::Wait(k) => k,
+        };
+        let micro = usize::from(key.micro);
+        let offset = offsets.get(micro).copied().unwrap_or_default();
+        let w = walks
+            .get_mut(micro)
+            .ok_or_else(|| bad_step(key, &format!("micro-batch {micro} of {micro_batches}")))?;
+        let ck = micro_key(key, micro_batches);
         match step {
             Step::Compute(key) if key.op == ops::COMBINE => {
                 // The join of the oldest waited collective (inference traces it without a layer).
@@ -390,7 +479,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                 w.landed.push((k, r));
             }
             Step::Compute(key) if key.layer.is_none() => match key.op {
-                ops::HEAD => match input_ids.take() {
+                ops::HEAD => match inputs[micro].take() {
                     Some(ids) => w.s = Some(e.embed(ctx, ids)),
                     None => {
                         if let Some(c) = w.current.take() {
@@ -398,7 +487,11 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                         }
                         let (full, from) = w.fold(key)?;
                         e.formed_r(None, &from, &full);
-                        return Ok((full, index + 1));
+                        at_head(micro, full)?;
+                        finished += 1;
+                        if finished == micro_batches {
+                            return Ok(index + 1);
+                        }
                     }
                 },
                 _ => return Err(bad_step(key, "is not a step of the embedding or head")),
@@ -417,11 +510,12 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                         } else {
                             w.r(key, i)?
                         };
-                        w.layers[i].attn = Some(Attention::Running(e.attn_1(ctx, i, x)?));
+                        let a = e.attn_1(ctx, i, x, pos(&mut caches, offset, i))?;
+                        w.layers[i].attn = Some(Attention::Running(a));
                     }
                     ops::ATTN_2 | ops::ATTN => {
                         let a = w.take_attn(key, i)?;
-                        match e.attn_step(ctx, key, a)? {
+                        match e.attn_step(ctx, key, a, pos(&mut caches, offset, i))? {
                             Attention::Done(a) => w.attention_done(key, i, a)?,
                             running => w.layers[i].attn = Some(running),
                         }
@@ -452,11 +546,11 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                 match key.op {
                     ops::DISPATCH => {
                         let moe = w.moe_mut(key, i)?;
-                        e.dispatch_issue(ctx, key, moe)?;
+                        e.dispatch_issue(ctx, &ck, moe)?;
                     }
                     ops::COMBINE | ops::AR_MOE => {
                         let moe = w.moe_mut(key, i)?;
-                        let routed = e.routed_issue(ctx, key, moe)?;
+                        let routed = e.routed_issue(ctx, &ck, moe)?;
                         w.routed[i] = Some(routed);
                         w.layers[i].issued = true;
                         if w.current != Some(i) {
@@ -466,7 +560,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                     }
                     ops::AR_ATTN => {
                         let a = w.take_attn(key, i)?;
-                        w.layers[i].attn = Some(Attention::Running(e.attn_issue(ctx, key, a)?));
+                        w.layers[i].attn = Some(Attention::Running(e.attn_issue(ctx, &ck, a)?));
                     }
                     _ => return Err(bad_step(key, "is not a collective")),
                 }
@@ -476,7 +570,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                 match key.op {
                     ops::DISPATCH => {
                         let moe = w.moe_mut(key, i)?;
-                        e.dispatch_wait(ctx, key, moe)?;
+                        e.dispatch_wait(ctx, &ck, moe)?;
                     }
                     ops::COMBINE | ops::AR_MOE => {
                         let r = w.routed[i]
@@ -492,7 +586,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                     }
                     ops::AR_ATTN => {
                         let a = w.take_attn(key, i)?;
-                        let a = e.attn_wait(ctx, key, a)?;
+                        let a = e.attn_wait(ctx, &ck, a)?;
                         w.attention_done(key, i, a)?;
                     }
                     _ => return Err(bad_step(key, "is not a collective")),

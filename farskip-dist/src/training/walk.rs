@@ -156,13 +156,16 @@ impl Exec for Recorder<'_> {
         ctx: &Ctx<'_, C>,
         i: usize,
         x: Tensor<3>,
+        pos: walk::Pos<'_>,
     ) -> Result<ProjectedQkv> {
         let layer = &self.rank.model.layers[i];
         let (attn_in, qkv) = ctx.compute(Some(i), ops::ATTN_1, || {
             let attn_in = leaf(&x);
-            let qkv = layer
-                .attention
-                .project(layer.input_norm.forward(attn_in.clone()), 0, None);
+            let qkv = layer.attention.project(
+                layer.input_norm.forward(attn_in.clone()),
+                pos.offset,
+                pos.cache,
+            );
             (attn_in, qkv)
         });
         self.recs.borrow_mut()[i].attn_in = Some(attn_in);
@@ -174,6 +177,7 @@ impl Exec for Recorder<'_> {
         ctx: &Ctx<'_, C>,
         key: &OpKey,
         qkv: ProjectedQkv,
+        _pos: walk::Pos<'_>,
     ) -> Result<Attention<ProjectedQkv>> {
         let i = key.layer.unwrap_or_default();
         if key.op != ops::ATTN_2 {
@@ -442,7 +446,14 @@ impl EpTrainRank {
         };
 
         // ---- forward: the description up to the head ----
-        let (full, walked) = walk::walk_forward(&rec, &ctx, &schedule.steps, x_ids)?;
+        let mut full = None;
+        let walked = walk::walk_forward(&rec, &ctx, &schedule.steps, vec![(x_ids, 0)], |_, r| {
+            full = Some(r);
+            Ok(())
+        })?;
+        let full = full.ok_or_else(|| {
+            ScheduleError::Description("the training description has no head".into())
+        })?;
         let Recorder {
             recs,
             emb,
