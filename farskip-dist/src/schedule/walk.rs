@@ -598,3 +598,86 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
         "the description ends before the head".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::prelude::*;
+    use farskip_model::config::ModelConfig;
+    use farskip_model::{Connectivity, Model};
+
+    use super::*;
+    use crate::comm::SingleRank;
+    use crate::schedule::EpRank;
+    use crate::trace::{Phase, Trace};
+
+    fn rank(conn: Connectivity) -> (EpRank, Tensor<2, Int>) {
+        let device = Device::flex();
+        let config = ModelConfig::small_moe(64, 32, 3, 4, 2, 8, 4, 2, 16, None);
+        let model = Model::new(&config, &device)
+            .unwrap()
+            .with_connectivity(conn)
+            .unwrap();
+        let ids =
+            Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &device);
+        (EpRank::new(&model, 0, 1).unwrap(), ids)
+    }
+
+    fn run(r: &EpRank, steps: &[Step], ids: Tensor<2, Int>) -> Result<usize> {
+        let (comm, trace) = (SingleRank::new(), Trace::new());
+        let ctx = Ctx {
+            comm: &comm,
+            trace: &trace,
+            phase: Phase::Forward,
+        };
+        walk_forward(r, &ctx, steps, vec![(ids, 0)], |_, _| Ok(()))
+    }
+
+    #[test]
+    fn every_description_walks_to_its_head() {
+        for conn in [
+            "standard",
+            "farskip",
+            "farskip-d2",
+            "farskip:1..=2",
+            "farskip-attn-only",
+        ] {
+            let (r, ids) = rank(conn.parse().unwrap());
+            let d = desc::inference(r.model().config(), r.model().connectivity(), Split::Expert);
+            assert_eq!(run(&r, &d.steps, ids).unwrap(), d.steps.len(), "{conn}");
+        }
+    }
+
+    #[test]
+    fn a_step_out_of_order_is_an_error_naming_it() {
+        let (r, ids) = rank(Connectivity::Standard);
+        let mut d = desc::inference(r.model().config(), r.model().connectivity(), Split::Expert);
+        // The router of a stock layer before its attention: it reads a stream that does not exist yet.
+        let at = d
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Compute(k) if k.op == ops::ROUTER))
+            .unwrap();
+        let router = d.steps.remove(at);
+        let attn = d
+            .steps
+            .iter()
+            .position(|s| matches!(s, Step::Compute(k) if k.op == ops::ATTN_2))
+            .unwrap();
+        d.steps.insert(attn, router);
+        let err = run(&r, &d.steps, ids.clone()).unwrap_err().to_string();
+        assert!(err.contains("`router` of layer Some(0)"), "{err}");
+        assert!(err.contains("before attention"), "{err}");
+        // A wait for a collective never issued.
+        let mut d = desc::inference(r.model().config(), r.model().connectivity(), Split::Expert);
+        d.steps
+            .retain(|s| !matches!(s, Step::Issue { key, .. } if key.op == ops::COMBINE && key.layer == Some(1)));
+        let err = run(&r, &d.steps, ids.clone()).unwrap_err().to_string();
+        assert!(err.contains("never issued"), "{err}");
+        // A description cut before the head.
+        let d = desc::inference(r.model().config(), r.model().connectivity(), Split::Expert);
+        let err = run(&r, &d.steps[..d.steps.len() - 1], ids)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ends before the head"), "{err}");
+    }
+}
