@@ -128,69 +128,6 @@ pub struct EpRank {
     loads: Option<ExpertLoads>,
 }
 
-/// A combine, issued or held back until launched (the depth ≥ 2 dispatch-ahead order issues a layer's combine
-/// after the next layer's dispatch, so that it does not queue ahead of it on the rank's comm stream).
-pub(crate) enum Combine {
-    InFlight(Pending<Tensor<2>>),
-    /// The expert outputs, their plan and the collective's tag.
-    Held(Box<(Tensor<2>, DispatchPlan, CollectiveTag)>),
-    /// Moved out by a launch that failed.
-    Taken,
-}
-
-impl Combine {
-    /// Issues the combine of `rows` now, or holds it back (`hold`) until [`Combine::launch`].
-    pub(crate) fn start<C: Communicator + ?Sized>(
-        comm: &C,
-        rows: Tensor<2>,
-        plan: DispatchPlan,
-        tag: CollectiveTag,
-        hold: bool,
-    ) -> Result<Self> {
-        Ok(if hold {
-            Self::Held(Box::new((rows, plan, tag)))
-        } else {
-            Self::InFlight(combine_start(comm, rows, plan, tag)?)
-        })
-    }
-
-    /// Issues a held combine; a no-op once issued.
-    pub(crate) fn launch<C: Communicator + ?Sized>(&mut self, comm: &C) -> Result<()> {
-        *self = match std::mem::replace(self, Self::Taken) {
-            Self::Held(held) => {
-                let (rows, plan, tag) = *held;
-                Self::InFlight(combine_start(comm, rows, plan, tag)?)
-            }
-            other => other,
-        };
-        Ok(())
-    }
-
-    /// Waits for the combine now (the blocking baseline), keeping it as a finished one whose wait returns the
-    /// result.
-    pub(crate) fn settled<C: Communicator + ?Sized>(mut self, comm: &C) -> Result<Self> {
-        self.launch(comm)?;
-        Ok(match self {
-            Self::InFlight(p) => {
-                let op = p.op().to_owned();
-                Self::InFlight(Pending::ready(op, p.wait()))
-            }
-            other => other,
-        })
-    }
-
-    /// Issues the combine if it was held, and waits for it.
-    pub(crate) fn wait<C: Communicator + ?Sized>(mut self, comm: &C) -> Result<Tensor<2>> {
-        self.launch(comm)?;
-        match self {
-            Self::InFlight(p) => Ok(p.wait()?),
-            Self::Held(_) | Self::Taken => Err(ScheduleError::Comm(CommError::InvalidArgument(
-                "a combine whose launch failed was waited for".into(),
-            ))),
-        }
-    }
-}
-
 impl EpRank {
     /// Rank `rank` of `world`: keeps only its experts of every MoE layer.
     pub fn new(model: &Model, rank: usize, world: usize) -> Result<Self> {

@@ -29,7 +29,7 @@ use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, dispatch_start};
-use crate::schedule::{Combine, Result, ScheduleError, ep_moe, ops};
+use crate::schedule::{Result, ScheduleError, ep_moe, ops};
 use crate::trace::{Phase, Trace};
 
 mod tbo;
@@ -646,7 +646,7 @@ impl EpTrainRank {
         Ok(())
     }
 
-    /// The first part of [`EpTrainRank::moe_forward`]: the MoE's norm, then [`ep_moe::begin`] (router and slot
+    /// The first part of a two-micro-batch MoE step: the MoE's norm, then [`ep_moe::begin`] (router and slot
     /// gather, each from a fresh leaf, and the async dispatch tagged `dispatch`).
     fn moe_begin<C: Communicator + ?Sized>(
         &self,
@@ -681,11 +681,9 @@ impl EpTrainRank {
         })
     }
 
-    /// The second part of [`EpTrainRank::moe_forward`]: [`ep_moe::end`] (the routed experts on their owner, the
-    /// combine tagged `combine` — `blocking`: waited for at once; `hold`: held back until [`Combine::launch`] —
-    /// and the shared expert, each from fresh leaves). `attention` is attention's `(input leaf, output)` for the
-    /// tape.
-    #[allow(clippy::too_many_arguments)]
+    /// The second part of a two-micro-batch MoE step: [`ep_moe::end`] (the routed experts on their owner, the
+    /// combine tagged `combine` and the shared expert, each from fresh leaves). `attention` is attention's
+    /// `(input leaf, output)` for the tape.
     fn moe_end<C: Communicator + ?Sized>(
         &self,
         comm: &C,
@@ -694,9 +692,7 @@ impl EpTrainRank {
         begun: MoeBegun,
         attention: (Tensor<3>, Tensor<3>),
         combine: &'static str,
-        blocking: bool,
-        hold: bool,
-    ) -> Result<(PartialTape, Combine)> {
+    ) -> Result<(PartialTape, Pending<Tensor<2>>)> {
         let MoeBegun {
             norm_in,
             norm_out,
@@ -713,8 +709,6 @@ impl EpTrainRank {
             &norm_out,
             &Leaves,
             combine,
-            blocking,
-            hold,
         )?;
         let (attn_in, attn_out) = attention;
         let tape = PartialTape {

@@ -157,7 +157,7 @@ pub fn inference(config: &ModelConfig, conn: &Connectivity, split: Split) -> Sch
         }
     };
     // At depth ≥ 2 an EP rank routes and dispatches a converted MoE layer before its attention, and issues the
-    // previous layer's combine (held back) right after that dispatch (`RankSchedule::DISPATCH_AHEAD`).
+    // previous layer's combine (held back) right after that dispatch.
     let ahead = |i: usize| {
         split == Split::Expert && depth >= 2 && i < layers && converted(i) && is_moe(config, i)
     };

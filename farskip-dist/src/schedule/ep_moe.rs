@@ -1,12 +1,8 @@
-//! One expert-parallel MoE layer step, shared by every EP schedule: inference at any depth
-//! ([`super::EpRank`]), two-micro-batch inference ([`super::EpRank::forward_tbo`]) and the training steps
-//! (`training::EpTrainRank`, forward of the standard, FarSkip, deep and two-micro-batch steps). The step has two
-//! halves so that a schedule can put work between them while the dispatch is in flight:
-//!
-//! - [`begin`]: router and slot gather on the normalised MoE input (span `router`), then the async dispatch of
-//!   the slot rows to the experts' owners;
-//! - [`end`]: wait for the dispatch, the routed experts on their owner (span `experts`), the combine (issued,
-//!   waited for at once, or held back — see [`Combine`]) and the shared expert (span `shared`).
+//! The pieces of one expert-parallel MoE layer, shared by every EP schedule: [`route`] (router and slot gather),
+//! [`dispatch`] (the async all-to-all of the slot rows to the experts' owners) and [`experts`] (the routed experts
+//! on their owner). The description walkers (`schedule::walk`, the training step) call them one step at a time;
+//! the two-micro-batch training step uses them through [`begin`] (route + dispatch, span `router`) and [`end`]
+//! (wait, experts, combine, shared expert).
 //!
 //! Training differs from inference only in how tensors enter the layer: a [`Cut`] makes each input of a
 //! segment a fresh autodiff leaf (the boundaries of the segmented backward), inference passes them through.
@@ -14,10 +10,12 @@
 use burn::prelude::*;
 use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
 
-use super::{Combine, Result};
+use super::Result;
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, ExpertSharding, Routing, dispatch_start};
+use crate::dispatch::{
+    DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start, dispatch_start,
+};
 use crate::schedule::ops;
 use crate::trace::{Phase, Trace};
 
@@ -175,14 +173,12 @@ pub(crate) struct Ended {
     pub shared_in: Tensor<2>,
     /// The shared expert's output, if the layer has one.
     pub shared_out: Option<Tensor<2>>,
-    /// The combine: in flight, finished (`blocking`) or held back (`hold`).
-    pub combine: Combine,
+    /// The combine in flight.
+    pub combine: Pending<Tensor<2>>,
 }
 
-/// Waits for the dispatch, runs the routed experts on their owner, starts the combine (tagged `tag`;
-/// `blocking`: waited for at once; `hold`: held back until [`Combine::launch`]) and runs the shared expert on
-/// `shared_src` (the normalised MoE input).
-#[allow(clippy::too_many_arguments)]
+/// Waits for the dispatch, runs the routed experts on their owner, starts the combine (tagged `tag`) and runs
+/// the shared expert on `shared_src` (the normalised MoE input).
 pub(crate) fn end<C: Communicator + ?Sized>(
     at: &At<'_, C>,
     moe: &MoeBlock,
@@ -190,24 +186,13 @@ pub(crate) fn end<C: Communicator + ?Sized>(
     shared_src: &Tensor<2>,
     cut: &impl Cut,
     tag: &'static str,
-    blocking: bool,
-    hold: bool,
 ) -> Result<Ended> {
     let (inputs, plan) = dispatched.wait()?;
     let (expert_in, expert_out) = at.span(ops::EXPERTS, || experts(moe, &inputs, cut));
     let tag = CollectiveTag::new(tag)
         .at_layer(at.layer)
         .in_phase(at.phase);
-    let mut combine = Combine::start(
-        at.comm,
-        expert_out.clone().detach(),
-        plan,
-        tag,
-        hold && !blocking,
-    )?;
-    if blocking {
-        combine = Combine::settled(combine, at.comm)?;
-    }
+    let combine = combine_start(at.comm, expert_out.clone().detach(), plan, tag)?;
     let (shared_in, shared_out) = at.span(ops::SHARED, || {
         let shared_in = cut.cut(shared_src);
         let shared_out = moe.shared(shared_in.clone());

@@ -33,7 +33,7 @@ use super::{
 };
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
-use crate::schedule::{Combine, ScheduleError, ops, tbo_ops};
+use crate::schedule::{ScheduleError, ops, tbo_ops};
 use crate::trace::{Phase, Trace};
 
 /// One half's layer between `begin` and `end`: attention's leaf and output, the post-attention stream and the
@@ -48,7 +48,7 @@ struct Begun {
 /// One half's layer between `end` and `join`: its combine in flight.
 struct Combining {
     layer: usize,
-    combine: Combine,
+    combine: Pending<Tensor<2>>,
     post_attention: Tensor<3>,
     shared: Option<Tensor<2>>,
     weights: Tensor<2>,
@@ -176,12 +176,12 @@ impl EpTrainRank {
         for i in 0..layers {
             let begun0 = self.tbo_begin(comm, trace, i, 0, &full[0])?;
             if let Some(p) = held.take() {
-                full[1] = self.tbo_join(comm, trace, p, &mut tapes[1])?;
+                full[1] = self.tbo_join(trace, p, &mut tapes[1])?;
             }
             let begun1 = self.tbo_begin(comm, trace, i, 1, &full[1])?;
             let p0 = self.tbo_end(comm, trace, i, 0, begun0)?;
             held = Some(self.tbo_end(comm, trace, i, 1, begun1)?);
-            full[0] = self.tbo_join(comm, trace, p0, &mut tapes[0])?;
+            full[0] = self.tbo_join(trace, p0, &mut tapes[0])?;
         }
         // The head, half by half: half 1's last combine is in flight while half 0's head runs. Each half's loss
         // is its mean weighted ½, so the two add up to the whole batch's.
@@ -210,7 +210,7 @@ impl EpTrainRank {
         };
         let (final0, loss0) = head(0, &full[0]);
         if let Some(p) = held.take() {
-            full[1] = self.tbo_join(comm, trace, p, &mut tapes[1])?;
+            full[1] = self.tbo_join(trace, p, &mut tapes[1])?;
         }
         let (final1, loss1) = head(1, &full[1]);
         let loss_value = loss0.clone().into_scalar::<f64>() + loss1.clone().into_scalar::<f64>();
@@ -341,8 +341,6 @@ impl EpTrainRank {
             moe,
             (attn_in, attn_out),
             tbo_ops::COMBINE[mb],
-            false,
-            false,
         )?;
         Ok(Combining {
             layer: i,
@@ -356,14 +354,13 @@ impl EpTrainRank {
 
     /// Waits for a half's combine and joins its layer: `R' + (r + s)` (the model's additions), recorded as a
     /// segment whose inputs are fresh leaves. Returns the half's next full stream.
-    fn tbo_join<C: Communicator + ?Sized>(
+    fn tbo_join(
         &self,
-        comm: &C,
         trace: &Trace,
         p: Combining,
         tapes: &mut Vec<HalfTape>,
     ) -> Result<Tensor<3>> {
-        let slot_out = p.combine.wait(comm)?;
+        let slot_out = p.combine.wait()?;
         let g = trace.compute(self.rank, Some(p.layer), ops::COMBINE, Phase::Forward);
         let shape = p.post_attention.dims();
         let (r, s, y, w) = (
