@@ -222,6 +222,9 @@ pub struct Prediction {
     pub blocking_ms: f64,
     /// Two-micro-batch overlap of the standard model, wall ms.
     pub tbo_ms: f64,
+    /// Two-micro-batch overlap of the FarSkip model (`farskip+tbo`), wall ms: inference at skip depth 1 (the
+    /// executors run it there), else `None`.
+    pub farskip_tbo_ms: Option<f64>,
     /// FarSkip: comm time covered by the same rank's compute, % (forward and backward together).
     pub overlap_pct: f64,
     /// FarSkip: comm time not covered by compute, summed over the simulated ranks.
@@ -254,6 +257,7 @@ impl Prediction {
             farskip_ms,
             blocking_ms,
             tbo_ms: avg(&|p| p.tbo_ms),
+            farskip_tbo_ms: avg_opt(&|p| p.farskip_tbo_ms),
             overlap_pct: avg(&|p| p.overlap_pct),
             exposed_ms: avg(&|p| p.exposed_ms),
             compute_ms: avg(&|p| p.compute_ms),
@@ -340,6 +344,18 @@ pub fn predict(
         run(ScheduleKind::Blocking)?,
         run(ScheduleKind::Tbo)?,
     );
+    // farskip+tbo: the FarSkip description cut into two interleaved micro-batches, as the executors walk it.
+    let farskip_tbo = if mode != Mode::Train && desc::overlap_depth(conn) == 1 {
+        let s = desc::two_micro_batches(&desc::inference(config, conn, split));
+        Some(sim::simulate(
+            &s,
+            ranks,
+            &|r, k| costs.compute(r, k, 2),
+            &|k| costs.collective(k, 2),
+        )?)
+    } else {
+        None
+    };
     let m = farskip.metrics(None);
     let b = blocking.metrics(None);
     let t = tbo.metrics(None);
@@ -348,6 +364,7 @@ pub fn predict(
         farskip_ms: m.wall_ms,
         blocking_ms: b.wall_ms,
         tbo_ms: t.wall_ms,
+        farskip_tbo_ms: farskip_tbo.as_ref().map(|f| f.metrics(None).wall_ms),
         overlap_pct: m.overlap_pct,
         exposed_ms: m.exposed_ms,
         compute_ms: m.compute_ms,

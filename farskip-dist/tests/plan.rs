@@ -212,6 +212,41 @@ fn farskip_hides_what_blocking_exposes_on_a_model() {
 }
 
 #[test]
+fn farskip_tbo_is_planned_where_the_executors_run_it() {
+    let c = tiny();
+    // Halves cost half the compute and, with `Unit`, a whole collective each: the two halves' collectives
+    // overlap each other's compute, so farskip+tbo lands between FarSkip's wall and twice the blocking one.
+    let p = predict(
+        &c,
+        &Connectivity::farskip(),
+        Split::Expert,
+        Mode::Prefill,
+        2,
+        &Unit(0.5),
+    )
+    .unwrap();
+    let ft = p
+        .prediction
+        .farskip_tbo_ms
+        .expect("depth-1 inference plans farskip+tbo");
+    assert!(
+        ft.is_finite() && ft >= p.prediction.compute_ms,
+        "{:?}",
+        p.prediction
+    );
+    assert!(ft <= 2.0 * p.prediction.blocking_ms, "{:?}", p.prediction);
+    let d2 = Connectivity::FarSkip(farskip_model::FarSkip::all().with_depth(2));
+    for (conn, mode) in [
+        (d2, Mode::Prefill),
+        (Connectivity::farskip(), Mode::Train),
+        (Connectivity::Standard, Mode::Prefill),
+    ] {
+        let p = predict(&c, &conn, Split::Expert, mode, 2, &Unit(0.5)).unwrap();
+        assert_eq!(p.prediction.farskip_tbo_ms, None, "{conn} {mode:?}");
+    }
+}
+
+#[test]
 fn training_reports_forward_and_backward_overlap() {
     let c = tiny();
     let p = predict(
