@@ -40,6 +40,10 @@ pub struct LocalWorldConfig {
     /// rayon), so ranks do not compete for one shared pool; `None` gives each rank an equal share of the
     /// machine's cores (at least one). Used by [`LocalWorld::run`] and [`LocalWorld::run_with`].
     pub threads_per_rank: Option<usize>,
+    /// Pin each rank's pool threads to cores of their own (Linux; when the ranks' threads fit the cores this
+    /// process may use), so the operating system cannot put two ranks' compute on one core and skew them.
+    /// Default: on, unless the environment sets `FARSKIP_PIN_RANKS=0`.
+    pub pin_ranks: bool,
 }
 
 impl LocalWorldConfig {
@@ -50,7 +54,14 @@ impl LocalWorldConfig {
             timeout: DEFAULT_TIMEOUT,
             trace: Trace::disabled(),
             threads_per_rank: None,
+            pin_ranks: std::env::var("FARSKIP_PIN_RANKS").map_or(true, |v| v.trim() != "0"),
         }
+    }
+
+    /// The same settings with rank pinning on or off (see [`LocalWorldConfig::pin_ranks`]).
+    pub fn with_pinned_ranks(mut self, pin: bool) -> Self {
+        self.pin_ranks = pin;
+        self
     }
 
     /// The same settings with `threads` threads per rank (see [`LocalWorldConfig::threads_per_rank`]).
@@ -150,6 +161,15 @@ impl LocalWorld {
             Some(n) => n,
             None => (thread::available_parallelism().map_or(1, usize::from) / size).max(1),
         };
+        // Pin only when every rank's threads get cores of their own.
+        let cores = if config.pin_ranks {
+            allowed_cores()
+                .filter(|c| c.len() >= size * threads)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let cores = &cores;
         let comms = Self::with_config(size, config)?;
         let f = &f;
         Ok(thread::scope(|s| {
@@ -161,9 +181,20 @@ impl LocalWorld {
                         .name(format!("farskip-rank-{rank}"))
                         .spawn_scoped(s, move || {
                             // The rank runs on its own pool, so its tensor ops use its share of the cores.
+                            let mine: Vec<usize> = cores
+                                .iter()
+                                .skip(rank * threads)
+                                .take(threads)
+                                .copied()
+                                .collect();
                             match rayon::ThreadPoolBuilder::new()
                                 .num_threads(threads)
                                 .thread_name(move |i| format!("farskip-rank-{rank}-{i}"))
+                                .start_handler(move |i| {
+                                    if let Some(&core) = mine.get(i) {
+                                        pin_current_thread(core);
+                                    }
+                                })
                                 .build()
                             {
                                 Ok(pool) => pool.install(|| run_rank(comm, f)),
@@ -497,3 +528,41 @@ impl Communicator for LocalComm {
         )
     }
 }
+
+/// The cores this process may run on (Linux), in order; `None` where unknown.
+#[cfg(target_os = "linux")]
+fn allowed_cores() -> Option<Vec<usize>> {
+    // SAFETY: `set` is a plain bit set the call fills; the size passed is its own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        Some(
+            (0..libc::CPU_SETSIZE as usize)
+                .filter(|&c| libc::CPU_ISSET(c, &set))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allowed_cores() -> Option<Vec<usize>> {
+    None
+}
+
+/// Pins the calling thread to `core` (Linux; best effort: a failure leaves it where it was).
+#[cfg(target_os = "linux")]
+fn pin_current_thread(core: usize) {
+    // SAFETY: `set` is a plain bit set built here; `0` is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            tracing::debug!(core, "could not pin a rank thread");
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn pin_current_thread(_core: usize) {}
