@@ -6,7 +6,8 @@
 //! from memory. gemm's one-row path spent ~45 % of a decode step (perf, `bench --decode`) and bf16 weights
 //! would first be widened to a full f32 copy (burn-flex's bf16 matmul converts both operands, then rounds the
 //! product to bf16). Here each weight row is streamed once, widened in registers (the same speed as gemm's
-//! one-row path for f32, half the bytes for bf16), on the calling thread.
+//! one-row path for f32, half the bytes for bf16); larger batches of products are cut by depth between the
+//! calling thread and one helper thread ([`products`], [`pair`]).
 //!
 //! Longer inputs (prefill, training) keep burn's matmul; a bf16 weight is then widened to f32 for the call
 //! (one copy of that matrix, freed after it): accumulation in f32 on the bf16 values, as PyTorch does on CPU.
