@@ -645,9 +645,8 @@ pub mod pair {
         // SAFETY (lifetime): the helper only uses the job until it sets `done`, which is awaited below, or
         // never, if the job is taken back.
         p.job.store(ptr, Ordering::SeqCst);
-        if p.sleeping.load(Ordering::SeqCst)
-            && let Some(t) = p.helper.get()
-        {
+        let asleep = p.sleeping.load(Ordering::SeqCst);
+        if asleep && let Some(t) = p.helper.get() {
             t.unpark();
         }
         let mine = catch_unwind(AssertUnwindSafe(|| f(0)));
@@ -664,8 +663,9 @@ pub mod pair {
             // The helper has not started it (not scheduled, or asleep): the second half runs here too. Several
             // misses in a row mean the machine is busy: the helper then parks for a while instead of
             // spinning, which would only take time from this thread.
+            // (A helper that had to be woken up is expected to miss: that is not counted.)
             true => {
-                if p.misses.fetch_add(1, Ordering::Relaxed) + 1 >= MISSES {
+                if !asleep && p.misses.fetch_add(1, Ordering::Relaxed) + 1 >= MISSES {
                     p.misses.store(0, Ordering::Relaxed);
                     p.pause.store(PAUSE_CALLS, Ordering::Relaxed);
                 }
