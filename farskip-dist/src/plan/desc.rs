@@ -367,22 +367,32 @@ pub fn training(config: &ModelConfig, conn: &Connectivity) -> Schedule {
             channel: 0,
         });
     };
-    if depth >= 2 {
-        for k in (layers.saturating_sub(depth)..layers).rev() {
-            if early(k) && is_moe(config, k) {
-                join_bwd(&mut s, k);
+    // The outputs the head read go out right behind the last layer's own combine backward (not ahead of it on
+    // the comm stream, where they would delay the one collective that has only attention to hide it).
+    let head_joins = |s: &mut Vec<Step>| {
+        if depth >= 2 {
+            for k in (layers.saturating_sub(depth)..layers).rev() {
+                if early(k) && is_moe(config, k) {
+                    join_bwd(s, k);
+                }
             }
         }
-    }
+    };
     let mut grads = Vec::new();
     for i in (0..layers).rev() {
         let l = Some(i);
         if !is_moe(config, i) {
+            if i + 1 == layers {
+                head_joins(&mut s);
+            }
             s.push(Step::Compute(key(MLP_BWD, l, b)));
             s.push(Step::Compute(key(bwd_ops::ATTN, l, b)));
         } else {
             if !early(i) {
                 join_bwd(&mut s, i);
+            }
+            if i + 1 == layers {
+                head_joins(&mut s);
             }
             let cb = key(bwd_ops::COMBINE_BWD, l, b);
             if farskip && !early(i) {
