@@ -18,11 +18,15 @@
 //!     assert_eq!(sum?, vec![3.0]);
 //! }
 //!
-//! // An expert-parallel FarSkip forward over two ranks equals the single-rank forward bit for bit.
+//! // An expert-parallel FarSkip forward over two ranks equals the single-rank forward bit for bit (for
+//! // prefill-sized inputs: up to four rows take the decode path, whose sums round in another order).
 //! let device = Device::flex();
 //! let config = ModelConfig::small_moe(64, 32, 2, 4, 2, 8, 4, 2, 16, None);
 //! let model = Model::new(&config, &device)?.with_connectivity(Connectivity::farskip())?;
-//! let ids = Tensor::<2, Int>::from_ints([[1, 2, 3, 4], [5, 6, 7, 8]], &device);
+//! let ids = Tensor::<2, Int>::from_ints(
+//!     [[1, 2, 3, 4, 9, 10, 11, 12], [5, 6, 7, 8, 13, 14, 15, 16]],
+//!     &device,
+//! );
 //! let link = LinkModel::instant();
 //! let (logits, _wall) = run_forward(&model, Parallel::Expert, 2, &ids, link, &Trace::disabled())?;
 //! assert_eq!(max_abs_diff(logits, model.forward(ids)?), 0.0);
