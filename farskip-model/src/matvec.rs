@@ -195,7 +195,7 @@ const SPLIT_MIN_ELEMENTS: usize = 1 << 16;
 
 /// Several independent products at once (e.g. the q/k/v projections of one position), each `[rows, n]`.
 ///
-/// Batches of at least [`SPLIT_MIN_ELEMENTS`] weights are cut by depth: the first half of each weight's rows
+/// Batches of at least `SPLIT_MIN_ELEMENTS` weights are cut by depth: the first half of each weight's rows
 /// is summed on the calling thread, the second half on the helper thread ([`pair`]), one hand-off for the
 /// whole batch, and the two partial sums are added. Each thread then streams one contiguous half of every
 /// matrix; cutting by columns instead (each thread reading half of every row) ran slower on two threads than
