@@ -18,8 +18,8 @@
 //!     assert_eq!(sum?, vec![3.0]);
 //! }
 //!
-//! // An expert-parallel FarSkip forward over two ranks equals the single-rank forward bit for bit (for
-//! // prefill-sized inputs: up to four rows take the decode path, whose sums round in another order).
+//! // An expert-parallel FarSkip forward over two ranks equals the single-rank forward up to float rounding
+//! // (per-rank row counts can pick other kernels, whose sums round in another order).
 //! let device = Device::flex();
 //! let config = ModelConfig::small_moe(64, 32, 2, 4, 2, 8, 4, 2, 16, None);
 //! let model = Model::new(&config, &device)?.with_connectivity(Connectivity::farskip())?;
@@ -29,7 +29,7 @@
 //! );
 //! let link = LinkModel::instant();
 //! let (logits, _wall) = run_forward(&model, Parallel::Expert, 2, &ids, link, &Trace::disabled())?;
-//! assert_eq!(max_abs_diff(logits, model.forward(ids)?), 0.0);
+//! assert!(max_abs_diff(logits, model.forward(ids)?) <= 1e-5);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
