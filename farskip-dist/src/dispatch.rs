@@ -22,6 +22,8 @@ pub use plan::{DispatchPlan, ExpertInputs};
 pub use sharding::ExpertSharding;
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending, Rows};
+use crate::schedule::ops;
+use crate::trace::{Phase, Trace};
 
 /// Why dispatch or combine refused its inputs or failed.
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +190,44 @@ fn read_rows(t: Tensor<2>, what: &'static str) -> Result<Vec<f32>, DispatchError
     })
 }
 
+/// Traces a collective's host work on its rank as compute spans ([`ops::pack`] before it goes out,
+/// [`ops::unpack`] after it arrived), named after the tag; nothing for a disabled trace or a tag that is not
+/// one of the schedules' collectives.
+#[derive(Clone)]
+struct HostSpans {
+    trace: Trace,
+    rank: usize,
+    layer: Option<usize>,
+    phase: Phase,
+    pack: Option<&'static str>,
+    unpack: Option<&'static str>,
+}
+
+impl HostSpans {
+    fn new(trace: &Trace, rank: usize, tag: &CollectiveTag) -> Self {
+        Self {
+            trace: trace.clone(),
+            rank,
+            layer: tag.layer,
+            phase: tag.phase,
+            pack: ops::pack(&tag.name),
+            unpack: ops::unpack(&tag.name),
+        }
+    }
+
+    fn run<T>(&self, op: Option<&'static str>, f: impl FnOnce() -> T) -> T {
+        match op {
+            Some(op) if self.trace.is_enabled() => {
+                let g = self.trace.compute(self.rank, self.layer, op, self.phase);
+                let out = f();
+                g.finish();
+                out
+            }
+            _ => f(),
+        }
+    }
+}
+
 /// Starts dispatching the rows of `x` to the ranks owning their experts.
 ///
 /// # Shapes
@@ -202,6 +242,20 @@ pub fn dispatch_start<C: Communicator + ?Sized>(
     x: Tensor<2>,
     routing: &Routing,
     tag: CollectiveTag,
+) -> Result<Pending<(ExpertInputs, DispatchPlan)>, DispatchError> {
+    dispatch_start_traced(comm, sharding, x, routing, tag, &Trace::disabled())
+}
+
+/// [`dispatch_start`], with the rank's host work (the send buffer packed, the received rows grouped) traced on
+/// `trace` as compute spans [`ops::DISPATCH_PACK`] and [`ops::DISPATCH_UNPACK`] when `tag` names the schedules'
+/// dispatch (a collective in flight is hidden by that work as by any other).
+pub fn dispatch_start_traced<C: Communicator + ?Sized>(
+    comm: &C,
+    sharding: &ExpertSharding,
+    x: Tensor<2>,
+    routing: &Routing,
+    tag: CollectiveTag,
+    trace: &Trace,
 ) -> Result<Pending<(ExpertInputs, DispatchPlan)>, DispatchError> {
     let world = comm.world_size();
     if sharding.world() != world {
@@ -233,24 +287,29 @@ pub fn dispatch_start<C: Communicator + ?Sized>(
     }
 
     let device = x.device();
-    let x = read_rows(x, "dispatch input x")?;
-    let layout = plan::send_layout(routing.experts(), sharding);
-    let mut data = Vec::with_capacity(layout.order.len() * hidden);
-    for &slot in &layout.order {
-        let t = slot / top_k;
-        data.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-    }
-    let send = Rows {
-        row_len: hidden,
-        data,
-        counts: layout.counts.clone(),
-    };
+    let host = HostSpans::new(trace, comm.rank(), &tag);
+    let (send, layout) = host.run(host.pack, || -> Result<_, DispatchError> {
+        let x = read_rows(x, "dispatch input x")?;
+        let layout = plan::send_layout(routing.experts(), sharding);
+        let mut data = Vec::with_capacity(layout.order.len() * hidden);
+        for &slot in &layout.order {
+            let t = slot / top_k;
+            data.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+        }
+        let send = Rows {
+            row_len: hidden,
+            data,
+            counts: layout.counts.clone(),
+        };
+        Ok((send, layout))
+    })?;
     let pending = comm.all_to_all_v(tag, send);
     let op = pending.op().to_owned();
     let rank = comm.rank();
     let sharding = *sharding;
     let weights = routing.weights().clone();
     Ok(pending.map(move |recv| {
+        host.run(host.unpack, move || {
         let local = sharding.num_local(rank);
         if let Some((src, groups)) = recv
             .counts
@@ -294,6 +353,7 @@ pub fn dispatch_start<C: Communicator + ?Sized>(
             device,
         };
         Ok((inputs, plan))
+    })
     }))
 }
 
@@ -320,6 +380,18 @@ pub fn combine_start<C: Communicator + ?Sized>(
     plan: DispatchPlan,
     tag: CollectiveTag,
 ) -> Result<Pending<Tensor<2>>, DispatchError> {
+    combine_start_traced(comm, expert_outputs, plan, tag, &Trace::disabled())
+}
+
+/// [`combine_start`], with the rank's host work traced on `trace` as compute spans [`ops::COMBINE_PACK`] and
+/// [`ops::COMBINE_UNPACK`] when `tag` names the schedules' combine (see [`dispatch_start_traced`]).
+pub fn combine_start_traced<C: Communicator + ?Sized>(
+    comm: &C,
+    expert_outputs: Tensor<2>,
+    plan: DispatchPlan,
+    tag: CollectiveTag,
+    trace: &Trace,
+) -> Result<Pending<Tensor<2>>, DispatchError> {
     let [rows, out] = expert_outputs.dims();
     if rows != plan.received_rows() {
         return Err(DispatchError::OutputRows {
@@ -327,37 +399,43 @@ pub fn combine_start<C: Communicator + ?Sized>(
             expected: plan.received_rows(),
         });
     }
-    let y = read_rows(expert_outputs, "expert outputs")?;
-    // Back to the received layout (source rank major), which is what each source expects.
-    let mut data = vec![0.0f32; y.len()];
-    for (g, &r) in plan.grouped_from_recv.iter().enumerate() {
-        data[r * out..(r + 1) * out].copy_from_slice(&y[g * out..(g + 1) * out]);
-    }
-    let send = Rows {
-        row_len: out,
-        data,
-        counts: plan.recv_counts.clone(),
-    };
+    let host = HostSpans::new(trace, comm.rank(), &tag);
+    let send = host.run(host.pack, || -> Result<_, DispatchError> {
+        let y = read_rows(expert_outputs, "expert outputs")?;
+        // Back to the received layout (source rank major), which is what each source expects.
+        let mut data = vec![0.0f32; y.len()];
+        for (g, &r) in plan.grouped_from_recv.iter().enumerate() {
+            data[r * out..(r + 1) * out].copy_from_slice(&y[g * out..(g + 1) * out]);
+        }
+        Ok(Rows {
+            row_len: out,
+            data,
+            counts: plan.recv_counts.clone(),
+        })
+    })?;
     let pending = comm.all_to_all_v(tag, send);
     let op = pending.op().to_owned();
     Ok(pending.map(move |back| {
-        if back.counts != plan.send_counts {
-            return Err(CommError::Protocol {
-                op,
-                detail: format!(
-                    "expected rows per rank and expert {:?}, got {:?}",
-                    plan.send_counts, back.counts
-                ),
-            });
-        }
-        // Peers return rows in the order this rank sent them: `send_order`.
-        let (n, k) = (plan.tokens, plan.top_k);
-        let mut slots = vec![0.0f32; n * k * out];
-        for (i, &slot) in plan.send_order.iter().enumerate() {
-            slots[slot * out..(slot + 1) * out].copy_from_slice(&back.data[i * out..(i + 1) * out]);
-        }
-        let y = Tensor::<3>::from_data(TensorData::new(slots, [n, k, out]), &plan.device);
-        Ok(weighted_sum_slots(y, plan.weights))
+        host.run(host.unpack, move || {
+            if back.counts != plan.send_counts {
+                return Err(CommError::Protocol {
+                    op,
+                    detail: format!(
+                        "expected rows per rank and expert {:?}, got {:?}",
+                        plan.send_counts, back.counts
+                    ),
+                });
+            }
+            // Peers return rows in the order this rank sent them: `send_order`.
+            let (n, k) = (plan.tokens, plan.top_k);
+            let mut slots = vec![0.0f32; n * k * out];
+            for (i, &slot) in plan.send_order.iter().enumerate() {
+                slots[slot * out..(slot + 1) * out]
+                    .copy_from_slice(&back.data[i * out..(i + 1) * out]);
+            }
+            let y = Tensor::<3>::from_data(TensorData::new(slots, [n, k, out]), &plan.device);
+            Ok(weighted_sum_slots(y, plan.weights))
+        })
     }))
 }
 

@@ -75,7 +75,7 @@ pub use comm::{
 pub use comm::{MpiComm, MpiConfig, MpiInitError, MpiWorld, launched_by_mpirun};
 pub use dispatch::{
     DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine, combine_start,
-    dispatch, dispatch_start, weighted_sum_slots,
+    combine_start_traced, dispatch, dispatch_start, dispatch_start_traced, weighted_sum_slots,
 };
 pub use trace::{
     Phase, Span, SpanGuard, Stream, Trace, comm_time, compute_time, overlap_pct, peer_wait_time,

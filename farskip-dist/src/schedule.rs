@@ -26,7 +26,9 @@ use farskip_model::{Model, ModelError};
 
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, combine_start};
+use crate::dispatch::{
+    DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, combine_start_traced,
+};
 use crate::plan::desc::{OpKey, Split};
 use crate::trace::{Phase, Trace};
 
@@ -81,6 +83,65 @@ pub mod ops {
     pub const AR_ATTN: &str = "allreduce_attn";
     /// TP all-reduce of the routed output.
     pub const AR_MOE: &str = "allreduce_moe";
+    /// Host work of the dispatch on its rank before it goes out: the slot rows copied to a send buffer in
+    /// destination order.
+    pub const DISPATCH_PACK: &str = "dispatch_pack";
+    /// Host work after the dispatch arrived: the received rows grouped by local expert into a tensor.
+    pub const DISPATCH_UNPACK: &str = "dispatch_unpack";
+    /// Host work of the combine before it goes out: the expert outputs copied back to the received layout.
+    pub const COMBINE_PACK: &str = "combine_pack";
+    /// Host work after the combine arrived: the rows put back in slot order and summed per token.
+    pub const COMBINE_UNPACK: &str = "combine_unpack";
+    /// Host work of the attention all-reduce: the partial output copied to a send buffer.
+    pub const AR_ATTN_PACK: &str = "allreduce_attn_pack";
+    /// Host work after the attention all-reduce: the sum back into a tensor.
+    pub const AR_ATTN_UNPACK: &str = "allreduce_attn_unpack";
+    /// Host work of the routed all-reduce: the partial sum copied to a send buffer.
+    pub const AR_MOE_PACK: &str = "allreduce_moe_pack";
+    /// Host work after the routed all-reduce: the sum back into a tensor.
+    pub const AR_MOE_UNPACK: &str = "allreduce_moe_unpack";
+
+    /// The compute span that packs collective `op`'s send buffer on its rank (a two-micro-batch collective,
+    /// `"dispatch.mb0"`, packs as its full one), or `None` for a collective without one.
+    ///
+    /// A collective's bytes leave and arrive as host buffers: building them is work of the rank (a GPU's
+    /// permute kernels), traced as compute so that a collective in flight while its successor is packed
+    /// counts as hidden and the planner costs it.
+    pub fn pack(op: &str) -> Option<&'static str> {
+        match super::tbo_ops::full_op(op).unwrap_or(op) {
+            DISPATCH => Some(DISPATCH_PACK),
+            COMBINE => Some(COMBINE_PACK),
+            AR_ATTN => Some(AR_ATTN_PACK),
+            AR_MOE => Some(AR_MOE_PACK),
+            _ => None,
+        }
+    }
+
+    /// Whether `op` is a collective's host work ([`pack`] or [`unpack`] of one).
+    pub fn is_host_work(op: &str) -> bool {
+        matches!(
+            op,
+            DISPATCH_PACK
+                | DISPATCH_UNPACK
+                | COMBINE_PACK
+                | COMBINE_UNPACK
+                | AR_ATTN_PACK
+                | AR_ATTN_UNPACK
+                | AR_MOE_PACK
+                | AR_MOE_UNPACK
+        )
+    }
+
+    /// The compute span that unpacks what collective `op` delivered (see [`pack`]).
+    pub fn unpack(op: &str) -> Option<&'static str> {
+        match super::tbo_ops::full_op(op).unwrap_or(op) {
+            DISPATCH => Some(DISPATCH_UNPACK),
+            COMBINE => Some(COMBINE_UNPACK),
+            AR_ATTN => Some(AR_ATTN_UNPACK),
+            AR_MOE => Some(AR_MOE_UNPACK),
+            _ => None,
+        }
+    }
 }
 
 /// Shared bookkeeping of one rank's forward pass.
@@ -408,7 +469,7 @@ impl walk::Exec for EpRank {
             .ok_or_else(|| missing(key, "the routing"))?;
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
         Ok(EpRouted {
-            combine: combine_start(ctx.comm, rows, plan, tag)?,
+            combine: combine_start_traced(ctx.comm, rows, plan, tag, ctx.trace)?,
             join: EpJoin {
                 moe: m.moe.clone(),
                 routing,
@@ -472,13 +533,32 @@ impl TpRank {
     }
 }
 
+/// Starts the all-reduce of `x` tagged `tag`, its copy to the host traced as [`ops::pack`] of the tag.
 fn all_reduce_tensor<C: Communicator + ?Sized>(
-    comm: &C,
+    ctx: &Ctx<'_, C>,
     tag: CollectiveTag,
     x: Tensor<3>,
 ) -> Pending<Vec<f32>> {
-    let (x2, _) = flat(x);
-    comm.all_reduce(tag, to_host(x2))
+    let host = match ops::pack(&tag.name) {
+        Some(op) => ctx.compute(tag.layer, op, || to_host(flat(x).0)),
+        None => to_host(flat(x).0),
+    };
+    ctx.comm.all_reduce(tag, host)
+}
+
+/// The all-reduced `v` as a tensor on `device`, traced as [`ops::unpack`] of `op` at `layer`.
+fn reduced<C: Communicator + ?Sized>(
+    ctx: &Ctx<'_, C>,
+    op: &str,
+    layer: Option<usize>,
+    v: Vec<f32>,
+    dims: [usize; 3],
+    device: &Device,
+) -> Tensor<3> {
+    match ops::unpack(op) {
+        Some(u) => ctx.compute(layer, u, || from_host(v, dims, device)),
+        None => from_host(v, dims, device),
+    }
 }
 
 fn from_host(v: Vec<f32>, dims: [usize; 3], device: &Device) -> Tensor<3> {
@@ -507,6 +587,7 @@ pub(crate) struct TpMoe {
 /// A TP routed all-reduce in flight.
 pub(crate) struct TpRouted {
     reduce: Pending<Vec<f32>>,
+    key: OpKey,
     dims: [usize; 3],
     device: Device,
 }
@@ -572,7 +653,7 @@ impl walk::Exec for TpRank {
         let device = partial.device();
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
         Ok(TpAttn::Reducing(
-            all_reduce_tensor(ctx.comm, tag, partial),
+            all_reduce_tensor(ctx, tag, partial),
             dims,
             device,
         ))
@@ -580,14 +661,21 @@ impl walk::Exec for TpRank {
 
     fn attn_wait<C: Communicator + ?Sized>(
         &self,
-        _ctx: &Ctx<'_, C>,
+        ctx: &Ctx<'_, C>,
         key: &OpKey,
         a: TpAttn,
     ) -> Result<Tensor<3>> {
         let TpAttn::Reducing(reduce, dims, device) = a else {
             return Err(missing(key, "attention's all-reduce"));
         };
-        Ok(from_host(reduce.wait()?, dims, &device))
+        Ok(reduced(
+            ctx,
+            key.op,
+            key.layer,
+            reduce.wait()?,
+            dims,
+            &device,
+        ))
     }
 
     fn router<C: Communicator + ?Sized>(
@@ -672,8 +760,10 @@ impl walk::Exec for TpRank {
             .ok_or_else(|| missing(key, "the routed partial sums"))?;
         let device = routed.device();
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+        let host = ctx.compute(key.layer, ops::AR_MOE_PACK, || to_host(routed));
         Ok(TpRouted {
-            reduce: ctx.comm.all_reduce(tag, to_host(routed)),
+            reduce: ctx.comm.all_reduce(tag, host),
+            key: *key,
             dims: m.dims,
             device,
         })
@@ -681,10 +771,11 @@ impl walk::Exec for TpRank {
 
     fn routed_wait<C: Communicator + ?Sized>(
         &self,
-        _ctx: &Ctx<'_, C>,
+        ctx: &Ctx<'_, C>,
         r: TpRouted,
     ) -> Result<Tensor<3>> {
-        Ok(from_host(r.reduce.wait()?, r.dims, &r.device))
+        let v = r.reduce.wait()?;
+        Ok(reduced(ctx, r.key.op, r.key.layer, v, r.dims, &r.device))
     }
 
     fn join<C: Communicator + ?Sized>(

@@ -11,7 +11,7 @@ use farskip_dist::plan::{
     Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule,
 };
-use farskip_dist::schedule::{EpRank, TpRank, tbo_ops};
+use farskip_dist::schedule::{EpRank, TpRank, ops, tbo_ops};
 use farskip_dist::trace::{Phase, Stream};
 use farskip_dist::training::{EpTrainRank, Objective};
 use farskip_dist::{Communicator, LinkModel, LocalComm, LocalWorld, LocalWorldConfig, Trace};
@@ -295,19 +295,31 @@ fn traced(trace: &Trace) -> (Ops, Ops) {
     (compute, comm)
 }
 
+/// The compute and collective order a description gives, with each collective's host work where the
+/// simulator puts it: packing right before the issue, unpacking right after the wait.
 fn described(s: &Schedule) -> (Ops, Ops) {
     let mut compute: Ops = Vec::new();
     let mut comm = Vec::new();
+    let push = |compute: &mut Ops, op: &str, layer: Option<usize>| {
+        let item = (op.to_string(), layer);
+        if compute.last() != Some(&item) {
+            compute.push(item);
+        }
+    };
     for step in &s.steps {
         match step {
-            Step::Compute(k) => {
-                let item = (k.op.to_string(), k.layer);
-                if compute.last() != Some(&item) {
-                    compute.push(item);
+            Step::Compute(k) => push(&mut compute, k.op, k.layer),
+            Step::Issue { key, .. } => {
+                if let Some(op) = ops::pack(key.op) {
+                    push(&mut compute, op, key.layer);
+                }
+                comm.push((key.op.to_string(), key.layer));
+            }
+            Step::Wait(k) => {
+                if let Some(op) = ops::unpack(k.op) {
+                    push(&mut compute, op, k.layer);
                 }
             }
-            Step::Issue { key, .. } => comm.push((key.op.to_string(), key.layer)),
-            Step::Wait(_) => {}
         }
     }
     (compute, comm)

@@ -395,7 +395,7 @@ pub struct Measured {
 }
 
 /// Every op name the schedules use, to map a calibration's strings back to them.
-const NAMES: [&str; 20] = [
+const NAMES: [&str; 28] = [
     ops::ATTN_1,
     ops::ATTN_2,
     ops::ATTN,
@@ -416,6 +416,14 @@ const NAMES: [&str; 20] = [
     bwd_ops::HEAD,
     bwd_ops::COMBINE_BWD,
     MLP_BWD,
+    ops::DISPATCH_PACK,
+    ops::DISPATCH_UNPACK,
+    ops::COMBINE_PACK,
+    ops::COMBINE_UNPACK,
+    ops::AR_ATTN_PACK,
+    ops::AR_ATTN_UNPACK,
+    ops::AR_MOE_PACK,
+    ops::AR_MOE_UNPACK,
 ];
 
 impl Measured {
@@ -432,8 +440,14 @@ impl Measured {
     ) -> Self {
         let mut count: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
         for s in &schedule.steps {
-            if let Step::Compute(k) = s {
-                *count.entry((k.op, k.layer, k.phase)).or_insert(0.0) += 1.0;
+            // A collective's host work runs once per issue (pack) and once per wait (unpack).
+            let (op, k) = match s {
+                Step::Compute(k) => (Some(k.op), k),
+                Step::Issue { key, .. } => (ops::pack(key.op), key),
+                Step::Wait(k) => (ops::unpack(k.op), k),
+            };
+            if let Some(op) = op {
+                *count.entry((op, k.layer, k.phase)).or_insert(0.0) += 1.0;
             }
         }
         let mut ops = HashMap::new();

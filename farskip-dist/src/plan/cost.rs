@@ -346,6 +346,11 @@ impl Roofline {
 
 impl CostModel for Roofline {
     fn compute(&self, rank: usize, key: &OpKey, micro: usize) -> f64 {
+        // A GPU's collectives read and write their tensors in place (the token permutation is fused into the
+        // experts' gather): no host work of their own.
+        if ops::is_host_work(key.op) {
+            return 0.0;
+        }
         let mut w = self.work(key, micro);
         // Only the busiest rank gets `imbalance` × the mean expert rows; the others share the rest.
         let expert_op = matches!(key.op, ops::EXPERTS | bwd_ops::EXPERTS);

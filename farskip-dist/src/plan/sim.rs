@@ -4,7 +4,9 @@
 //! Every rank runs the same steps (only costs differ, e.g. the busiest expert rank). A compute op occupies the
 //! rank's compute lane; a collective starts on its comm lane once every rank has issued it and each rank's lane
 //! is free (one stream per lane runs collectives in issue order, as the executors' comm thread does), and lasts
-//! its cost; a wait holds the compute lane until the collective has finished.
+//! its cost; a wait holds the compute lane until the collective has finished. A collective's host work (its send
+//! buffer packed before the issue, what arrived unpacked after the wait: [`ops::pack`], [`ops::unpack`]) runs on
+//! the compute lane at the cost `compute` gives it (zero: none).
 
 use std::collections::HashMap;
 
@@ -13,6 +15,7 @@ use std::time::Duration;
 use crate::trace::{Phase, Span, Stream, Trace};
 
 use super::desc::{OpKey, Schedule, Step};
+use crate::schedule::ops;
 
 /// Which lane an interval ran on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +114,30 @@ pub fn simulate(
     let mut lane_free: HashMap<u8, Vec<f64>> = HashMap::new();
     let mut done: HashMap<OpKey, f64> = HashMap::new();
     let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
+    // A collective's host work on the compute lane of every rank.
+    let host = |ranks: &mut Vec<Vec<Interval>>,
+                t: &mut Vec<f64>,
+                op: Option<&'static str>,
+                key: OpKey|
+     -> Result<(), SimError> {
+        let Some(op) = op else { return Ok(()) };
+        let k = OpKey { op, ..key };
+        for r in 0..world {
+            let c = checked(&k, compute(r, &k))?;
+            if c > 0.0 {
+                ranks[r].push(Interval {
+                    key: k,
+                    lane: Lane::Compute,
+                    start: t[r],
+                    end: t[r] + c,
+                    peer_wait: 0.0,
+                    issued: t[r],
+                });
+                t[r] += c;
+            }
+        }
+        Ok(())
+    };
     for step in &schedule.steps {
         match *step {
             Step::Compute(k) => {
@@ -128,6 +155,7 @@ pub fn simulate(
                 }
             }
             Step::Issue { key, channel } => {
+                host(&mut ranks, &mut t, ops::pack(key.op), key)?;
                 let free = lane_free.entry(channel).or_insert_with(|| vec![0.0; world]);
                 // Costs are checked finite, so these maxima are numbers.
                 let all_issued = t.iter().copied().fold(0.0, f64::max);
@@ -154,6 +182,7 @@ pub fn simulate(
                 for tr in t.iter_mut() {
                     *tr = tr.max(end);
                 }
+                host(&mut ranks, &mut t, ops::unpack(k.op), k)?;
             }
         }
     }

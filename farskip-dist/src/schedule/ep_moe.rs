@@ -14,7 +14,8 @@ use super::Result;
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, Communicator, Pending};
 use crate::dispatch::{
-    DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start, dispatch_start,
+    DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start_traced,
+    dispatch_start_traced,
 };
 use crate::schedule::ops;
 use crate::trace::{Phase, Trace};
@@ -115,7 +116,7 @@ pub(crate) fn dispatch<C: Communicator + ?Sized>(
 ) -> Result<Pending<(ExpertInputs, DispatchPlan)>> {
     let ones = Tensor::<2>::ones([slot_experts.len(), 1], &slots.device());
     let slot_routing = Routing::new(slot_experts.to_vec(), ones)?;
-    Ok(dispatch_start(
+    Ok(dispatch_start_traced(
         at.comm,
         sharding,
         slots.clone().detach().without_autodiff(),
@@ -123,6 +124,7 @@ pub(crate) fn dispatch<C: Communicator + ?Sized>(
         CollectiveTag::new(tag)
             .at_layer(at.layer)
             .in_phase(at.phase),
+        at.trace,
     )?)
 }
 
@@ -192,7 +194,7 @@ pub(crate) fn end<C: Communicator + ?Sized>(
     let tag = CollectiveTag::new(tag)
         .at_layer(at.layer)
         .in_phase(at.phase);
-    let combine = combine_start(at.comm, expert_out.clone().detach(), plan, tag)?;
+    let combine = combine_start_traced(at.comm, expert_out.clone().detach(), plan, tag, at.trace)?;
     let (shared_in, shared_out) = at.span(ops::SHARED, || {
         let shared_in = cut.cut(shared_src);
         let shared_out = moe.shared(shared_in.clone());

@@ -24,7 +24,7 @@ use super::{
     l2_compared_layers, leaf, seeded, visit_replicated_layer,
 };
 use crate::comm::{CollectiveTag, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
+use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start, combine_start_traced};
 use crate::plan::desc::{self, OpKey, Split, Step};
 use crate::schedule::walk::{self, Attention, Exec, bad_step};
 use crate::schedule::{Ctx, ScheduleError, ep_moe, ops};
@@ -354,7 +354,7 @@ impl Exec for Recorder<'_> {
             .ok_or_else(|| out_of_order(key, "the expert outputs"))?;
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
         Ok(TrainRouted {
-            combine: combine_start(ctx.comm, rows, plan, tag)?,
+            combine: combine_start_traced(ctx.comm, rows, plan, tag, ctx.trace)?,
             weights: m.weights.clone(),
             dims: m.dims,
         })
