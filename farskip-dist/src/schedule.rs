@@ -59,6 +59,8 @@ pub type Result<T, E = ScheduleError> = std::result::Result<T, E>;
 
 /// Names of the compute and comm intervals in traces (and the calibration keys of the link model).
 pub mod ops {
+    use crate::training::bwd_ops;
+
     /// Attention part 1 (projections, rope).
     pub const ATTN_1: &str = "attn_1";
     /// Attention part 2 (scores, softmax, output projection).
@@ -113,6 +115,9 @@ pub mod ops {
             COMBINE => Some(COMBINE_PACK),
             AR_ATTN => Some(AR_ATTN_PACK),
             AR_MOE => Some(AR_MOE_PACK),
+            bwd_ops::COMBINE_BWD => Some(bwd_ops::COMBINE_BWD_PACK),
+            bwd_ops::DISPATCH_BWD => Some(bwd_ops::DISPATCH_BWD_PACK),
+            bwd_ops::GRAD_ALLREDUCE => Some(bwd_ops::GRAD_ALLREDUCE_PACK),
             _ => None,
         }
     }
@@ -129,6 +134,11 @@ pub mod ops {
                 | AR_ATTN_UNPACK
                 | AR_MOE_PACK
                 | AR_MOE_UNPACK
+                | bwd_ops::COMBINE_BWD_PACK
+                | bwd_ops::COMBINE_BWD_UNPACK
+                | bwd_ops::DISPATCH_BWD_PACK
+                | bwd_ops::DISPATCH_BWD_UNPACK
+                | bwd_ops::GRAD_ALLREDUCE_PACK
         )
     }
 
@@ -139,6 +149,8 @@ pub mod ops {
             COMBINE => Some(COMBINE_UNPACK),
             AR_ATTN => Some(AR_ATTN_UNPACK),
             AR_MOE => Some(AR_MOE_UNPACK),
+            bwd_ops::COMBINE_BWD => Some(bwd_ops::COMBINE_BWD_UNPACK),
+            bwd_ops::DISPATCH_BWD => Some(bwd_ops::DISPATCH_BWD_UNPACK),
             _ => None,
         }
     }

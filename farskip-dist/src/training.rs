@@ -28,7 +28,7 @@ use farskip_model::moe::MoeBlock;
 use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, dispatch_start};
+use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, dispatch_start_traced};
 use crate::schedule::{Result, ScheduleError, ep_moe, ops};
 use crate::trace::{Phase, Trace};
 
@@ -59,6 +59,16 @@ pub mod bwd_ops {
     pub const COMBINE_BWD_MB: [&str; 2] = ["combine_bwd.mb0", "combine_bwd.mb1"];
     /// Two-micro-batch overlap: the backward of half 0's / half 1's Dispatch (each half of [`DISPATCH_BWD`]).
     pub const DISPATCH_BWD_MB: [&str; 2] = ["dispatch_bwd.mb0", "dispatch_bwd.mb1"];
+    /// Host work of [`COMBINE_BWD`] before it goes out: the slot gradients copied in destination order.
+    pub const COMBINE_BWD_PACK: &str = "combine_bwd_pack";
+    /// Host work after [`COMBINE_BWD`] arrived: the gradient rows grouped by local expert.
+    pub const COMBINE_BWD_UNPACK: &str = "combine_bwd_unpack";
+    /// Host work of [`DISPATCH_BWD`] before it goes out: the expert-input gradients back in received order.
+    pub const DISPATCH_BWD_PACK: &str = "dispatch_bwd_pack";
+    /// Host work after [`DISPATCH_BWD`] arrived: the slot gradients put back in slot order.
+    pub const DISPATCH_BWD_UNPACK: &str = "dispatch_bwd_unpack";
+    /// Host work of a layer's [`GRAD_ALLREDUCE`]: its replicated gradients flattened into one buffer.
+    pub const GRAD_ALLREDUCE_PACK: &str = "grad_allreduce_pack";
 }
 
 /// How many layers' output streams the KL + L2 baseline compares with the teacher's: the intermediate ones,
@@ -602,14 +612,22 @@ impl EpTrainRank {
     }
 
     /// Starts the embedding/head gradient all-reduce, then waits for every layer's (`pending`, issued during the
-    /// backward) and that one, writing the global gradients into `acc`.
+    /// backward) and that one, writing the global gradients into `acc`. Flattening the outer gradients is
+    /// traced on `trace` as [`bwd_ops::GRAD_ALLREDUCE_PACK`] without a layer.
     fn reduce_replicated<G: Communicator + ?Sized>(
         &self,
         grad_comm: &G,
+        trace: &Trace,
         acc: &mut GradientsParams,
         pending: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)>,
         device: Device,
     ) -> Result<()> {
+        let g = trace.compute(
+            self.rank,
+            None,
+            bwd_ops::GRAD_ALLREDUCE_PACK,
+            Phase::Backward,
+        );
         let mut f = Flatten {
             grads: acc,
             buffer: Vec::new(),
@@ -617,6 +635,7 @@ impl EpTrainRank {
         };
         visit_replicated_outer(&self.model, &mut f);
         let (buffer, outer_present) = (f.buffer, f.present);
+        g.finish();
         let tag = CollectiveTag::new(bwd_ops::GRAD_ALLREDUCE)
             .at_layer(usize::MAX)
             .in_phase(Phase::Backward);
@@ -751,21 +770,24 @@ impl EpTrainRank {
     }
 
     /// Sends slot rows (token-major, `top_k` per token) to the owners of `slot_experts`.
+    /// Its host work is traced on `trace` ([`bwd_ops::COMBINE_BWD_PACK`] / `_UNPACK` for that tag).
     fn send_slots<C: Communicator + ?Sized>(
         &self,
         comm: &C,
+        trace: &Trace,
         rows: Tensor<2>,
         slot_experts: &[usize],
         tag: CollectiveTag,
     ) -> Result<Pending<(crate::dispatch::ExpertInputs, DispatchPlan)>> {
         let ones = Tensor::<2>::ones([slot_experts.len(), 1], &rows.device());
         let routing = Routing::new(slot_experts.to_vec(), ones)?;
-        Ok(dispatch_start(
+        Ok(dispatch_start_traced(
             comm,
             &self.sharding,
             rows.without_autodiff(),
             &routing,
             tag,
+            trace,
         )?)
     }
 }

@@ -395,7 +395,7 @@ pub struct Measured {
 }
 
 /// Every op name the schedules use, to map a calibration's strings back to them.
-const NAMES: [&str; 28] = [
+const NAMES: [&str; 33] = [
     ops::ATTN_1,
     ops::ATTN_2,
     ops::ATTN,
@@ -424,6 +424,11 @@ const NAMES: [&str; 28] = [
     ops::AR_ATTN_UNPACK,
     ops::AR_MOE_PACK,
     ops::AR_MOE_UNPACK,
+    bwd_ops::COMBINE_BWD_PACK,
+    bwd_ops::COMBINE_BWD_UNPACK,
+    bwd_ops::DISPATCH_BWD_PACK,
+    bwd_ops::DISPATCH_BWD_UNPACK,
+    bwd_ops::GRAD_ALLREDUCE_PACK,
 ];
 
 impl Measured {

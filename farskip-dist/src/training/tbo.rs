@@ -32,7 +32,7 @@ use super::{
     flat3, leaf, seeded, visit_replicated_layer,
 };
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start};
+use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start_traced};
 use crate::schedule::{ScheduleError, ops, tbo_ops};
 use crate::trace::{Phase, Trace};
 
@@ -259,6 +259,7 @@ impl EpTrainRank {
             g_full0 = self.tbo_begin_bwd(trace, d0, &mut acc)?;
             // Both halves' backward of this layer is done: all-reduce its replicated gradients while the
             // layers below run.
+            let g = span(Some(i), bwd_ops::GRAD_ALLREDUCE_PACK, bwd);
             let mut f = Flatten {
                 grads: &mut acc,
                 buffer: Vec::new(),
@@ -266,6 +267,7 @@ impl EpTrainRank {
             };
             visit_replicated_layer(&self.model.layers[i], &mut f);
             let (buffer, present) = (f.buffer, f.present);
+            g.finish();
             let tag = CollectiveTag::new(bwd_ops::GRAD_ALLREDUCE)
                 .at_layer(i)
                 .in_phase(bwd);
@@ -280,7 +282,13 @@ impl EpTrainRank {
         let grads = (flat3(emb) * flat3(g_emb)).sum().backward();
         absorb(&mut acc, grads, &self.model);
         g.finish();
-        self.reduce_replicated(grad_comm, &mut acc, pending_grads, h0.device().inner())?;
+        self.reduce_replicated(
+            grad_comm,
+            trace,
+            &mut acc,
+            pending_grads,
+            h0.device().inner(),
+        )?;
         Ok(RankStep {
             loss: loss_value,
             grads: acc,
@@ -417,6 +425,7 @@ impl EpTrainRank {
         g.finish();
         let to_owner = self.send_slots(
             comm,
+            trace,
             g_slots,
             &tape.part.slot_experts,
             CollectiveTag::new(bwd_ops::COMBINE_BWD_MB[mb])
@@ -449,13 +458,14 @@ impl EpTrainRank {
         let g = trace.compute(self.rank, Some(i), bwd_ops::EXPERTS, bwd);
         let g_expert_in = c.part.experts_backward(g_rows.tokens, acc, &self.model);
         g.finish();
-        let back = combine_start(
+        let back = combine_start_traced(
             comm,
             g_expert_in,
             back_plan,
             CollectiveTag::new(bwd_ops::DISPATCH_BWD_MB[mb])
                 .at_layer(i)
                 .in_phase(bwd),
+            trace,
         )?;
         let g = trace.compute(self.rank, Some(i), bwd_ops::SHARED, bwd);
         let g_shared_in = c

@@ -24,7 +24,7 @@ use super::{
     l2_compared_layers, leaf, seeded, visit_replicated_layer,
 };
 use crate::comm::{CollectiveTag, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start, combine_start_traced};
+use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start_traced};
 use crate::plan::desc::{self, OpKey, Split, Step};
 use crate::schedule::walk::{self, Attention, Exec, bad_step};
 use crate::schedule::{Ctx, ScheduleError, ep_moe, ops};
@@ -683,6 +683,7 @@ impl EpTrainRank {
                         let part = st[i].part.as_ref().expect("the join ran");
                         st[i].to_owner = Some(self.send_slots(
                             comm,
+                            trace,
                             g_y,
                             &part.slot_experts,
                             tag(bwd_ops::COMBINE_BWD, i),
@@ -693,14 +694,21 @@ impl EpTrainRank {
                             .pending_rows
                             .take()
                             .ok_or_else(|| out_of_order(key, "the experts' backward"))?;
-                        st[i].back = Some(combine_start(
+                        st[i].back = Some(combine_start_traced(
                             comm,
                             g_in,
                             plan,
                             tag(bwd_ops::DISPATCH_BWD, i),
+                            trace,
                         )?);
                     }
                     (bwd_ops::GRAD_ALLREDUCE, Some(i)) if i < layers => {
+                        let g = trace.compute(
+                            self.rank,
+                            Some(i),
+                            bwd_ops::GRAD_ALLREDUCE_PACK,
+                            Phase::Backward,
+                        );
                         let mut f = Flatten {
                             grads: &mut acc,
                             buffer: Vec::new(),
@@ -708,6 +716,7 @@ impl EpTrainRank {
                         };
                         visit_replicated_layer(&model.layers[i], &mut f);
                         let (buffer, present) = (f.buffer, f.present);
+                        g.finish();
                         pending_grads.push((
                             i,
                             present,
@@ -719,7 +728,7 @@ impl EpTrainRank {
                         // waits of the description).
                         let device = emb.device().inner();
                         let pending = std::mem::take(&mut pending_grads);
-                        self.reduce_replicated(grad_comm, &mut acc, pending, device)?;
+                        self.reduce_replicated(grad_comm, trace, &mut acc, pending, device)?;
                     }
                     _ => return Err(bad_step(key, "is not a backward collective")),
                 },
