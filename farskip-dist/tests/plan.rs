@@ -105,6 +105,49 @@ fn a_late_rank_holds_the_collective_and_its_peer_waits() {
 }
 
 #[test]
+fn a_collectives_host_work_runs_before_its_issue_and_after_its_wait() {
+    // The dispatch packs (1 ms) before it goes out and unpacks (0.5 ms) after the wait: a → pack → (dispatch
+    // 2..6 beside w 3..5) → wait until 6 → unpack 6..6.5 → z.
+    let d = k(ops::DISPATCH);
+    let s = Schedule {
+        steps: vec![
+            Step::Compute(k("a")),
+            Step::Issue { key: d, channel: 0 },
+            Step::Compute(k("w")),
+            Step::Wait(d),
+            Step::Compute(k("z")),
+        ],
+    };
+    let cost = |_: usize, key: &OpKey| match key.op {
+        ops::DISPATCH_PACK => 1.0,
+        ops::DISPATCH_UNPACK => 0.5,
+        op => costs(op),
+    };
+    let t = simulate(&s, 1, &cost, &|_| 3.0).unwrap();
+    let order: Vec<(&str, f64, f64)> = t.ranks[0]
+        .iter()
+        .map(|i| (i.key.op, i.start, i.end))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("a", 0.0, 2.0),
+            (ops::DISPATCH_PACK, 2.0, 3.0),
+            (ops::DISPATCH, 3.0, 6.0),
+            ("w", 3.0, 5.0),
+            (ops::DISPATCH_UNPACK, 6.0, 6.5),
+            ("z", 6.5, 7.5),
+        ]
+    );
+    let m = t.metrics(None);
+    assert_eq!(m.compute_ms, 6.5);
+    assert_eq!(m.exposed_ms, 1.0);
+    // Without host costs, nothing is added.
+    let t = simulate(&s, 1, &|_, key| costs(key.op), &|_| 3.0).unwrap();
+    assert_eq!(t.ranks[0].len(), 4);
+}
+
+#[test]
 fn waiting_before_issuing_and_bad_costs_are_errors() {
     let s = Schedule {
         steps: vec![Step::Wait(k("c"))],

@@ -114,46 +114,40 @@ pub fn simulate(
     let mut lane_free: HashMap<u8, Vec<f64>> = HashMap::new();
     let mut done: HashMap<OpKey, f64> = HashMap::new();
     let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
-    // A collective's host work on the compute lane of every rank.
-    let host = |ranks: &mut Vec<Vec<Interval>>,
-                t: &mut Vec<f64>,
-                op: Option<&'static str>,
-                key: OpKey|
+    // Runs `k` on every rank's compute lane; a collective's host work (`host`) leaves no interval where it
+    // costs nothing.
+    let run = |ranks: &mut Vec<Vec<Interval>>,
+               t: &mut Vec<f64>,
+               k: OpKey,
+               host: bool|
      -> Result<(), SimError> {
-        let Some(op) = op else { return Ok(()) };
-        let k = OpKey { op, ..key };
         for r in 0..world {
             let c = checked(&k, compute(r, &k))?;
-            if c > 0.0 {
-                ranks[r].push(Interval {
-                    key: k,
-                    lane: Lane::Compute,
-                    start: t[r],
-                    end: t[r] + c,
-                    peer_wait: 0.0,
-                    issued: t[r],
-                });
-                t[r] += c;
+            if host && c == 0.0 {
+                continue;
             }
+            ranks[r].push(Interval {
+                key: k,
+                lane: Lane::Compute,
+                start: t[r],
+                end: t[r] + c,
+                peer_wait: 0.0,
+                issued: t[r],
+            });
+            t[r] += c;
         }
         Ok(())
     };
+    let host = |ranks: &mut Vec<Vec<Interval>>,
+                t: &mut Vec<f64>,
+                op: Option<&'static str>,
+                key: OpKey| match op {
+        Some(op) => run(ranks, t, OpKey { op, ..key }, true),
+        None => Ok(()),
+    };
     for step in &schedule.steps {
         match *step {
-            Step::Compute(k) => {
-                for r in 0..world {
-                    let c = checked(&k, compute(r, &k))?;
-                    ranks[r].push(Interval {
-                        key: k,
-                        lane: Lane::Compute,
-                        start: t[r],
-                        end: t[r] + c,
-                        peer_wait: 0.0,
-                        issued: t[r],
-                    });
-                    t[r] += c;
-                }
-            }
+            Step::Compute(k) => run(&mut ranks, &mut t, k, false)?,
             Step::Issue { key, channel } => {
                 host(&mut ranks, &mut t, ops::pack(key.op), key)?;
                 let free = lane_free.entry(channel).or_insert_with(|| vec![0.0; world]);
