@@ -143,7 +143,14 @@ fn a_collectives_host_work_runs_before_its_issue_and_after_its_wait() {
     assert_eq!(m.compute_ms, 6.5);
     assert_eq!(m.exposed_ms, 1.0);
     // Without host costs, nothing is added.
-    let t = simulate(&s, 1, &|_, key| costs(key.op), &|_| 3.0).unwrap();
+    let free = |_: usize, key: &OpKey| {
+        if ops::is_host_work(key.op) {
+            0.0
+        } else {
+            costs(key.op)
+        }
+    };
+    let t = simulate(&s, 1, &free, &|_| 3.0).unwrap();
     assert_eq!(t.ranks[0].len(), 4);
 }
 
