@@ -29,7 +29,7 @@ use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, dispatch_start_traced};
-use crate::schedule::{Result, ScheduleError, ep_moe, ops};
+use crate::schedule::{Result, ScheduleError, ep_moe};
 use crate::trace::{Phase, Trace};
 
 mod tbo;
@@ -201,17 +201,6 @@ struct PartialTape {
     expert_in: Tensor<2>,
     expert_out: Tensor<2>,
     slot_experts: Vec<usize>,
-}
-
-/// An MoE layer's forward up to its dispatch (in flight), kept for [`EpTrainRank::moe_end`].
-struct MoeBegun {
-    norm_in: Tensor<3>,
-    norm_out: Tensor<2>,
-    router_in: Tensor<2>,
-    slots: Tensor<2>,
-    weights: Tensor<2>,
-    slot_experts: Vec<usize>,
-    dispatched: Pending<(crate::dispatch::ExpertInputs, DispatchPlan)>,
 }
 
 /// The result of one rank's step.
@@ -571,9 +560,14 @@ impl EpTrainRank {
             config.hidden_size,
             self.model.layers.len(),
         )?;
-        let x_ids = windows.clone().narrow(1, 0, t);
-        let y_ids = windows.narrow(1, 1, t);
-        self.step_walk(comm, grad_comm, trace, x_ids, y_ids, objective)
+        let micro = walk::Micro {
+            x_ids: windows.clone().narrow(1, 0, t),
+            y_ids: windows.narrow(1, 1, t),
+            objective: objective.clone(),
+            weight: 1.0,
+        };
+        let schedule = crate::plan::desc::training(config, self.model.connectivity());
+        self.step_walk(comm, grad_comm, trace, vec![micro], &schedule)
     }
 
     /// The loss on this rank's logits `[tokens, vocab]`: next-token cross-entropy on `y_ids`, or the KL to the
@@ -663,103 +657,6 @@ impl EpTrainRank {
         };
         visit_replicated_outer(&self.model, &mut u);
         Ok(())
-    }
-
-    /// The first part of a two-micro-batch MoE step: the MoE's norm, then [`ep_moe::begin`] (router and slot
-    /// gather, each from a fresh leaf, and the async dispatch tagged `dispatch`).
-    fn moe_begin<C: Communicator + ?Sized>(
-        &self,
-        comm: &C,
-        trace: &Trace,
-        i: usize,
-        moe_in: &Tensor<3>,
-        dispatch: &'static str,
-    ) -> Result<MoeBegun> {
-        let at = self.at(comm, trace, i);
-        let g = trace.compute(self.rank, Some(i), ops::ROUTER, Phase::Forward);
-        let norm_in = leaf(moe_in);
-        let norm_out = flat3(self.model.layers[i].post_norm.forward(norm_in.clone()));
-        g.finish();
-        let begun = ep_moe::begin(
-            &at,
-            self.moe(i),
-            &self.sharding,
-            None,
-            &norm_out,
-            &Leaves,
-            dispatch,
-        )?;
-        Ok(MoeBegun {
-            norm_in,
-            norm_out,
-            router_in: begun.router_in,
-            slots: begun.slots,
-            weights: begun.routing.weights,
-            slot_experts: begun.slot_experts,
-            dispatched: begun.dispatched,
-        })
-    }
-
-    /// The second part of a two-micro-batch MoE step: [`ep_moe::end`] (the routed experts on their owner, the
-    /// combine tagged `combine` and the shared expert, each from fresh leaves). `attention` is attention's
-    /// `(input leaf, output)` for the tape.
-    fn moe_end<C: Communicator + ?Sized>(
-        &self,
-        comm: &C,
-        trace: &Trace,
-        i: usize,
-        begun: MoeBegun,
-        attention: (Tensor<3>, Tensor<3>),
-        combine: &'static str,
-    ) -> Result<(PartialTape, Pending<Tensor<2>>)> {
-        let MoeBegun {
-            norm_in,
-            norm_out,
-            router_in,
-            slots,
-            weights,
-            slot_experts,
-            dispatched,
-        } = begun;
-        let ended = ep_moe::end(
-            &self.at(comm, trace, i),
-            self.moe(i),
-            dispatched,
-            &norm_out,
-            &Leaves,
-            combine,
-        )?;
-        let (attn_in, attn_out) = attention;
-        let tape = PartialTape {
-            attn_in,
-            attn_out,
-            norm_in,
-            norm_out,
-            router_in,
-            slots,
-            weights,
-            shared_in: ended.shared_in,
-            shared_out: ended.shared_out,
-            expert_in: ended.expert_in,
-            expert_out: ended.expert_out,
-            slot_experts,
-        };
-        Ok((tape, ended.combine))
-    }
-
-    /// Where layer `i`'s EP MoE step runs (forward).
-    fn at<'a, C: Communicator + ?Sized>(
-        &self,
-        comm: &'a C,
-        trace: &'a Trace,
-        i: usize,
-    ) -> ep_moe::At<'a, C> {
-        ep_moe::At {
-            comm,
-            trace,
-            layer: i,
-            phase: Phase::Forward,
-        }
     }
 
     fn moe(&self, i: usize) -> &MoeBlock {

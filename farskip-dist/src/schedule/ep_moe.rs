@@ -1,8 +1,6 @@
 //! The pieces of one expert-parallel MoE layer, shared by every EP schedule: [`route`] (router and slot gather),
 //! [`dispatch`] (the async all-to-all of the slot rows to the experts' owners) and [`experts`] (the routed experts
-//! on their owner). The description walkers (`schedule::walk`, the training step) call them one step at a time;
-//! the two-micro-batch training step uses them through [`begin`] (route + dispatch, span `router`) and [`end`]
-//! (wait, experts, combine, shared expert).
+//! on their owner). The description walkers (`schedule::walk`, the training step) call them one step at a time.
 //!
 //! Training differs from inference only in how tensors enter the layer: a [`Cut`] makes each input of a
 //! segment a fresh autodiff leaf (the boundaries of the segmented backward), inference passes them through.
@@ -13,11 +11,7 @@ use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
 use super::Result;
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, Communicator, Pending};
-use crate::dispatch::{
-    DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start_traced,
-    dispatch_start_traced,
-};
-use crate::schedule::ops;
+use crate::dispatch::{DispatchPlan, ExpertInputs, ExpertSharding, Routing, dispatch_start_traced};
 use crate::trace::{Phase, Trace};
 
 /// How a tensor enters the layer's graph.
@@ -41,31 +35,6 @@ pub(crate) struct At<'a, C: Communicator + ?Sized> {
     pub trace: &'a Trace,
     pub layer: usize,
     pub phase: Phase,
-}
-
-impl<C: Communicator + ?Sized> At<'_, C> {
-    fn span<T>(&self, op: &'static str, f: impl FnOnce() -> T) -> T {
-        let g = self
-            .trace
-            .compute(self.comm.rank(), Some(self.layer), op, self.phase);
-        let out = f();
-        g.finish();
-        out
-    }
-}
-
-/// What [`begin`] leaves for [`end`] and for a backward.
-pub(crate) struct Begun {
-    /// The router's input as the layer read it (a leaf in training).
-    pub router_in: Tensor<2>,
-    /// Expert ids and weights of every token.
-    pub routing: ModelRouting,
-    /// The slot rows, token-major, `top_k` per token.
-    pub slots: Tensor<2>,
-    /// Global expert id of every slot row.
-    pub slot_experts: Vec<usize>,
-    /// The dispatch in flight.
-    pub dispatched: Pending<(ExpertInputs, DispatchPlan)>,
 }
 
 /// The router's result on a layer's normalised MoE input.
@@ -139,72 +108,4 @@ pub(crate) fn experts(
         .experts
         .forward_grouped(expert_in.clone(), &inputs.counts);
     (expert_in, expert_out)
-}
-
-/// Router and slot gather on `normed` (span `router`), then the async dispatch of the slot rows, tagged `tag`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn begin<C: Communicator + ?Sized>(
-    at: &At<'_, C>,
-    moe: &MoeBlock,
-    sharding: &ExpertSharding,
-    loads: Option<&ExpertLoads>,
-    normed: &Tensor<2>,
-    cut: &impl Cut,
-    tag: &'static str,
-) -> Result<Begun> {
-    let r = at.span(ops::ROUTER, || {
-        route(moe, sharding, loads, at.layer, normed, cut)
-    });
-    let dispatched = dispatch(at, sharding, &r.slots, &r.slot_experts, tag)?;
-    Ok(Begun {
-        router_in: r.router_in,
-        routing: r.routing,
-        slots: r.slots,
-        slot_experts: r.slot_experts,
-        dispatched,
-    })
-}
-
-/// What [`end`] leaves for the combine's wait and for a backward.
-pub(crate) struct Ended {
-    /// The expert bank's input rows as the layer read them (a leaf in training).
-    pub expert_in: Tensor<2>,
-    /// The expert bank's output rows (before they travel back).
-    pub expert_out: Tensor<2>,
-    /// The shared expert's input (a leaf in training).
-    pub shared_in: Tensor<2>,
-    /// The shared expert's output, if the layer has one.
-    pub shared_out: Option<Tensor<2>>,
-    /// The combine in flight.
-    pub combine: Pending<Tensor<2>>,
-}
-
-/// Waits for the dispatch, runs the routed experts on their owner, starts the combine (tagged `tag`) and runs
-/// the shared expert on `shared_src` (the normalised MoE input).
-pub(crate) fn end<C: Communicator + ?Sized>(
-    at: &At<'_, C>,
-    moe: &MoeBlock,
-    dispatched: Pending<(ExpertInputs, DispatchPlan)>,
-    shared_src: &Tensor<2>,
-    cut: &impl Cut,
-    tag: &'static str,
-) -> Result<Ended> {
-    let (inputs, plan) = dispatched.wait()?;
-    let (expert_in, expert_out) = at.span(ops::EXPERTS, || experts(moe, &inputs, cut));
-    let tag = CollectiveTag::new(tag)
-        .at_layer(at.layer)
-        .in_phase(at.phase);
-    let combine = combine_start_traced(at.comm, expert_out.clone().detach(), plan, tag, at.trace)?;
-    let (shared_in, shared_out) = at.span(ops::SHARED, || {
-        let shared_in = cut.cut(shared_src);
-        let shared_out = moe.shared(shared_in.clone());
-        (shared_in, shared_out)
-    });
-    Ok(Ended {
-        expert_in,
-        expert_out,
-        shared_in,
-        shared_out,
-        combine,
-    })
 }

@@ -60,6 +60,8 @@ pub(crate) trait Exec {
 
     /// The rank's model.
     fn model(&self) -> &Model;
+    /// The next step is micro-batch `m`'s (a recording exec keeps its records per micro-batch).
+    fn micro(&self, _m: usize) {}
     /// The embedding (span `embed_head`): the first stream.
     fn embed<C: Communicator + ?Sized>(&self, ctx: &Ctx<'_, C>, ids: Tensor<2, Int>) -> Tensor<3> {
         ctx.compute(None, ops::HEAD, || self.model().embed(ids))
@@ -443,8 +445,11 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
     let offsets: Vec<usize> = inputs.iter().map(|(_, o)| *o).collect();
     let mut inputs: Vec<Option<Tensor<2, Int>>> =
         inputs.into_iter().map(|(ids, _)| Some(ids)).collect();
-    // Micro-batches share each layer's keys and values (the later half attends to the earlier one).
-    let mut caches: Vec<LayerKvCache> = if micro_batches > 1 {
+    // Micro-batches that start at different positions are pieces of the same sequences: they share each
+    // layer's keys and values (the later half attends to the earlier one). At the same position they are
+    // different sequences (a batch cut by rows), each attending to itself.
+    let one_sequence = offsets.windows(2).any(|w| w[0] != w[1]);
+    let mut caches: Vec<LayerKvCache> = if one_sequence {
         (0..n).map(|_| LayerKvCache::default()).collect()
     } else {
         Vec::new()
@@ -461,6 +466,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
         };
         let micro = usize::from(key.micro);
         let offset = offsets.get(micro).copied().unwrap_or_default();
+        e.micro(micro);
         let w = walks
             .get_mut(micro)
             .ok_or_else(|| bad_step(key, &format!("micro-batch {micro} of {micro_batches}")))?;

@@ -11,7 +11,7 @@
 //! whose own join backward runs when the walk reaches layer k. Equal to the single-rank gradients within float
 //! rounding, at every skip depth.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -80,12 +80,16 @@ impl Rec {
     }
 }
 
-/// The forward's [`Exec`]: expert parallelism with every segment input a fresh leaf, recorded per layer.
+/// The forward's [`Exec`]: expert parallelism with every segment input a fresh leaf, recorded per micro-batch
+/// and layer.
 struct Recorder<'a> {
     rank: &'a EpTrainRank,
-    recs: RefCell<Vec<Rec>>,
-    emb: RefCell<Option<Tensor<3>>>,
-    final_from: RefCell<Vec<usize>>,
+    /// The micro-batch of the step being walked.
+    micro: Cell<usize>,
+    /// `recs[micro][layer]`.
+    recs: RefCell<Vec<Vec<Rec>>>,
+    emb: RefCell<Vec<Option<Tensor<3>>>>,
+    final_from: RefCell<Vec<Vec<usize>>>,
 }
 
 /// A training MoE layer between its router and its combine.
@@ -119,6 +123,11 @@ impl Recorder<'_> {
     fn moe(&self, i: usize) -> &farskip_model::moe::MoeBlock {
         self.rank.moe(i)
     }
+
+    /// Records into layer `i`'s record of the current micro-batch.
+    fn rec<T>(&self, i: usize, f: impl FnOnce(&mut Rec) -> T) -> T {
+        f(&mut self.recs.borrow_mut()[self.micro.get()][i])
+    }
 }
 
 impl Exec for Recorder<'_> {
@@ -133,21 +142,24 @@ impl Exec for Recorder<'_> {
         &self.rank.model
     }
 
+    fn micro(&self, m: usize) {
+        self.micro.set(m);
+    }
+
     fn embed<C: Communicator + ?Sized>(&self, ctx: &Ctx<'_, C>, ids: Tensor<2, Int>) -> Tensor<3> {
         let emb = ctx.compute(None, ops::HEAD, || self.rank.model.embed(ids));
         let settled = emb.clone().detach();
-        *self.emb.borrow_mut() = Some(emb);
+        self.emb.borrow_mut()[self.micro.get()] = Some(emb);
         settled
     }
 
     fn formed_r(&self, at: Option<usize>, from: &[usize], r: &Tensor<3>) {
         match at {
-            Some(i) => {
-                let mut recs = self.recs.borrow_mut();
-                recs[i].from = from.to_vec();
-                recs[i].r = Some(r.clone());
-            }
-            None => *self.final_from.borrow_mut() = from.to_vec(),
+            Some(i) => self.rec(i, |rec| {
+                rec.from = from.to_vec();
+                rec.r = Some(r.clone());
+            }),
+            None => self.final_from.borrow_mut()[self.micro.get()] = from.to_vec(),
         }
     }
 
@@ -168,7 +180,7 @@ impl Exec for Recorder<'_> {
             );
             (attn_in, qkv)
         });
-        self.recs.borrow_mut()[i].attn_in = Some(attn_in);
+        self.rec(i, |rec| rec.attn_in = Some(attn_in));
         Ok(qkv)
     }
 
@@ -188,7 +200,7 @@ impl Exec for Recorder<'_> {
         }
         let layer = &self.rank.model.layers[i];
         let a = ctx.compute(Some(i), ops::ATTN_2, || layer.attention.attend(qkv));
-        self.recs.borrow_mut()[i].attn_out = Some(a.clone());
+        self.rec(i, |rec| rec.attn_out = Some(a.clone()));
         Ok(Attention::Done(a.detach()))
     }
 
@@ -247,14 +259,14 @@ impl Exec for Recorder<'_> {
             expert_out: None,
             shared: None,
         };
-        let mut recs = self.recs.borrow_mut();
-        let rec = &mut recs[i];
-        rec.norm_in = Some(norm_in);
-        rec.norm_out = Some(norm_out);
-        rec.router_in = Some(r.router_in);
-        rec.slots = Some(r.slots);
-        rec.weights = Some(r.routing.weights);
-        rec.slot_experts = r.slot_experts;
+        self.rec(i, |rec| {
+            rec.norm_in = Some(norm_in);
+            rec.norm_out = Some(norm_out);
+            rec.router_in = Some(r.router_in);
+            rec.slots = Some(r.slots);
+            rec.weights = Some(r.routing.weights);
+            rec.slot_experts = r.slot_experts;
+        });
         Ok(moe)
     }
 
@@ -275,9 +287,10 @@ impl Exec for Recorder<'_> {
                     ep_moe::experts(self.moe(i), &inputs, &Leaves)
                 });
                 m.expert_out = Some((expert_out.clone().detach(), plan));
-                let mut recs = self.recs.borrow_mut();
-                recs[i].expert_in = Some(expert_in);
-                recs[i].expert_out = Some(expert_out);
+                self.rec(i, |rec| {
+                    rec.expert_in = Some(expert_in);
+                    rec.expert_out = Some(expert_out);
+                });
             }
             ops::SHARED => {
                 let [b, t, h] = m.dims;
@@ -289,9 +302,10 @@ impl Exec for Recorder<'_> {
                 m.shared = shared_out
                     .as_ref()
                     .map(|s| s.clone().detach().reshape([b, t, h]));
-                let mut recs = self.recs.borrow_mut();
-                recs[i].shared_in = Some(shared_in);
-                recs[i].shared_out = shared_out;
+                self.rec(i, |rec| {
+                    rec.shared_in = Some(shared_in);
+                    rec.shared_out = shared_out;
+                });
             }
             _ => return Err(bad_step(key, "is not an MoE step")),
         }
@@ -383,9 +397,29 @@ impl Exec for Recorder<'_> {
             let routed = self.moe(k).combine_slots(y.clone(), &routing).reshape(dims);
             (y, w, routed)
         });
-        self.recs.borrow_mut()[k].join = Some((y, w, routed.clone()));
+        self.rec(k, |rec| rec.join = Some((y, w, routed.clone())));
         Ok(routed.detach())
     }
+}
+
+/// One micro-batch's backward state: what its forward recorded and the gradients found so far.
+struct MicroBwd {
+    /// Its loss, until the head's backward runs.
+    loss: Option<Tensor<1>>,
+    /// The final stream's leaf.
+    final_in: Tensor<3>,
+    /// KL + L2: the compared full outputs' leaves.
+    hidden_leaves: Vec<Tensor<3>>,
+    /// The layers whose routed outputs joined the final stream.
+    final_from: Vec<usize>,
+    recs: Vec<Rec>,
+    /// The embedding's output (with its graph).
+    emb: Tensor<3>,
+    /// Gradients of S_j (index j = 0..=layers), of the routed outputs, and of the compared full outputs.
+    g_settled: Vec<Option<Tensor<3>>>,
+    g_routed: Vec<Option<Tensor<3>>>,
+    g_hidden: Vec<Option<Tensor<3>>>,
+    st: Vec<Bwd>,
 }
 
 /// One layer's backward between the description's steps.
@@ -406,22 +440,35 @@ struct Bwd {
     done: bool,
 }
 
+/// One micro-batch of a training step: its inputs and targets (`[batch, seq]`, checked), its objective (teacher
+/// tensors cut to its rows) and the weight of its loss in the step's (its share of the batch).
+pub(super) struct Micro {
+    pub x_ids: Tensor<2, Int>,
+    pub y_ids: Tensor<2, Int>,
+    pub objective: Objective,
+    pub weight: f64,
+}
+
 impl EpTrainRank {
-    /// [`EpTrainRank::step_on`] on this rank's inputs `x_ids` and targets `y_ids` (`[batch, seq]`, already
-    /// checked): the model's description walked forward and backward.
-    #[allow(clippy::too_many_arguments)]
+    /// A training step on this rank's micro-batches, walking `schedule` forward and backward: the model's
+    /// description ([`desc::training`]) on one micro-batch for [`EpTrainRank::step_on`], the two-micro-batch one
+    /// ([`desc::training_tbo`]) on the halves of the batch for [`EpTrainRank::step_tbo_on`].
     pub(super) fn step_walk<C: Communicator + ?Sized, G: Communicator + ?Sized>(
         &self,
         comm: &C,
         grad_comm: &G,
         trace: &Trace,
-        x_ids: Tensor<2, Int>,
-        y_ids: Tensor<2, Int>,
-        objective: &Objective,
+        micro: Vec<Micro>,
+        schedule: &desc::Schedule,
     ) -> Result<RankStep> {
         let conn = self.model.connectivity();
         let depth = desc::overlap_depth(conn);
-        if depth > 1 && matches!(objective, Objective::DistillHidden { .. }) {
+        let micro_batches = micro.len();
+        if depth > 1
+            && micro
+                .iter()
+                .any(|m| matches!(m.objective, Objective::DistillHidden { .. }))
+        {
             return Err(ScheduleError::Model(
                 farskip_model::ModelError::InvalidInput(format!(
                     "the KL + L2 objective compares full residual streams, which expert-parallel training keeps \
@@ -432,7 +479,6 @@ impl EpTrainRank {
         let farskip = depth > 0;
         let (fwd, bwd) = (Phase::Forward, Phase::Backward);
         let layers = self.model.layers.len();
-        let schedule = desc::training(self.model.config(), conn);
         let ctx = Ctx {
             comm,
             trace,
@@ -440,19 +486,82 @@ impl EpTrainRank {
         };
         let rec = Recorder {
             rank: self,
-            recs: RefCell::new((0..layers).map(|_| Rec::default()).collect()),
-            emb: RefCell::new(None),
-            final_from: RefCell::new(Vec::new()),
+            micro: Cell::new(0),
+            recs: RefCell::new(
+                (0..micro_batches)
+                    .map(|_| (0..layers).map(|_| Rec::default()).collect())
+                    .collect(),
+            ),
+            emb: RefCell::new(vec![None; micro_batches]),
+            final_from: RefCell::new(vec![Vec::new(); micro_batches]),
         };
 
-        // ---- forward: the description up to the head ----
-        let mut full = None;
-        let walked = walk::walk_forward(&rec, &ctx, &schedule.steps, vec![(x_ids, 0)], |_, r| {
-            full = Some(r);
+        // ---- forward: the description up to each micro-batch's head, where its loss is taken ----
+        // Per micro-batch: the final stream's leaf, the loss, and (KL + L2) each compared layer's full output
+        // R_{i+1} through a fresh leaf, whose gradient joins R_{i+1}'s when the backward forms it.
+        let mut final_in: Vec<Option<Tensor<3>>> = vec![None; micro_batches];
+        let mut loss: Vec<Option<Tensor<1>>> = vec![None; micro_batches];
+        let mut hidden_leaves: Vec<Vec<Tensor<3>>> = vec![Vec::new(); micro_batches];
+        let mut loss_value = 0.0;
+        let inputs = micro.iter().map(|m| (m.x_ids.clone(), 0)).collect();
+        let walked = walk::walk_forward(&rec, &ctx, &schedule.steps, inputs, |m, full| {
+            let Micro {
+                y_ids,
+                objective,
+                weight,
+                ..
+            } = &micro[m];
+            let g = trace.compute(self.rank, None, ops::HEAD, fwd);
+            let leaf_in = leaf(&full);
+            let logits = self.model.logits(leaf_in.clone());
+            let [b, t, v] = logits.dims();
+            let logits = logits.reshape([b * t, v]);
+            let l = match objective {
+                Objective::CrossEntropy | Objective::Distill { .. } => {
+                    self.logits_loss(objective, &logits, y_ids.clone())
+                }
+                Objective::DistillHidden {
+                    teacher_hidden,
+                    l2_weight,
+                    ..
+                } => {
+                    let recs = rec.recs.borrow();
+                    for i in 0..l2_compared_layers(layers) {
+                        let out = match recs[m].get(i + 1) {
+                            Some(next) => next.r.clone().ok_or_else(|| {
+                                ScheduleError::Description(format!(
+                                    "layer {}'s input stream was never formed",
+                                    i + 1
+                                ))
+                            })?,
+                            None => full.clone(),
+                        };
+                        hidden_leaves[m].push(leaf(&out));
+                    }
+                    let n_layers = hidden_leaves[m].len() as f64;
+                    let mse = hidden_leaves[m]
+                        .iter()
+                        .zip(teacher_hidden)
+                        .map(|(s, th)| (s.clone() - th.clone().detach()).square().mean())
+                        .reduce(|acc, layer| acc + layer)
+                        .map(|sum| sum.mul_scalar(1.0 / n_layers));
+                    let kl = self.logits_loss(objective, &logits, y_ids.clone());
+                    match mse {
+                        Some(mse) => kl + mse.mul_scalar(*l2_weight / self.world as f64),
+                        None => kl,
+                    }
+                }
+            };
+            let l = if *weight == 1.0 {
+                l
+            } else {
+                l.mul_scalar(*weight)
+            };
+            loss_value += l.clone().into_scalar::<f64>();
+            final_in[m] = Some(leaf_in);
+            loss[m] = Some(l);
+            g.finish();
             Ok(())
-        })?;
-        let full = full.ok_or_else(|| {
-            ScheduleError::Description("the training description has no head".into())
         })?;
         let Recorder {
             recs,
@@ -461,76 +570,64 @@ impl EpTrainRank {
             ..
         } = rec;
         let mut recs = recs.into_inner();
-        let emb = emb.into_inner().ok_or_else(|| {
-            ScheduleError::Description("the training description has no embedding".into())
-        })?;
+        let emb = emb
+            .into_inner()
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ScheduleError::Description("the training description has no embedding".into())
+            })?;
+        let final_in = final_in
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| {
+                ScheduleError::Description("the training description has no head".into())
+            })?;
         let final_from = final_from.into_inner();
-        let g = trace.compute(self.rank, None, ops::HEAD, fwd);
-        let final_in = leaf(&full);
-        let logits = self.model.logits(final_in.clone());
-        let [b, t, v] = logits.dims();
-        let logits = logits.reshape([b * t, v]);
-        // KL + L2: each compared layer's full output R_{i+1} through a fresh leaf, whose gradient joins R_{i+1}'s
-        // when the backward forms it.
-        let mut hidden_leaves: Vec<Tensor<3>> = Vec::new();
-        let loss = match objective {
-            Objective::CrossEntropy | Objective::Distill { .. } => {
-                self.logits_loss(objective, &logits, y_ids)
-            }
-            Objective::DistillHidden {
-                teacher_hidden,
-                l2_weight,
-                ..
-            } => {
-                for i in 0..l2_compared_layers(layers) {
-                    let out = match recs.get(i + 1) {
-                        Some(next) => next.r.clone().ok_or_else(|| {
-                            ScheduleError::Description(format!(
-                                "layer {}'s input stream was never formed",
-                                i + 1
-                            ))
-                        })?,
-                        None => full.clone(),
-                    };
-                    hidden_leaves.push(leaf(&out));
-                }
-                let n_layers = hidden_leaves.len() as f64;
-                let mse = hidden_leaves
-                    .iter()
-                    .zip(teacher_hidden)
-                    .map(|(s, th)| (s.clone() - th.clone().detach()).square().mean())
-                    .reduce(|acc, layer| acc + layer)
-                    .map(|sum| sum.mul_scalar(1.0 / n_layers));
-                let kl = self.logits_loss(objective, &logits, y_ids);
-                match mse {
-                    Some(mse) => kl + mse.mul_scalar(*l2_weight / self.world as f64),
-                    None => kl,
-                }
-            }
-        };
-        let loss_value = loss.clone().into_scalar::<f64>();
-        g.finish();
 
         // ---- backward: the rest of the description ----
         let model = &self.model;
         let span =
             |layer: Option<usize>, op: &'static str| trace.compute(self.rank, layer, op, bwd);
-        let tag = |name: &'static str, layer: usize| {
+        // A micro-batch's exchanges are its own collectives (`combine_bwd.mb1`, …); the replicated gradients are
+        // the whole batch's.
+        let tag = |name: &'static str, layer: usize, m: usize| {
+            let name = match (micro_batches, name) {
+                (2, bwd_ops::COMBINE_BWD) => bwd_ops::COMBINE_BWD_MB[m % 2],
+                (2, bwd_ops::DISPATCH_BWD) => bwd_ops::DISPATCH_BWD_MB[m % 2],
+                _ => name,
+            };
             CollectiveTag::new(name).at_layer(layer).in_phase(bwd)
         };
         let mut acc = GradientsParams::new();
-        let mut loss = Some(loss);
-        // Gradients of S_j (index j = 0..=layers), of the routed outputs, and of the compared full outputs.
-        let mut g_settled: Vec<Option<Tensor<3>>> = vec![None; layers + 1];
-        let mut g_routed: Vec<Option<Tensor<3>>> = vec![None; layers];
-        let mut g_hidden: Vec<Option<Tensor<3>>> = vec![None; layers];
+        let mut per: Vec<MicroBwd> = loss
+            .into_iter()
+            .zip(final_in)
+            .zip(hidden_leaves)
+            .zip(final_from)
+            .zip(recs.drain(..))
+            .zip(emb)
+            .map(
+                |(((((loss, final_in), hidden_leaves), final_from), recs), emb)| MicroBwd {
+                    loss,
+                    final_in,
+                    hidden_leaves,
+                    final_from,
+                    recs,
+                    emb,
+                    g_settled: vec![None; layers + 1],
+                    g_routed: vec![None; layers],
+                    g_hidden: vec![None; layers],
+                    st: (0..layers).map(|_| Bwd::default()).collect(),
+                },
+            )
+            .collect();
         let add = |slot: &mut Option<Tensor<3>>, g: Tensor<3>| {
             *slot = Some(match slot.take() {
                 Some(x) => x + g,
                 None => g,
             });
         };
-        let mut st: Vec<Bwd> = (0..layers).map(|_| Bwd::default()).collect();
         let mut pending_grads: Vec<(usize, Vec<bool>, Pending<Vec<f32>>)> = Vec::new();
         let next_g = |g_settled: &[Option<Tensor<3>>], key: &OpKey, i: usize| {
             g_settled[i + 1].clone().ok_or_else(|| {
@@ -541,6 +638,28 @@ impl EpTrainRank {
             })
         };
         for step in &schedule.steps[walked..] {
+            let key = match step {
+                Step::Compute(k) | Step::Issue { key: k, .. } | Step::Wait(k) => k,
+            };
+            let m = usize::from(key.micro);
+            let Some(MicroBwd {
+                loss,
+                final_in,
+                hidden_leaves,
+                final_from,
+                recs,
+                emb,
+                g_settled,
+                g_routed,
+                g_hidden,
+                st,
+            }) = per.get_mut(m)
+            else {
+                return Err(bad_step(
+                    key,
+                    &format!("micro-batch {m} of {micro_batches}"),
+                ));
+            };
             match step {
                 Step::Compute(key) if key.op == bwd_ops::HEAD => {
                     let g = span(None, bwd_ops::HEAD);
@@ -558,7 +677,7 @@ impl EpTrainRank {
                         if let Some(gh) = g_hidden[layers - 1].take() {
                             g_full = g_full + gh;
                         }
-                        for &k in &final_from {
+                        for &k in final_from.iter() {
                             add(&mut g_routed[k], g_full.clone());
                         }
                         g_settled[layers] = Some(g_full);
@@ -686,7 +805,7 @@ impl EpTrainRank {
                             trace,
                             g_y,
                             &part.slot_experts,
-                            tag(bwd_ops::COMBINE_BWD, i),
+                            tag(bwd_ops::COMBINE_BWD, i, m),
                         )?);
                     }
                     (bwd_ops::DISPATCH_BWD, Some(i)) if i < layers => {
@@ -698,7 +817,7 @@ impl EpTrainRank {
                             comm,
                             g_in,
                             plan,
-                            tag(bwd_ops::DISPATCH_BWD, i),
+                            tag(bwd_ops::DISPATCH_BWD, i, m),
                             trace,
                         )?);
                     }
@@ -720,7 +839,7 @@ impl EpTrainRank {
                         pending_grads.push((
                             i,
                             present,
-                            grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i), buffer),
+                            grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, m), buffer),
                         ));
                     }
                     (bwd_ops::GRAD_ALLREDUCE, None) => {
