@@ -1,12 +1,11 @@
 //! Schedule descriptions: the op order of one rank, with the collectives it issues and where it waits for
 //! them. A description knows no costs; [`super::sim`] walks it with a cost model.
 //!
-//! The inference executors walk [`inference`] themselves (`EpRank::forward`, `TpRank::forward`: one step of
-//! the description at a time), so the planner simulates exactly the order they run. The training and
-//! two-micro-batch executors (`training::EpTrainRank::step_on`, `step_tbo_on`, `EpRank::forward_tbo`) keep
-//! their own walkers with the same op names ([`ops`], [`bwd_ops`]); a test runs them on a small model and
-//! compares the op sequence of the trace with [`training`] and [`training_tbo`], so the two cannot drift apart
-//! unnoticed.
+//! Every executor walks its description one step at a time: `EpRank::forward` and `TpRank::forward` walk
+//! [`inference`], their `forward_tbo` its [`two_micro_batches`] form, `training::EpTrainRank::step_on`
+//! [`training`] and `step_tbo_on` [`training_tbo`] (forward and backward), so the planner simulates exactly the
+//! order they run. A test runs them on a small model and compares the op sequence of each trace (with the
+//! collectives' host work, [`ops::pack`] and [`ops::unpack`]) with the description's.
 
 use farskip_model::config::FfnKind;
 use farskip_model::connectivity::FarSkipVariant;
