@@ -26,11 +26,10 @@ use farskip_model::{Model, ModelError};
 
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
-use crate::dispatch::{
-    DispatchError, DispatchPlan, ExpertInputs, ExpertSharding, combine_start_traced,
-};
+use crate::dispatch::{DispatchError, ExpertSharding};
 use crate::plan::desc::{OpKey, Split};
 use crate::trace::{Phase, Trace};
+use walk::out_of_order;
 
 pub(crate) mod ep_moe;
 mod tbo;
@@ -249,18 +248,6 @@ impl EpRank {
     }
 }
 
-impl EpRank {
-    /// Where layer `i`'s EP MoE step runs, in `ctx`.
-    fn at<'a, C: Communicator + ?Sized>(&self, ctx: &Ctx<'a, C>, i: usize) -> ep_moe::At<'a, C> {
-        ep_moe::At {
-            comm: ctx.comm,
-            trace: ctx.trace,
-            layer: i,
-            phase: ctx.phase,
-        }
-    }
-}
-
 /// An EP MoE layer between its router and its combine.
 pub(crate) struct EpMoe {
     moe: MoeBlock,
@@ -268,10 +255,7 @@ pub(crate) struct EpMoe {
     /// The normalised MoE input `[tokens, hidden]` (the shared expert's input).
     x: Tensor<2>,
     routing: Option<ModelRouting>,
-    slots: Option<(Tensor<2>, Vec<usize>)>,
-    dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
-    arrived: Option<(ExpertInputs, DispatchPlan)>,
-    expert_out: Option<(Tensor<2>, DispatchPlan)>,
+    flight: ep_moe::Flight,
     shared: Option<Tensor<3>>,
 }
 
@@ -286,13 +270,6 @@ pub(crate) struct EpJoin {
     moe: MoeBlock,
     routing: ModelRouting,
     dims: [usize; 3],
-}
-
-fn missing(key: &OpKey, what: &str) -> ScheduleError {
-    walk::bad_step(
-        key,
-        &format!("{what} is missing (the steps are out of order)"),
-    )
 }
 
 impl walk::Exec for EpRank {
@@ -343,30 +320,6 @@ impl walk::Exec for EpRank {
         )))
     }
 
-    fn attn_issue<C: Communicator + ?Sized>(
-        &self,
-        _ctx: &Ctx<'_, C>,
-        key: &OpKey,
-        _a: ProjectedQkv,
-    ) -> Result<ProjectedQkv> {
-        Err(walk::bad_step(
-            key,
-            "expert parallelism has no attention collective",
-        ))
-    }
-
-    fn attn_wait<C: Communicator + ?Sized>(
-        &self,
-        _ctx: &Ctx<'_, C>,
-        key: &OpKey,
-        _a: ProjectedQkv,
-    ) -> Result<Tensor<3>> {
-        Err(walk::bad_step(
-            key,
-            "expert parallelism has no attention collective",
-        ))
-    }
-
     fn router<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
@@ -390,10 +343,7 @@ impl walk::Exec for EpRank {
             dims,
             x,
             routing: Some(r.routing),
-            slots: Some((r.slots, r.slot_experts)),
-            dispatched: None,
-            arrived: None,
-            expert_out: None,
+            flight: ep_moe::Flight::new(r.slots, r.slot_experts),
             shared: None,
         })
     }
@@ -406,14 +356,11 @@ impl walk::Exec for EpRank {
     ) -> Result<()> {
         match key.op {
             ops::EXPERTS => {
-                let (inputs, plan) = m
-                    .arrived
-                    .take()
-                    .ok_or_else(|| missing(key, "the dispatched rows"))?;
+                let (inputs, plan) = m.flight.arrived(key)?;
                 let (_, out) = ctx.compute(key.layer, ops::EXPERTS, || {
                     ep_moe::experts(&m.moe, &inputs, &ep_moe::Through)
                 });
-                m.expert_out = Some((out, plan));
+                m.flight.set_expert_out(out, plan);
             }
             ops::SHARED => {
                 let [b, t, h] = m.dims;
@@ -433,18 +380,7 @@ impl walk::Exec for EpRank {
         m: &mut EpMoe,
     ) -> Result<()> {
         let sharding = self.sharding.expect("an MoE layer implies an MoE config");
-        let (slots, slot_experts) = m
-            .slots
-            .take()
-            .ok_or_else(|| missing(key, "the slot rows"))?;
-        m.dispatched = Some(ep_moe::dispatch(
-            &self.at(ctx, key.layer.unwrap_or_default()),
-            &sharding,
-            &slots,
-            &slot_experts,
-            key.op,
-        )?);
-        Ok(())
+        m.flight.dispatch_issue(ctx, &sharding, key)
     }
 
     fn dispatch_wait<C: Communicator + ?Sized>(
@@ -453,12 +389,7 @@ impl walk::Exec for EpRank {
         key: &OpKey,
         m: &mut EpMoe,
     ) -> Result<()> {
-        let d = m
-            .dispatched
-            .take()
-            .ok_or_else(|| missing(key, "the dispatch"))?;
-        m.arrived = Some(d.wait()?);
-        Ok(())
+        m.flight.dispatch_wait(key)
     }
 
     fn take_shared(m: &mut EpMoe) -> Option<Tensor<3>> {
@@ -471,17 +402,12 @@ impl walk::Exec for EpRank {
         key: &OpKey,
         m: &mut EpMoe,
     ) -> Result<EpRouted> {
-        let (rows, plan) = m
-            .expert_out
-            .take()
-            .ok_or_else(|| missing(key, "the expert outputs"))?;
         let routing = m
             .routing
             .take()
-            .ok_or_else(|| missing(key, "the routing"))?;
-        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+            .ok_or_else(|| out_of_order(key, "the routing"))?;
         Ok(EpRouted {
-            combine: combine_start_traced(ctx.comm, rows, plan, tag, ctx.trace)?,
+            combine: m.flight.combine_issue(ctx, key)?,
             join: EpJoin {
                 moe: m.moe.clone(),
                 routing,
@@ -659,7 +585,7 @@ impl walk::Exec for TpRank {
         a: TpAttn,
     ) -> Result<TpAttn> {
         let TpAttn::Partial(partial) = a else {
-            return Err(missing(key, "attention's partial output"));
+            return Err(out_of_order(key, "attention's partial output"));
         };
         let dims = partial.dims();
         let device = partial.device();
@@ -678,7 +604,7 @@ impl walk::Exec for TpRank {
         a: TpAttn,
     ) -> Result<Tensor<3>> {
         let TpAttn::Reducing(reduce, dims, device) = a else {
-            return Err(missing(key, "attention's all-reduce"));
+            return Err(out_of_order(key, "attention's all-reduce"));
         };
         Ok(reduced(
             ctx,
@@ -769,7 +695,7 @@ impl walk::Exec for TpRank {
         let routed = m
             .routed
             .take()
-            .ok_or_else(|| missing(key, "the routed partial sums"))?;
+            .ok_or_else(|| out_of_order(key, "the routed partial sums"))?;
         let device = routed.device();
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
         let host = ctx.compute(key.layer, ops::AR_MOE_PACK, || to_host(routed));

@@ -1,6 +1,7 @@
 //! The pieces of one expert-parallel MoE layer, shared by every EP schedule: [`route`] (router and slot gather),
 //! [`dispatch`] (the async all-to-all of the slot rows to the experts' owners) and [`experts`] (the routed experts
-//! on their owner). The description walkers (`schedule::walk`, the training step) call them one step at a time.
+//! on their owner), and [`Flight`], the layer's rows between the collectives. The description walkers
+//! (`schedule::walk`, the training step) call them one step at a time.
 //!
 //! Training differs from inference only in how tensors enter the layer: a [`Cut`] makes each input of a
 //! segment a fresh autodiff leaf (the boundaries of the segmented backward), inference passes them through.
@@ -8,10 +9,15 @@
 use burn::prelude::*;
 use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
 
-use super::Result;
+use super::walk::out_of_order;
+use super::{Ctx, Result};
 use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, Communicator, Pending};
-use crate::dispatch::{DispatchPlan, ExpertInputs, ExpertSharding, Routing, dispatch_start_traced};
+use crate::dispatch::{
+    DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start_traced,
+    dispatch_start_traced,
+};
+use crate::plan::desc::OpKey;
 use crate::trace::{Phase, Trace};
 
 /// How a tensor enters the layer's graph.
@@ -108,4 +114,83 @@ pub(crate) fn experts(
         .experts
         .forward_grouped(expert_in.clone(), &inputs.counts);
     (expert_in, expert_out)
+}
+
+/// An EP MoE layer's rows between the walker's steps, the same for every EP executor: the slot rows until the
+/// dispatch goes out, the dispatch in flight, the rows it delivered, the expert outputs until the combine goes out.
+/// A step whose input is not there (a description out of order) is an error naming it.
+pub(crate) struct Flight {
+    slots: Option<(Tensor<2>, Vec<usize>)>,
+    dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
+    arrived: Option<(ExpertInputs, DispatchPlan)>,
+    expert_out: Option<(Tensor<2>, DispatchPlan)>,
+}
+
+impl Flight {
+    /// The router's slot rows (token-major) and their experts' global ids, before the dispatch.
+    pub fn new(slots: Tensor<2>, slot_experts: Vec<usize>) -> Self {
+        Self {
+            slots: Some((slots, slot_experts)),
+            dispatched: None,
+            arrived: None,
+            expert_out: None,
+        }
+    }
+
+    /// Issues the dispatch of step `key` (its name and layer tag the collective).
+    pub fn dispatch_issue<C: Communicator + ?Sized>(
+        &mut self,
+        ctx: &Ctx<'_, C>,
+        sharding: &ExpertSharding,
+        key: &OpKey,
+    ) -> Result<()> {
+        let (slots, slot_experts) = self
+            .slots
+            .take()
+            .ok_or_else(|| out_of_order(key, "the slot rows"))?;
+        let at = At {
+            comm: ctx.comm,
+            trace: ctx.trace,
+            layer: key.layer.unwrap_or_default(),
+            phase: ctx.phase,
+        };
+        self.dispatched = Some(dispatch(&at, sharding, &slots, &slot_experts, key.op)?);
+        Ok(())
+    }
+
+    /// Waits for the dispatch.
+    pub fn dispatch_wait(&mut self, key: &OpKey) -> Result<()> {
+        let d = self
+            .dispatched
+            .take()
+            .ok_or_else(|| out_of_order(key, "the dispatch"))?;
+        self.arrived = Some(d.wait()?);
+        Ok(())
+    }
+
+    /// The rows the dispatch delivered, for the experts of step `key`.
+    pub fn arrived(&mut self, key: &OpKey) -> Result<(ExpertInputs, DispatchPlan)> {
+        self.arrived
+            .take()
+            .ok_or_else(|| out_of_order(key, "the dispatched rows"))
+    }
+
+    /// The experts' output rows, to go back with `plan`.
+    pub fn set_expert_out(&mut self, rows: Tensor<2>, plan: DispatchPlan) {
+        self.expert_out = Some((rows, plan));
+    }
+
+    /// Issues the combine of step `key`: the expert outputs back to their tokens' ranks.
+    pub fn combine_issue<C: Communicator + ?Sized>(
+        &mut self,
+        ctx: &Ctx<'_, C>,
+        key: &OpKey,
+    ) -> Result<Pending<Tensor<2>>> {
+        let (rows, plan) = self
+            .expert_out
+            .take()
+            .ok_or_else(|| out_of_order(key, "the expert outputs"))?;
+        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
+        Ok(combine_start_traced(ctx.comm, rows, plan, tag, ctx.trace)?)
+    }
 }

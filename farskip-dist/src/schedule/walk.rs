@@ -85,20 +85,24 @@ pub(crate) trait Exec {
         a: Self::Attn,
         pos: Pos<'_>,
     ) -> Result<Attention<Self::Attn>>;
-    /// Issues attention's collective.
+    /// Issues attention's collective (by default there is none: an error naming the step).
     fn attn_issue<C: Communicator + ?Sized>(
         &self,
-        ctx: &Ctx<'_, C>,
+        _ctx: &Ctx<'_, C>,
         key: &OpKey,
-        a: Self::Attn,
-    ) -> Result<Self::Attn>;
-    /// Waits for attention's collective: the attention output.
+        _a: Self::Attn,
+    ) -> Result<Self::Attn> {
+        Err(bad_step(key, "this split has no attention collective"))
+    }
+    /// Waits for attention's collective: the attention output (by default there is none).
     fn attn_wait<C: Communicator + ?Sized>(
         &self,
-        ctx: &Ctx<'_, C>,
+        _ctx: &Ctx<'_, C>,
         key: &OpKey,
-        a: Self::Attn,
-    ) -> Result<Tensor<3>>;
+        _a: Self::Attn,
+    ) -> Result<Tensor<3>> {
+        Err(bad_step(key, "this split has no attention collective"))
+    }
     /// `router`: the MoE's norm and router (and slot gather) on its input `m`.
     fn router<C: Communicator + ?Sized>(
         &self,
@@ -157,6 +161,14 @@ pub(crate) fn bad_step(key: &OpKey, why: &str) -> ScheduleError {
         "step `{}` of layer {:?} ({:?}): {why}",
         key.op, key.layer, key.phase
     ))
+}
+
+/// An error for a step whose input an earlier step did not leave.
+pub(crate) fn out_of_order(key: &OpKey, what: &str) -> ScheduleError {
+    bad_step(
+        key,
+        &format!("{what} is missing (the steps are out of order)"),
+    )
 }
 
 /// How the settled stream was last formed (the model's order of additions depends on it). One per walk.

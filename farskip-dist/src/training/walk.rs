@@ -26,7 +26,7 @@ use super::{
 use crate::comm::{CollectiveTag, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start_traced};
 use crate::plan::desc::{self, OpKey, Split, Step};
-use crate::schedule::walk::{self, Attention, Exec, bad_step};
+use crate::schedule::walk::{self, Attention, Exec, bad_step, out_of_order};
 use crate::schedule::{Ctx, ScheduleError, ep_moe, ops};
 use crate::trace::{Phase, Trace};
 
@@ -98,10 +98,7 @@ struct TrainMoe {
     /// The normalised MoE input (the shared expert's input).
     x: Tensor<2>,
     weights: Tensor<2>,
-    slots: Option<(Tensor<2>, Vec<usize>)>,
-    dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
-    arrived: Option<(ExpertInputs, DispatchPlan)>,
-    expert_out: Option<(Tensor<2>, DispatchPlan)>,
+    flight: ep_moe::Flight,
     shared: Option<Tensor<3>>,
 }
 
@@ -110,13 +107,6 @@ struct TrainRouted {
     combine: Pending<Tensor<2>>,
     weights: Tensor<2>,
     dims: [usize; 3],
-}
-
-fn out_of_order(key: &OpKey, what: &str) -> ScheduleError {
-    bad_step(
-        key,
-        &format!("{what} is missing (the steps are out of order)"),
-    )
 }
 
 impl Recorder<'_> {
@@ -204,30 +194,6 @@ impl Exec for Recorder<'_> {
         Ok(Attention::Done(a.detach()))
     }
 
-    fn attn_issue<C: Communicator + ?Sized>(
-        &self,
-        _ctx: &Ctx<'_, C>,
-        key: &OpKey,
-        _a: ProjectedQkv,
-    ) -> Result<ProjectedQkv> {
-        Err(bad_step(
-            key,
-            "expert parallelism has no attention collective",
-        ))
-    }
-
-    fn attn_wait<C: Communicator + ?Sized>(
-        &self,
-        _ctx: &Ctx<'_, C>,
-        key: &OpKey,
-        _a: ProjectedQkv,
-    ) -> Result<Tensor<3>> {
-        Err(bad_step(
-            key,
-            "expert parallelism has no attention collective",
-        ))
-    }
-
     fn router<C: Communicator + ?Sized>(
         &self,
         ctx: &Ctx<'_, C>,
@@ -253,10 +219,7 @@ impl Exec for Recorder<'_> {
             dims,
             x: norm_out.clone(),
             weights: r.routing.weights.clone().detach(),
-            slots: Some((r.slots.clone().detach(), r.slot_experts.clone())),
-            dispatched: None,
-            arrived: None,
-            expert_out: None,
+            flight: ep_moe::Flight::new(r.slots.clone().detach(), r.slot_experts.clone()),
             shared: None,
         };
         self.rec(i, |rec| {
@@ -279,14 +242,11 @@ impl Exec for Recorder<'_> {
         let i = key.layer.unwrap_or_default();
         match key.op {
             ops::EXPERTS => {
-                let (inputs, plan) = m
-                    .arrived
-                    .take()
-                    .ok_or_else(|| out_of_order(key, "the dispatched rows"))?;
+                let (inputs, plan) = m.flight.arrived(key)?;
                 let (expert_in, expert_out) = ctx.compute(Some(i), ops::EXPERTS, || {
                     ep_moe::experts(self.moe(i), &inputs, &Leaves)
                 });
-                m.expert_out = Some((expert_out.clone().detach(), plan));
+                m.flight.set_expert_out(expert_out.clone().detach(), plan);
                 self.rec(i, |rec| {
                     rec.expert_in = Some(expert_in);
                     rec.expert_out = Some(expert_out);
@@ -318,24 +278,7 @@ impl Exec for Recorder<'_> {
         key: &OpKey,
         m: &mut TrainMoe,
     ) -> Result<()> {
-        let (slots, slot_experts) = m
-            .slots
-            .take()
-            .ok_or_else(|| out_of_order(key, "the slot rows"))?;
-        let at = ep_moe::At {
-            comm: ctx.comm,
-            trace: ctx.trace,
-            layer: key.layer.unwrap_or_default(),
-            phase: ctx.phase,
-        };
-        m.dispatched = Some(ep_moe::dispatch(
-            &at,
-            &self.rank.sharding,
-            &slots,
-            &slot_experts,
-            key.op,
-        )?);
-        Ok(())
+        m.flight.dispatch_issue(ctx, &self.rank.sharding, key)
     }
 
     fn dispatch_wait<C: Communicator + ?Sized>(
@@ -344,12 +287,7 @@ impl Exec for Recorder<'_> {
         key: &OpKey,
         m: &mut TrainMoe,
     ) -> Result<()> {
-        let d = m
-            .dispatched
-            .take()
-            .ok_or_else(|| out_of_order(key, "the dispatch"))?;
-        m.arrived = Some(d.wait()?);
-        Ok(())
+        m.flight.dispatch_wait(key)
     }
 
     fn take_shared(m: &mut TrainMoe) -> Option<Tensor<3>> {
@@ -362,13 +300,8 @@ impl Exec for Recorder<'_> {
         key: &OpKey,
         m: &mut TrainMoe,
     ) -> Result<TrainRouted> {
-        let (rows, plan) = m
-            .expert_out
-            .take()
-            .ok_or_else(|| out_of_order(key, "the expert outputs"))?;
-        let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
         Ok(TrainRouted {
-            combine: combine_start_traced(ctx.comm, rows, plan, tag, ctx.trace)?,
+            combine: m.flight.combine_issue(ctx, key)?,
             weights: m.weights.clone(),
             dims: m.dims,
         })
@@ -715,14 +648,14 @@ impl EpTrainRank {
                         }
                         bwd_ops::ATTN => {
                             let g_a = if farskip {
-                                next_g(&g_settled, key, i)?
+                                next_g(g_settled, key, i)?
                             } else {
                                 // Standard: the MoE read R + a, so attention's output also gets ∂M.
                                 let g_norm_in = st[i]
                                     .g_norm_in
                                     .clone()
                                     .ok_or_else(|| out_of_order(key, "the router's backward"))?;
-                                next_g(&g_settled, key, i)? + g_norm_in
+                                next_g(g_settled, key, i)? + g_norm_in
                             };
                             let part = st[i].part.as_ref().expect("set above");
                             let grads = (part.attn_out.clone() * g_a).sum().backward();
@@ -739,7 +672,7 @@ impl EpTrainRank {
                             st[i].pending_rows = Some((g_in, plan));
                         }
                         bwd_ops::SHARED => {
-                            let g_next = next_g(&g_settled, key, i)?;
+                            let g_next = next_g(g_settled, key, i)?;
                             let part = st[i].part.as_ref().expect("set above");
                             st[i].g_shared_in =
                                 Some(part.shared_backward(&g_next, &mut acc, model));
@@ -772,7 +705,7 @@ impl EpTrainRank {
                         && let (Some(g_attn_in), Some(g_norm_in)) = (&s.g_attn_in, &s.g_norm_in)
                     {
                         s.done = true;
-                        let g_next = next_g(&g_settled, key, i)?;
+                        let g_next = next_g(g_settled, key, i)?;
                         let (mut g_r, g_s) = if farskip {
                             let g_r = g_next + g_norm_in.clone();
                             (g_r.clone(), Some(g_attn_in.clone()))
