@@ -329,15 +329,20 @@ pub fn predict(
     costs: &dyn CostModel,
 ) -> Result<Plan, PlanError> {
     conn.validate(config.layers.len())?;
+    let simulate = |s: &Schedule, micro: usize| -> Result<Timeline, PlanError> {
+        let compute = |r: usize, k: &OpKey| costs.compute(r, k, micro);
+        let collective = |k: &OpKey| costs.collective(k, micro);
+        Ok(match costs.cores() {
+            Some(cores) if cores < ranks => {
+                sim::simulate_shared(s, ranks, cores, &compute, &collective)?
+            }
+            _ => sim::simulate(s, ranks, &compute, &collective)?,
+        })
+    };
     let run = |kind: ScheduleKind| -> Result<Timeline, PlanError> {
         let micro = if kind == ScheduleKind::Tbo { 2 } else { 1 };
         let s = schedule(config, conn, split, mode, kind);
-        Ok(sim::simulate(
-            &s,
-            ranks,
-            &|r, k| costs.compute(r, k, micro),
-            &|k| costs.collective(k, micro),
-        )?)
+        simulate(&s, micro)
     };
     let (farskip, blocking, tbo) = (
         run(ScheduleKind::FarSkip)?,
@@ -347,12 +352,7 @@ pub fn predict(
     // farskip+tbo: the FarSkip description cut into two interleaved micro-batches, as the executors walk it.
     let farskip_tbo = if mode != Mode::Train && desc::overlap_depth(conn) == 1 {
         let s = desc::two_micro_batches(&desc::inference(config, conn, split));
-        Some(sim::simulate(
-            &s,
-            ranks,
-            &|r, k| costs.compute(r, k, 2),
-            &|k| costs.collective(k, 2),
-        )?)
+        Some(simulate(&s, 2)?)
     } else {
         None
     };

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use burn::prelude::*;
 use farskip_dist::experiment::random_ids;
 use farskip_dist::plan::desc::{self, OpKey, Schedule, Split, Step};
-use farskip_dist::plan::sim::simulate;
+use farskip_dist::plan::sim::{simulate, simulate_shared};
 use farskip_dist::plan::{
     Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule,
@@ -152,6 +152,123 @@ fn a_collectives_host_work_runs_before_its_issue_and_after_its_wait() {
     };
     let t = simulate(&s, 1, &free, &|_| 3.0).unwrap();
     assert_eq!(t.ranks[0].len(), 4);
+}
+
+#[test]
+fn ranks_sharing_a_core_compute_at_its_share_of_the_speed() {
+    // Two ranks on one core: both compute a (2 ms of work) at half speed, 0..4; c runs 4..6 beside w (4..8);
+    // z 8..10.
+    let t = simulate_shared(&one_window(), 2, 1, &|_, k| costs(k.op), &|_| 2.0).unwrap();
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 10.0);
+    assert_eq!(m.overlap_pct, 100.0);
+    // Rank 1's a is 1 ms of work: it ends at 2, and while rank 1 waits for the collective rank 0 runs alone.
+    // Rank 0: a 0..4, c 4..6, w 4..8 (half speed while rank 1 computes), z 8..9 alone.
+    let t = simulate_shared(
+        &one_window(),
+        2,
+        1,
+        &|r, k| {
+            if r == 1 && k.op == "a" {
+                1.0
+            } else {
+                costs(k.op)
+            }
+        },
+        &|_| 2.0,
+    )
+    .unwrap();
+    let ends: Vec<Vec<(&str, f64, f64)>> = t
+        .ranks
+        .iter()
+        .map(|r| r.iter().map(|i| (i.key.op, i.start, i.end)).collect())
+        .collect();
+    assert!(ends[0].contains(&("a", 0.0, 4.0)), "{ends:?}");
+    assert!(ends[0].contains(&("z", 8.0, 9.0)), "{ends:?}");
+    assert!(ends[1].contains(&("w", 2.0, 6.0)), "{ends:?}");
+    assert!(ends[1].contains(&("z", 6.0, 8.0)), "{ends:?}");
+    assert_eq!(t.metrics(None).wall_ms, 9.0);
+    assert!(
+        simulate_shared(
+            &Schedule {
+                steps: vec![Step::Wait(k("c"))]
+            },
+            1,
+            1,
+            &|_, _| 1.0,
+            &|_| 1.0
+        )
+        .is_err()
+    );
+}
+
+/// An interval as (op, layer, micro-batch, start µs, end µs).
+type SpanRow = (String, Option<usize>, u8, i64, i64);
+
+#[test]
+fn enough_cores_give_the_lockstep_timeline() {
+    // Every description kind of a small model, with costs that differ per rank, op and layer (host work
+    // included): processor sharing with a core per rank is the lockstep simulator.
+    let config = tiny();
+    let cost = |r: usize, k: &OpKey| {
+        let h =
+            k.op.bytes()
+                .fold(7u64, |a, b| a.wrapping_mul(31).wrapping_add(b as u64));
+        let h = h ^ (k.layer.unwrap_or(99) as u64 * 131) ^ (r as u64 * 977) ^ (k.micro as u64 * 17);
+        0.5 + (h % 97) as f64 / 37.0
+    };
+    let coll = |k: &OpKey| 0.25 + (k.layer.unwrap_or(5) % 4) as f64 * 0.8;
+    let d2 = Connectivity::FarSkip(farskip_model::FarSkip::all().with_depth(2));
+    let mut schedules = Vec::new();
+    for conn in [Connectivity::Standard, Connectivity::farskip(), d2.clone()] {
+        for split in [Split::Expert, Split::Tensor] {
+            schedules.push(desc::inference(&config, &conn, split));
+            schedules.push(desc::two_micro_batches(&desc::inference(
+                &config, &conn, split,
+            )));
+        }
+        schedules.push(desc::training(&config, &conn));
+    }
+    schedules.push(desc::training_tbo(&config));
+    for s in &schedules {
+        for world in [1, 2, 3] {
+            let a = simulate(s, world, &cost, &coll).unwrap();
+            let b = simulate_shared(s, world, world, &cost, &coll).unwrap();
+            let (ma, mb) = (a.metrics(None), b.metrics(None));
+            for (x, y) in [
+                (ma.wall_ms, mb.wall_ms),
+                (ma.compute_ms, mb.compute_ms),
+                (ma.overlap_pct, mb.overlap_pct),
+                (ma.exposed_ms, mb.exposed_ms),
+                (ma.peer_wait_ms, mb.peer_wait_ms),
+            ] {
+                assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{x} vs {y}");
+            }
+            let sorted = |t: &farskip_dist::plan::sim::Timeline| {
+                let mut v: Vec<Vec<SpanRow>> = t
+                    .ranks
+                    .iter()
+                    .map(|r| {
+                        r.iter()
+                            .map(|i| {
+                                let q = |x: f64| (x * 1e6).round() as i64;
+                                (
+                                    i.key.op.to_string(),
+                                    i.key.layer,
+                                    i.key.micro,
+                                    q(i.start),
+                                    q(i.end),
+                                )
+                            })
+                            .collect()
+                    })
+                    .collect();
+                v.iter_mut().for_each(|r| r.sort());
+                v
+            };
+            assert_eq!(sorted(&a), sorted(&b));
+        }
+    }
 }
 
 #[test]
@@ -623,6 +740,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         world: 2,
         tokens: 8,
         threads: 1,
+        cores: 2,
         ops: vec![
             op("attn_1", Some(0), 2.0, 1.0),
             op("attn_1", Some(1), 4.0, 3.0),
@@ -659,6 +777,14 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     // Rank 0 receives 1.5 × the measured pass's expert rows in layer 0, rank 1 half.
     assert_eq!(m.compute(0, &key("experts", Some(0)), 1), 10.5);
     assert_eq!(m.compute(1, &key("experts", Some(0)), 1), 3.5);
+    assert_eq!(m.cores(), None);
+    // Four ranks on two cores: ops were measured a core per copy; the experiments' free pass runs all four at
+    // once, so each window is twice the fastest op, and the simulator shares the two cores.
+    let four = Calibration { world: 4, ..cal };
+    let m = Measured::new(&four, &d, 2, Split::Expert, 2.0);
+    assert_eq!(m.cores(), Some(2));
+    assert_eq!(m.collective(&key("dispatch", Some(0)), 1), 16.0);
+    assert_eq!(m.compute(0, &key("attn_2", Some(1)), 1), 6.0);
 }
 
 #[test]
@@ -686,6 +812,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         world: 2,
         tokens: 8,
         threads: 1,
+        cores: 2,
         ops,
         expert_share: Vec::new(),
     };

@@ -4,7 +4,9 @@
 //! whole expert bank on rank 0's sequence, with each rank's expert rows from routing the experiment's batch) on
 //! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
 //! by side (none talks to another: the cores and memory are shared as in the run predicted), and keeps each
-//! op's median and fastest pass.
+//! op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
+//! core of its own, and the simulator shares the cores among the ranks computing at once
+//! ([`super::sim::simulate_shared`]), so a rank that waits for a collective leaves its share to the others.
 //! [`measure_training`] does the same for an EP training step. [`Measured`] turns such a table into a
 //! [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip window — the rule the overlap
 //! experiments calibrate their link with — so the planner predicts a LocalWorld run from a single-rank one.
@@ -62,6 +64,10 @@ pub struct Calibration {
     pub tokens: usize,
     /// Threads the measured rank ran on.
     pub threads: usize,
+    /// Cores of the machine measured (0: not recorded). With more ranks than cores the ops are measured on a
+    /// core per copy and the simulator shares the cores among the ranks that compute at once.
+    #[serde(default)]
+    pub cores: usize,
     /// Per-op costs.
     pub ops: Vec<OpTime>,
     /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
@@ -170,7 +176,12 @@ fn pool(threads: usize) -> Result<rayon::ThreadPool, PlanError> {
 
 /// The threads a LocalWorld rank of `world` gets on this machine.
 pub fn threads_per_rank(world: usize) -> usize {
-    (std::thread::available_parallelism().map_or(1, usize::from) / world.max(1)).max(1)
+    (available_cores() / world.max(1)).max(1)
+}
+
+/// The cores this process may run on.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn failed(e: impl std::fmt::Display) -> PlanError {
@@ -309,7 +320,8 @@ pub fn measure_inference(
         Vec::new()
     };
     let threads = threads_per_rank(world);
-    let passes = side_by_side(world, threads, repeats, &|trace: &Trace| {
+    let cores = available_cores();
+    let passes = side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
         let comm = SingleRank::new();
         match parallel {
             Parallel::Expert => EpRank::new(&model, 0, 1)
@@ -331,6 +343,7 @@ pub fn measure_inference(
         world,
         tokens,
         threads,
+        cores,
         ops: medians(passes),
         expert_share,
     })
@@ -364,7 +377,8 @@ pub fn measure_training(
         Vec::new()
     };
     let threads = threads_per_rank(world);
-    let passes = side_by_side(world, threads, repeats, &|trace: &Trace| {
+    let cores = available_cores();
+    let passes = side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
         EpTrainRank::new(&model, 0, 1)
             .map_err(failed)?
             .step(&SingleRank::new(), trace, windows.clone())
@@ -378,6 +392,7 @@ pub fn measure_training(
         world,
         tokens,
         threads,
+        cores,
         ops: medians(passes),
         expert_share,
     })
@@ -386,6 +401,8 @@ pub fn measure_training(
 /// Measured op costs with the overlap experiments' link: each collective lasts `comm_ratio` × its window.
 #[derive(Clone, Debug)]
 pub struct Measured {
+    /// The cores the ranks share, when there are fewer than ranks.
+    cores: Option<usize>,
     ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
     spread: HashMap<(&'static str, Option<usize>, Phase), f64>,
     seed: Option<u64>,
@@ -471,9 +488,16 @@ impl Measured {
                 spread.insert((*name, o.layer, phase), o.spread);
             }
         }
-        // Windows add every span of an op and layer, from the fastest pass (the experiments' rule).
+        // Windows add every span of an op and layer, from the fastest pass (the experiments' rule). With more
+        // ranks than cores, the experiments' free pass runs every rank at once: each op at its share of a core.
+        let shared = calibration.cores > 0 && calibration.world > calibration.cores;
+        let slowdown = if shared {
+            calibration.world as f64 / calibration.cores as f64
+        } else {
+            1.0
+        };
         let t = |op: &'static str, l: usize, phase: Phase| {
-            fastest.get(&(op, Some(l), phase)).copied().unwrap_or(0.0)
+            fastest.get(&(op, Some(l), phase)).copied().unwrap_or(0.0) * slowdown
         };
         let f = Phase::Forward;
         let b = Phase::Backward;
@@ -526,12 +550,14 @@ impl Measured {
                         .get(&(bwd_ops::HEAD, None, b))
                         .copied()
                         .unwrap_or(0.0)
+                        * slowdown
                         / 2.0
                 };
                 w.insert((bwd_ops::GRAD_ALLREDUCE, Some(k), b), below);
             }
         }
         Self {
+            cores: shared.then_some(calibration.cores),
             ops,
             spread,
             seed: None,
@@ -600,6 +626,10 @@ impl Measured {
 }
 
 impl CostModel for Measured {
+    fn cores(&self) -> Option<usize> {
+        self.cores
+    }
+
     fn compute(&self, rank: usize, key: &OpKey, micro: usize) -> f64 {
         // EP ranks' experts run the rows routed to them: the measured pass's cost scaled by each rank's share.
         let share = match (key.op, key.layer) {

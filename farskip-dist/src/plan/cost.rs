@@ -22,6 +22,12 @@ pub trait CostModel {
     fn compute(&self, rank: usize, key: &OpKey, micro_batches: usize) -> f64;
     /// Collective `key` (the same on every rank).
     fn collective(&self, key: &OpKey, micro_batches: usize) -> f64;
+    /// The cores the ranks share when there are fewer than ranks (a CPU running more ranks than it has
+    /// cores): compute costs are then a rank's time on a core of its own, and the simulator shares the cores
+    /// among the ranks computing at once. `None`: every rank has its own hardware.
+    fn cores(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// FLOPs and bytes of one op.

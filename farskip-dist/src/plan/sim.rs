@@ -183,6 +183,196 @@ pub fn simulate(
     Ok(Timeline { ranks })
 }
 
+/// One rank's work item in [`simulate_shared`]: a description step with its collective's host work split out.
+#[derive(Clone, Copy)]
+enum Item {
+    /// A compute op (`true`: a collective's host work, skipped when free).
+    Compute(OpKey, bool),
+    Issue(OpKey, u8),
+    Wait(OpKey),
+}
+
+/// [`simulate`] for ranks that share `cores` cores (more ranks than cores, as a CPU run with oversubscribed
+/// ranks): whenever `n` ranks compute at once and `n > cores`, each advances at `cores / n` of its speed
+/// (processor sharing), so a rank that waits for a collective leaves its share to the others. Compute costs are
+/// a rank's time on a core of its own. With `cores ≥ world` it gives [`simulate`]'s timeline.
+pub fn simulate_shared(
+    schedule: &Schedule,
+    world: usize,
+    cores: usize,
+    compute: &dyn Fn(usize, &OpKey) -> f64,
+    collective: &dyn Fn(&OpKey) -> f64,
+) -> Result<Timeline, SimError> {
+    if world == 0 {
+        return Err(SimError::NoRanks);
+    }
+    let cores = cores.max(1) as f64;
+    let mut items = Vec::with_capacity(schedule.steps.len());
+    let mut issued_before = std::collections::HashSet::new();
+    for step in &schedule.steps {
+        match *step {
+            Step::Compute(k) => items.push(Item::Compute(k, false)),
+            Step::Issue { key, channel } => {
+                if let Some(op) = ops::pack(key.op) {
+                    items.push(Item::Compute(OpKey { op, ..key }, true));
+                }
+                items.push(Item::Issue(key, channel));
+                issued_before.insert(key);
+            }
+            Step::Wait(k) => {
+                if !issued_before.contains(&k) {
+                    return Err(SimError::WaitBeforeIssue {
+                        op: k.op,
+                        layer: k.layer,
+                    });
+                }
+                items.push(Item::Wait(k));
+                if let Some(op) = ops::unpack(k.op) {
+                    items.push(Item::Compute(OpKey { op, ..k }, true));
+                }
+            }
+        }
+    }
+    struct Rank {
+        pc: usize,
+        /// The op being computed: its key, the work left (ms on a core of its own) and its start.
+        running: Option<(OpKey, f64, f64)>,
+    }
+    let mut state: Vec<Rank> = (0..world)
+        .map(|_| Rank {
+            pc: 0,
+            running: None,
+        })
+        .collect();
+    let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
+    let mut issue_times: HashMap<OpKey, Vec<Option<f64>>> = HashMap::new();
+    let mut done: HashMap<OpKey, f64> = HashMap::new();
+    let mut lane_free: HashMap<u8, f64> = HashMap::new();
+    let mut now = 0.0f64;
+    loop {
+        // Everything that takes no time, until every rank computes, waits or is done.
+        let mut moved = true;
+        while moved {
+            moved = false;
+            for r in 0..world {
+                if state[r].running.is_some() {
+                    continue;
+                }
+                let Some(&item) = items.get(state[r].pc) else {
+                    continue;
+                };
+                match item {
+                    Item::Compute(k, host) => {
+                        let c = checked(&k, compute(r, &k))?;
+                        if c == 0.0 {
+                            if !host {
+                                ranks[r].push(Interval {
+                                    key: k,
+                                    lane: Lane::Compute,
+                                    start: now,
+                                    end: now,
+                                    peer_wait: 0.0,
+                                    issued: now,
+                                });
+                            }
+                            state[r].pc += 1;
+                        } else {
+                            state[r].running = Some((k, c, now));
+                        }
+                    }
+                    Item::Issue(k, channel) => {
+                        let times = issue_times.entry(k).or_insert_with(|| vec![None; world]);
+                        times[r] = Some(now);
+                        state[r].pc += 1;
+                        if times.iter().all(Option::is_some) {
+                            let times: Vec<f64> = times.iter().map(|t| t.unwrap_or(now)).collect();
+                            let all_issued = times.iter().copied().fold(0.0, f64::max);
+                            let free = lane_free.entry(channel).or_insert(0.0);
+                            let start = free.max(all_issued);
+                            let end = start + checked(&k, collective(&k))?;
+                            *free = end;
+                            for (q, &t) in times.iter().enumerate() {
+                                ranks[q].push(Interval {
+                                    key: k,
+                                    lane: Lane::Comm(channel),
+                                    start,
+                                    end,
+                                    peer_wait: all_issued - t,
+                                    issued: t,
+                                });
+                            }
+                            done.insert(k, end);
+                        }
+                    }
+                    Item::Wait(k) => match done.get(&k) {
+                        Some(&end) if end <= now => state[r].pc += 1,
+                        _ => continue,
+                    },
+                }
+                moved = true;
+            }
+        }
+        let computing = state.iter().filter(|s| s.running.is_some()).count();
+        let rate = if computing as f64 > cores {
+            cores / computing as f64
+        } else {
+            1.0
+        };
+        // The next event: a computation ending, or a collective a rank waits for arriving.
+        let mut next = f64::INFINITY;
+        for (r, s) in state.iter().enumerate() {
+            match (&s.running, items.get(s.pc)) {
+                (Some((_, left, _)), _) => next = next.min(now + left / rate),
+                (None, Some(Item::Wait(k))) => {
+                    if let Some(&end) = done.get(k) {
+                        next = next.min(end);
+                    }
+                }
+                (None, Some(_)) => unreachable!("rank {r} would have moved"),
+                (None, None) => {}
+            }
+        }
+        if !next.is_finite() {
+            if state.iter().all(|s| s.pc >= items.len()) {
+                break;
+            }
+            // Every rank left waits for a collective some rank has not issued: the ranks' steps disagree.
+            let k = state
+                .iter()
+                .find_map(|s| match items.get(s.pc) {
+                    Some(Item::Wait(k)) => Some(*k),
+                    _ => None,
+                })
+                .expect("a rank that is not done waits");
+            return Err(SimError::WaitBeforeIssue {
+                op: k.op,
+                layer: k.layer,
+            });
+        }
+        let dt = next - now;
+        for (r, s) in state.iter_mut().enumerate() {
+            if let Some((k, left, start)) = s.running {
+                if now + left / rate <= next {
+                    ranks[r].push(Interval {
+                        key: k,
+                        lane: Lane::Compute,
+                        start,
+                        end: next,
+                        peer_wait: 0.0,
+                        issued: start,
+                    });
+                    s.running = None;
+                    s.pc += 1;
+                } else {
+                    s.running = Some((k, left - dt * rate, start));
+                }
+            }
+        }
+        now = next;
+    }
+    Ok(Timeline { ranks })
+}
+
 /// What a timeline measures (ms; `phase` filters the overlap figures when given).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Metrics {
