@@ -27,6 +27,7 @@
 
 pub mod attention;
 mod attention_core;
+pub mod bf16_gemm;
 pub mod checkpoint;
 pub mod compare;
 pub mod config;

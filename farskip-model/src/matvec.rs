@@ -9,8 +9,10 @@
 //! one-row path for f32, half the bytes for bf16); larger batches of products are cut by depth between the
 //! calling thread and one helper thread ([`products`], [`pair`]).
 //!
-//! Longer inputs (prefill, training) keep burn's matmul; a bf16 weight is then widened to f32 for the call
-//! (one copy of that matrix, freed after it): accumulation in f32 on the bf16 values, as PyTorch does on CPU.
+//! Longer inputs (prefill, training) keep burn's matmul, except that a bf16 weight goes through
+//! [`crate::bf16_gemm`] where the CPU has AVX-512 BF16 (activations rounded to bf16, f32 accumulation, as
+//! PyTorch does on CPU); elsewhere it is widened to f32 for the call (one copy of that matrix, freed after
+//! it) and the products run in f32 on the bf16 values.
 
 use burn::nn::{Linear, RmsNorm};
 use burn::prelude::*;
@@ -114,15 +116,16 @@ pub fn rms_norm_rows(x: &mut [f32], gamma: &[f32], eps: f64) {
 
 /// `x · W + b` for a burn [`Linear`] (weight `[in, out]`, f32 or bf16; bias f32).
 ///
-/// Up to [`MAX_ROWS`] rows on flex run through [`rows_times`]; otherwise burn's matmul, on a widened copy of a
-/// bf16 weight.
+/// Up to [`MAX_ROWS`] rows on flex run through [`rows_times`]; more rows with a bf16 weight through
+/// [`bf16_product`] where the CPU has AVX-512 BF16; otherwise burn's matmul, on a widened copy of a bf16
+/// weight.
 ///
 /// # Shapes
 /// - `x`: `[..., in]` -> `[..., out]`
 pub fn linear<const D: usize>(lin: &Linear, x: Tensor<D>) -> Tensor<D> {
     let w = lin.weight.val();
     let bias = lin.bias.as_ref().map(|b| b.val());
-    if let Some(y) = small_product(&x, &w) {
+    if let Some(y) = small_product(&x, &w).or_else(|| bf16_product(&x, &w)) {
         return match bias {
             Some(b) => y + b.unsqueeze(),
             None => y,
@@ -132,11 +135,58 @@ pub fn linear<const D: usize>(lin: &Linear, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// `w` in f32: itself, or a widened copy of a bf16 / f16 weight.
+///
+/// A plain flex bf16 tensor whose values are one contiguous run (a whole weight, or one expert of the stacked
+/// bank) is widened straight from its storage in one pass; burn-flex's cast first copies a view into a
+/// contiguous tensor of its own and then converts it element by element. The values are the same (widening
+/// bf16 to f32 is exact).
 pub fn widened<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     match w.dtype() {
         DType::F32 => w,
+        DType::BF16 => match flex_primitive(&w)
+            .as_ref()
+            .and_then(|p| p.as_slice::<bf16>())
+        {
+            Some(s) => Tensor::from_data(TensorData::new(widen_bf16(s), w.dims()), &w.device()),
+            None => w.cast(FloatDType::F32),
+        },
         _ => w.cast(FloatDType::F32),
     }
+}
+
+/// bf16 values widened to f32 (exact: the bf16 bits are the top half of the f32's).
+pub fn widen_bf16(s: &[bf16]) -> Vec<f32> {
+    s.iter()
+        .map(|v| f32::from_bits((v.to_bits() as u32) << 16))
+        .collect()
+}
+
+/// `x · w` through [`crate::bf16_gemm`] when `w` is a plain flex bf16 weight, `x` plain flex f32 and the CPU
+/// has AVX-512 BF16 (the activations rounded to bf16 for the products); else `None`.
+///
+/// # Shapes
+/// - `x`: `[..., k]`; `w`: `[k, n]` -> `[..., n]`
+pub fn bf16_product<const D: usize>(x: &Tensor<D>, w: &Tensor<2>) -> Option<Tensor<D>> {
+    if w.dtype() != DType::BF16 || !crate::bf16_gemm::available() {
+        return None;
+    }
+    let dims = x.dims();
+    let k = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let [wk, n] = w.dims();
+    if wk != k {
+        return None;
+    }
+    let wp = flex_primitive(w)?;
+    let ws = wp.as_slice::<bf16>()?;
+    let xs = host_f32(x)?;
+    let out = crate::bf16_gemm::matmul(&xs, rows, k, ws, n)?;
+    let mut out_dims = dims;
+    out_dims[D - 1] = n;
+    Some(Tensor::from_data(
+        TensorData::new(out, out_dims),
+        &x.device(),
+    ))
 }
 
 /// `x · w` through [`rows_times`] when `x` has at most [`MAX_ROWS`] rows and both live on flex; else `None`.
@@ -776,7 +826,12 @@ mod tests {
         wide_lin.weight = burn::module::Param::from_tensor(wide);
         for rows in [1, 9] {
             let x = Tensor::<2>::random([rows, 96], Distribution::Normal(0.0, 1.0), &device);
-            let want = wide_lin.forward(x.clone());
+            // Beyond the few-row kernel, with AVX-512 BF16, the activations are rounded to bf16 too.
+            let rounded = rows > MAX_ROWS && crate::bf16_gemm::available();
+            let want = match rounded {
+                true => wide_lin.forward(x.clone().cast(FloatDType::BF16).cast(FloatDType::F32)),
+                false => wide_lin.forward(x.clone()),
+            };
             let got = linear(&lin, x);
             assert_eq!(got.dtype(), DType::F32);
             let diff = crate::compare::max_abs_diff_tensors(got, want);

@@ -196,6 +196,9 @@ impl ExpertBank {
 
     /// `segments` as `(expert, rows)`: the first rows of `xs` through the first segment's expert, and so on.
     fn forward_segments(&self, xs: Tensor<2>, segments: &[(usize, usize)]) -> Tensor<2> {
+        if let Some(ys) = self.segments_bf16(&xs, segments) {
+            return ys;
+        }
         let inter = self.intermediate_size();
         let gate_up = self.gate_up.val();
         let down = self.down.val();
@@ -212,6 +215,58 @@ impl ExpertBank {
             offset += c;
         }
         Tensor::cat(outs, 0)
+    }
+
+    /// [`Self::forward_segments`] for a plain flex bf16 bank on a CPU with AVX-512 BF16: each expert's two
+    /// products through [`crate::bf16_gemm`], reading its weights as stored (no widened copy), SwiGLU on the
+    /// host. `None` otherwise.
+    fn segments_bf16(&self, xs: &Tensor<2>, segments: &[(usize, usize)]) -> Option<Tensor<2>> {
+        use burn::tensor::{DType, bf16};
+        let gate_up = self.gate_up.val();
+        if gate_up.dtype() != DType::BF16 || !crate::bf16_gemm::available() {
+            return None;
+        }
+        let (gu, dn) = (
+            matvec::flex_primitive(&gate_up)?,
+            matvec::flex_primitive(&self.down.val())?,
+        );
+        let (gu, dn) = (gu.as_slice::<bf16>()?, dn.as_slice::<bf16>()?);
+        let x = matvec::host_f32(xs)?;
+        let [m, hidden] = xs.dims();
+        let inter = self.intermediate_size();
+        let (gu_len, dn_len) = (hidden * 2 * inter, inter * hidden);
+        if gu.len() != self.num_experts() * gu_len || dn.len() != self.num_experts() * dn_len {
+            return None;
+        }
+        let mut out = Vec::with_capacity(m * hidden);
+        let mut row = 0;
+        for &(e, c) in segments {
+            if c == 0 {
+                continue;
+            }
+            let xe = &x[row * hidden..(row + c) * hidden];
+            let h = crate::bf16_gemm::matmul(
+                xe,
+                c,
+                hidden,
+                &gu[e * gu_len..(e + 1) * gu_len],
+                2 * inter,
+            )?;
+            let mut a = Vec::with_capacity(c * inter);
+            for hr in h.chunks_exact(2 * inter) {
+                let (g, u) = hr.split_at(inter);
+                a.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+            }
+            out.extend(crate::bf16_gemm::matmul(
+                &a,
+                c,
+                inter,
+                &dn[e * dn_len..(e + 1) * dn_len],
+                hidden,
+            )?);
+            row += c;
+        }
+        (row == m).then(|| Tensor::from_data(TensorData::new(out, [m, hidden]), &xs.device()))
     }
 }
 
