@@ -92,9 +92,14 @@ impl ExpertBank {
         if !tracked && let Some(ys) = self.forward_few_rows(&xs, counts) {
             return ys;
         }
+        // bf16 weights through `bf16_gemm` read each expert in place: the loop, without padding or a widened copy
+        // of the whole bank.
+        let bf16_loop = !tracked
+            && self.gate_up.val().dtype() == burn::tensor::DType::BF16
+            && crate::bf16_gemm::available();
         match ExpertBatches::plan(counts, tracked) {
-            Some(batches) => self.forward_batched(xs, &batches),
-            None => self.forward_loop(xs, counts),
+            Some(batches) if !bf16_loop => self.forward_batched(xs, &batches),
+            _ => self.forward_loop(xs, counts),
         }
     }
 
