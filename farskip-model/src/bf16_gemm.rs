@@ -8,9 +8,9 @@
 //! llama.cpp do for bf16 weights; each product of two bf16 values is exact in f32 and the sums are f32.
 //!
 //! Layout: the rows of `x` are rounded once into pairs of bf16 along the depth (one `u32` per pair); the
-//! weight is repacked 32 columns at a time into pairs of rows (`[k / 2, 32]` pairs, 32 KiB for a depth of
-//! 512: it stays in L1/L2 while every row block passes over it); an 8 × 32 block of outputs stays in 16
-//! registers over the whole depth.
+//! weight is repacked 256 columns at a time into panels of 32 columns as pairs of rows (`[k / 2, 32]` pairs
+//! each, 32 KiB for a depth of 512; the 256 columns' panels stay in L2 while every row block passes over
+//! them); an 8 × 32 block of outputs stays in 16 registers over the whole depth.
 
 use burn::tensor::bf16;
 
@@ -19,6 +19,12 @@ const MR: usize = 8;
 
 /// Columns of one packed panel (two AVX-512 registers of f32).
 const NR: usize = 32;
+
+/// Columns packed at a time: their panels (256 KiB for a depth of 512) stay in L2.
+const NB: usize = 256;
+
+/// Rows ahead of the packing at which the weight is prefetched (the reads jump from row to row).
+const PACK_AHEAD: usize = 8;
 
 /// Multiply-adds (`m · k · n`) from which [`matmul`] splits the rows over the rayon pool.
 const PAR_MIN_WORK: usize = 1 << 22;
@@ -89,7 +95,7 @@ pub fn matmul(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Option<Vec
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
-    use super::{MR, NR};
+    use super::{MR, NB, NR, PACK_AHEAD};
     use burn::tensor::bf16;
     use std::arch::x86_64::*;
     use std::cell::RefCell;
@@ -116,38 +122,41 @@ mod imp {
     ) {
         debug_assert!(x.len() == m * k && w.len() == k * n);
         let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
         BUFFERS.with_borrow_mut(|(xa, packed)| {
             // Every value of both buffers is written below before it is read.
             xa.resize(m * kp, 0);
-            packed.resize(panels * kp * NR, 0);
             for (row, pairs) in x.chunks_exact(k).zip(xa.chunks_exact_mut(kp)) {
                 round_row(row, pairs);
             }
-            pack(w, k, n, packed);
-            for (panel, pp) in packed.chunks_exact(kp * NR).enumerate() {
-                let c0 = panel * NR;
-                let nc = (n - c0).min(NR);
-                let mut r0 = 0;
-                while r0 < m {
-                    let mr = (m - r0).min(MR);
-                    let a = &xa[r0 * kp..(r0 + mr) * kp];
-                    // SAFETY (of `add` and of the block's writes): rows `r0..r0 + mr` and columns
-                    // `c0..c0 + nc` lie inside the `m · n` values the caller promised.
-                    unsafe {
-                        let o = out.add(r0 * n);
-                        match mr {
-                            8 => block::<8>(a, kp, pp, o, n, c0, nc),
-                            7 => block::<7>(a, kp, pp, o, n, c0, nc),
-                            6 => block::<6>(a, kp, pp, o, n, c0, nc),
-                            5 => block::<5>(a, kp, pp, o, n, c0, nc),
-                            4 => block::<4>(a, kp, pp, o, n, c0, nc),
-                            3 => block::<3>(a, kp, pp, o, n, c0, nc),
-                            2 => block::<2>(a, kp, pp, o, n, c0, nc),
-                            _ => block::<1>(a, kp, pp, o, n, c0, nc),
+            for cb in (0..n).step_by(NB) {
+                let ncb = (n - cb).min(NB);
+                let panels = ncb.div_ceil(NR);
+                packed.resize(panels * kp * NR, 0);
+                pack(&w[cb..], k, n, ncb, packed);
+                for (panel, pp) in packed.chunks_exact(kp * NR).enumerate() {
+                    let c0 = cb + panel * NR;
+                    let nc = (n - c0).min(NR);
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let mr = (m - r0).min(MR);
+                        let a = &xa[r0 * kp..(r0 + mr) * kp];
+                        // SAFETY (of `add` and of the block's writes): rows `r0..r0 + mr` and columns
+                        // `c0..c0 + nc` lie inside the `m · n` values the caller promised.
+                        unsafe {
+                            let o = out.add(r0 * n);
+                            match mr {
+                                8 => block::<8>(a, kp, pp, o, n, c0, nc),
+                                7 => block::<7>(a, kp, pp, o, n, c0, nc),
+                                6 => block::<6>(a, kp, pp, o, n, c0, nc),
+                                5 => block::<5>(a, kp, pp, o, n, c0, nc),
+                                4 => block::<4>(a, kp, pp, o, n, c0, nc),
+                                3 => block::<3>(a, kp, pp, o, n, c0, nc),
+                                2 => block::<2>(a, kp, pp, o, n, c0, nc),
+                                _ => block::<1>(a, kp, pp, o, n, c0, nc),
+                            }
                         }
+                        r0 += mr;
                     }
-                    r0 += mr;
                 }
             }
         });
@@ -186,32 +195,42 @@ mod imp {
         }
     }
 
-    /// `w` (`[k, n]`) as panels of [`NR`] columns, each `[k / 2, NR]` pairs of rows: value `p · NR + c` of
+    /// The first `nc` columns of `w` (`[k, n]` from its first value: `w` may start mid-row and end short of
+    /// the last row's end) as panels of [`NR`] columns, each `[k / 2, NR]` pairs of rows: value `p · NR + c` of
     /// panel `i` holds `w[2p, i · NR + c]` in its low half and `w[2p + 1, i · NR + c]` in its high half;
-    /// missing rows and columns are zero. The rows of `w` are read in order (one sequential stream).
+    /// missing rows and columns are zero. Each row's `nc` values are read in order.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
-    fn pack(w: &[bf16], k: usize, n: usize, packed: &mut [u32]) {
+    fn pack(w: &[bf16], k: usize, n: usize, nc: usize, packed: &mut [u32]) {
         let kp = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
+        let panels = nc.div_ceil(NR);
         debug_assert_eq!(packed.len(), panels * kp * NR);
         let bits = |v: bf16| v.to_bits() as u32;
-        let full = n / 16 * 16;
+        let full = nc / 16 * 16;
         let zeros = [bf16::ZERO; 16];
         for p in 0..kp {
-            let r0 = &w[2 * p * n..(2 * p + 1) * n];
+            let r0 = &w[2 * p * n..2 * p * n + nc];
             let r1 = match 2 * p + 1 < k {
-                true => &w[(2 * p + 1) * n..(2 * p + 2) * n],
+                true => &w[(2 * p + 1) * n..(2 * p + 1) * n + nc],
                 false => &[][..],
             };
             for c in (0..full).step_by(16) {
+                if c % 32 == 0 {
+                    // The same columns [`PACK_AHEAD`] rows further down (a prefetch never faults).
+                    let ahead = w
+                        .as_ptr()
+                        .wrapping_add((2 * p + PACK_AHEAD) * n + c)
+                        .cast::<i8>();
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(2 * n));
+                }
                 let at = (c / NR) * kp * NR + p * NR + c % NR;
                 let second = match r1.is_empty() {
                     true => zeros.as_ptr(),
-                    // SAFETY (of `add`): `c + 16 <= n`.
+                    // SAFETY (of `add`): `c + 16 <= nc`.
                     false => unsafe { r1.as_ptr().add(c) },
                 };
-                // SAFETY: 16 bf16 read from each row at `c` (`c + 16 <= n`, or the local zeros), 16 u32
+                // SAFETY: 16 bf16 read from each row at `c` (`c + 16 <= nc`, or the local zeros), 16 u32
                 // written at `at` (`c % NR <= NR - 16`: inside the panel's row `p`).
                 unsafe {
                     let a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(r0.as_ptr().add(c).cast()));
@@ -221,7 +240,7 @@ mod imp {
                 }
             }
             for c in full..panels * NR {
-                packed[(c / NR) * kp * NR + p * NR + c % NR] = match c < n {
+                packed[(c / NR) * kp * NR + p * NR + c % NR] = match c < nc {
                     true => bits(r0[c]) | r1.get(c).map_or(0, |&v| bits(v) << 16),
                     false => 0,
                 };
