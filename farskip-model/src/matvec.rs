@@ -569,13 +569,18 @@ pub mod pair {
     const SPIN: Duration = Duration::from_micros(500);
 
     /// A wait for the helper's half longer than this means it was descheduled (a busy machine) ...
-    const STALL: Duration = Duration::from_micros(200);
+    const STALL: Duration = Duration::from_micros(500);
 
     /// ... and so do this many hand-offs in a row that the helper did not pick up in time ...
     const MISSES: usize = 4;
 
-    /// ... and the next this many calls run on the caller alone.
-    const PAUSE_CALLS: usize = 2048;
+    /// ... and the next calls run on the caller alone: this many after a helper that had been working
+    /// (a one-off: another thread took the core for a moment) ...
+    const PAUSE_MIN: usize = 64;
+
+    /// ... doubling with each pause that follows the last one within this many calls (a busy machine), up
+    /// to this many.
+    const PAUSE_MAX: usize = 2048;
 
     type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
@@ -588,6 +593,10 @@ pub mod pair {
         busy: AtomicBool,
         /// Calls left to run on the caller alone (see [`STALL`]).
         pause: AtomicUsize,
+        /// Length of the next pause.
+        next_pause: AtomicUsize,
+        /// Calls since the last pause ended.
+        since_pause: AtomicUsize,
         /// Hand-offs in a row taken back by the caller.
         misses: AtomicUsize,
         helper: OnceLock<Thread>,
@@ -615,6 +624,8 @@ pub mod pair {
                 sleeping: AtomicBool::new(false),
                 busy: AtomicBool::new(false),
                 pause: AtomicUsize::new(0),
+                next_pause: AtomicUsize::new(PAUSE_MIN),
+                since_pause: AtomicUsize::new(0),
                 misses: AtomicUsize::new(0),
                 helper: OnceLock::new(),
             }));
@@ -630,6 +641,19 @@ pub mod pair {
     /// Whether a helper thread exists (it is started on first use).
     pub fn available() -> bool {
         pair().is_some()
+    }
+
+    /// Starts a pause of the helper: the next calls run on the caller alone.
+    fn pause(p: &Pair) {
+        // A busy machine keeps stalling the helper soon after each pause: longer pauses, as long as that
+        // lasts; a quiet one gets a short pause for a one-off.
+        let len = match p.since_pause.swap(0, Ordering::Relaxed) < PAUSE_MAX {
+            true => p.next_pause.load(Ordering::Relaxed),
+            false => PAUSE_MIN,
+        };
+        p.next_pause
+            .store((2 * len).min(PAUSE_MAX), Ordering::Relaxed);
+        p.pause.store(len, Ordering::Relaxed);
     }
 
     fn helper(p: &'static Pair) {
@@ -683,6 +707,7 @@ pub mod pair {
             p.pause.fetch_sub(1, Ordering::Relaxed);
             return false;
         }
+        p.since_pause.fetch_add(1, Ordering::Relaxed);
         if p.busy
             .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
             .is_err()
@@ -717,7 +742,7 @@ pub mod pair {
             true => {
                 if !asleep && p.misses.fetch_add(1, Ordering::Relaxed) + 1 >= MISSES {
                     p.misses.store(0, Ordering::Relaxed);
-                    p.pause.store(PAUSE_CALLS, Ordering::Relaxed);
+                    pause(p);
                 }
                 catch_unwind(AssertUnwindSafe(|| f(1)))
             }
@@ -733,9 +758,10 @@ pub mod pair {
                             _ => std::hint::spin_loop(),
                         }
                     }
-                    if start.elapsed() > STALL {
+                    // A helper woken from its park starts late by its wake-up: not counted (as for misses).
+                    if start.elapsed() > STALL && !asleep {
                         // The helper was descheduled mid-job: the machine is busy. Work alone for a while.
-                        p.pause.store(PAUSE_CALLS, Ordering::Relaxed);
+                        pause(p);
                     }
                 }
                 Ok(())
