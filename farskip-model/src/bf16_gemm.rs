@@ -15,18 +15,23 @@
 use burn::tensor::bf16;
 
 /// Rows of one register block.
+#[cfg(target_arch = "x86_64")]
 const MR: usize = 8;
 
 /// Columns of one packed panel (two AVX-512 registers of f32).
+#[cfg(target_arch = "x86_64")]
 const NR: usize = 32;
 
 /// Columns packed at a time: their panels (256 KiB for a depth of 512) stay in L2.
+#[cfg(target_arch = "x86_64")]
 const NB: usize = 256;
 
 /// Rows ahead of the packing at which the weight is prefetched (the reads jump from row to row).
+#[cfg(target_arch = "x86_64")]
 const PACK_AHEAD: usize = 8;
 
 /// Multiply-adds (`m · k · n`) from which [`matmul`] splits the rows over the rayon pool.
+#[cfg(target_arch = "x86_64")]
 const PAR_MIN_WORK: usize = 1 << 22;
 
 /// Whether [`matmul`] runs here: the CPU has AVX-512F and AVX-512 BF16, and `FARSKIP_BF16_GEMM` is not `0`
