@@ -102,56 +102,52 @@ pub mod ops {
     /// Host work after the routed all-reduce: the sum back into a tensor.
     pub const AR_MOE_UNPACK: &str = "allreduce_moe_unpack";
 
-    /// The compute span that packs collective `op`'s send buffer on its rank (a two-micro-batch collective,
-    /// `"dispatch.mb0"`, packs as its full one), or `None` for a collective without one.
+    /// Every collective with host work of its own: (collective, its pack span, its unpack span if any).
     ///
     /// A collective's bytes leave and arrive as host buffers: building them is work of the rank (a GPU's
     /// permute kernels), traced as compute so that a collective in flight while its successor is packed
     /// counts as hidden and the planner costs it.
-    pub fn pack(op: &str) -> Option<&'static str> {
-        match super::tbo_ops::full_op(op).unwrap_or(op) {
-            DISPATCH => Some(DISPATCH_PACK),
-            COMBINE => Some(COMBINE_PACK),
-            AR_ATTN => Some(AR_ATTN_PACK),
-            AR_MOE => Some(AR_MOE_PACK),
-            bwd_ops::COMBINE_BWD => Some(bwd_ops::COMBINE_BWD_PACK),
-            bwd_ops::DISPATCH_BWD => Some(bwd_ops::DISPATCH_BWD_PACK),
-            bwd_ops::GRAD_ALLREDUCE => Some(bwd_ops::GRAD_ALLREDUCE_PACK),
-            _ => None,
-        }
+    const HOST_WORK: [(&str, &str, Option<&str>); 7] = [
+        (DISPATCH, DISPATCH_PACK, Some(DISPATCH_UNPACK)),
+        (COMBINE, COMBINE_PACK, Some(COMBINE_UNPACK)),
+        (AR_ATTN, AR_ATTN_PACK, Some(AR_ATTN_UNPACK)),
+        (AR_MOE, AR_MOE_PACK, Some(AR_MOE_UNPACK)),
+        (
+            bwd_ops::COMBINE_BWD,
+            bwd_ops::COMBINE_BWD_PACK,
+            Some(bwd_ops::COMBINE_BWD_UNPACK),
+        ),
+        (
+            bwd_ops::DISPATCH_BWD,
+            bwd_ops::DISPATCH_BWD_PACK,
+            Some(bwd_ops::DISPATCH_BWD_UNPACK),
+        ),
+        (bwd_ops::GRAD_ALLREDUCE, bwd_ops::GRAD_ALLREDUCE_PACK, None),
+    ];
+
+    /// The row of [`HOST_WORK`] of collective `op` (a two-micro-batch collective, `"dispatch.mb0"`, as its
+    /// full one).
+    fn host_work(op: &str) -> Option<&'static (&'static str, &'static str, Option<&'static str>)> {
+        let full = super::tbo_ops::full_op(op).unwrap_or(op);
+        HOST_WORK.iter().find(|(c, _, _)| *c == full)
     }
 
-    /// Whether `op` is a collective's host work ([`pack`] or [`unpack`] of one).
-    pub fn is_host_work(op: &str) -> bool {
-        matches!(
-            op,
-            DISPATCH_PACK
-                | DISPATCH_UNPACK
-                | COMBINE_PACK
-                | COMBINE_UNPACK
-                | AR_ATTN_PACK
-                | AR_ATTN_UNPACK
-                | AR_MOE_PACK
-                | AR_MOE_UNPACK
-                | bwd_ops::COMBINE_BWD_PACK
-                | bwd_ops::COMBINE_BWD_UNPACK
-                | bwd_ops::DISPATCH_BWD_PACK
-                | bwd_ops::DISPATCH_BWD_UNPACK
-                | bwd_ops::GRAD_ALLREDUCE_PACK
-        )
+    /// The compute span that packs collective `op`'s send buffer on its rank, or `None` for a collective
+    /// without one.
+    pub fn pack(op: &str) -> Option<&'static str> {
+        host_work(op).map(|(_, pack, _)| *pack)
     }
 
     /// The compute span that unpacks what collective `op` delivered (see [`pack`]).
     pub fn unpack(op: &str) -> Option<&'static str> {
-        match super::tbo_ops::full_op(op).unwrap_or(op) {
-            DISPATCH => Some(DISPATCH_UNPACK),
-            COMBINE => Some(COMBINE_UNPACK),
-            AR_ATTN => Some(AR_ATTN_UNPACK),
-            AR_MOE => Some(AR_MOE_UNPACK),
-            bwd_ops::COMBINE_BWD => Some(bwd_ops::COMBINE_BWD_UNPACK),
-            bwd_ops::DISPATCH_BWD => Some(bwd_ops::DISPATCH_BWD_UNPACK),
-            _ => None,
-        }
+        host_work(op).and_then(|(_, _, unpack)| *unpack)
+    }
+
+    /// Whether `op` is a collective's host work ([`pack`] or [`unpack`] of one).
+    pub fn is_host_work(op: &str) -> bool {
+        HOST_WORK
+            .iter()
+            .any(|(_, pack, unpack)| *pack == op || *unpack == Some(op))
     }
 }
 
