@@ -22,8 +22,9 @@ pub use plan::{DispatchPlan, ExpertInputs};
 pub use sharding::ExpertSharding;
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending, Rows};
+#[cfg(doc)]
 use crate::schedule::ops;
-use crate::trace::{Phase, Trace};
+use crate::trace::{HostSpans, Trace};
 
 /// Why dispatch or combine refused its inputs or failed.
 #[derive(Debug, thiserror::Error)]
@@ -190,44 +191,6 @@ fn read_rows(t: Tensor<2>, what: &'static str) -> Result<Vec<f32>, DispatchError
     })
 }
 
-/// Traces a collective's host work on its rank as compute spans ([`ops::pack`] before it goes out,
-/// [`ops::unpack`] after it arrived), named after the tag; nothing for a disabled trace or a tag that is not
-/// one of the schedules' collectives.
-#[derive(Clone)]
-struct HostSpans {
-    trace: Trace,
-    rank: usize,
-    layer: Option<usize>,
-    phase: Phase,
-    pack: Option<&'static str>,
-    unpack: Option<&'static str>,
-}
-
-impl HostSpans {
-    fn new(trace: &Trace, rank: usize, tag: &CollectiveTag) -> Self {
-        Self {
-            trace: trace.clone(),
-            rank,
-            layer: tag.layer,
-            phase: tag.phase,
-            pack: ops::pack(&tag.name),
-            unpack: ops::unpack(&tag.name),
-        }
-    }
-
-    fn run<T>(&self, op: Option<&'static str>, f: impl FnOnce() -> T) -> T {
-        match op {
-            Some(op) if self.trace.is_enabled() => {
-                let g = self.trace.compute(self.rank, self.layer, op, self.phase);
-                let out = f();
-                g.finish();
-                out
-            }
-            _ => f(),
-        }
-    }
-}
-
 /// Starts dispatching the rows of `x` to the ranks owning their experts.
 ///
 /// # Shapes
@@ -288,7 +251,7 @@ pub fn dispatch_start_traced<C: Communicator + ?Sized>(
 
     let device = x.device();
     let host = HostSpans::new(trace, comm.rank(), &tag);
-    let (send, layout) = host.run(host.pack, || -> Result<_, DispatchError> {
+    let (send, layout) = host.pack(|| -> Result<_, DispatchError> {
         let x = read_rows(x, "dispatch input x")?;
         let layout = plan::send_layout(routing.experts(), sharding);
         let mut data = Vec::with_capacity(layout.order.len() * hidden);
@@ -309,7 +272,7 @@ pub fn dispatch_start_traced<C: Communicator + ?Sized>(
     let sharding = *sharding;
     let weights = routing.weights().clone();
     Ok(pending.map(move |recv| {
-        host.run(host.unpack, move || {
+        host.unpack(move || {
         let local = sharding.num_local(rank);
         if let Some((src, groups)) = recv
             .counts
@@ -400,7 +363,7 @@ pub fn combine_start_traced<C: Communicator + ?Sized>(
         });
     }
     let host = HostSpans::new(trace, comm.rank(), &tag);
-    let send = host.run(host.pack, || -> Result<_, DispatchError> {
+    let send = host.pack(|| -> Result<_, DispatchError> {
         let y = read_rows(expert_outputs, "expert outputs")?;
         // Back to the received layout (source rank major), which is what each source expects.
         let mut data = vec![0.0f32; y.len()];
@@ -416,7 +379,7 @@ pub fn combine_start_traced<C: Communicator + ?Sized>(
     let pending = comm.all_to_all_v(tag, send);
     let op = pending.op().to_owned();
     Ok(pending.map(move |back| {
-        host.run(host.unpack, move || {
+        host.unpack(move || {
             if back.counts != plan.send_counts {
                 return Err(CommError::Protocol {
                     op,

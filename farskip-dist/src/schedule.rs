@@ -28,7 +28,7 @@ use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchError, ExpertSharding};
 use crate::plan::desc::{OpKey, Split};
-use crate::trace::{Phase, Trace};
+use crate::trace::{HostSpans, Phase, Trace};
 use walk::out_of_order;
 
 pub(crate) mod ep_moe;
@@ -467,31 +467,38 @@ impl TpRank {
     }
 }
 
-/// Starts the all-reduce of `x` tagged `tag`, its copy to the host traced as [`ops::pack`] of the tag.
-fn all_reduce_tensor<C: Communicator + ?Sized>(
-    ctx: &Ctx<'_, C>,
-    tag: CollectiveTag,
-    x: Tensor<3>,
-) -> Pending<Vec<f32>> {
-    let host = match ops::pack(&tag.name) {
-        Some(op) => ctx.compute(tag.layer, op, || to_host(flat(x).0)),
-        None => to_host(flat(x).0),
-    };
-    ctx.comm.all_reduce(tag, host)
+/// A TP all-reduce of a tensor in flight; its copies to and from the host are traced as the collective's host
+/// work.
+pub(crate) struct TpReduce {
+    pending: Pending<Vec<f32>>,
+    host: HostSpans,
+    dims: [usize; 3],
+    device: Device,
 }
 
-/// The all-reduced `v` as a tensor on `device`, traced as [`ops::unpack`] of `op` at `layer`.
-fn reduced<C: Communicator + ?Sized>(
-    ctx: &Ctx<'_, C>,
-    op: &str,
-    layer: Option<usize>,
-    v: Vec<f32>,
-    dims: [usize; 3],
-    device: &Device,
-) -> Tensor<3> {
-    match ops::unpack(op) {
-        Some(u) => ctx.compute(layer, u, || from_host(v, dims, device)),
-        None => from_host(v, dims, device),
+impl TpReduce {
+    /// Starts the all-reduce, tagged `tag`, of `x` (`[tokens, hidden]`, the rows of a `dims` tensor).
+    fn start<C: Communicator + ?Sized>(
+        ctx: &Ctx<'_, C>,
+        tag: CollectiveTag,
+        x: Tensor<2>,
+        dims: [usize; 3],
+    ) -> Self {
+        let host = HostSpans::new(ctx.trace, ctx.comm.rank(), &tag);
+        let device = x.device();
+        let data = host.pack(|| to_host(x));
+        Self {
+            pending: ctx.comm.all_reduce(tag, data),
+            host,
+            dims,
+            device,
+        }
+    }
+
+    /// The sum over ranks, `dims`.
+    fn wait(self) -> Result<Tensor<3>> {
+        let v = self.pending.wait()?;
+        Ok(self.host.unpack(|| from_host(v, self.dims, &self.device)))
     }
 }
 
@@ -506,7 +513,7 @@ pub(crate) enum TpAttn {
     /// This rank's partial output (after `attn`).
     Partial(Tensor<3>),
     /// The all-reduce of the partial outputs in flight.
-    Reducing(Pending<Vec<f32>>, [usize; 3], Device),
+    Reducing(TpReduce),
 }
 
 /// A TP MoE layer between its router and its all-reduce.
@@ -518,18 +525,10 @@ pub(crate) struct TpMoe {
     shared: Option<Tensor<3>>,
 }
 
-/// A TP routed all-reduce in flight.
-pub(crate) struct TpRouted {
-    reduce: Pending<Vec<f32>>,
-    key: OpKey,
-    dims: [usize; 3],
-    device: Device,
-}
-
 impl walk::Exec for TpRank {
     type Attn = TpAttn;
     type Moe = TpMoe;
-    type Routed = TpRouted;
+    type Routed = TpReduce;
     type Waited = Tensor<3>;
     const SPLIT: Split = Split::Tensor;
     const JOIN_STEP: bool = false;
@@ -583,33 +582,21 @@ impl walk::Exec for TpRank {
         let TpAttn::Partial(partial) = a else {
             return Err(out_of_order(key, "attention's partial output"));
         };
-        let dims = partial.dims();
-        let device = partial.device();
+        let (x, dims) = flat(partial);
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
-        Ok(TpAttn::Reducing(
-            all_reduce_tensor(ctx, tag, partial),
-            dims,
-            device,
-        ))
+        Ok(TpAttn::Reducing(TpReduce::start(ctx, tag, x, dims)))
     }
 
     fn attn_wait<C: Communicator + ?Sized>(
         &self,
-        ctx: &Ctx<'_, C>,
+        _ctx: &Ctx<'_, C>,
         key: &OpKey,
         a: TpAttn,
     ) -> Result<Tensor<3>> {
-        let TpAttn::Reducing(reduce, dims, device) = a else {
+        let TpAttn::Reducing(reduce) = a else {
             return Err(out_of_order(key, "attention's all-reduce"));
         };
-        Ok(reduced(
-            ctx,
-            key.op,
-            key.layer,
-            reduce.wait()?,
-            dims,
-            &device,
-        ))
+        reduce.wait()
     }
 
     fn router<C: Communicator + ?Sized>(
@@ -687,29 +674,21 @@ impl walk::Exec for TpRank {
         ctx: &Ctx<'_, C>,
         key: &OpKey,
         m: &mut TpMoe,
-    ) -> Result<TpRouted> {
+    ) -> Result<TpReduce> {
         let routed = m
             .routed
             .take()
             .ok_or_else(|| out_of_order(key, "the routed partial sums"))?;
-        let device = routed.device();
         let tag = ctx.tag(key.op, key.layer.unwrap_or_default());
-        let host = ctx.compute(key.layer, ops::AR_MOE_PACK, || to_host(routed));
-        Ok(TpRouted {
-            reduce: ctx.comm.all_reduce(tag, host),
-            key: *key,
-            dims: m.dims,
-            device,
-        })
+        Ok(TpReduce::start(ctx, tag, routed, m.dims))
     }
 
     fn routed_wait<C: Communicator + ?Sized>(
         &self,
-        ctx: &Ctx<'_, C>,
-        r: TpRouted,
+        _ctx: &Ctx<'_, C>,
+        r: TpReduce,
     ) -> Result<Tensor<3>> {
-        let v = r.reduce.wait()?;
-        Ok(reduced(ctx, r.key.op, r.key.layer, v, r.dims, &r.device))
+        r.wait()
     }
 
     fn join<C: Communicator + ?Sized>(

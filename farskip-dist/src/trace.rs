@@ -286,6 +286,55 @@ impl fmt::Debug for Trace {
     }
 }
 
+/// Compute spans of a collective's host work on one rank: [`crate::schedule::ops::pack`] of its tag while its
+/// send buffer is built, [`crate::schedule::ops::unpack`] while what arrived is taken apart. Nothing for a
+/// disabled trace or a tag that is not one of the schedules' collectives.
+#[derive(Clone)]
+pub(crate) struct HostSpans {
+    trace: Trace,
+    rank: usize,
+    layer: Option<usize>,
+    phase: Phase,
+    pack: Option<&'static str>,
+    unpack: Option<&'static str>,
+}
+
+impl HostSpans {
+    /// The host work of collective `tag` on `rank`, traced on `trace`.
+    pub(crate) fn new(trace: &Trace, rank: usize, tag: &crate::comm::CollectiveTag) -> Self {
+        Self {
+            trace: trace.clone(),
+            rank,
+            layer: tag.layer,
+            phase: tag.phase,
+            pack: crate::schedule::ops::pack(&tag.name),
+            unpack: crate::schedule::ops::unpack(&tag.name),
+        }
+    }
+
+    /// Runs `f`, the packing of the send buffer, in its span.
+    pub(crate) fn pack<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.run(self.pack, f)
+    }
+
+    /// Runs `f`, the unpacking of what arrived, in its span.
+    pub(crate) fn unpack<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.run(self.unpack, f)
+    }
+
+    fn run<T>(&self, op: Option<&'static str>, f: impl FnOnce() -> T) -> T {
+        match op {
+            Some(op) if self.trace.is_enabled() => {
+                let g = self.trace.compute(self.rank, self.layer, op, self.phase);
+                let out = f();
+                g.finish();
+                out
+            }
+            _ => f(),
+        }
+    }
+}
+
 /// An open span; it is recorded when finished or dropped.
 #[must_use = "the span ends when this guard is dropped; bind it to a variable"]
 #[derive(Debug)]

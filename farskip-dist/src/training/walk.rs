@@ -28,7 +28,7 @@ use crate::dispatch::{DispatchPlan, ExpertInputs, combine_start_traced};
 use crate::plan::desc::{self, OpKey, Split, Step};
 use crate::schedule::walk::{self, Attention, Exec, bad_step, out_of_order};
 use crate::schedule::{Ctx, ScheduleError, ep_moe, ops};
-use crate::trace::{Phase, Trace};
+use crate::trace::{HostSpans, Phase, Trace};
 
 /// What the forward records of one layer.
 #[derive(Default)]
@@ -755,25 +755,17 @@ impl EpTrainRank {
                         )?);
                     }
                     (bwd_ops::GRAD_ALLREDUCE, Some(i)) if i < layers => {
-                        let g = trace.compute(
-                            self.rank,
-                            Some(i),
-                            bwd_ops::GRAD_ALLREDUCE_PACK,
-                            Phase::Backward,
-                        );
-                        let mut f = Flatten {
-                            grads: &mut acc,
-                            buffer: Vec::new(),
-                            present: Vec::new(),
-                        };
-                        visit_replicated_layer(&model.layers[i], &mut f);
-                        let (buffer, present) = (f.buffer, f.present);
-                        g.finish();
-                        pending_grads.push((
-                            i,
-                            present,
-                            grad_comm.all_reduce(tag(bwd_ops::GRAD_ALLREDUCE, i, m), buffer),
-                        ));
+                        let tag = tag(bwd_ops::GRAD_ALLREDUCE, i, m);
+                        let (buffer, present) = HostSpans::new(trace, self.rank, &tag).pack(|| {
+                            let mut f = Flatten {
+                                grads: &mut acc,
+                                buffer: Vec::new(),
+                                present: Vec::new(),
+                            };
+                            visit_replicated_layer(&model.layers[i], &mut f);
+                            (f.buffer, f.present)
+                        });
+                        pending_grads.push((i, present, grad_comm.all_reduce(tag, buffer)));
                     }
                     (bwd_ops::GRAD_ALLREDUCE, None) => {
                         // The embedding/head all-reduce, then every layer's is waited for (the remaining
