@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use burn::prelude::*;
 use farskip_dist::experiment::random_ids;
 use farskip_dist::plan::desc::{self, OpKey, Schedule, Split, Step};
-use farskip_dist::plan::sim::{simulate, simulate_shared};
+use std::collections::HashMap;
+
+use farskip_dist::plan::sim::{Interval, Lane, SimError, Timeline, simulate, simulate_shared};
 use farskip_dist::plan::{
     Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule,
@@ -202,13 +204,98 @@ fn ranks_sharing_a_core_compute_at_its_share_of_the_speed() {
     );
 }
 
+/// The lockstep simulator the event simulator generalises: ranks step through the description together, each
+/// rank's clock advancing by its own costs, a collective starting once every rank issued it and its lane is
+/// free. The reference [`simulate`] must reproduce when every rank has a core of its own.
+fn lockstep(
+    schedule: &Schedule,
+    world: usize,
+    compute: &dyn Fn(usize, &OpKey) -> f64,
+    collective: &dyn Fn(&OpKey) -> f64,
+) -> Result<Timeline, SimError> {
+    if world == 0 {
+        return Err(SimError::NoRanks);
+    }
+    let mut t = vec![0.0f64; world];
+    let mut lane_free: HashMap<u8, Vec<f64>> = HashMap::new();
+    let mut done: HashMap<OpKey, f64> = HashMap::new();
+    let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
+    // Runs `k` on every rank's compute lane; a collective's host work (`host`) leaves no interval where it
+    // costs nothing.
+    let run = |ranks: &mut Vec<Vec<Interval>>,
+               t: &mut Vec<f64>,
+               k: OpKey,
+               host: bool|
+     -> Result<(), SimError> {
+        for r in 0..world {
+            let c = compute(r, &k);
+            if host && c == 0.0 {
+                continue;
+            }
+            ranks[r].push(Interval {
+                key: k,
+                lane: Lane::Compute,
+                start: t[r],
+                end: t[r] + c,
+                peer_wait: 0.0,
+                issued: t[r],
+            });
+            t[r] += c;
+        }
+        Ok(())
+    };
+    let host = |ranks: &mut Vec<Vec<Interval>>,
+                t: &mut Vec<f64>,
+                op: Option<&'static str>,
+                key: OpKey| match op {
+        Some(op) => run(ranks, t, OpKey { op, ..key }, true),
+        None => Ok(()),
+    };
+    for step in &schedule.steps {
+        match *step {
+            Step::Compute(k) => run(&mut ranks, &mut t, k, false)?,
+            Step::Issue { key, channel } => {
+                host(&mut ranks, &mut t, ops::pack(key.op), key)?;
+                let free = lane_free.entry(channel).or_insert_with(|| vec![0.0; world]);
+                // Costs are checked finite, so these maxima are numbers.
+                let all_issued = t.iter().copied().fold(0.0, f64::max);
+                let start = free.iter().copied().fold(all_issued, f64::max);
+                let end = start + collective(&key);
+                for r in 0..world {
+                    free[r] = end;
+                    ranks[r].push(Interval {
+                        key,
+                        lane: Lane::Comm(channel),
+                        start,
+                        end,
+                        peer_wait: all_issued - t[r],
+                        issued: t[r],
+                    });
+                }
+                done.insert(key, end);
+            }
+            Step::Wait(k) => {
+                let end = *done.get(&k).ok_or(SimError::WaitBeforeIssue {
+                    op: k.op,
+                    layer: k.layer,
+                })?;
+                for tr in t.iter_mut() {
+                    *tr = tr.max(end);
+                }
+                host(&mut ranks, &mut t, ops::unpack(k.op), k)?;
+            }
+        }
+    }
+    Ok(Timeline { ranks })
+}
+
 /// An interval as (op, layer, micro-batch, start µs, end µs).
 type SpanRow = (String, Option<usize>, u8, i64, i64);
 
 #[test]
 fn enough_cores_give_the_lockstep_timeline() {
     // Every description kind of a small model, with costs that differ per rank, op and layer (host work
-    // included): processor sharing with a core per rank is the lockstep simulator.
+    // included): the event simulator with a core per rank is the lockstep one.
     let config = tiny();
     let cost = |r: usize, k: &OpKey| {
         let h =
@@ -232,8 +319,8 @@ fn enough_cores_give_the_lockstep_timeline() {
     schedules.push(desc::training_tbo(&config));
     for s in &schedules {
         for world in [1, 2, 3] {
-            let a = simulate(s, world, &cost, &coll).unwrap();
-            let b = simulate_shared(s, world, world, &cost, &coll).unwrap();
+            let a = lockstep(s, world, &cost, &coll).unwrap();
+            let b = simulate(s, world, &cost, &coll).unwrap();
             let (ma, mb) = (a.metrics(None), b.metrics(None));
             for (x, y) in [
                 (ma.wall_ms, mb.wall_ms),
@@ -244,7 +331,7 @@ fn enough_cores_give_the_lockstep_timeline() {
             ] {
                 assert!((x - y).abs() <= 1e-9 * x.abs().max(1.0), "{x} vs {y}");
             }
-            let sorted = |t: &farskip_dist::plan::sim::Timeline| {
+            let sorted = |t: &Timeline| {
                 let mut v: Vec<Vec<SpanRow>> = t
                     .ranks
                     .iter()

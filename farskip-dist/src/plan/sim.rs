@@ -100,87 +100,15 @@ fn checked(k: &OpKey, cost: f64) -> Result<f64, SimError> {
     }
 }
 
-/// Simulates `schedule` on `world` ranks. `compute(rank, op)` and `collective(op)` give costs in ms.
+/// Simulates `schedule` on `world` ranks, each with hardware of its own. `compute(rank, op)` and
+/// `collective(op)` give costs in ms.
 pub fn simulate(
     schedule: &Schedule,
     world: usize,
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
-    if world == 0 {
-        return Err(SimError::NoRanks);
-    }
-    let mut t = vec![0.0f64; world];
-    let mut lane_free: HashMap<u8, Vec<f64>> = HashMap::new();
-    let mut done: HashMap<OpKey, f64> = HashMap::new();
-    let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
-    // Runs `k` on every rank's compute lane; a collective's host work (`host`) leaves no interval where it
-    // costs nothing.
-    let run = |ranks: &mut Vec<Vec<Interval>>,
-               t: &mut Vec<f64>,
-               k: OpKey,
-               host: bool|
-     -> Result<(), SimError> {
-        for r in 0..world {
-            let c = checked(&k, compute(r, &k))?;
-            if host && c == 0.0 {
-                continue;
-            }
-            ranks[r].push(Interval {
-                key: k,
-                lane: Lane::Compute,
-                start: t[r],
-                end: t[r] + c,
-                peer_wait: 0.0,
-                issued: t[r],
-            });
-            t[r] += c;
-        }
-        Ok(())
-    };
-    let host = |ranks: &mut Vec<Vec<Interval>>,
-                t: &mut Vec<f64>,
-                op: Option<&'static str>,
-                key: OpKey| match op {
-        Some(op) => run(ranks, t, OpKey { op, ..key }, true),
-        None => Ok(()),
-    };
-    for step in &schedule.steps {
-        match *step {
-            Step::Compute(k) => run(&mut ranks, &mut t, k, false)?,
-            Step::Issue { key, channel } => {
-                host(&mut ranks, &mut t, ops::pack(key.op), key)?;
-                let free = lane_free.entry(channel).or_insert_with(|| vec![0.0; world]);
-                // Costs are checked finite, so these maxima are numbers.
-                let all_issued = t.iter().copied().fold(0.0, f64::max);
-                let start = free.iter().copied().fold(all_issued, f64::max);
-                let end = start + checked(&key, collective(&key))?;
-                for r in 0..world {
-                    free[r] = end;
-                    ranks[r].push(Interval {
-                        key,
-                        lane: Lane::Comm(channel),
-                        start,
-                        end,
-                        peer_wait: all_issued - t[r],
-                        issued: t[r],
-                    });
-                }
-                done.insert(key, end);
-            }
-            Step::Wait(k) => {
-                let end = *done.get(&k).ok_or(SimError::WaitBeforeIssue {
-                    op: k.op,
-                    layer: k.layer,
-                })?;
-                for tr in t.iter_mut() {
-                    *tr = tr.max(end);
-                }
-                host(&mut ranks, &mut t, ops::unpack(k.op), k)?;
-            }
-        }
-    }
-    Ok(Timeline { ranks })
+    simulate_shared(schedule, world, world, compute, collective)
 }
 
 /// One rank's work item in [`simulate_shared`]: a description step with its collective's host work split out.
@@ -195,7 +123,7 @@ enum Item {
 /// [`simulate`] for ranks that share `cores` cores (more ranks than cores, as a CPU run with oversubscribed
 /// ranks): whenever `n` ranks compute at once and `n > cores`, each advances at `cores / n` of its speed
 /// (processor sharing), so a rank that waits for a collective leaves its share to the others. Compute costs are
-/// a rank's time on a core of its own. With `cores ≥ world` it gives [`simulate`]'s timeline.
+/// a rank's time on a core of its own; with `cores ≥ world` every rank runs at full speed.
 pub fn simulate_shared(
     schedule: &Schedule,
     world: usize,
