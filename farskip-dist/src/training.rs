@@ -535,15 +535,7 @@ impl EpTrainRank {
         windows: Tensor<2, Int>,
         objective: &Objective,
     ) -> Result<RankStep> {
-        if grad_comm.rank() != comm.rank() || grad_comm.world_size() != comm.world_size() {
-            return Err(ScheduleError::Comm(CommError::InvalidArgument(format!(
-                "the gradient communicator is rank {} of {} but the expert-parallel one is rank {} of {}",
-                grad_comm.rank(),
-                grad_comm.world_size(),
-                comm.rank(),
-                comm.world_size()
-            ))));
-        }
+        same_ranks(comm, grad_comm)?;
         let [b, t1] = windows.dims();
         if t1 < 2 || b == 0 {
             return Err(ScheduleError::Model(
@@ -552,6 +544,25 @@ impl EpTrainRank {
                 )),
             ));
         }
+        let (x_ids, y_ids) = self.inputs_and_targets(windows, objective)?;
+        let micro = walk::Micro {
+            x_ids,
+            y_ids,
+            objective: objective.clone(),
+            weight: 1.0,
+        };
+        let schedule = crate::plan::desc::training(self.model.config(), self.model.connectivity());
+        self.step_walk(comm, grad_comm, trace, vec![micro], &schedule)
+    }
+
+    /// Checks `objective` against this rank's windows `[batch, seq + 1]` (seq ≥ 1) and splits them into the
+    /// inputs and their next-token targets, `[batch, seq]` each.
+    fn inputs_and_targets(
+        &self,
+        windows: Tensor<2, Int>,
+        objective: &Objective,
+    ) -> Result<(Tensor<2, Int>, Tensor<2, Int>)> {
+        let [b, t1] = windows.dims();
         let t = t1 - 1;
         let config = self.model.config();
         objective.check(
@@ -560,14 +571,7 @@ impl EpTrainRank {
             config.hidden_size,
             self.model.layers.len(),
         )?;
-        let micro = walk::Micro {
-            x_ids: windows.clone().narrow(1, 0, t),
-            y_ids: windows.narrow(1, 1, t),
-            objective: objective.clone(),
-            weight: 1.0,
-        };
-        let schedule = crate::plan::desc::training(config, self.model.connectivity());
-        self.step_walk(comm, grad_comm, trace, vec![micro], &schedule)
+        Ok((windows.clone().narrow(1, 0, t), windows.narrow(1, 1, t)))
     }
 
     /// The loss on this rank's logits `[tokens, vocab]`: next-token cross-entropy on `y_ids`, or the KL to the
@@ -687,6 +691,23 @@ impl EpTrainRank {
             trace,
         )?)
     }
+}
+
+/// Refuses a gradient communicator that does not span the same ranks in the same order as `comm`.
+fn same_ranks<C: Communicator + ?Sized, G: Communicator + ?Sized>(
+    comm: &C,
+    grad_comm: &G,
+) -> Result<()> {
+    if grad_comm.rank() != comm.rank() || grad_comm.world_size() != comm.world_size() {
+        return Err(ScheduleError::Comm(CommError::InvalidArgument(format!(
+            "the gradient communicator is rank {} of {} but the expert-parallel one is rank {} of {}",
+            grad_comm.rank(),
+            grad_comm.world_size(),
+            comm.rank(),
+            comm.world_size()
+        ))));
+    }
+    Ok(())
 }
 
 /// Adds `more` into `acc` parameter by parameter.

@@ -25,8 +25,8 @@ use burn::prelude::*;
 use farskip_model::{Connectivity, ModelError};
 
 use super::walk::Micro;
-use super::{EpTrainRank, Objective, RankStep, Result};
-use crate::comm::{CommError, Communicator};
+use super::{EpTrainRank, Objective, RankStep, Result, same_ranks};
+use crate::comm::Communicator;
 use crate::plan::desc;
 use crate::schedule::ScheduleError;
 use crate::trace::Trace;
@@ -65,15 +65,7 @@ impl EpTrainRank {
                 }));
             }
         }
-        if grad_comm.rank() != comm.rank() || grad_comm.world_size() != comm.world_size() {
-            return Err(ScheduleError::Comm(CommError::InvalidArgument(format!(
-                "the gradient communicator is rank {} of {} but the expert-parallel one is rank {} of {}",
-                grad_comm.rank(),
-                grad_comm.world_size(),
-                comm.rank(),
-                comm.world_size()
-            ))));
-        }
+        same_ranks(comm, grad_comm)?;
         let [b, t1] = windows.dims();
         if b < 2 || !b.is_multiple_of(2) || t1 < 2 {
             return Err(invalid(format!(
@@ -88,16 +80,7 @@ impl EpTrainRank {
                     .into(),
             ));
         }
-        let t = t1 - 1;
-        let config = self.model.config();
-        objective.check(
-            [b, t],
-            config.vocab_size,
-            config.hidden_size,
-            self.model.layers.len(),
-        )?;
-        let x_ids = windows.clone().narrow(1, 0, t);
-        let y_ids = windows.narrow(1, 1, t);
+        let (x_ids, y_ids) = self.inputs_and_targets(windows, objective)?;
         let half = b / 2;
         let micro = (0..2)
             .map(|mb| {
@@ -120,7 +103,7 @@ impl EpTrainRank {
                 }
             })
             .collect();
-        let schedule = desc::training_tbo(config);
+        let schedule = desc::training_tbo(self.model.config());
         self.step_walk(comm, grad_comm, trace, micro, &schedule)
     }
 }
