@@ -332,12 +332,14 @@ pub fn predict(
     let simulate = |s: &Schedule, micro: usize| -> Result<Timeline, PlanError> {
         let compute = |r: usize, k: &OpKey| costs.compute(r, k, micro);
         let collective = |k: &OpKey| costs.collective(k, micro);
-        Ok(match costs.cores() {
-            Some(cores) if cores < ranks => {
-                sim::simulate_shared(s, ranks, cores, &compute, &collective)?
-            }
-            _ => sim::simulate(s, ranks, &compute, &collective)?,
-        })
+        let cores = costs.cores().unwrap_or(ranks);
+        Ok(sim::simulate_shared(
+            s,
+            ranks,
+            cores,
+            &compute,
+            &collective,
+        )?)
     };
     let run = |kind: ScheduleKind| -> Result<Timeline, PlanError> {
         let micro = if kind == ScheduleKind::Tbo { 2 } else { 1 };

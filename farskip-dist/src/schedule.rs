@@ -145,9 +145,18 @@ pub mod ops {
 
     /// Whether `op` is a collective's host work ([`pack`] or [`unpack`] of one).
     pub fn is_host_work(op: &str) -> bool {
-        HOST_WORK
-            .iter()
-            .any(|(_, pack, unpack)| *pack == op || *unpack == Some(op))
+        host_work_name(op).is_some()
+    }
+
+    /// The static name of host-work span `op` ([`pack`] or [`unpack`] of a collective), or `None`.
+    pub fn host_work_name(op: &str) -> Option<&'static str> {
+        HOST_WORK.iter().find_map(|(_, pack, unpack)| {
+            if *pack == op {
+                Some(*pack)
+            } else {
+                unpack.filter(|u| *u == op)
+            }
+        })
     }
 }
 

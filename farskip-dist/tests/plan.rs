@@ -835,6 +835,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
             op("attn_2", Some(1), 6.0, 5.0),
             op("experts", Some(0), 7.0, 7.0),
             op("embed_head", None, 10.0, 10.0),
+            op("dispatch_pack", Some(0), 0.5, 0.5),
         ],
         expert_share: vec![vec![1.5, 0.5], vec![]],
     };
@@ -864,6 +865,8 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     // Rank 0 receives 1.5 × the measured pass's expert rows in layer 0, rank 1 half.
     assert_eq!(m.compute(0, &key("experts", Some(0)), 1), 10.5);
     assert_eq!(m.compute(1, &key("experts", Some(0)), 1), 3.5);
+    // A collective's host work is costed as measured (once per issue of the dispatch).
+    assert_eq!(m.compute(0, &key("dispatch_pack", Some(0)), 1), 0.5);
     assert_eq!(m.cores(), None);
     // Four ranks on two cores: ops were measured a core per copy; the experiments' free pass runs all four at
     // once, so each window is twice the fastest op, and the simulator shares the two cores.

@@ -411,8 +411,9 @@ pub struct Measured {
     comm_ratio: f64,
 }
 
-/// Every op name the schedules use, to map a calibration's strings back to them.
-const NAMES: [&str; 33] = [
+/// Every compute op name the schedules use, to map a calibration's strings back to them (with the collectives'
+/// host work, [`ops::host_work_name`]).
+const NAMES: [&str; 20] = [
     ops::ATTN_1,
     ops::ATTN_2,
     ops::ATTN,
@@ -433,19 +434,6 @@ const NAMES: [&str; 33] = [
     bwd_ops::HEAD,
     bwd_ops::COMBINE_BWD,
     MLP_BWD,
-    ops::DISPATCH_PACK,
-    ops::DISPATCH_UNPACK,
-    ops::COMBINE_PACK,
-    ops::COMBINE_UNPACK,
-    ops::AR_ATTN_PACK,
-    ops::AR_ATTN_UNPACK,
-    ops::AR_MOE_PACK,
-    ops::AR_MOE_UNPACK,
-    bwd_ops::COMBINE_BWD_PACK,
-    bwd_ops::COMBINE_BWD_UNPACK,
-    bwd_ops::DISPATCH_BWD_PACK,
-    bwd_ops::DISPATCH_BWD_UNPACK,
-    bwd_ops::GRAD_ALLREDUCE_PACK,
 ];
 
 impl Measured {
@@ -476,16 +464,21 @@ impl Measured {
         let mut fastest = HashMap::new();
         let mut spread = HashMap::new();
         for o in &calibration.ops {
-            if let Some(name) = NAMES.iter().find(|n| **n == o.op) {
+            let name = NAMES
+                .iter()
+                .copied()
+                .find(|n| *n == o.op)
+                .or_else(|| ops::host_work_name(&o.op));
+            if let Some(name) = name {
                 let phase = if o.backward {
                     Phase::Backward
                 } else {
                     Phase::Forward
                 };
-                let n = count.get(&(*name, o.layer, phase)).copied().unwrap_or(1.0);
-                ops.insert((*name, o.layer, phase), o.ms / n);
-                fastest.insert((*name, o.layer, phase), o.min_ms);
-                spread.insert((*name, o.layer, phase), o.spread);
+                let n = count.get(&(name, o.layer, phase)).copied().unwrap_or(1.0);
+                ops.insert((name, o.layer, phase), o.ms / n);
+                fastest.insert((name, o.layer, phase), o.min_ms);
+                spread.insert((name, o.layer, phase), o.spread);
             }
         }
         // Windows add every span of an op and layer, from the fastest pass (the experiments' rule). With more
