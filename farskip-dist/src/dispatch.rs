@@ -18,7 +18,7 @@ mod sharding;
 
 use burn::prelude::{Int, Tensor, TensorData};
 
-pub use plan::{DispatchPlan, ExpertInputs, PeerSplit, own_slots};
+pub use plan::{DispatchPlan, ExpertInputs};
 pub use sharding::ExpertSharding;
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending, Rows};

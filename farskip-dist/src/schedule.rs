@@ -14,8 +14,7 @@
 //! baseline). With FarSkip, a converted layer's attention reads the routed-free stream, so the previous layer's
 //! combine (EP) or routed all-reduce (TP) stays in flight while attention computes, and EP's dispatch hides
 //! behind the second half of attention — the paper's schedule (DESIGN.md §1); at skip depth d ≥ 2 up to d
-//! routed outputs stay in flight and EP routes and dispatches a layer before its attention, then runs the rows it
-//! routed to its own experts (they need no dispatch) before it waits for its peers' rows. Results equal the
+//! routed outputs stay in flight and EP routes and dispatches a layer before its attention. Results equal the
 //! single-rank model: EP bit-for-bit (same per-row maths, same slot order, the model's order of additions), TP
 //! within float rounding (partial sums).
 
@@ -71,11 +70,6 @@ pub mod ops {
     pub const ROUTER: &str = "router";
     /// Routed experts.
     pub const EXPERTS: &str = "experts";
-    /// Routed experts on the rows a rank routed to its own experts, run while the dispatch is in flight (EP at
-    /// skip depth ≥ 2; [`EXPERTS_PEERS`] runs the rest).
-    pub const EXPERTS_SELF: &str = "experts_self";
-    /// Routed experts on the rows the dispatch delivered from the other ranks (after [`EXPERTS_SELF`]).
-    pub const EXPERTS_PEERS: &str = "experts_peers";
     /// Shared expert.
     pub const SHARED: &str = "shared";
     /// Dense MLP layer.
@@ -371,25 +365,6 @@ impl walk::Exec for EpRank {
                 let (_, out) = ctx.compute(key.layer, ops::EXPERTS, || {
                     ep_moe::experts(&m.moe, &inputs, &ep_moe::Through)
                 });
-                m.flight.set_expert_out(out, plan);
-            }
-            ops::EXPERTS_SELF => {
-                let sharding = self.sharding.expect("an MoE layer implies an MoE config");
-                let rank = ctx.comm.rank();
-                let out = ctx.compute(key.layer, ops::EXPERTS_SELF, || {
-                    let own = m.flight.own_rows(key, &sharding, rank)?;
-                    Ok::<_, ScheduleError>(ep_moe::experts(&m.moe, &own, &ep_moe::Through).1)
-                })?;
-                m.flight.set_own_out(out);
-            }
-            ops::EXPERTS_PEERS => {
-                let rank = ctx.comm.rank();
-                let own = m.flight.own_out(key)?;
-                let (out, plan) = ctx.compute(key.layer, ops::EXPERTS_PEERS, || {
-                    let (peers, plan, order) = m.flight.peer_rows(key, rank)?;
-                    let (_, out) = ep_moe::experts(&m.moe, &peers, &ep_moe::Through);
-                    Ok::<_, ScheduleError>((ep_moe::assemble(own, out, &order), plan))
-                })?;
                 m.flight.set_expert_out(out, plan);
             }
             ops::SHARED => {

@@ -16,7 +16,7 @@
 //!   asynchronously as soon as they are complete, hidden behind the backward of the layers below.
 //!
 //! At skip depth d ≥ 2 up to d combines stay in flight and each layer routes and dispatches before its
-//! attention, and runs its own rows through its experts before it waits for the dispatch. Standard connectivity runs the same segments in the stock order with every collective waited for
+//! attention. Standard connectivity runs the same segments in the stock order with every collective waited for
 //! at once (the blocking baseline). Gradients equal single-rank training up to float rounding.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -118,25 +118,13 @@ impl PartialTape {
         acc: &mut GradientsParams,
         model: &Model,
     ) -> Tensor<2> {
-        let device = self.expert_in.device().inner();
-        if self.expert_out.dims()[0] == 0 {
+        if self.expert_in.dims()[0] == 0 {
             // No rows reached this rank's experts in this layer: nothing to differentiate (their weights get no
             // gradient from this layer), and an empty product has no graph to walk.
-            return Tensor::zeros(self.expert_out.dims(), &device);
+            return Tensor::zeros(self.expert_in.dims(), &self.expert_in.device().inner());
         }
         let grads = (self.expert_out.clone() * g_out).sum().backward();
-        // A leaf without rows takes no part in the graph.
-        let grad_of = |leaf: &Tensor<2>| {
-            leaf.grad(&grads)
-                .unwrap_or_else(|| Tensor::zeros(leaf.dims(), &device))
-        };
-        let g = match &self.expert_own {
-            // Own rows ran before the dispatch arrived: their gradients and the peers' back in grouped order.
-            Some((own_in, order)) => {
-                ep_moe::assemble(grad_of(own_in), grad_of(&self.expert_in), order)
-            }
-            None => grad_of(&self.expert_in),
-        };
+        let g = self.expert_in.grad(&grads).expect("leaf");
         absorb(acc, grads, model);
         g
     }
@@ -210,11 +198,8 @@ struct PartialTape {
     weights: Tensor<2>,
     shared_in: Tensor<2>,
     shared_out: Option<Tensor<2>>,
-    /// The experts' input rows (the peers' only when `expert_own` is set) and their output rows in grouped order.
     expert_in: Tensor<2>,
     expert_out: Tensor<2>,
-    /// The own rows' input leaf and the order that put own and peers' outputs together, when they ran apart.
-    expert_own: Option<(Tensor<2>, Vec<usize>)>,
     slot_experts: Vec<usize>,
 }
 

@@ -407,8 +407,6 @@ impl CostModel for Unit {
         match k.op {
             "attn_1" | "attn_2" | "attn" | "experts" | "shared" | "mlp" | "attn_bwd"
             | "experts_bwd" | "shared_bwd" => 1.0 / micro as f64,
-            // The two parts of one experts op.
-            "experts_self" | "experts_peers" => 0.5 / micro as f64,
             _ => 0.0,
         }
     }

@@ -67,79 +67,6 @@ pub(super) fn grouped_from_received(recv: &[Vec<usize>], local: usize) -> Vec<us
     out
 }
 
-/// The slots this rank routes to its own experts (`rank`'s local range of `sharding`), in the order the dispatch
-/// delivers them to itself: by local expert, then slot order. Returns (slot ids, rows per local expert).
-pub fn own_slots(
-    slot_experts: &[usize],
-    sharding: &ExpertSharding,
-    rank: usize,
-) -> (Vec<usize>, Vec<usize>) {
-    let range = sharding.local_range(rank);
-    let mut counts = vec![0usize; range.len()];
-    for &x in slot_experts {
-        if range.contains(&x) {
-            counts[x - range.start] += 1;
-        }
-    }
-    let mut next = Vec::with_capacity(counts.len());
-    let mut at = 0;
-    for c in &counts {
-        next.push(at);
-        at += c;
-    }
-    let mut order = vec![0usize; at];
-    for (slot, &x) in slot_experts.iter().enumerate() {
-        if range.contains(&x) {
-            let n = &mut next[x - range.start];
-            order[*n] = slot;
-            *n += 1;
-        }
-    }
-    (order, counts)
-}
-
-/// How a rank that ran its own rows through its experts before the dispatch arrived splits the received rows
-/// (grouped by local expert, then source rank) into those of its peers, and puts the outputs back together.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerSplit {
-    /// Indices of the peers' rows in the grouped order (by local expert, then source rank).
-    pub peer_rows: Vec<usize>,
-    /// Peers' rows per local expert.
-    pub peer_counts: Vec<usize>,
-    /// For every row of the grouped order, its index in the own rows followed by the peers' rows.
-    pub assemble: Vec<usize>,
-}
-
-/// The [`PeerSplit`] of received counts `recv` (`recv[s][l]`: rows source `s` sent for local expert `l`) on
-/// rank `me`.
-pub(super) fn peer_split(recv: &[Vec<usize>], local: usize, me: usize) -> PeerSplit {
-    let own: usize = recv.get(me).map_or(0, |g| g.iter().sum());
-    let mut peer_rows = Vec::new();
-    let mut peer_counts = vec![0usize; local];
-    let mut assemble = Vec::new();
-    let (mut grouped, mut own_at, mut peer_at) = (0, 0, own);
-    for (l, peer_count) in peer_counts.iter_mut().enumerate() {
-        for (s, groups) in recv.iter().enumerate() {
-            let n = groups[l];
-            if s == me {
-                assemble.extend(own_at..own_at + n);
-                own_at += n;
-            } else {
-                peer_rows.extend(grouped..grouped + n);
-                assemble.extend(peer_at..peer_at + n);
-                peer_at += n;
-                *peer_count += n;
-            }
-            grouped += n;
-        }
-    }
-    PeerSplit {
-        peer_rows,
-        peer_counts,
-        assemble,
-    }
-}
-
 /// The rows this rank must run through its experts, grouped by local expert.
 #[derive(Debug, Clone)]
 pub struct ExpertInputs {
@@ -201,11 +128,6 @@ impl DispatchPlan {
         self.grouped_from_recv.len()
     }
 
-    /// The split of the received rows into this rank's own (`me`) and its peers' (see [`PeerSplit`]).
-    pub fn peer_split(&self, me: usize) -> PeerSplit {
-        peer_split(&self.recv_counts, self.sharding.local_range(me).len(), me)
-    }
-
     /// Rows this rank sent to each rank (its own included).
     pub fn sent_per_rank(&self) -> Vec<usize> {
         self.send_counts.iter().map(|g| g.iter().sum()).collect()
@@ -225,36 +147,6 @@ mod tests {
         assert_eq!(layout.order, vec![1, 2, 5, 4, 3, 0]);
         assert_eq!(layout.counts, vec![vec![3, 1], vec![1, 1]]);
         Ok(())
-    }
-
-    #[test]
-    fn own_slots_match_what_the_dispatch_delivers_to_itself()
-    -> Result<(), super::super::DispatchError> {
-        // 3 tokens, k = 2; 4 experts over 2 ranks (0,1 | 2,3).
-        let experts = [3, 0, 0, 2, 1, 0];
-        let s = ExpertSharding::new(4, 2)?;
-        assert_eq!(own_slots(&experts, &s, 0), (vec![1, 2, 5, 4], vec![3, 1]));
-        assert_eq!(own_slots(&experts, &s, 1), (vec![3, 0], vec![1, 1]));
-        // The send layout's chunk for rank p is the same list.
-        let layout = send_layout(&experts, &s);
-        assert_eq!(layout.order[..4], own_slots(&experts, &s, 0).0[..]);
-        Ok(())
-    }
-
-    #[test]
-    fn peer_split_reassembles_the_grouped_order() {
-        // Rank 1 of 3, two local experts. Sources sent: s0 [2, 1], s1 (own) [1, 2], s2 [0, 1].
-        let recv = vec![vec![2, 1], vec![1, 2], vec![0, 1]];
-        // Grouped order: e0: s0 0,1 | s1 2 | s2 -; e1: s0 3 | s1 4,5 | s2 6.
-        let split = peer_split(&recv, 2, 1);
-        assert_eq!(split.peer_rows, vec![0, 1, 3, 6]);
-        assert_eq!(split.peer_counts, vec![2, 2]);
-        // Own rows are 0..3 (e0: 1 row, e1: 2 rows), peers' 3..7.
-        assert_eq!(split.assemble, vec![3, 4, 0, 5, 1, 2, 6]);
-        // Every grouped row appears once.
-        let mut seen = split.assemble.clone();
-        seen.sort_unstable();
-        assert_eq!(seen, (0..7).collect::<Vec<_>>());
     }
 
     #[test]

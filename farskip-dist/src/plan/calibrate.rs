@@ -25,7 +25,7 @@ use crate::schedule::{EpRank, TpRank, ops};
 use crate::trace::{Phase, Stream, Trace};
 use crate::training::{EpTrainRank, bwd_ops};
 
-use super::cost::{CostModel, self_share};
+use super::cost::CostModel;
 use super::desc::{MLP_BWD, OpKey, Schedule, Split, Step};
 use super::{Mode, PlanError};
 
@@ -625,28 +625,20 @@ impl CostModel for Measured {
 
     fn compute(&self, rank: usize, key: &OpKey, micro: usize) -> f64 {
         // EP ranks' experts run the rows routed to them: the measured pass's cost scaled by each rank's share.
-        let expert_share = |l: usize| {
-            self.expert_share
+        let share = match (key.op, key.layer) {
+            (ops::EXPERTS | bwd_ops::EXPERTS, Some(l)) => self
+                .expert_share
                 .get(l)
                 .and_then(|s| s.get(rank))
                 .copied()
-                .unwrap_or(1.0)
-        };
-        let world = |l: usize| self.expert_share.get(l).map_or(1, Vec::len);
-        // A rank's own rows and its peers' rows are parts of the measured experts op.
-        let (op, share) = match (key.op, key.layer) {
-            (ops::EXPERTS | bwd_ops::EXPERTS, Some(l)) => (key.op, expert_share(l)),
-            (ops::EXPERTS_SELF, Some(l)) => (ops::EXPERTS, expert_share(l) * self_share(world(l))),
-            (ops::EXPERTS_PEERS, Some(l)) => {
-                (ops::EXPERTS, expert_share(l) * (1.0 - self_share(world(l))))
-            }
-            _ => (key.op, 1.0),
+                .unwrap_or(1.0),
+            _ => 1.0,
         };
         share
             * self.jitter(rank, key)
             * self
                 .ops
-                .get(&(op, key.layer, key.phase))
+                .get(&(key.op, key.layer, key.phase))
                 .copied()
                 .unwrap_or(0.0)
             / micro.max(1) as f64

@@ -66,12 +66,6 @@ pub struct Roofline {
     workload: Workload,
 }
 
-/// The share of an EP rank's expert rows that its own tokens routed to it ([`ops::EXPERTS_SELF`]), with tokens
-/// routed uniformly over `ep` ranks: 1/ep (the rest, [`ops::EXPERTS_PEERS`], came from its peers).
-pub fn self_share(ep: usize) -> f64 {
-    1.0 / ep.max(1) as f64
-}
-
 /// Ring all-reduce of `bytes` over `p` ranks on links of `bw` bytes/s with latency `alpha` s.
 pub fn ring_all_reduce_s(bytes: f64, p: usize, bw: f64, alpha: f64) -> f64 {
     if p <= 1 {
@@ -225,9 +219,8 @@ impl Roofline {
             flops: 2.0 * tm * h * e,
             bytes: h * e * bpe + 2.0 * tm * h * bpe,
         };
-        // `part`: the share of the rank's expert rows the op runs (a rank's own rows are 1/ep of them).
-        let experts = |part: f64| {
-            let rows = self.expert_rows(micro) * part;
+        let experts = || {
+            let rows = self.expert_rows(micro);
             let local = (e / self.layout.ep as f64).max(1.0);
             // Weights read: the experts that get rows (all of them once rows outnumber them).
             let touched = local.min(rows.max(1.0));
@@ -263,17 +256,14 @@ impl Roofline {
             (Phase::Forward, ops::ATTN_2) => core,
             (Phase::Forward, ops::ATTN) => proj + core,
             (Phase::Forward, ops::ROUTER) => router,
-            (Phase::Forward, ops::EXPERTS) => experts(1.0),
-            // Each part reads the weights of the experts it runs.
-            (Phase::Forward, ops::EXPERTS_SELF) => experts(self_share(self.layout.ep)),
-            (Phase::Forward, ops::EXPERTS_PEERS) => experts(1.0 - self_share(self.layout.ep)),
+            (Phase::Forward, ops::EXPERTS) => experts(),
             (Phase::Forward, ops::SHARED) => shared(),
             (Phase::Forward, ops::MLP) => mlp(),
             (Phase::Forward, ops::COMBINE) => combine,
             (Phase::Forward, ops::HEAD) => head,
             // Backward: twice the forward FLOPs (input and weight gradients), the same weight traffic twice.
             (Phase::Backward, bwd_ops::ATTN) => (proj + core) * 2.0,
-            (Phase::Backward, bwd_ops::EXPERTS) => experts(1.0) * 2.0,
+            (Phase::Backward, bwd_ops::EXPERTS) => experts() * 2.0,
             (Phase::Backward, bwd_ops::SHARED) => shared() * 2.0,
             (Phase::Backward, bwd_ops::ROUTER) => router * 2.0,
             (Phase::Backward, bwd_ops::JOIN) => combine * 2.0,
@@ -369,10 +359,7 @@ impl CostModel for Roofline {
         }
         let mut w = self.work(key, micro);
         // Only the busiest rank gets `imbalance` × the mean expert rows; the others share the rest.
-        let expert_op = matches!(
-            key.op,
-            ops::EXPERTS | ops::EXPERTS_SELF | ops::EXPERTS_PEERS | bwd_ops::EXPERTS
-        );
+        let expert_op = matches!(key.op, ops::EXPERTS | bwd_ops::EXPERTS);
         if expert_op && rank > 0 && self.layout.ep > 1 {
             let i = self.workload.imbalance;
             let p = self.layout.ep as f64;

@@ -104,8 +104,7 @@ fn has_shared(config: &ModelConfig) -> bool {
 
 /// One converted MoE layer at skip depth ≥ 2 in the EP dispatch-ahead order, shared by the inference and
 /// training descriptions: router, dispatch, the previous layer's held combine (`prev_held`), the whole attention,
-/// the experts on the rank's own rows (no dispatch needed), the dispatch's wait, the experts on the peers' rows,
-/// this layer's combine unless the next layer issues it (`issue_own`), the shared expert.
+/// the experts, this layer's combine unless the next layer issues it (`issue_own`), the shared expert.
 fn dispatch_ahead_layer(
     s: &mut Vec<Step>,
     config: &ModelConfig,
@@ -125,10 +124,8 @@ fn dispatch_ahead_layer(
     }
     s.push(Step::Compute(key(ops::ATTN_1, l, f)));
     s.push(Step::Compute(key(ops::ATTN_2, l, f)));
-    // The rows this rank routed to its own experts need no dispatch: they run while it is in flight.
-    s.push(Step::Compute(key(ops::EXPERTS_SELF, l, f)));
     s.push(Step::Wait(d));
-    s.push(Step::Compute(key(ops::EXPERTS_PEERS, l, f)));
+    s.push(Step::Compute(key(ops::EXPERTS, l, f)));
     if issue_own {
         s.push(Step::Issue {
             key: key(ops::COMBINE, l, f),

@@ -15,7 +15,7 @@ use crate::balance::ExpertLoads;
 use crate::comm::{CollectiveTag, Communicator, Pending};
 use crate::dispatch::{
     DispatchPlan, ExpertInputs, ExpertSharding, Routing, combine_start_traced,
-    dispatch_start_traced, own_slots,
+    dispatch_start_traced,
 };
 use crate::plan::desc::OpKey;
 use crate::trace::{Phase, Trace};
@@ -116,52 +116,13 @@ pub(crate) fn experts(
     (expert_in, expert_out)
 }
 
-/// Puts the expert outputs of a rank's own rows (`own`) and of its peers' rows (`peers`) back in the grouped
-/// order the combine sends: row `g` is row `assemble[g]` of `own` followed by `peers`. Autodiff flows through.
-pub(crate) fn assemble(own: Tensor<2>, peers: Tensor<2>, assemble: &[usize]) -> Tensor<2> {
-    let parts: Vec<Tensor<2>> = [own.clone(), peers]
-        .into_iter()
-        .filter(|t| t.dims()[0] > 0)
-        .collect();
-    if parts.is_empty() || assemble.is_empty() {
-        return own;
-    }
-    let device = parts[0].device();
-    let all = Tensor::cat(parts, 0);
-    let idx = assemble.iter().map(|&i| i as i64).collect::<Vec<_>>();
-    all.select(
-        0,
-        Tensor::<1, Int>::from_data(TensorData::new(idx, [assemble.len()]), &device),
-    )
-}
-
-/// The rows of `tokens` at `rows` (in order), as `[rows.len(), hidden]`.
-fn take_rows(tokens: &Tensor<2>, rows: &[usize]) -> Tensor<2> {
-    let [_, h] = tokens.dims();
-    if rows.is_empty() {
-        return Tensor::zeros([0, h], &tokens.device());
-    }
-    let idx = rows.iter().map(|&i| i as i64).collect::<Vec<_>>();
-    tokens.clone().select(
-        0,
-        Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &tokens.device()),
-    )
-}
-
 /// An EP MoE layer's rows between the walker's steps, the same for every EP executor: the slot rows until the
 /// dispatch goes out, the dispatch in flight, the rows it delivered, the expert outputs until the combine goes out.
 /// A step whose input is not there (a description out of order) is an error naming it.
-///
-/// At skip depth ≥ 2 a rank runs the rows it routed to its own experts while the dispatch is in flight
-/// ([`ops::EXPERTS_SELF`](super::ops::EXPERTS_SELF)) and its peers' rows once it arrived
-/// ([`ops::EXPERTS_PEERS`](super::ops::EXPERTS_PEERS)); [`ops::EXPERTS`](super::ops::EXPERTS) runs all of them after the wait.
 pub(crate) struct Flight {
     slots: Option<(Tensor<2>, Vec<usize>)>,
-    /// The slot rows and their experts, kept after the dispatch went out for the own-rows step.
-    sent: Option<(Tensor<2>, Vec<usize>)>,
     dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
     arrived: Option<(ExpertInputs, DispatchPlan)>,
-    own_out: Option<Tensor<2>>,
     expert_out: Option<(Tensor<2>, DispatchPlan)>,
 }
 
@@ -170,10 +131,8 @@ impl Flight {
     pub fn new(slots: Tensor<2>, slot_experts: Vec<usize>) -> Self {
         Self {
             slots: Some((slots, slot_experts)),
-            sent: None,
             dispatched: None,
             arrived: None,
-            own_out: None,
             expert_out: None,
         }
     }
@@ -196,7 +155,6 @@ impl Flight {
             phase: ctx.phase,
         };
         self.dispatched = Some(dispatch(&at, sharding, &slots, &slot_experts, key.op)?);
-        self.sent = Some((slots, slot_experts));
         Ok(())
     }
 
@@ -215,55 +173,6 @@ impl Flight {
         self.arrived
             .take()
             .ok_or_else(|| out_of_order(key, "the dispatched rows"))
-    }
-
-    /// The rows `rank` routed to its own experts (by local expert, as the dispatch delivers them to itself), for
-    /// the own-rows step `key` while the dispatch is in flight.
-    pub fn own_rows(
-        &mut self,
-        key: &OpKey,
-        sharding: &ExpertSharding,
-        rank: usize,
-    ) -> Result<ExpertInputs> {
-        let (slots, slot_experts) = self
-            .sent
-            .as_ref()
-            .ok_or_else(|| out_of_order(key, "the dispatched slot rows"))?;
-        let (rows, counts) = own_slots(slot_experts, sharding, rank);
-        Ok(ExpertInputs {
-            tokens: take_rows(slots, &rows),
-            counts,
-            experts: sharding.local_range(rank),
-        })
-    }
-
-    /// The expert outputs of the own rows (from the rows of [`Flight::own_rows`]).
-    pub fn set_own_out(&mut self, rows: Tensor<2>) {
-        self.own_out = Some(rows);
-    }
-
-    /// The peers' rows the dispatch delivered to `rank`, for step `key` after the own rows ran, with the plan and
-    /// the order that puts own and peers' outputs back together ([`assemble`]).
-    pub fn peer_rows(
-        &mut self,
-        key: &OpKey,
-        rank: usize,
-    ) -> Result<(ExpertInputs, DispatchPlan, Vec<usize>)> {
-        let (inputs, plan) = self.arrived(key)?;
-        let split = plan.peer_split(rank);
-        let peers = ExpertInputs {
-            tokens: take_rows(&inputs.tokens, &split.peer_rows),
-            counts: split.peer_counts,
-            experts: inputs.experts,
-        };
-        Ok((peers, plan, split.assemble))
-    }
-
-    /// The expert outputs of the own rows, set by [`Flight::set_own_out`].
-    pub fn own_out(&mut self, key: &OpKey) -> Result<Tensor<2>> {
-        self.own_out
-            .take()
-            .ok_or_else(|| out_of_order(key, "the own rows' expert outputs"))
     }
 
     /// The experts' output rows, to go back with `plan`.

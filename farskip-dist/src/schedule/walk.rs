@@ -545,7 +545,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                         let m = w.ffn_input(key, i)?;
                         w.layers[i].moe = Some(e.router(ctx, i, m)?);
                     }
-                    ops::EXPERTS | ops::EXPERTS_SELF | ops::EXPERTS_PEERS | ops::SHARED => {
+                    ops::EXPERTS | ops::SHARED => {
                         let moe = w.moe_mut(key, i)?;
                         e.moe_step(ctx, key, moe)?;
                     }

@@ -45,9 +45,6 @@ struct Rec {
     shared_out: Option<Tensor<2>>,
     expert_in: Option<Tensor<2>>,
     expert_out: Option<Tensor<2>>,
-    /// The own rows' expert input (a leaf) when they ran before the dispatch arrived, and the order that put
-    /// own and peers' outputs together.
-    expert_own: Option<(Tensor<2>, Vec<usize>)>,
     /// The layers whose routed outputs joined `R_i`.
     from: Vec<usize>,
     /// `R_i` (KL + L2 compares `R_{i+1}`, layer i's full output, with the teacher's).
@@ -78,7 +75,6 @@ impl Rec {
             shared_out: self.shared_out.take(),
             expert_in: self.expert_in.take().ok_or_else(|| missing("experts"))?,
             expert_out: self.expert_out.take().ok_or_else(|| missing("experts"))?,
-            expert_own: self.expert_own.take(),
             slot_experts: std::mem::take(&mut self.slot_experts),
         })
     }
@@ -254,34 +250,6 @@ impl Exec for Recorder<'_> {
                 self.rec(i, |rec| {
                     rec.expert_in = Some(expert_in);
                     rec.expert_out = Some(expert_out);
-                });
-            }
-            ops::EXPERTS_SELF => {
-                let rank = ctx.comm.rank();
-                let (own_in, own_out) = ctx.compute(Some(i), ops::EXPERTS_SELF, || {
-                    let own = m.flight.own_rows(key, &self.rank.sharding, rank)?;
-                    Ok::<_, ScheduleError>(ep_moe::experts(self.moe(i), &own, &Leaves))
-                })?;
-                m.flight.set_own_out(own_out);
-                self.rec(i, |rec| rec.expert_own = Some((own_in, Vec::new())));
-            }
-            ops::EXPERTS_PEERS => {
-                let rank = ctx.comm.rank();
-                let own_out = m.flight.own_out(key)?;
-                let (expert_in, expert_out, plan, order) =
-                    ctx.compute(Some(i), ops::EXPERTS_PEERS, || {
-                        let (peers, plan, order) = m.flight.peer_rows(key, rank)?;
-                        let (peer_in, peer_out) = ep_moe::experts(self.moe(i), &peers, &Leaves);
-                        let out = ep_moe::assemble(own_out, peer_out, &order);
-                        Ok::<_, ScheduleError>((peer_in, out, plan, order))
-                    })?;
-                m.flight.set_expert_out(expert_out.clone().detach(), plan);
-                self.rec(i, |rec| {
-                    rec.expert_in = Some(expert_in);
-                    rec.expert_out = Some(expert_out);
-                    if let Some((_, o)) = rec.expert_own.as_mut() {
-                        *o = order;
-                    }
                 });
             }
             ops::SHARED => {
