@@ -19,7 +19,10 @@ use farskip_dist::plan::{
     Cluster, Layout, Mode, Plan, Prediction, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule, sweep,
 };
-use farskip_examples::{exit_status, init_logging, load_model, preset_config, tune_allocator};
+use farskip_examples::{
+    EMBEDDING_STD_HELP, OverlapModelArgs, exit_status, init_logging, load_model, preset_config,
+    tune_allocator,
+};
 use farskip_model::{Connectivity, ModelConfig};
 use farskip_train::plot::line_chart_svg;
 
@@ -36,6 +39,10 @@ struct Args {
     /// A preset instead of --model (small, tiny); cpu-here's default is small.
     #[arg(long)]
     preset: Option<String>,
+    /// cpu-here with a preset: its token embeddings' standard deviation, as the overlap examples draw them (the
+    /// calibration must time the model they run).
+    #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
+    embedding_std: f64,
     /// h100, h200, mi300x, mi325x, cpu-here (op costs measured on this machine), or a cluster TOML file.
     #[arg(long, default_value = "h100")]
     cluster: String,
@@ -347,6 +354,12 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         (None, None) => "small".to_string(),
         (Some(_), Some(_)) => bail!("give either --model or --preset, not both"),
     };
+    // A preset's calibration is of the model with these embeddings: cached under its own name.
+    let cache_name = if args.model.is_none() && args.embedding_std != 1.0 {
+        format!("{name}-emb{}", args.embedding_std)
+    } else {
+        name.clone()
+    };
     let parallel = if args.mode == Mode::Train {
         Parallel::Expert
     } else {
@@ -360,7 +373,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     };
     let file = args.calibration_dir.join(format!(
         "{}-{mode}-{tag}-w{}-t{}.json",
-        name.replace(['/', '\\'], "_"),
+        cache_name.replace(['/', '\\'], "_"),
         args.world,
         tokens
     ));
@@ -369,15 +382,19 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     } else {
         Calibration::load(&file).ok()
     }
-    .filter(|c| c.matches(&name, args.mode, parallel, args.world, tokens));
+    .filter(|c| c.matches(&cache_name, args.mode, parallel, args.world, tokens));
     let calibration = match cached {
         Some(c) => c,
         None => {
             let device = args.device.device()?;
-            let model = match &args.model {
-                Some(p) => load_model(Some(p), None, &device)?,
-                None => load_model(None, Some(&name), &device)?,
-            };
+            // The model the overlap examples run: a preset's embeddings drawn as theirs are.
+            let model = OverlapModelArgs {
+                model: args.model.clone(),
+                preset: args.model.is_none().then(|| name.clone()),
+                embedding_std: args.embedding_std,
+                force: false,
+            }
+            .load(&device)?;
             eprintln!(
                 "calibrating {name} ({mode}, {tag}, world {}, {} tokens) into {}",
                 args.world,
@@ -387,7 +404,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
             let c = if args.mode == Mode::Train {
                 measure_training(
                     &model,
-                    &name,
+                    &cache_name,
                     args.world,
                     tokens,
                     CALIBRATION_PASSES,
@@ -396,7 +413,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
             } else {
                 measure_inference(
                     &model,
-                    &name,
+                    &cache_name,
                     parallel,
                     args.world,
                     tokens,
