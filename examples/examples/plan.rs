@@ -40,7 +40,7 @@ struct Args {
     #[arg(long)]
     preset: Option<String>,
     /// cpu-here with a preset: its token embeddings' standard deviation, as the overlap examples draw them (the
-    /// calibration must time the model they run).
+    /// calibration must time the model they run; cached as `<preset>-emb<std>-...`).
     #[arg(long, default_value_t = 1.0, help = EMBEDDING_STD_HELP)]
     embedding_std: f64,
     /// h100, h200, mi300x, mi325x, cpu-here (op costs measured on this machine), or a cluster TOML file.
@@ -354,8 +354,9 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         (None, None) => "small".to_string(),
         (Some(_), Some(_)) => bail!("give either --model or --preset, not both"),
     };
-    // A preset's calibration is of the model with these embeddings: cached under its own name.
-    let cache_name = if args.model.is_none() && args.embedding_std != 1.0 {
+    // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
+    // before the embeddings were part of it is not taken for one).
+    let cache_name = if args.model.is_none() {
         format!("{name}-emb{}", args.embedding_std)
     } else {
         name.clone()
