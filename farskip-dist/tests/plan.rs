@@ -837,6 +837,8 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
             op("embed_head", None, 10.0, 10.0),
             op("dispatch_pack", Some(0), 0.5, 0.5),
         ],
+        // Half the batch: attention part 2 of layer 1 takes more than half of the whole's 6 ms.
+        ops_half: vec![op("attn_2", Some(1), 3.5, 3.0)],
         expert_share: vec![vec![1.5, 0.5], vec![]],
     };
     let d = schedule(
@@ -861,7 +863,11 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     // The median is the cost; the head's total is shared by its two steps (embedding, logits).
     assert_eq!(m.compute(0, &key("attn_2", Some(1)), 1), 6.0);
     assert_eq!(m.compute(0, &key("embed_head", None), 1), 5.0);
-    assert_eq!(m.compute(0, &key("attn_2", Some(1)), 2), 3.0);
+    // A two-micro-batch half costs what half the batch measured; an op measured only whole costs half of it.
+    assert_eq!(m.compute(0, &key("attn_2", Some(1)), 2), 3.5);
+    assert_eq!(m.compute(0, &key("attn_2", Some(0)), 2), 2.5);
+    // More micro-batches than two: the whole's share.
+    assert_eq!(m.compute(0, &key("attn_2", Some(1)), 4), 1.5);
     // Rank 0 receives 1.5 × the measured pass's expert rows in layer 0, rank 1 half.
     assert_eq!(m.compute(0, &key("experts", Some(0)), 1), 10.5);
     assert_eq!(m.compute(1, &key("experts", Some(0)), 1), 3.5);
@@ -904,6 +910,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         threads: 1,
         cores: 2,
         ops,
+        ops_half: Vec::new(),
         expert_share: Vec::new(),
     };
     let d = schedule(

@@ -70,6 +70,11 @@ pub struct Calibration {
     pub cores: usize,
     /// Per-op costs.
     pub ops: Vec<OpTime>,
+    /// Per-op costs of the same pass on half the batch (half the tokens of the sequence; training: one of its
+    /// two sequences): what an op of a two-micro-batch schedule costs. Empty (older calibrations): half of
+    /// [`Calibration::ops`].
+    #[serde(default)]
+    pub ops_half: Vec<OpTime>,
     /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
@@ -321,21 +326,26 @@ pub fn measure_inference(
     };
     let threads = threads_per_rank(world);
     let cores = available_cores();
-    let passes = side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
-        let comm = SingleRank::new();
-        match parallel {
-            Parallel::Expert => EpRank::new(&model, 0, 1)
-                .map_err(failed)?
-                .forward(&comm, trace, ids.clone())
-                .map(|_| ())
-                .map_err(failed),
-            Parallel::Tensor => TpRank::new(&model, 0, world)
-                .map_err(failed)?
-                .forward(&comm, trace, ids.clone())
-                .map(|_| ())
-                .map_err(failed),
-        }
-    })?;
+    let timed = |ids: &Tensor<2, Int>| {
+        side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
+            let comm = SingleRank::new();
+            match parallel {
+                Parallel::Expert => EpRank::new(&model, 0, 1)
+                    .map_err(failed)?
+                    .forward(&comm, trace, ids.clone())
+                    .map(|_| ())
+                    .map_err(failed),
+                Parallel::Tensor => TpRank::new(&model, 0, world)
+                    .map_err(failed)?
+                    .forward(&comm, trace, ids.clone())
+                    .map(|_| ())
+                    .map_err(failed),
+            }
+        })
+    };
+    let passes = timed(&ids)?;
+    // A two-micro-batch schedule's half: the first half of the sequence.
+    let half = timed(&ids.clone().narrow(1, 0, (tokens / 2).max(1)))?;
     Ok(Calibration {
         model: name.to_string(),
         mode: "prefill".into(),
@@ -345,6 +355,7 @@ pub fn measure_inference(
         threads,
         cores,
         ops: medians(passes),
+        ops_half: medians(half),
         expert_share,
     })
 }
@@ -378,13 +389,18 @@ pub fn measure_training(
     };
     let threads = threads_per_rank(world);
     let cores = available_cores();
-    let passes = side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
-        EpTrainRank::new(&model, 0, 1)
-            .map_err(failed)?
-            .step(&SingleRank::new(), trace, windows.clone())
-            .map(|_| ())
-            .map_err(failed)
-    })?;
+    let timed = |windows: &Tensor<2, Int>| {
+        side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
+            EpTrainRank::new(&model, 0, 1)
+                .map_err(failed)?
+                .step(&SingleRank::new(), trace, windows.clone())
+                .map(|_| ())
+                .map_err(failed)
+        })
+    };
+    let passes = timed(&windows)?;
+    // A two-micro-batch step's half: one of the two sequences.
+    let half = timed(&windows.clone().narrow(0, 0, 1))?;
     Ok(Calibration {
         model: name.to_string(),
         mode: "train".into(),
@@ -394,6 +410,7 @@ pub fn measure_training(
         threads,
         cores,
         ops: medians(passes),
+        ops_half: medians(half),
         expert_share,
     })
 }
@@ -404,6 +421,8 @@ pub struct Measured {
     /// The cores the ranks share, when there are fewer than ranks.
     cores: Option<usize>,
     ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    /// The ops on half the batch (a two-micro-batch schedule's), when measured.
+    ops_half: HashMap<(&'static str, Option<usize>, Phase), f64>,
     spread: HashMap<(&'static str, Option<usize>, Phase), f64>,
     seed: Option<u64>,
     expert_share: Vec<Vec<f64>>,
@@ -460,27 +479,35 @@ impl Measured {
                 *count.entry((op, k.layer, k.phase)).or_insert(0.0) += 1.0;
             }
         }
-        let mut ops = HashMap::new();
-        let mut fastest = HashMap::new();
-        let mut spread = HashMap::new();
-        for o in &calibration.ops {
+        let named = |o: &OpTime| {
             let name = NAMES
                 .iter()
                 .copied()
                 .find(|n| *n == o.op)
-                .or_else(|| ops::host_work_name(&o.op));
-            if let Some(name) = name {
-                let phase = if o.backward {
-                    Phase::Backward
-                } else {
-                    Phase::Forward
-                };
-                let n = count.get(&(name, o.layer, phase)).copied().unwrap_or(1.0);
-                ops.insert((name, o.layer, phase), o.ms / n);
-                fastest.insert((name, o.layer, phase), o.min_ms);
-                spread.insert((name, o.layer, phase), o.spread);
+                .or_else(|| ops::host_work_name(&o.op))?;
+            let phase = if o.backward {
+                Phase::Backward
+            } else {
+                Phase::Forward
+            };
+            let n = count.get(&(name, o.layer, phase)).copied().unwrap_or(1.0);
+            Some(((name, o.layer, phase), n))
+        };
+        let mut ops = HashMap::new();
+        let mut fastest = HashMap::new();
+        let mut spread = HashMap::new();
+        for o in &calibration.ops {
+            if let Some((key, n)) = named(o) {
+                ops.insert(key, o.ms / n);
+                fastest.insert(key, o.min_ms);
+                spread.insert(key, o.spread);
             }
         }
+        let ops_half = calibration
+            .ops_half
+            .iter()
+            .filter_map(|o| named(o).map(|(key, n)| (key, o.ms / n)))
+            .collect();
         // Windows add every span of an op and layer, from the fastest pass (the experiments' rule). With more
         // ranks than cores, the experiments' free pass runs every rank at once: each op at its share of a core.
         let shared = calibration.cores > 0 && calibration.world > calibration.cores;
@@ -552,6 +579,7 @@ impl Measured {
         Self {
             cores: shared.then_some(calibration.cores),
             ops,
+            ops_half,
             spread,
             seed: None,
             expert_share: calibration.expert_share.clone(),
@@ -634,14 +662,14 @@ impl CostModel for Measured {
                 .unwrap_or(1.0),
             _ => 1.0,
         };
-        share
-            * self.jitter(rank, key)
-            * self
-                .ops
-                .get(&(key.op, key.layer, key.phase))
-                .copied()
-                .unwrap_or(0.0)
-            / micro.max(1) as f64
+        // A half batch's op as measured on half the batch (smaller products run less efficiently than half of
+        // the whole); without that measurement, or for more micro-batches, the whole's share.
+        let k = (key.op, key.layer, key.phase);
+        let cost = match self.ops_half.get(&k) {
+            Some(&half) if micro == 2 => half,
+            _ => self.ops.get(&k).copied().unwrap_or(0.0) / micro.max(1) as f64,
+        };
+        share * self.jitter(rank, key) * cost
     }
 
     fn collective(&self, key: &OpKey, micro: usize) -> f64 {
