@@ -9,7 +9,7 @@
 
 mod error;
 mod linked;
-mod local;
+pub(crate) mod local;
 #[cfg(feature = "mpi")]
 mod mpi;
 mod pending;

@@ -333,13 +333,10 @@ pub fn predict(
         let compute = |r: usize, k: &OpKey| costs.compute(r, k, micro);
         let collective = |k: &OpKey| costs.collective(k, micro);
         let cores = costs.cores().unwrap_or(ranks);
-        Ok(sim::simulate_shared(
-            s,
-            ranks,
-            cores,
-            &compute,
-            &collective,
-        )?)
+        Ok(match costs.time_slice_ms() {
+            Some(len) => sim::simulate_sliced(s, ranks, cores, len, &compute, &collective)?,
+            None => sim::simulate_shared(s, ranks, cores, &compute, &collective)?,
+        })
     };
     let run = |kind: ScheduleKind| -> Result<Timeline, PlanError> {
         let micro = if kind == ScheduleKind::Tbo { 2 } else { 1 };

@@ -8,7 +8,9 @@ use farskip_dist::experiment::random_ids;
 use farskip_dist::plan::desc::{self, OpKey, Schedule, Split, Step};
 use std::collections::HashMap;
 
-use farskip_dist::plan::sim::{Interval, Lane, SimError, Timeline, simulate, simulate_shared};
+use farskip_dist::plan::sim::{
+    Interval, Lane, SimError, Timeline, simulate, simulate_shared, simulate_sliced,
+};
 use farskip_dist::plan::{
     Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule,
@@ -201,6 +203,41 @@ fn ranks_sharing_a_core_compute_at_its_share_of_the_speed() {
             &|_| 1.0
         )
         .is_err()
+    );
+}
+
+#[test]
+fn time_slices_let_ranks_sharing_a_core_drift_apart() {
+    // Two ranks on one core, 1 ms slices, round robin: rank 0 computes a in 0..1 and 2..3, rank 1 in 1..2 and
+    // 3..4, so rank 0 issues c at 3 and waits 1 ms for rank 1 (processor sharing: both issue at 4, no wait).
+    // c runs 4..6 while each rank's w is under way (rank 0 3..7, rank 1 4..8); z: rank 0 7..9, rank 1 8..10.
+    let t = simulate_sliced(&one_window(), 2, 1, 1.0, &|_, k| costs(k.op), &|_| 2.0).unwrap();
+    let spans: Vec<Vec<(&str, f64, f64, f64)>> = t
+        .ranks
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|i| (i.key.op, i.start, i.end, i.peer_wait))
+                .collect()
+        })
+        .collect();
+    assert!(spans[0].contains(&("a", 0.0, 3.0, 0.0)), "{spans:?}");
+    assert!(spans[1].contains(&("a", 0.0, 4.0, 0.0)), "{spans:?}");
+    assert!(spans[0].contains(&("c", 4.0, 6.0, 1.0)), "{spans:?}");
+    assert!(spans[1].contains(&("c", 4.0, 6.0, 0.0)), "{spans:?}");
+    assert!(spans[0].contains(&("w", 3.0, 7.0, 0.0)), "{spans:?}");
+    assert!(spans[1].contains(&("z", 8.0, 10.0, 0.0)), "{spans:?}");
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 10.0);
+    assert_eq!(m.overlap_pct, 100.0);
+    assert_eq!(m.peer_wait_ms, 1.0);
+    let fluid = simulate_shared(&one_window(), 2, 1, &|_, k| costs(k.op), &|_| 2.0).unwrap();
+    assert_eq!(fluid.metrics(None).peer_wait_ms, 0.0);
+    // A core per rank: time slices change nothing.
+    let cost = |r: usize, k: &OpKey| costs(k.op) * (1.0 + r as f64);
+    assert_eq!(
+        simulate_sliced(&one_window(), 2, 2, 1.0, &cost, &|_| 2.0).unwrap(),
+        simulate(&one_window(), 2, &cost, &|_| 2.0).unwrap()
     );
 }
 
@@ -828,6 +865,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         tokens: 8,
         threads: 1,
         cores: 2,
+        slice_ms: None,
         ops: vec![
             op("attn_1", Some(0), 2.0, 1.0),
             op("attn_1", Some(1), 4.0, 3.0),
@@ -881,6 +919,18 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     assert_eq!(m.cores(), Some(2));
     assert_eq!(m.collective(&key("dispatch", Some(0)), 1), 16.0);
     assert_eq!(m.compute(0, &key("attn_2", Some(1)), 1), 6.0);
+    assert_eq!(m.time_slice_ms(), None);
+    // With the scheduler's time slice measured, the free pass is simulated with it: with slices longer than the
+    // pass, ranks 0 and 1 keep their cores until they wait for the dispatch (ranks 2 and 3 have not issued
+    // it), so their attn_2 runs alone and the window is the fastest attn_2 (4 ms).
+    let sliced = Calibration {
+        world: 4,
+        slice_ms: Some(1e6),
+        ..four
+    };
+    let m = Measured::new(&sliced, &d, 2, Split::Expert, 2.0);
+    assert_eq!(m.time_slice_ms(), Some(1e6));
+    assert_eq!(m.collective(&key("dispatch", Some(0)), 1), 8.0);
 }
 
 #[test]
@@ -909,6 +959,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         tokens: 8,
         threads: 1,
         cores: 2,
+        slice_ms: None,
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),

@@ -531,7 +531,7 @@ impl Communicator for LocalComm {
 
 /// The cores this process may run on (Linux), in order; `None` where unknown.
 #[cfg(target_os = "linux")]
-fn allowed_cores() -> Option<Vec<usize>> {
+pub(crate) fn allowed_cores() -> Option<Vec<usize>> {
     // SAFETY: `set` is a plain bit set the call fills; the size passed is its own.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -547,13 +547,13 @@ fn allowed_cores() -> Option<Vec<usize>> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn allowed_cores() -> Option<Vec<usize>> {
+pub(crate) fn allowed_cores() -> Option<Vec<usize>> {
     None
 }
 
 /// Pins the calling thread to `core` (Linux; best effort: a failure leaves it where it was).
 #[cfg(target_os = "linux")]
-fn pin_current_thread(core: usize) {
+pub(crate) fn pin_current_thread(core: usize) {
     // SAFETY: `set` is a plain bit set built here; `0` is the calling thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -565,4 +565,4 @@ fn pin_current_thread(core: usize) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn pin_current_thread(_core: usize) {}
+pub(crate) fn pin_current_thread(_core: usize) {}

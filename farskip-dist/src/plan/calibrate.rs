@@ -5,8 +5,10 @@
 //! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
 //! by side (none talks to another: the cores and memory are shared as in the run predicted), and keeps each
 //! op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
-//! core of its own, and the simulator shares the cores among the ranks computing at once
-//! ([`super::sim::simulate_shared`]), so a rank that waits for a collective leaves its share to the others.
+//! core of its own, the operating system's time slice is measured too ([`measure_time_slice`]), and the
+//! simulator time-slices the cores among the ranks computing at once ([`super::sim::simulate_sliced`]; without
+//! a measured slice it shares them as a fluid, [`super::sim::simulate_shared`]), so a rank that waits for a
+//! collective leaves its core to the others and ranks drift apart as the kernel's slices let them.
 //! [`measure_training`] does the same for an EP training step. [`Measured`] turns such a table into a
 //! [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip window — the rule the overlap
 //! experiments calibrate their link with — so the planner predicts a LocalWorld run from a single-rank one.
@@ -27,6 +29,7 @@ use crate::training::{EpTrainRank, bwd_ops};
 
 use super::cost::CostModel;
 use super::desc::{MLP_BWD, OpKey, Schedule, Split, Step};
+use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
 /// One op's measured cost.
@@ -75,6 +78,11 @@ pub struct Calibration {
     /// [`Calibration::ops`].
     #[serde(default)]
     pub ops_half: Vec<OpTime>,
+    /// With more ranks than cores: how long the operating system lets a thread run while another waits for its
+    /// core (ms, measured: [`measure_time_slice`]); the simulator then time-slices the cores instead of sharing
+    /// them as a fluid. `None`: not measured (older calibrations, or as many cores as ranks).
+    #[serde(default)]
+    pub slice_ms: Option<f64>,
     /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
@@ -187,6 +195,42 @@ pub fn threads_per_rank(world: usize) -> usize {
 /// The cores this process may run on.
 fn available_cores() -> usize {
     std::thread::available_parallelism().map_or(1, usize::from)
+}
+
+/// How long the operating system lets a thread compute while another one waits for the same core (ms): two
+/// threads pinned to one core spin for a while, each noting its runs (stretches in which consecutive clock
+/// reads are less than 50 µs apart); the median run. `None` where the threads cannot be pinned or no run
+/// ended (one thread was never descheduled).
+pub fn measure_time_slice() -> Option<f64> {
+    use std::time::{Duration, Instant};
+    const SPIN: Duration = Duration::from_millis(400);
+    const GAP: Duration = Duration::from_micros(50);
+    let core = *crate::comm::local::allowed_cores()?.first()?;
+    let runs = || -> Vec<f64> {
+        crate::comm::local::pin_current_thread(core);
+        let start = Instant::now();
+        let (mut run_start, mut last) = (start, start);
+        let mut runs = Vec::new();
+        while last - start < SPIN {
+            let now = Instant::now();
+            if now - last > GAP {
+                runs.push((last - run_start).as_secs_f64() * 1e3);
+                run_start = now;
+            }
+            last = now;
+        }
+        runs
+    };
+    let mut all = std::thread::scope(|s| {
+        let a = s.spawn(runs);
+        let b = s.spawn(runs);
+        let mut v = a.join().unwrap_or_default();
+        v.extend(b.join().unwrap_or_default());
+        v
+    });
+    // The first run of each thread started before the other was pinned beside it.
+    all.retain(|&ms| ms > 0.0);
+    (all.len() >= 4).then(|| median(all))
 }
 
 fn failed(e: impl std::fmt::Display) -> PlanError {
@@ -354,6 +398,7 @@ pub fn measure_inference(
         tokens,
         threads,
         cores,
+        slice_ms: (world > cores).then(measure_time_slice).flatten(),
         ops: medians(passes),
         ops_half: medians(half),
         expert_share,
@@ -409,6 +454,7 @@ pub fn measure_training(
         tokens,
         threads,
         cores,
+        slice_ms: (world > cores).then(measure_time_slice).flatten(),
         ops: medians(passes),
         ops_half: medians(half),
         expert_share,
@@ -420,6 +466,8 @@ pub fn measure_training(
 pub struct Measured {
     /// The cores the ranks share, when there are fewer than ranks.
     cores: Option<usize>,
+    /// The operating system's time slice on those cores (ms), when measured.
+    slice_ms: Option<f64>,
     ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
     /// The ops on half the batch (a two-micro-batch schedule's), when measured.
     ops_half: HashMap<(&'static str, Option<usize>, Phase), f64>,
@@ -516,9 +564,54 @@ impl Measured {
         } else {
             1.0
         };
-        let t = |op: &'static str, l: usize, phase: Phase| {
-            fastest.get(&(op, Some(l), phase)).copied().unwrap_or(0.0) * slowdown
+        // With time slices the experiments' free pass is simulated as they run it (every rank at once on the
+        // shared cores, collectives instant, each op at its fastest) and a window is the op's spans on the rank
+        // with the least of them, their rule: a rank that kept its core through an op shows its time alone.
+        let slice_ms = calibration.slice_ms.filter(|_| shared);
+        let simulated = slice_ms.and_then(|len| {
+            let per_step = fastest
+                .iter()
+                .map(|(k, &ms)| (*k, ms / count.get(k).copied().unwrap_or(1.0)))
+                .collect();
+            let free = Measured {
+                cores: Some(calibration.cores),
+                slice_ms: Some(len),
+                ops: per_step,
+                ops_half: HashMap::new(),
+                spread: HashMap::new(),
+                seed: None,
+                expert_share: calibration.expert_share.clone(),
+                windows: HashMap::new(),
+                comm_ratio: 0.0,
+            };
+            let timeline = sim::simulate_sliced(
+                schedule,
+                calibration.world,
+                calibration.cores,
+                len,
+                &|r, k| free.compute(r, k, 1),
+                &|_| 0.0,
+            )
+            .ok()?;
+            let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
+            for rank in &timeline.ranks {
+                let mut sums: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
+                for i in rank.iter().filter(|i| i.lane == Lane::Compute) {
+                    *sums
+                        .entry((i.key.op, i.key.layer, i.key.phase))
+                        .or_default() += i.len();
+                }
+                for (k, v) in sums {
+                    least.entry(k).and_modify(|m| *m = m.min(v)).or_insert(v);
+                }
+            }
+            Some(least)
+        });
+        let window_time = |key: (&'static str, Option<usize>, Phase)| match &simulated {
+            Some(least) => least.get(&key).copied().unwrap_or(0.0),
+            None => fastest.get(&key).copied().unwrap_or(0.0) * slowdown,
         };
+        let t = |op: &'static str, l: usize, phase: Phase| window_time((op, Some(l), phase));
         let f = Phase::Forward;
         let b = Phase::Backward;
         let mut w = HashMap::new();
@@ -566,18 +659,14 @@ impl Measured {
                 let below = if k > 0 {
                     layer_bwd(k - 1)
                 } else {
-                    fastest
-                        .get(&(bwd_ops::HEAD, None, b))
-                        .copied()
-                        .unwrap_or(0.0)
-                        * slowdown
-                        / 2.0
+                    window_time((bwd_ops::HEAD, None, b)) / 2.0
                 };
                 w.insert((bwd_ops::GRAD_ALLREDUCE, Some(k), b), below);
             }
         }
         Self {
             cores: shared.then_some(calibration.cores),
+            slice_ms,
             ops,
             ops_half,
             spread,
@@ -649,6 +738,10 @@ impl Measured {
 impl CostModel for Measured {
     fn cores(&self) -> Option<usize> {
         self.cores
+    }
+
+    fn time_slice_ms(&self) -> Option<f64> {
+        self.slice_ms
     }
 
     fn compute(&self, rank: usize, key: &OpKey, micro: usize) -> f64 {

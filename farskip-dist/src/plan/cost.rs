@@ -28,6 +28,13 @@ pub trait CostModel {
     fn cores(&self) -> Option<usize> {
         None
     }
+
+    /// With shared [`CostModel::cores`]: the operating system's time slice (ms), so that the simulator
+    /// time-slices the cores among the ranks ([`super::sim::simulate_sliced`]) instead of sharing them as a
+    /// fluid. `None`: fluid sharing.
+    fn time_slice_ms(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// FLOPs and bytes of one op.

@@ -131,10 +131,46 @@ pub fn simulate_shared(
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
+    simulate_cores(schedule, world, cores, None, compute, collective)
+}
+
+/// [`simulate_shared`] with the cores time-sliced as an operating system's scheduler does instead of shared
+/// as a fluid: at most `cores` ranks compute at once, each at full speed; a rank that must compute while every
+/// core is taken queues for one. A rank keeps its core until it waits for a collective that has not arrived
+/// (it sleeps and the core goes to the next in the queue), finishes its steps, or has held it for `slice_ms`
+/// while another rank queues (it is preempted to the back of the queue): round robin, a rank woken by its
+/// collective queueing like any other.
+///
+/// Fluid sharing keeps every rank at the same pace; time slices let ranks drift apart by up to a slice per op,
+/// and a collective then waits for the rank that was descheduled — the skew a CPU run with more ranks than cores
+/// shows. With `cores ≥ world` both are [`simulate`].
+pub fn simulate_sliced(
+    schedule: &Schedule,
+    world: usize,
+    cores: usize,
+    slice_ms: f64,
+    compute: &dyn Fn(usize, &OpKey) -> f64,
+    collective: &dyn Fn(&OpKey) -> f64,
+) -> Result<Timeline, SimError> {
+    let slice = (slice_ms.is_finite() && slice_ms > 0.0).then_some(slice_ms);
+    simulate_cores(schedule, world, cores, slice, compute, collective)
+}
+
+/// The engine of [`simulate_shared`] (`slice: None`, processor sharing) and [`simulate_sliced`].
+fn simulate_cores(
+    schedule: &Schedule,
+    world: usize,
+    cores: usize,
+    slice: Option<f64>,
+    compute: &dyn Fn(usize, &OpKey) -> f64,
+    collective: &dyn Fn(&OpKey) -> f64,
+) -> Result<Timeline, SimError> {
     if world == 0 {
         return Err(SimError::NoRanks);
     }
-    let cores = cores.max(1) as f64;
+    let cores = cores.max(1);
+    // Time slices only matter when ranks outnumber the cores.
+    let slice = slice.filter(|_| world > cores);
     let mut items = Vec::with_capacity(schedule.steps.len());
     let mut issued_before = std::collections::HashSet::new();
     for step in &schedule.steps {
@@ -172,6 +208,9 @@ pub fn simulate_shared(
             running: None,
         })
         .collect();
+    // Time slices: the rank on each core and since when, and the ranks queued for one.
+    let mut on_core: Vec<Option<(usize, f64)>> = vec![None; cores];
+    let mut queue: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
     let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
     let mut issue_times: HashMap<OpKey, Vec<Option<f64>>> = HashMap::new();
     let mut done: HashMap<OpKey, f64> = HashMap::new();
@@ -240,17 +279,63 @@ pub fn simulate_shared(
                 moved = true;
             }
         }
+        // Each computing rank's speed: a share of the cores (fluid), or all of one core for the ranks that hold
+        // one and nothing for the queued (time slices).
         let computing = state.iter().filter(|s| s.running.is_some()).count();
-        let rate = if computing as f64 > cores {
-            cores / computing as f64
-        } else {
-            1.0
-        };
-        // The next event: a computation ending, or a collective a rank waits for arriving.
+        let mut rates = vec![0.0f64; world];
+        match slice {
+            None => {
+                let rate = if computing > cores {
+                    cores as f64 / computing as f64
+                } else {
+                    1.0
+                };
+                for (r, s) in state.iter().enumerate() {
+                    if s.running.is_some() {
+                        rates[r] = rate;
+                    }
+                }
+            }
+            Some(_) => {
+                // Cores of ranks that stopped computing (asleep in a wait, or done) are free again.
+                for c in on_core.iter_mut() {
+                    if c.is_some_and(|(r, _)| state[r].running.is_none()) {
+                        *c = None;
+                    }
+                }
+                // Ranks that started computing queue for a core.
+                for (r, s) in state.iter().enumerate() {
+                    let held = on_core.iter().flatten().any(|&(q, _)| q == r);
+                    if s.running.is_some() && !held && !queue.contains(&r) {
+                        queue.push_back(r);
+                    }
+                }
+                for c in on_core.iter_mut() {
+                    if c.is_none()
+                        && let Some(r) = queue.pop_front()
+                    {
+                        *c = Some((r, now));
+                    }
+                }
+                for &(r, _) in on_core.iter().flatten() {
+                    rates[r] = 1.0;
+                }
+            }
+        }
+        // The next event: a computation ending, a collective a rank waits for arriving, or a time slice ending
+        // while a rank queues.
         let mut next = f64::INFINITY;
+        if let Some(len) = slice
+            && !queue.is_empty()
+        {
+            for &(_, since) in on_core.iter().flatten() {
+                next = next.min(since + len);
+            }
+        }
         for (r, s) in state.iter().enumerate() {
             match (&s.running, items.get(s.pc)) {
-                (Some((_, left, _)), _) => next = next.min(now + left / rate),
+                (Some(_), _) if rates[r] == 0.0 => {}
+                (Some((_, left, _)), _) => next = next.min(now + left / rates[r]),
                 (None, Some(Item::Wait(k))) => {
                     if let Some(&end) = done.get(k) {
                         next = next.min(end);
@@ -279,6 +364,10 @@ pub fn simulate_shared(
         }
         let dt = next - now;
         for (r, s) in state.iter_mut().enumerate() {
+            let rate = rates[r];
+            if rate == 0.0 {
+                continue;
+            }
             if let Some((k, left, start)) = s.running {
                 if now + left / rate <= next {
                     ranks[r].push(Interval {
@@ -293,6 +382,20 @@ pub fn simulate_shared(
                     s.pc += 1;
                 } else {
                     s.running = Some((k, left - dt * rate, start));
+                }
+            }
+        }
+        // A rank whose slice ended while others queue goes to the back of the queue.
+        if let Some(len) = slice
+            && !queue.is_empty()
+        {
+            for c in on_core.iter_mut() {
+                if let Some((r, since)) = *c
+                    && state[r].running.is_some()
+                    && since + len <= next + 1e-9
+                {
+                    queue.push_back(r);
+                    *c = None;
                 }
             }
         }
