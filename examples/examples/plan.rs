@@ -354,6 +354,21 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         (None, None) => "small".to_string(),
         (Some(_), Some(_)) => bail!("give either --model or --preset, not both"),
     };
+    let config = match &args.model {
+        Some(p) => load_model_config(p)?,
+        None => preset_config(&name)?,
+    };
+    // The overlap examples refuse a world that does not divide the experts; so does their prediction.
+    if let Some(moe) = &config.moe
+        && !moe.num_experts.is_multiple_of(args.world)
+    {
+        bail!(
+            "--world {} does not divide the model's {} experts: expert parallelism needs the same number of \
+             experts on every rank",
+            args.world,
+            moe.num_experts
+        );
+    }
     // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
     // before the embeddings were part of it is not taken for one).
     let cache_name = if args.model.is_none() {
@@ -427,10 +442,6 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
             c.save(&file)?;
             c
         }
-    };
-    let config = match &args.model {
-        Some(p) => load_model_config(p)?,
-        None => preset_config(&name)?,
     };
     let split = match parallel {
         Parallel::Expert => farskip_dist::plan::Split::Expert,

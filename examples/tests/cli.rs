@@ -492,3 +492,36 @@ fn wgpu_without_the_feature_is_a_one_line_error() {
     );
     assert_one_line_error(&out, &["tpu", "flex or wgpu"], "BURN_DEVICE=tpu");
 }
+
+#[test]
+fn a_world_that_does_not_divide_the_experts_is_refused_by_run_and_prediction_alike() {
+    // The tiny preset has 8 experts: three ranks cannot hold the same number each. The planner refuses what the
+    // overlap example it predicts refuses, before any calibration.
+    for (name, args) in [
+        (
+            "overlap_inference",
+            vec!["--preset", "tiny", "--world", "3", "--tokens", "8"],
+        ),
+        (
+            "plan",
+            vec![
+                "--cluster",
+                "cpu-here",
+                "--preset",
+                "tiny",
+                "--world",
+                "3",
+                "--tokens",
+                "8",
+                "--json",
+            ],
+        ),
+    ] {
+        let (out, _) = run_example(name, &args, &[]);
+        assert_one_line_error(
+            &out,
+            &["--world 3", "8 experts"],
+            &format!("{name} {args:?}"),
+        );
+    }
+}
