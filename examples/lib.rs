@@ -320,6 +320,22 @@ pub struct BackendArgs {
     pub comm_timeout_s: u64,
 }
 
+/// Refuses `--world N` when N does not divide `config`'s experts (the overlap examples, and `plan`'s prediction
+/// of them): expert parallelism puts the same number of experts on every rank.
+pub fn check_world_divides_experts(world: usize, config: &ModelConfig) -> Result<()> {
+    if let Some(moe) = &config.moe
+        && world > 0
+        && !moe.num_experts.is_multiple_of(world)
+    {
+        bail!(
+            "--world {world} does not divide the model's {} experts: expert parallelism needs the same \
+             number of experts on every rank",
+            moe.num_experts
+        );
+    }
+    Ok(())
+}
+
 impl BackendArgs {
     /// The backend for a run of `world` ranks of `model`. MPI is refused when the binary lacks the feature,
     /// when no MPI launcher started the process, when `mpirun -np` differs from `world`, and when `world`
@@ -329,16 +345,7 @@ impl BackendArgs {
         world: usize,
         model: &Model,
     ) -> Result<farskip_dist::experiment::Backend> {
-        if let Some(moe) = &model.config().moe
-            && world > 0
-            && !moe.num_experts.is_multiple_of(world)
-        {
-            bail!(
-                "--world {world} does not divide the model's {} experts: expert parallelism needs the same \
-                 number of experts on every rank",
-                moe.num_experts
-            );
-        }
+        check_world_divides_experts(world, model.config())?;
         self.start(world)
     }
 

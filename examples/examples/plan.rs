@@ -20,8 +20,8 @@ use farskip_dist::plan::{
     predict_roofline, schedule, sweep,
 };
 use farskip_examples::{
-    EMBEDDING_STD_HELP, OverlapModelArgs, exit_status, init_logging, load_model, preset_config,
-    tune_allocator,
+    EMBEDDING_STD_HELP, OverlapModelArgs, check_world_divides_experts, exit_status, init_logging,
+    load_model, preset_config, tune_allocator,
 };
 use farskip_model::{Connectivity, ModelConfig};
 use farskip_train::plot::line_chart_svg;
@@ -359,16 +359,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         None => preset_config(&name)?,
     };
     // The overlap examples refuse a world that does not divide the experts; so does their prediction.
-    if let Some(moe) = &config.moe
-        && !moe.num_experts.is_multiple_of(args.world)
-    {
-        bail!(
-            "--world {} does not divide the model's {} experts: expert parallelism needs the same number of \
-             experts on every rank",
-            args.world,
-            moe.num_experts
-        );
-    }
+    check_world_divides_experts(args.world, &config)?;
     // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
     // before the embeddings were part of it is not taken for one).
     let cache_name = if args.model.is_none() {

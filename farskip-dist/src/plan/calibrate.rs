@@ -547,11 +547,13 @@ impl Measured {
         };
         let mut ops = HashMap::new();
         let mut fastest = HashMap::new();
+        let mut fastest_step = HashMap::new();
         let mut spread = HashMap::new();
         for o in &calibration.ops {
             if let Some((key, n)) = named(o) {
                 ops.insert(key, o.ms / n);
                 fastest.insert(key, o.min_ms);
+                fastest_step.insert(key, o.min_ms / n);
                 spread.insert(key, o.spread);
             }
         }
@@ -574,14 +576,10 @@ impl Measured {
         // its time alone.
         let slice_ms = calibration.slice_ms.filter(|_| shared);
         let simulated = slice_ms.and_then(|len| {
-            let per_step = fastest
-                .iter()
-                .map(|(k, &ms)| (*k, ms / count.get(k).copied().unwrap_or(1.0)))
-                .collect();
             let mut free = Measured {
                 cores: Some(calibration.cores),
                 slice_ms: Some(len),
-                ops: per_step,
+                ops: fastest_step,
                 ops_half: HashMap::new(),
                 spread: spread.clone(),
                 seed: None,
