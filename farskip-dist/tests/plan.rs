@@ -878,6 +878,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         // Half the batch: attention part 2 of layer 1 takes more than half of the whole's 6 ms.
         ops_half: vec![op("attn_2", Some(1), 3.5, 3.0)],
         expert_share: vec![vec![1.5, 0.5], vec![]],
+        expert_block: true,
     };
     let d = schedule(
         &config,
@@ -963,6 +964,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),
+        expert_block: true,
     };
     let d = schedule(
         &config,
@@ -1024,4 +1026,57 @@ fn routing_imbalance_comes_from_the_checkpoints_router() {
     // One expert per rank: the busiest rank's rows over the mean, between 1 and the rank count.
     let i = routing_imbalance(&model, experts, 16, 1).unwrap();
     assert!(i > 1.0 && i <= experts as f64, "{i}");
+}
+
+#[test]
+fn an_ep_calibration_times_a_ranks_block_of_experts() {
+    use farskip_dist::experiment::Parallel;
+    use farskip_dist::plan::Mode;
+    use farskip_dist::plan::calibrate::{Calibration, measure_inference, measure_training};
+    // 8 experts, top-2, every layer MoE (as EP training needs).
+    let cfg = ModelConfig::small_moe(40, 16, 2, 4, 2, 4, 8, 2, 8, None);
+    let model = Model::new(&cfg, &Device::flex()).unwrap();
+    let moe_layers = model.layers.len();
+    let tokens = 16;
+    // (world, the experiment's rows per token over the timed block's): a rank of 8 holds one expert, so its
+    // block routes one row per token where the experiment routes two.
+    for (world, rows_ratio) in [(1, 1.0), (2, 1.0), (8, 2.0)] {
+        let inference =
+            measure_inference(&model, "tiny", Parallel::Expert, world, tokens, 1, 7).unwrap();
+        let training = measure_training(&model, "tiny", world, tokens, 1, 7).unwrap();
+        for c in [&inference, &training] {
+            let timed = c
+                .ops
+                .iter()
+                .filter(|o| o.op == ops::EXPERTS && o.ms > 0.0)
+                .count();
+            assert_eq!(timed, moe_layers, "world {world}, {}", c.mode);
+            // Each rank's share is its rows in the experiment over the rows the timed block ran: the shares of a
+            // layer add up to the world times the experiment's rows per token over the block's.
+            assert_eq!(c.expert_share.len(), moe_layers);
+            for shares in &c.expert_share {
+                assert_eq!(shares.len(), world);
+                let sum: f64 = shares.iter().sum();
+                let want = world as f64 * rows_ratio;
+                assert!(
+                    (sum - want).abs() < 1e-9,
+                    "world {world}, {}: {shares:?}",
+                    c.mode
+                );
+            }
+            assert!(c.expert_block);
+            let mode = if c.mode == "train" {
+                Mode::Train
+            } else {
+                Mode::Prefill
+            };
+            assert!(c.matches("tiny", mode, Parallel::Expert, world, tokens));
+            // A calibration that timed the whole expert bank is measured again.
+            let old = Calibration {
+                expert_block: false,
+                ..c.clone()
+            };
+            assert!(!old.matches("tiny", mode, Parallel::Expert, world, tokens));
+        }
+    }
 }

@@ -217,6 +217,71 @@ impl Model {
         Ok(self)
     }
 
+    /// The model with only experts `range` of every MoE layer, and routers that choose among just those (the
+    /// gate's columns and any correction bias narrowed; top-k capped at the experts kept; group-limited routing
+    /// kept where the range is whole groups, dropped otherwise).
+    ///
+    /// This is the shape of one expert-parallel rank's expert work as a single-device model: rank `r` of `W`
+    /// holds `E / W` experts and receives `T · k` rows for its `T` tokens, and this model's `T` tokens also
+    /// route `T · k` rows over `E / W` experts. The planner times it to calibrate a rank's expert cost (an
+    /// expert bank of all `E` experts at `E / W` times fewer rows each runs smaller, slower products). Its
+    /// outputs are not the full model's.
+    pub fn expert_block(&self, range: std::ops::Range<usize>) -> Result<Self> {
+        let Some(moe) = self.config.moe.as_ref() else {
+            return Ok(self.clone());
+        };
+        if range.is_empty() || range.end > moe.num_experts {
+            return Err(ModelError::invalid(
+                "num_experts",
+                format!(
+                    "expert block {range:?} is not inside the {} experts",
+                    moe.num_experts
+                ),
+            ));
+        }
+        let n = range.len();
+        let mut config = self.config.clone();
+        let m = config.moe.as_mut().expect("checked above");
+        m.num_experts = n;
+        m.top_k = m.top_k.min(n);
+        m.router.group_limit = m.router.group_limit.and_then(|g| {
+            let per = moe.num_experts / g.num_groups;
+            let whole = range.start.is_multiple_of(per) && n.is_multiple_of(per);
+            let groups = n / per;
+            let limit = crate::config::GroupLimit {
+                num_groups: groups,
+                topk_groups: g.topk_groups.min(groups),
+                ..g
+            };
+            (whole && limit.topk_groups * per >= m.top_k).then_some(limit)
+        });
+        let (router, top_k) = (m.router.clone(), m.top_k);
+        config.validate()?;
+        let mut out = self.clone();
+        for layer in out.layers.iter_mut() {
+            if let Ffn::Moe(block) = &mut layer.ffn {
+                block.experts = block.experts.slice(range.clone());
+                let r = &mut block.router;
+                r.gate = Linear {
+                    weight: Param::from_tensor(r.gate.weight.val().narrow(1, range.start, n)),
+                    bias: r
+                        .gate
+                        .bias
+                        .as_ref()
+                        .map(|b| Param::from_tensor(b.val().narrow(0, range.start, n))),
+                };
+                r.correction_bias = r
+                    .correction_bias
+                    .as_ref()
+                    .map(|b| Param::from_tensor(b.val().narrow(0, range.start, n)));
+                r.cfg = router.clone();
+                r.top_k = top_k;
+            }
+        }
+        out.config = config;
+        Ok(out)
+    }
+
     /// Checks that every id is inside the vocabulary (one host read of the ids).
     pub fn check_input(&self, input_ids: &Tensor<2, Int>) -> Result<()> {
         let [b, t] = input_ids.dims();

@@ -1557,3 +1557,73 @@ fn permuting_experts_keeps_the_model_function() -> Result<(), ModelError> {
     assert!(err.contains("splits a routing group"), "{err}");
     Ok(())
 }
+
+#[test]
+fn an_expert_block_keeps_its_experts_and_routes_among_them() -> TestResult {
+    let device = dev();
+    let model = Model::from_pretrained(fixture("deepseek_v3"), &device)?;
+    // 8 experts in 4 groups of 2, top-2 of the best 2 groups.
+    let moes = |m: &Model| -> Vec<MoeBlock> {
+        m.layers
+            .iter()
+            .filter_map(|l| match &l.ffn {
+                Ffn::Moe(b) => Some(b.clone()),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
+    };
+    let hidden = model.config().hidden_size;
+    let x = reseed_tensor(&device, [9, hidden]);
+    for (range, groups, top_k) in [
+        (4..8, Some((2, 2)), 2),
+        (0..2, Some((1, 1)), 2),
+        (1..3, None, 2),
+        (3..4, None, 1),
+    ] {
+        let block = model.expert_block(range.clone())?;
+        let m = block.config().moe.as_ref().unwrap();
+        assert_eq!(m.num_experts, range.len(), "{range:?}");
+        assert_eq!(m.top_k, top_k, "{range:?}");
+        assert_eq!(
+            m.router.group_limit.map(|g| (g.num_groups, g.topk_groups)),
+            groups,
+            "{range:?}"
+        );
+        let (full, part) = (moes(&model), moes(&block));
+        assert_eq!(full.len(), part.len());
+        for (f, p) in full.iter().zip(&part) {
+            let n = range.len();
+            let want = f.experts.gate_up.val().narrow(0, range.start, n);
+            assert_eq!(max_diff(p.experts.gate_up.val(), want), 0.0, "{range:?}");
+            let want = f.experts.down.val().narrow(0, range.start, n);
+            assert_eq!(max_diff(p.experts.down.val(), want), 0.0, "{range:?}");
+            // The block's router logits are the full router's for the kept experts.
+            let full_logits = x.clone().matmul(f.router.gate.weight.val());
+            let part_logits = x.clone().matmul(p.router.gate.weight.val());
+            let want = full_logits.narrow(1, range.start, n);
+            assert_eq!(max_diff(part_logits, want), 0.0, "{range:?}");
+            // Every token picks `top_k` distinct experts of the block.
+            let chosen = ints(p.router.route(x.clone()).experts);
+            assert_eq!(chosen.len(), 9 * top_k);
+            for row in chosen.chunks(top_k) {
+                assert!(row.iter().all(|&e| (e as usize) < n), "{range:?}: {row:?}");
+                assert!(top_k < 2 || row[0] != row[1], "{range:?}: {row:?}");
+            }
+        }
+        let ids = id_tensor(&[1, 5, 9, 3, 7, 2], 1, &device);
+        let logits = values(block.forward(ids)?);
+        assert!(logits.iter().all(|v| v.is_finite()), "{range:?}");
+    }
+    for bad in [0..0, 6..9] {
+        let err = model.expert_block(bad.clone()).unwrap_err().to_string();
+        assert!(err.contains("not inside the 8 experts"), "{bad:?}: {err}");
+    }
+    Ok(())
+}
+
+fn reseed_tensor(device: &Device, shape: [usize; 2]) -> Tensor<2> {
+    let values: Vec<f64> = (0..shape[0] * shape[1])
+        .map(|i| ((i * 7919 % 1000) as f64 / 500.0) - 1.0)
+        .collect();
+    tensor(&values, shape, device)
+}

@@ -1,7 +1,8 @@
 //! `cpu-here`: op costs measured on this machine, single-rank, and the overlap experiments' link.
 //!
-//! [`measure_inference`] runs one rank's shard of the model (TP: rank 0's heads and expert columns; EP: the
-//! whole expert bank on rank 0's sequence, with each rank's expert rows from routing the experiment's batch) on
+//! [`measure_inference`] runs one rank's shard of the model (TP: rank 0's heads and expert columns; EP: rank 0's
+//! block of experts, [`Model::expert_block`], on rank 0's sequence, so its expert bank and rows per expert are a
+//! rank's, with each rank's expert rows from routing the experiment's batch with the whole model) on
 //! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
 //! by side (none talks to another: the cores and memory are shared as in the run predicted), and keeps each
 //! op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::balance::{ExpertLoads, rank_loads};
 use crate::comm::SingleRank;
+use crate::dispatch::ExpertSharding;
 use crate::experiment::{Parallel, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
 use crate::trace::{Phase, Stream, Trace};
@@ -87,6 +89,11 @@ pub struct Calibration {
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
     pub expert_share: Vec<Vec<f64>>,
+    /// EP: the experts were timed as a rank's block of them ([`Model::expert_block`]). `false`: as the whole
+    /// expert bank on a rank's rows (older calibrations: too slow per row, so [`Calibration::matches`] turns
+    /// them down and they are measured again).
+    #[serde(default)]
+    pub expert_block: bool,
 }
 
 impl Calibration {
@@ -129,6 +136,7 @@ impl Calibration {
             && self.parallel == parallel
             && self.world == world
             && self.tokens == tokens
+            && (parallel != Parallel::Expert || self.expert_block)
     }
 }
 
@@ -231,6 +239,20 @@ pub fn measure_time_slice() -> Option<f64> {
     // The first run of each thread started before the other was pinned beside it.
     all.retain(|&ms| ms > 0.0);
     (all.len() >= 4).then(|| median(all))
+}
+
+/// The model a calibration times for an EP rank of `world` (rank 0's block of every MoE layer's experts:
+/// [`Model::expert_block`]), and the rows per token its routers choose.
+fn rank_expert_block(model: &Model, world: usize) -> Result<(Model, usize), PlanError> {
+    let Some(m) = model.config().moe.as_ref() else {
+        return Ok((model.clone(), 0));
+    };
+    let range = ExpertSharding::new(m.num_experts, world.max(1))
+        .map_err(failed)?
+        .local_range(0);
+    let block = model.expert_block(range).map_err(failed)?;
+    let top_k = block.config().moe.as_ref().map_or(0, |m| m.top_k);
+    Ok((block, top_k))
 }
 
 fn failed(e: impl std::fmt::Display) -> PlanError {
@@ -362,8 +384,14 @@ pub fn measure_inference(
     };
     let all = random_ids(batch, tokens, model.config().vocab_size, seed, &device);
     let ids = all.clone().narrow(0, 0, 1);
-    let top_k = model.config().moe.as_ref().map_or(0, |m| m.top_k);
-    let expert_share = if parallel == Parallel::Expert && top_k > 0 {
+    // EP: the timed model is rank 0's block of experts; each rank's share of the rows comes from routing every
+    // rank's sequence with the whole model.
+    let (block, top_k) = if parallel == Parallel::Expert {
+        rank_expert_block(&model, world)?
+    } else {
+        (model.clone(), 0)
+    };
+    let expert_share = if top_k > 0 {
         expert_share(&model, &all, world, (tokens * top_k) as f64)?
     } else {
         Vec::new()
@@ -374,7 +402,7 @@ pub fn measure_inference(
         side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
             let comm = SingleRank::new();
             match parallel {
-                Parallel::Expert => EpRank::new(&model, 0, 1)
+                Parallel::Expert => EpRank::new(&block, 0, 1)
                     .map_err(failed)?
                     .forward(&comm, trace, ids.clone())
                     .map(|_| ())
@@ -402,11 +430,13 @@ pub fn measure_inference(
         ops: medians(passes),
         ops_half: medians(half),
         expert_share,
+        expert_block: parallel == Parallel::Expert,
     })
 }
 
-/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank as two sequences) on rank 0's
-/// windows of the first step the training experiment draws with `seed`.
+/// Measures one rank's FarSkip EP training step (cross-entropy, `tokens` per rank as two sequences; rank 0's
+/// block of experts, as [`measure_inference`]) on rank 0's windows of the first step the training experiment
+/// draws with `seed`.
 pub fn measure_training(
     model: &Model,
     name: &str,
@@ -425,7 +455,7 @@ pub fn measure_training(
     let seq = (tokens / 2).max(1);
     let all = random_ids(2 * world, seq + 1, model.config().vocab_size, seed, &device);
     let windows = all.clone().narrow(0, 0, 2);
-    let top_k = model.config().moe.as_ref().map_or(0, |m| m.top_k);
+    let (block, top_k) = rank_expert_block(&model, world)?;
     let expert_share = if top_k > 0 {
         let inputs = all.narrow(1, 0, seq);
         expert_share(&model, &inputs, world, (tokens * top_k) as f64)?
@@ -436,7 +466,7 @@ pub fn measure_training(
     let cores = available_cores();
     let timed = |windows: &Tensor<2, Int>| {
         side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
-            EpTrainRank::new(&model, 0, 1)
+            EpTrainRank::new(&block, 0, 1)
                 .map_err(failed)?
                 .step(&SingleRank::new(), trace, windows.clone())
                 .map(|_| ())
@@ -458,6 +488,7 @@ pub fn measure_training(
         ops: medians(passes),
         ops_half: medians(half),
         expert_share,
+        expert_block: true,
     })
 }
 
