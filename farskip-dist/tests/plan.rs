@@ -847,7 +847,7 @@ fn roofline_collectives_follow_the_alpha_beta_model() {
 #[test]
 fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     use farskip_dist::experiment::Parallel;
-    use farskip_dist::plan::calibrate::{Calibration, Measured, OpTime};
+    use farskip_dist::plan::calibrate::{CALIBRATION_VERSION, Calibration, Measured, OpTime};
     let op = |op: &str, layer: Option<usize>, ms: f64, min_ms: f64| OpTime {
         op: op.into(),
         layer,
@@ -878,7 +878,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         // Half the batch: attention part 2 of layer 1 takes more than half of the whole's 6 ms.
         ops_half: vec![op("attn_2", Some(1), 3.5, 3.0)],
         expert_share: vec![vec![1.5, 0.5], vec![]],
-        expert_block: true,
+        version: CALIBRATION_VERSION,
     };
     let d = schedule(
         &config,
@@ -938,7 +938,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
 fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
     use farskip_dist::experiment::Parallel;
     use farskip_dist::plan::Prediction;
-    use farskip_dist::plan::calibrate::{Calibration, Measured, OpTime};
+    use farskip_dist::plan::calibrate::{CALIBRATION_VERSION, Calibration, Measured, OpTime};
     let config = tiny();
     let ops = (0..4)
         .flat_map(|l| {
@@ -964,7 +964,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),
-        expert_block: true,
+        version: CALIBRATION_VERSION,
     };
     let d = schedule(
         &config,
@@ -1032,7 +1032,9 @@ fn routing_imbalance_comes_from_the_checkpoints_router() {
 fn an_ep_calibration_times_a_ranks_block_of_experts() {
     use farskip_dist::experiment::Parallel;
     use farskip_dist::plan::Mode;
-    use farskip_dist::plan::calibrate::{Calibration, measure_inference, measure_training};
+    use farskip_dist::plan::calibrate::{
+        CALIBRATION_VERSION, Calibration, measure_inference, measure_training,
+    };
     // 8 experts, top-2, every layer MoE (as EP training needs).
     let cfg = ModelConfig::small_moe(40, 16, 2, 4, 2, 4, 8, 2, 8, None);
     let model = Model::new(&cfg, &Device::flex()).unwrap();
@@ -1044,6 +1046,17 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
         let inference =
             measure_inference(&model, "tiny", Parallel::Expert, world, tokens, 1, 7).unwrap();
         let training = measure_training(&model, "tiny", world, tokens, 1, 7).unwrap();
+        if world <= 2 {
+            // TP (4 heads: up to 2 ranks here): its micro-batch costs also come from a two-micro-batch pass.
+            let tensor =
+                measure_inference(&model, "tiny", Parallel::Tensor, world, tokens, 1, 7).unwrap();
+            let ops = |o: &[farskip_dist::plan::calibrate::OpTime]| {
+                let mut k: Vec<_> = o.iter().map(|o| (o.op.clone(), o.layer)).collect();
+                k.sort();
+                k
+            };
+            assert_eq!(ops(&tensor.ops), ops(&tensor.ops_half), "tp world {world}");
+        }
         for c in [&inference, &training] {
             let timed = c
                 .ops
@@ -1064,19 +1077,31 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
                     c.mode
                 );
             }
-            assert!(c.expert_block);
+            assert_eq!(c.version, CALIBRATION_VERSION);
             let mode = if c.mode == "train" {
                 Mode::Train
             } else {
                 Mode::Prefill
             };
             assert!(c.matches("tiny", mode, Parallel::Expert, world, tokens));
-            // A calibration that timed the whole expert bank is measured again.
-            let old = Calibration {
-                expert_block: false,
-                ..c.clone()
+            // A micro-batch's costs come from the two-micro-batch pass, which runs every op of the plain one.
+            let keys = |ops: &[farskip_dist::plan::calibrate::OpTime]| {
+                let mut k: Vec<_> = ops
+                    .iter()
+                    .map(|o| (o.op.clone(), o.layer, o.backward))
+                    .collect();
+                k.sort();
+                k
             };
-            assert!(!old.matches("tiny", mode, Parallel::Expert, world, tokens));
+            assert_eq!(keys(&c.ops), keys(&c.ops_half), "world {world}, {}", c.mode);
+            // A calibration measured otherwise (e.g. the whole expert bank) is measured again.
+            for version in [0, 1] {
+                let old = Calibration {
+                    version,
+                    ..c.clone()
+                };
+                assert!(!old.matches("tiny", mode, Parallel::Expert, world, tokens));
+            }
         }
     }
 }

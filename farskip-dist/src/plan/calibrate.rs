@@ -34,6 +34,9 @@ use super::desc::{MLP_BWD, OpKey, Schedule, Split, Step};
 use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
+/// The [`Calibration::version`] this code measures.
+pub const CALIBRATION_VERSION: u32 = 2;
+
 /// One op's measured cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OpTime {
@@ -75,9 +78,9 @@ pub struct Calibration {
     pub cores: usize,
     /// Per-op costs.
     pub ops: Vec<OpTime>,
-    /// Per-op costs of the same pass on half the batch (half the tokens of the sequence; training: one of its
-    /// two sequences): what an op of a two-micro-batch schedule costs. Empty (older calibrations): half of
-    /// [`Calibration::ops`].
+    /// What an op of one micro-batch of a two-micro-batch schedule costs: inference, each op's total over both
+    /// halves of the executor's two-micro-batch pass, halved; training, the step on one of the rank's two
+    /// sequences. Empty: half of [`Calibration::ops`].
     #[serde(default)]
     pub ops_half: Vec<OpTime>,
     /// With more ranks than cores: how long the operating system lets a thread run while another waits for its
@@ -89,11 +92,12 @@ pub struct Calibration {
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
     pub expert_share: Vec<Vec<f64>>,
-    /// EP: the experts were timed as a rank's block of them ([`Model::expert_block`]). `false`: as the whole
-    /// expert bank on a rank's rows (older calibrations: too slow per row, so [`Calibration::matches`] turns
-    /// them down and they are measured again).
+    /// What the figures were measured as ([`CALIBRATION_VERSION`] for this code): 0 (older files) timed an EP
+    /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
+    /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
+    /// two-micro-batch pass. [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
-    pub expert_block: bool,
+    pub version: u32,
 }
 
 impl Calibration {
@@ -136,7 +140,7 @@ impl Calibration {
             && self.parallel == parallel
             && self.world == world
             && self.tokens == tokens
-            && (parallel != Parallel::Expert || self.expert_block)
+            && self.version == CALIBRATION_VERSION
     }
 }
 
@@ -253,6 +257,18 @@ fn rank_expert_block(model: &Model, world: usize) -> Result<(Model, usize), Plan
     let block = model.expert_block(range).map_err(failed)?;
     let top_k = block.config().moe.as_ref().map_or(0, |m| m.top_k);
     Ok((block, top_k))
+}
+
+/// Per-op costs of a two-micro-batch pass as the cost of one micro-batch's op: each total over both halves,
+/// halved.
+fn halved(ops: Vec<OpTime>) -> Vec<OpTime> {
+    ops.into_iter()
+        .map(|o| OpTime {
+            ms: o.ms / 2.0,
+            min_ms: o.min_ms / 2.0,
+            ..o
+        })
+        .collect()
 }
 
 fn failed(e: impl std::fmt::Display) -> PlanError {
@@ -398,26 +414,37 @@ pub fn measure_inference(
     };
     let threads = threads_per_rank(world);
     let cores = available_cores();
-    let timed = |ids: &Tensor<2, Int>| {
+    // `two`: the executor's two-micro-batch forward instead of the plain one.
+    let timed = |ids: &Tensor<2, Int>, two: bool| {
         side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
             let comm = SingleRank::new();
-            match parallel {
-                Parallel::Expert => EpRank::new(&block, 0, 1)
+            let ids = ids.clone();
+            let out = match (parallel, two) {
+                (Parallel::Expert, false) => EpRank::new(&block, 0, 1)
                     .map_err(failed)?
-                    .forward(&comm, trace, ids.clone())
-                    .map(|_| ())
-                    .map_err(failed),
-                Parallel::Tensor => TpRank::new(&model, 0, world)
+                    .forward(&comm, trace, ids),
+                (Parallel::Expert, true) => EpRank::new(&block, 0, 1)
                     .map_err(failed)?
-                    .forward(&comm, trace, ids.clone())
-                    .map(|_| ())
-                    .map_err(failed),
-            }
+                    .forward_tbo(&comm, trace, ids),
+                (Parallel::Tensor, false) => TpRank::new(&model, 0, world)
+                    .map_err(failed)?
+                    .forward(&comm, trace, ids),
+                (Parallel::Tensor, true) => TpRank::new(&model, 0, world)
+                    .map_err(failed)?
+                    .forward_tbo(&comm, trace, ids),
+            };
+            out.map(|_| ()).map_err(failed)
         })
     };
-    let passes = timed(&ids)?;
-    // A two-micro-batch schedule's half: the first half of the sequence.
-    let half = timed(&ids.clone().narrow(1, 0, (tokens / 2).max(1)))?;
+    let passes = timed(&ids, false)?;
+    // A two-micro-batch schedule's half: the average of the two halves of the executor's own two-micro-batch
+    // pass (each op's spans over both halves, halved) — the second half's attention also reads the first
+    // half's keys, so it costs more than the first. A one-token sequence has no halves: the whole.
+    let ops_half = if tokens >= 2 {
+        halved(medians(timed(&ids, true)?))
+    } else {
+        medians(passes.clone())
+    };
     Ok(Calibration {
         model: name.to_string(),
         mode: "prefill".into(),
@@ -428,9 +455,9 @@ pub fn measure_inference(
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
         ops: medians(passes),
-        ops_half: medians(half),
+        ops_half,
         expert_share,
-        expert_block: parallel == Parallel::Expert,
+        version: CALIBRATION_VERSION,
     })
 }
 
@@ -488,7 +515,7 @@ pub fn measure_training(
         ops: medians(passes),
         ops_half: medians(half),
         expert_share,
-        expert_block: true,
+        version: CALIBRATION_VERSION,
     })
 }
 
