@@ -1050,12 +1050,11 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
             // TP (4 heads: up to 2 ranks here): its micro-batch costs also come from a two-micro-batch pass.
             let tensor =
                 measure_inference(&model, "tiny", Parallel::Tensor, world, tokens, 1, 7).unwrap();
-            let ops = |o: &[farskip_dist::plan::calibrate::OpTime]| {
-                let mut k: Vec<_> = o.iter().map(|o| (o.op.clone(), o.layer)).collect();
-                k.sort();
-                k
-            };
-            assert_eq!(ops(&tensor.ops), ops(&tensor.ops_half), "tp world {world}");
+            assert_eq!(
+                op_keys(&tensor.ops),
+                op_keys(&tensor.ops_half),
+                "tp world {world}"
+            );
         }
         for c in [&inference, &training] {
             let timed = c
@@ -1085,15 +1084,12 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
             };
             assert!(c.matches("tiny", mode, Parallel::Expert, world, tokens));
             // A micro-batch's costs come from the two-micro-batch pass, which runs every op of the plain one.
-            let keys = |ops: &[farskip_dist::plan::calibrate::OpTime]| {
-                let mut k: Vec<_> = ops
-                    .iter()
-                    .map(|o| (o.op.clone(), o.layer, o.backward))
-                    .collect();
-                k.sort();
-                k
-            };
-            assert_eq!(keys(&c.ops), keys(&c.ops_half), "world {world}, {}", c.mode);
+            assert_eq!(
+                op_keys(&c.ops),
+                op_keys(&c.ops_half),
+                "world {world}, {}",
+                c.mode
+            );
             // A calibration measured otherwise (e.g. the whole expert bank) is measured again.
             for version in [0, 1] {
                 let old = Calibration {
@@ -1104,4 +1100,14 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
             }
         }
     }
+}
+
+/// The (op, layer, backward) keys of a calibration's op table, sorted.
+fn op_keys(ops: &[farskip_dist::plan::calibrate::OpTime]) -> Vec<(String, Option<usize>, bool)> {
+    let mut k: Vec<_> = ops
+        .iter()
+        .map(|o| (o.op.clone(), o.layer, o.backward))
+        .collect();
+    k.sort();
+    k
 }

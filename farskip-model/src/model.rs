@@ -262,14 +262,7 @@ impl Model {
             if let Ffn::Moe(block) = &mut layer.ffn {
                 block.experts = block.experts.slice(range.clone());
                 let r = &mut block.router;
-                r.gate = Linear {
-                    weight: Param::from_tensor(r.gate.weight.val().narrow(1, range.start, n)),
-                    bias: r
-                        .gate
-                        .bias
-                        .as_ref()
-                        .map(|b| Param::from_tensor(b.val().narrow(0, range.start, n))),
-                };
+                r.gate = crate::shard::columns(&r.gate, range.start, n);
                 r.correction_bias = r
                     .correction_bias
                     .as_ref()

@@ -20,7 +20,7 @@ fn shard_err(what: &str, n: usize, world: usize) -> ModelError {
 }
 
 /// Output columns `start..start + len` of a linear layer (with its bias).
-fn columns(l: &Linear, start: usize, len: usize) -> Linear {
+pub(crate) fn columns(l: &Linear, start: usize, len: usize) -> Linear {
     Linear {
         weight: Param::from_tensor(l.weight.val().narrow(1, start, len)),
         bias: l

@@ -419,31 +419,35 @@ pub fn measure_inference(
         side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
             let comm = SingleRank::new();
             let ids = ids.clone();
-            let out = match (parallel, two) {
-                (Parallel::Expert, false) => EpRank::new(&block, 0, 1)
-                    .map_err(failed)?
-                    .forward(&comm, trace, ids),
-                (Parallel::Expert, true) => EpRank::new(&block, 0, 1)
-                    .map_err(failed)?
-                    .forward_tbo(&comm, trace, ids),
-                (Parallel::Tensor, false) => TpRank::new(&model, 0, world)
-                    .map_err(failed)?
-                    .forward(&comm, trace, ids),
-                (Parallel::Tensor, true) => TpRank::new(&model, 0, world)
-                    .map_err(failed)?
-                    .forward_tbo(&comm, trace, ids),
+            let out = match parallel {
+                Parallel::Expert => {
+                    let rank = EpRank::new(&block, 0, 1).map_err(failed)?;
+                    if two {
+                        rank.forward_tbo(&comm, trace, ids)
+                    } else {
+                        rank.forward(&comm, trace, ids)
+                    }
+                }
+                Parallel::Tensor => {
+                    let rank = TpRank::new(&model, 0, world).map_err(failed)?;
+                    if two {
+                        rank.forward_tbo(&comm, trace, ids)
+                    } else {
+                        rank.forward(&comm, trace, ids)
+                    }
+                }
             };
             out.map(|_| ()).map_err(failed)
         })
     };
-    let passes = timed(&ids, false)?;
+    let ops = medians(timed(&ids, false)?);
     // A two-micro-batch schedule's half: the average of the two halves of the executor's own two-micro-batch
     // pass (each op's spans over both halves, halved) — the second half's attention also reads the first
     // half's keys, so it costs more than the first. A one-token sequence has no halves: the whole.
     let ops_half = if tokens >= 2 {
         halved(medians(timed(&ids, true)?))
     } else {
-        medians(passes.clone())
+        ops.clone()
     };
     Ok(Calibration {
         model: name.to_string(),
@@ -454,7 +458,7 @@ pub fn measure_inference(
         threads,
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
-        ops: medians(passes),
+        ops,
         ops_half,
         expert_share,
         version: CALIBRATION_VERSION,
