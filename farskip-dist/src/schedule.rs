@@ -70,6 +70,11 @@ pub mod ops {
     pub const ROUTER: &str = "router";
     /// Routed experts.
     pub const EXPERTS: &str = "experts";
+    /// The routed experts holding the first half of the rows (an EP rank's experts cut at the expert boundary
+    /// nearest half its rows; see `desc::inference` at depth ≥ 2).
+    pub const EXPERTS_1: &str = "experts_1";
+    /// The routed experts holding the rest of the rows, after [`EXPERTS_1`].
+    pub const EXPERTS_2: &str = "experts_2";
     /// Shared expert.
     pub const SHARED: &str = "shared";
     /// Dense MLP layer.
@@ -364,6 +369,20 @@ impl walk::Exec for EpRank {
                 let (inputs, plan) = m.flight.arrived(key)?;
                 let (_, out) = ctx.compute(key.layer, ops::EXPERTS, || {
                     ep_moe::experts(&m.moe, &inputs, &ep_moe::Through)
+                });
+                m.flight.set_expert_out(out, plan);
+            }
+            ops::EXPERTS_1 => {
+                let (inputs, plan) = m.flight.arrived(key)?;
+                let (_, parts) = ctx.compute(key.layer, ops::EXPERTS_1, || {
+                    ep_moe::experts_first(&m.moe, &inputs, &ep_moe::Through)
+                });
+                m.flight.set_first_part(parts, plan);
+            }
+            ops::EXPERTS_2 => {
+                let (parts, plan) = m.flight.first_part(key)?;
+                let out = ctx.compute(key.layer, ops::EXPERTS_2, || {
+                    m.moe.experts.forward_grouped_rest(parts)
                 });
                 m.flight.set_expert_out(out, plan);
             }

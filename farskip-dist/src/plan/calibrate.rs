@@ -777,11 +777,13 @@ fn normal(parts: &[u64]) -> f64 {
 }
 
 impl Measured {
-    fn jitter(&self, rank: usize, key: &OpKey) -> f64 {
+    /// The draw of `key` on `rank` around 1, with the spread measured for op `measured` (the op whose time it
+    /// takes a share of).
+    fn jitter(&self, rank: usize, key: &OpKey, measured: &'static str) -> f64 {
         let Some(seed) = self.seed else { return 1.0 };
         let sigma = self
             .spread
-            .get(&(key.op, key.layer, key.phase))
+            .get(&(measured, key.layer, key.phase))
             .copied()
             .unwrap_or(0.0)
             .clamp(0.0, 1.0);
@@ -816,8 +818,13 @@ impl CostModel for Measured {
     }
 
     fn compute(&self, rank: usize, key: &OpKey, micro: usize) -> f64 {
+        // The calibration runs the experts whole: each part of a cut step (half the rows) takes half.
+        let (op, part) = match key.op {
+            ops::EXPERTS_1 | ops::EXPERTS_2 => (ops::EXPERTS, 0.5),
+            op => (op, 1.0),
+        };
         // EP ranks' experts run the rows routed to them: the measured pass's cost scaled by each rank's share.
-        let share = match (key.op, key.layer) {
+        let share = match (op, key.layer) {
             (ops::EXPERTS | bwd_ops::EXPERTS, Some(l)) => self
                 .expert_share
                 .get(l)
@@ -828,12 +835,12 @@ impl CostModel for Measured {
         };
         // A half batch's op as measured on half the batch (smaller products run less efficiently than half of
         // the whole); without that measurement, or for more micro-batches, the whole's share.
-        let k = (key.op, key.layer, key.phase);
+        let k = (op, key.layer, key.phase);
         let cost = match self.ops_half.get(&k) {
             Some(&half) if micro == 2 => half,
             _ => self.ops.get(&k).copied().unwrap_or(0.0) / micro.max(1) as f64,
         };
-        share * self.jitter(rank, key) * cost
+        part * share * self.jitter(rank, key, op) * cost
     }
 
     fn collective(&self, key: &OpKey, micro: usize) -> f64 {

@@ -264,6 +264,8 @@ impl Roofline {
             (Phase::Forward, ops::ATTN) => proj + core,
             (Phase::Forward, ops::ROUTER) => router,
             (Phase::Forward, ops::EXPERTS) => experts(),
+            // The two parts of a cut expert step hold about half the rows each.
+            (Phase::Forward, ops::EXPERTS_1 | ops::EXPERTS_2) => experts() * 0.5,
             (Phase::Forward, ops::SHARED) => shared(),
             (Phase::Forward, ops::MLP) => mlp(),
             (Phase::Forward, ops::COMBINE) => combine,
@@ -366,7 +368,10 @@ impl CostModel for Roofline {
         }
         let mut w = self.work(key, micro);
         // Only the busiest rank gets `imbalance` × the mean expert rows; the others share the rest.
-        let expert_op = matches!(key.op, ops::EXPERTS | bwd_ops::EXPERTS);
+        let expert_op = matches!(
+            key.op,
+            ops::EXPERTS | ops::EXPERTS_1 | ops::EXPERTS_2 | bwd_ops::EXPERTS
+        );
         if expert_op && rank > 0 && self.layout.ep > 1 {
             let i = self.workload.imbalance;
             let p = self.layout.ep as f64;

@@ -103,8 +103,18 @@ fn has_shared(config: &ModelConfig) -> bool {
 }
 
 /// One converted MoE layer at skip depth ≥ 2 in the EP dispatch-ahead order, shared by the inference and
-/// training descriptions: router, dispatch, the previous layer's held combine (`prev_held`), the whole attention,
-/// the experts, this layer's combine unless the next layer issues it (`issue_own`), the shared expert.
+/// training descriptions: router, dispatch, the second half of the previous layer's experts and its combine
+/// (`prev_held`: the previous layer held them back), the whole attention, the experts — only their first half
+/// (`experts_1`) when the next layer holds the rest and the combine, else all of them and this layer's combine
+/// (`issue_own`) — and the shared expert.
+///
+/// Cutting the experts balances the two collectives' windows. Layer i's dispatch is issued before its attention
+/// and read by its experts; its combine is read by the router and attention of layer i + 2, which run right after
+/// attention i + 1. Run whole, the experts leave the dispatch one attention and give the combine an attention
+/// and the experts; cut at half their rows, the second half of layer i − 1's experts runs inside dispatch i's
+/// window and the first half of layer i's inside combine i − 1's: each gets an attention and half the experts.
+/// That is the slack a rank has for its peer's lateness (skew between ranks, which one attention does not cover
+/// on a busy machine).
 fn dispatch_ahead_layer(
     s: &mut Vec<Step>,
     config: &ModelConfig,
@@ -117,6 +127,7 @@ fn dispatch_ahead_layer(
     let d = key(ops::DISPATCH, l, f);
     s.push(Step::Issue { key: d, channel: 0 });
     if prev_held {
+        s.push(Step::Compute(key(ops::EXPERTS_2, Some(i - 1), f)));
         s.push(Step::Issue {
             key: key(ops::COMBINE, Some(i - 1), f),
             channel: 0,
@@ -125,12 +136,14 @@ fn dispatch_ahead_layer(
     s.push(Step::Compute(key(ops::ATTN_1, l, f)));
     s.push(Step::Compute(key(ops::ATTN_2, l, f)));
     s.push(Step::Wait(d));
-    s.push(Step::Compute(key(ops::EXPERTS, l, f)));
     if issue_own {
+        s.push(Step::Compute(key(ops::EXPERTS, l, f)));
         s.push(Step::Issue {
             key: key(ops::COMBINE, l, f),
             channel: 0,
         });
+    } else {
+        s.push(Step::Compute(key(ops::EXPERTS_1, l, f)));
     }
     if has_shared(config) {
         s.push(Step::Compute(key(ops::SHARED, l, f)));

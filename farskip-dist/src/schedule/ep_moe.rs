@@ -7,7 +7,7 @@
 //! segment a fresh autodiff leaf (the boundaries of the segmented backward), inference passes them through.
 
 use burn::prelude::*;
-use farskip_model::moe::{MoeBlock, Routing as ModelRouting, SlotPlan};
+use farskip_model::moe::{ExpertBank, GroupedParts, MoeBlock, Routing as ModelRouting, SlotPlan};
 
 use super::walk::out_of_order;
 use super::{Ctx, Result};
@@ -116,6 +116,22 @@ pub(crate) fn experts(
     (expert_in, expert_out)
 }
 
+/// The first part of [`experts`]: the experts holding about the first half of the rows (cut at the expert
+/// boundary nearest half), `(input as read, the step between its parts)`; `forward_grouped_rest` finishes it with
+/// the same output (and, in training, the same operation) as [`experts`]. No trace span.
+pub(crate) fn experts_first(
+    moe: &MoeBlock,
+    inputs: &ExpertInputs,
+    cut: &impl Cut,
+) -> (Tensor<2>, GroupedParts) {
+    let expert_in = cut.cut(&inputs.tokens);
+    let split = ExpertBank::half_rows_split(&inputs.counts);
+    let parts = moe
+        .experts
+        .forward_grouped_first(expert_in.clone(), &inputs.counts, split);
+    (expert_in, parts)
+}
+
 /// An EP MoE layer's rows between the walker's steps, the same for every EP executor: the slot rows until the
 /// dispatch goes out, the dispatch in flight, the rows it delivered, the expert outputs until the combine goes out.
 /// A step whose input is not there (a description out of order) is an error naming it.
@@ -123,6 +139,7 @@ pub(crate) struct Flight {
     slots: Option<(Tensor<2>, Vec<usize>)>,
     dispatched: Option<Pending<(ExpertInputs, DispatchPlan)>>,
     arrived: Option<(ExpertInputs, DispatchPlan)>,
+    first_part: Option<(GroupedParts, DispatchPlan)>,
     expert_out: Option<(Tensor<2>, DispatchPlan)>,
 }
 
@@ -133,6 +150,7 @@ impl Flight {
             slots: Some((slots, slot_experts)),
             dispatched: None,
             arrived: None,
+            first_part: None,
             expert_out: None,
         }
     }
@@ -173,6 +191,18 @@ impl Flight {
         self.arrived
             .take()
             .ok_or_else(|| out_of_order(key, "the dispatched rows"))
+    }
+
+    /// The experts' step between its two parts ([`experts_first`]), to go back with `plan` once finished.
+    pub fn set_first_part(&mut self, parts: GroupedParts, plan: DispatchPlan) {
+        self.first_part = Some((parts, plan));
+    }
+
+    /// The step [`Self::set_first_part`] left, for the second part of step `key`.
+    pub fn first_part(&mut self, key: &OpKey) -> Result<(GroupedParts, DispatchPlan)> {
+        self.first_part
+            .take()
+            .ok_or_else(|| out_of_order(key, "the experts' first part"))
     }
 
     /// The experts' output rows, to go back with `plan`.

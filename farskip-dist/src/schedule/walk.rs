@@ -517,6 +517,13 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                 },
                 _ => return Err(bad_step(key, "is not a step of the embedding or head")),
             },
+            Step::Compute(key) if key.op == ops::EXPERTS_2 => {
+                // The second part of a layer's experts may run after the walker has left the layer (which then
+                // holds its combine back until this part is done).
+                let i = layer_of(key)?;
+                let moe = w.moe_mut(key, i)?;
+                e.moe_step(ctx, key, moe)?;
+            }
             Step::Compute(key) => {
                 let i = layer_of(key)?;
                 w.enter(key, i)?;
@@ -545,7 +552,7 @@ pub(crate) fn walk_forward<E: Exec + ?Sized, C: Communicator + ?Sized>(
                         let m = w.ffn_input(key, i)?;
                         w.layers[i].moe = Some(e.router(ctx, i, m)?);
                     }
-                    ops::EXPERTS | ops::SHARED => {
+                    ops::EXPERTS | ops::EXPERTS_1 | ops::SHARED => {
                         let moe = w.moe_mut(key, i)?;
                         e.moe_step(ctx, key, moe)?;
                     }

@@ -252,6 +252,22 @@ impl Exec for Recorder<'_> {
                     rec.expert_out = Some(expert_out);
                 });
             }
+            ops::EXPERTS_1 => {
+                let (inputs, plan) = m.flight.arrived(key)?;
+                let (expert_in, parts) = ctx.compute(Some(i), ops::EXPERTS_1, || {
+                    ep_moe::experts_first(self.moe(i), &inputs, &Leaves)
+                });
+                m.flight.set_first_part(parts, plan);
+                self.rec(i, |rec| rec.expert_in = Some(expert_in));
+            }
+            ops::EXPERTS_2 => {
+                let (parts, plan) = m.flight.first_part(key)?;
+                let expert_out = ctx.compute(Some(i), ops::EXPERTS_2, || {
+                    self.moe(i).experts.forward_grouped_rest(parts)
+                });
+                m.flight.set_expert_out(expert_out.clone().detach(), plan);
+                self.rec(i, |rec| rec.expert_out = Some(expert_out));
+            }
             ops::SHARED => {
                 let [b, t, h] = m.dims;
                 let (shared_in, shared_out) = ctx.compute(Some(i), ops::SHARED, || {

@@ -129,28 +129,59 @@ pub(crate) fn grouped_experts(
     down: &Tensor<3>,
     counts: &[usize],
 ) -> Option<Tensor<2>> {
-    if counts.iter().all(|&c| c == 0) {
-        return None;
-    }
-    let xs = xs.clone().try_into_primitive::<Ad>().ok()?;
-    let gate_up = gate_up.clone().try_into_primitive::<Ad>().ok()?;
-    let down = down.clone().try_into_primitive::<Ad>().ok()?;
-    let (x_in, gu_in, d_in) = (
-        Tensor::<2>::from_primitive::<Flex>(xs.primitive().clone()),
-        Tensor::<3>::from_primitive::<Flex>(gate_up.primitive().clone()),
-        Tensor::<3>::from_primitive::<Flex>(down.primitive().clone()),
-    );
-    let inter = d_in.dims()[1];
-    let offsets: Vec<usize> = counts
+    let first = grouped_experts_first(xs, gate_up, down, counts, 0)?;
+    grouped_experts_rest(xs, gate_up, down, counts, first)
+}
+
+/// The forward activations of the experts before a split point: `(h, a, y)` of each expert with rows, in
+/// expert order.
+#[derive(Debug)]
+pub(crate) struct Partial {
+    split: usize,
+    done: Vec<(Tensor<2>, Tensor<2>, Tensor<2>)>,
+}
+
+/// The untracked inner tensors of an autodiff-on-flex step, or `None`.
+fn inner(
+    xs: &Tensor<2>,
+    gate_up: &Tensor<3>,
+    down: &Tensor<3>,
+) -> Option<(Tensor<2>, Tensor<3>, Tensor<3>)> {
+    let prim = |t: &Tensor<3>| t.clone().try_into_primitive::<Ad>().ok();
+    Some((
+        Tensor::<2>::from_primitive::<Flex>(
+            xs.clone()
+                .try_into_primitive::<Ad>()
+                .ok()?
+                .primitive()
+                .clone(),
+        ),
+        Tensor::<3>::from_primitive::<Flex>(prim(gate_up)?.primitive().clone()),
+        Tensor::<3>::from_primitive::<Flex>(prim(down)?.primitive().clone()),
+    ))
+}
+
+fn offsets_of(counts: &[usize]) -> Vec<usize> {
+    counts
         .iter()
         .scan(0, |start, &c| {
             let first = *start;
             *start += c;
             Some(first)
         })
-        .collect();
+        .collect()
+}
+
+/// Experts `range`'s forward on the inner tensors: `(h, a, y)` of each expert with rows, in expert order.
+fn expert_pass(
+    (x_in, gu_in, d_in): &(Tensor<2>, Tensor<3>, Tensor<3>),
+    counts: &[usize],
+    range: std::ops::Range<usize>,
+) -> Vec<(Tensor<2>, Tensor<2>, Tensor<2>)> {
+    let inter = d_in.dims()[1];
+    let offsets = offsets_of(counts);
     // Experts are independent: rayon tasks, as in the backward; results in expert (= row) order.
-    let per_expert: Vec<(Tensor<2>, Tensor<2>, Tensor<2>)> = (0..counts.len())
+    range
         .into_par_iter()
         .filter(|&e| counts[e] > 0)
         .map(|e| {
@@ -162,7 +193,53 @@ pub(crate) fn grouped_experts(
                 .matmul(d_in.clone().narrow(0, e, 1).squeeze_dim::<2>(0));
             (h, a, y)
         })
-        .collect();
+        .collect()
+}
+
+/// The first part of [`grouped_experts`]: the forward of experts `..split` (their rows first in `xs`), or `None`
+/// as [`grouped_experts`]. [`grouped_experts_rest`] runs the others and registers the one operation, so the
+/// step's backward is the same whether or not it was cut.
+pub(crate) fn grouped_experts_first(
+    xs: &Tensor<2>,
+    gate_up: &Tensor<3>,
+    down: &Tensor<3>,
+    counts: &[usize],
+    split: usize,
+) -> Option<Partial> {
+    if counts.iter().all(|&c| c == 0) {
+        return None;
+    }
+    let split = split.min(counts.len());
+    let inner = inner(xs, gate_up, down)?;
+    Some(Partial {
+        split,
+        done: expert_pass(&inner, counts, 0..split),
+    })
+}
+
+/// The rest of a step begun by [`grouped_experts_first`] on the same tensors: the forward of the remaining
+/// experts, then the operation with its hand-written backward over all of them.
+pub(crate) fn grouped_experts_rest(
+    xs: &Tensor<2>,
+    gate_up: &Tensor<3>,
+    down: &Tensor<3>,
+    counts: &[usize],
+    first: Partial,
+) -> Option<Tensor<2>> {
+    if counts.iter().all(|&c| c == 0) {
+        return None;
+    }
+    let xs = xs.clone().try_into_primitive::<Ad>().ok()?;
+    let gate_up = gate_up.clone().try_into_primitive::<Ad>().ok()?;
+    let down = down.clone().try_into_primitive::<Ad>().ok()?;
+    let inner = (
+        Tensor::<2>::from_primitive::<Flex>(xs.primitive().clone()),
+        Tensor::<3>::from_primitive::<Flex>(gate_up.primitive().clone()),
+        Tensor::<3>::from_primitive::<Flex>(down.primitive().clone()),
+    );
+    let mut per_expert = first.done;
+    per_expert.extend(expert_pass(&inner, counts, first.split..counts.len()));
+    let (x_in, gu_in, d_in) = inner;
     let mut hs = Vec::with_capacity(per_expert.len());
     let mut acts = Vec::with_capacity(per_expert.len());
     let mut ys = Vec::with_capacity(per_expert.len());
@@ -190,7 +267,7 @@ pub(crate) fn grouped_experts(
                 h,
                 a,
                 counts: counts.to_vec(),
-                offsets,
+                offsets: offsets_of(counts),
             },
             y,
         ),

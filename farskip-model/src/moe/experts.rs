@@ -103,6 +103,98 @@ impl ExpertBank {
         }
     }
 
+    /// The expert boundary that cuts rows grouped by `counts` nearest to half: experts `..split` hold about
+    /// half the rows (the first such boundary on a tie).
+    pub fn half_rows_split(counts: &[usize]) -> usize {
+        let total: usize = counts.iter().sum();
+        let mut best = (total, 0);
+        let mut rows = 0;
+        for (e, &c) in counts.iter().enumerate() {
+            rows += c;
+            let off = (2 * rows).abs_diff(total);
+            if off < best.0 {
+                best = (off, e + 1);
+            }
+        }
+        best.1
+    }
+
+    /// The first part of [`Self::forward_grouped`] cut at expert `split`: experts `..split` (their rows come
+    /// first in `xs`) run now, the others in [`Self::forward_grouped_rest`], which returns the whole step's
+    /// output. The two parts compute what the uncut step does, row for row; under autodiff on flex they are
+    /// one operation with the hand-written backward (the backward does not see the cut). Lets a schedule put
+    /// other work between the halves of a layer's experts.
+    pub fn forward_grouped_first(
+        &self,
+        xs: Tensor<2>,
+        counts: &[usize],
+        split: usize,
+    ) -> GroupedParts {
+        let split = split.min(counts.len());
+        let first = if xs.is_autodiff() || self.gate_up.is_autodiff() {
+            match super::backward::grouped_experts_first(
+                &xs,
+                &self.gate_up.val(),
+                &self.down.val(),
+                counts,
+                split,
+            ) {
+                Some(p) => FirstPart::Tracked(p),
+                // Composed autodiff (other backends): the rest runs the whole step.
+                None => FirstPart::Deferred,
+            }
+        } else {
+            let rows: usize = counts[..split].iter().sum();
+            FirstPart::Rows(match rows {
+                0 => Tensor::zeros([0, xs.dims()[1]], &xs.device()),
+                _ => self
+                    .slice(0..split)
+                    .forward_grouped(xs.clone().narrow(0, 0, rows), &counts[..split]),
+            })
+        };
+        GroupedParts {
+            xs,
+            counts: counts.to_vec(),
+            split,
+            first,
+        }
+    }
+
+    /// The rest of a step begun by [`Self::forward_grouped_first`]: the output of all its rows.
+    pub fn forward_grouped_rest(&self, parts: GroupedParts) -> Tensor<2> {
+        let GroupedParts {
+            xs,
+            counts,
+            split,
+            first,
+        } = parts;
+        match first {
+            FirstPart::Tracked(p) => super::backward::grouped_experts_rest(
+                &xs,
+                &self.gate_up.val(),
+                &self.down.val(),
+                &counts,
+                p,
+            )
+            .expect("the first part ran on autodiff flex tensors"),
+            FirstPart::Deferred => self.forward_grouped(xs, &counts),
+            FirstPart::Rows(done) => {
+                let [m, _] = xs.dims();
+                let start: usize = counts[..split].iter().sum();
+                if start == m {
+                    return done;
+                }
+                let rest = self
+                    .slice(split..counts.len())
+                    .forward_grouped(xs.narrow(0, start, m - start), &counts[split..]);
+                match start {
+                    0 => rest,
+                    _ => Tensor::cat(vec![done, rest], 0),
+                }
+            }
+        }
+    }
+
     /// Rows grouped by expert through [`matvec::expert_rows`](crate::matvec::expert_rows), reading each
     /// chosen expert's weights in place: decoding, where an expert gets a row or two. `None` for more than
     /// [`Self::FEW_ROWS`] rows or off flex.
@@ -393,6 +485,25 @@ impl ExpertBatches {
     }
 }
 
+/// A grouped expert step cut in two ([`ExpertBank::forward_grouped_first`]), between its parts.
+#[derive(Debug)]
+pub struct GroupedParts {
+    xs: Tensor<2>,
+    counts: Vec<usize>,
+    split: usize,
+    first: FirstPart,
+}
+
+#[derive(Debug)]
+enum FirstPart {
+    /// The output rows of experts `..split`.
+    Rows(Tensor<2>),
+    /// The hand-written backward's operation, its first experts' forward done.
+    Tracked(super::backward::Partial),
+    /// Nothing yet: the rest runs the whole step.
+    Deferred,
+}
+
 /// Token slots grouped by expert. Slot `s = token * top_k + j` is the `j`-th choice of `token`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotPlan {
@@ -533,6 +644,73 @@ mod tests {
         assert!(!experts.contains(&0), "an empty expert got a block");
         assert!(b.len() * b.cap <= 2 * 304 + 3 * b.cap, "{b:?}");
         assert_eq!(ExpertBatches::plan(&[0, 0], true), None);
+    }
+
+    #[test]
+    fn a_step_cut_in_two_equals_the_whole_step_with_gradients() {
+        assert_eq!(ExpertBank::half_rows_split(&[3, 2, 3, 2]), 2);
+        assert_eq!(ExpertBank::half_rows_split(&[0, 9, 1, 2]), 2);
+        assert_eq!(ExpertBank::half_rows_split(&[5, 0, 0, 0]), 0);
+        assert_eq!(ExpertBank::half_rows_split(&[1, 1, 1, 7]), 3);
+        assert_eq!(ExpertBank::half_rows_split(&[0, 0, 0, 0]), 0);
+        for device in [Device::flex(), Device::flex().autodiff()] {
+            let tracked = device.is_autodiff();
+            let bank = bank(&device);
+            for counts in [[3, 2, 3, 2], [0, 9, 1, 2], [5, 0, 0, 0], [0, 0, 4, 0]] {
+                let m: usize = counts.iter().sum();
+                let xs = Tensor::<2>::random([m, 8], Distribution::Normal(0.0, 1.0), &device);
+                let probe = Tensor::<2>::random([m, 8], Distribution::Normal(0.0, 1.0), &device);
+                let run = |split: Option<usize>| {
+                    let x = match tracked {
+                        true => xs.clone().detach().require_grad(),
+                        false => xs.clone(),
+                    };
+                    let out = match split {
+                        None => bank.forward_grouped(x.clone(), &counts),
+                        Some(k) => bank.forward_grouped_rest(bank.forward_grouped_first(
+                            x.clone(),
+                            &counts,
+                            k,
+                        )),
+                    };
+                    let mut v = out
+                        .clone()
+                        .into_data()
+                        .try_into_vec_as::<f32>()
+                        .expect("f32");
+                    if tracked {
+                        let grads = (out * probe.clone()).sum().backward();
+                        v.extend(
+                            x.grad(&grads)
+                                .unwrap()
+                                .into_data()
+                                .try_into_vec_as::<f32>()
+                                .expect("f32"),
+                        );
+                        for w in [bank.gate_up.val(), bank.down.val()] {
+                            v.extend(
+                                w.grad(&grads)
+                                    .unwrap()
+                                    .into_data()
+                                    .try_into_vec_as::<f32>()
+                                    .expect("f32"),
+                            );
+                        }
+                    }
+                    v
+                };
+                let whole = run(None);
+                assert!(whole.iter().all(|x| x.is_finite()));
+                for k in 0..=counts.len() {
+                    // The same per-expert products in the same order: equal bit for bit.
+                    assert_eq!(
+                        run(Some(k)),
+                        whole,
+                        "counts {counts:?}, cut at {k}, tracked {tracked}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

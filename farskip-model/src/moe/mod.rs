@@ -11,7 +11,7 @@ pub mod router;
 use burn::module::{Module, Param};
 use burn::prelude::*;
 
-pub use experts::{ExpertBank, SlotPlan, index_tensor};
+pub use experts::{ExpertBank, GroupedParts, SlotPlan, index_tensor};
 pub use router::{Router, Routing};
 
 use crate::ModelError;
