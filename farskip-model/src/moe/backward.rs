@@ -229,13 +229,12 @@ pub(crate) fn grouped_experts_rest(
     if counts.iter().all(|&c| c == 0) {
         return None;
     }
-    let xs = xs.clone().try_into_primitive::<Ad>().ok()?;
-    let gate_up = gate_up.clone().try_into_primitive::<Ad>().ok()?;
-    let down = down.clone().try_into_primitive::<Ad>().ok()?;
-    let inner = (
-        Tensor::<2>::from_primitive::<Flex>(xs.primitive().clone()),
-        Tensor::<3>::from_primitive::<Flex>(gate_up.primitive().clone()),
-        Tensor::<3>::from_primitive::<Flex>(down.primitive().clone()),
+    let inner = inner(xs, gate_up, down)?;
+    let ad = |t: &Tensor<3>| t.clone().try_into_primitive::<Ad>().ok();
+    let (xs, gate_up, down) = (
+        xs.clone().try_into_primitive::<Ad>().ok()?,
+        ad(gate_up)?,
+        ad(down)?,
     );
     let mut per_expert = first.done;
     per_expert.extend(expert_pass(&inner, counts, first.split..counts.len()));
