@@ -444,6 +444,7 @@ impl CostModel for Unit {
         match k.op {
             "attn_1" | "attn_2" | "attn" | "experts" | "shared" | "mlp" | "attn_bwd"
             | "experts_bwd" | "shared_bwd" => 1.0 / micro as f64,
+            "experts_1" | "experts_2" => 0.5 / micro as f64,
             _ => 0.0,
         }
     }
@@ -500,6 +501,77 @@ fn farskip_hides_what_blocking_exposes_on_a_model() {
     assert_eq!(p.prediction.farskip_ms, 16.0);
     // Blocking: dispatch exposed (1 ms per layer), combine hidden by the shared expert.
     assert_eq!(p.prediction.blocking_ms, 20.0);
+}
+
+/// At depth ≥ 2 the EP descriptions cut each layer's experts in two: layer i runs its router, issues its
+/// dispatch, runs the second half of layer i − 1's experts and issues that layer's combine, then attention i, the
+/// wait for dispatch i and the first half of its own experts — each collective gets an attention and half the
+/// experts as its window. The last layer, with no layer to hold its combine, runs its experts whole.
+#[test]
+fn depth_two_ep_cuts_the_experts_between_the_two_collectives() {
+    let c = tiny();
+    let conn: Connectivity = "farskip-d2".parse().unwrap();
+    let layers = c.layers.len();
+    let key = |op: &'static str, layer: usize, phase: Phase| OpKey {
+        op,
+        layer: Some(layer),
+        phase,
+        micro: 0,
+    };
+    for schedule in [
+        desc::inference(&c, &conn, Split::Expert),
+        desc::training(&c, &conn),
+    ] {
+        let f = Phase::Forward;
+        let at = |step: Step| {
+            schedule
+                .steps
+                .iter()
+                .position(|s| *s == step)
+                .unwrap_or_else(|| panic!("{step:?} missing"))
+        };
+        let issue = |k: OpKey| Step::Issue { key: k, channel: 0 };
+        for i in 1..layers - 1 {
+            let order = [
+                at(Step::Compute(key(ops::ROUTER, i, f))),
+                at(issue(key(ops::DISPATCH, i, f))),
+                at(Step::Compute(key(ops::EXPERTS_2, i - 1, f))),
+                at(issue(key(ops::COMBINE, i - 1, f))),
+                at(Step::Compute(key(ops::ATTN_1, i, f))),
+                at(Step::Compute(key(ops::ATTN_2, i, f))),
+                at(Step::Wait(key(ops::DISPATCH, i, f))),
+                at(Step::Compute(key(ops::EXPERTS_1, i, f))),
+            ];
+            assert!(
+                order.windows(2).all(|w| w[0] < w[1]),
+                "layer {i}: {order:?}"
+            );
+        }
+        let last = layers - 1;
+        assert!(
+            schedule
+                .steps
+                .contains(&Step::Compute(key(ops::EXPERTS, last, f)))
+        );
+        let cut = |op| {
+            schedule
+                .steps
+                .iter()
+                .filter(|s| matches!(s, Step::Compute(k) if k.op == op))
+                .count()
+        };
+        assert_eq!(
+            (cut(ops::EXPERTS_1), cut(ops::EXPERTS_2)),
+            (layers - 1, layers - 1)
+        );
+    }
+    // Depth 1 and the blocking baseline keep the experts whole.
+    for conn in [Connectivity::farskip(), Connectivity::Standard] {
+        let s = desc::inference(&c, &conn, Split::Expert);
+        assert!(!s.steps.iter().any(
+            |st| matches!(st, Step::Compute(k) if k.op == ops::EXPERTS_1 || k.op == ops::EXPERTS_2)
+        ));
+    }
 }
 
 #[test]
