@@ -130,14 +130,13 @@ pub(crate) fn grouped_experts(
     counts: &[usize],
 ) -> Option<Tensor<2>> {
     let first = grouped_experts_first(xs, gate_up, down, counts, 0)?;
-    grouped_experts_rest(xs, gate_up, down, counts, first)
+    grouped_experts_rest(xs, gate_up, down, counts, 0, first)
 }
 
 /// The forward activations of the experts before a split point: `(h, a, y)` of each expert with rows, in
 /// expert order.
 #[derive(Debug)]
 pub(crate) struct Partial {
-    split: usize,
     done: Vec<(Tensor<2>, Tensor<2>, Tensor<2>)>,
 }
 
@@ -209,21 +208,20 @@ pub(crate) fn grouped_experts_first(
     if counts.iter().all(|&c| c == 0) {
         return None;
     }
-    let split = split.min(counts.len());
     let inner = inner(xs, gate_up, down)?;
     Some(Partial {
-        split,
-        done: expert_pass(&inner, counts, 0..split),
+        done: expert_pass(&inner, counts, 0..split.min(counts.len())),
     })
 }
 
-/// The rest of a step begun by [`grouped_experts_first`] on the same tensors: the forward of the remaining
-/// experts, then the operation with its hand-written backward over all of them.
+/// The rest of a step begun by [`grouped_experts_first`] on the same tensors and `split`: the forward of the
+/// remaining experts, then the operation with its hand-written backward over all of them.
 pub(crate) fn grouped_experts_rest(
     xs: &Tensor<2>,
     gate_up: &Tensor<3>,
     down: &Tensor<3>,
     counts: &[usize],
+    split: usize,
     first: Partial,
 ) -> Option<Tensor<2>> {
     if counts.iter().all(|&c| c == 0) {
@@ -237,7 +235,11 @@ pub(crate) fn grouped_experts_rest(
         ad(down)?,
     );
     let mut per_expert = first.done;
-    per_expert.extend(expert_pass(&inner, counts, first.split..counts.len()));
+    per_expert.extend(expert_pass(
+        &inner,
+        counts,
+        split.min(counts.len())..counts.len(),
+    ));
     let (x_in, gu_in, d_in) = inner;
     let mut hs = Vec::with_capacity(per_expert.len());
     let mut acts = Vec::with_capacity(per_expert.len());

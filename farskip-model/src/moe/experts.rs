@@ -174,6 +174,7 @@ impl ExpertBank {
                 &self.gate_up.val(),
                 &self.down.val(),
                 &counts,
+                split,
                 p,
             )
             .expect("the first part ran on autodiff flex tensors"),
