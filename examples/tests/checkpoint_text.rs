@@ -43,22 +43,6 @@ fn checkpoint(family: &str, tag: &str, keys: serde_json::Value) -> PathBuf {
     dir
 }
 
-/// Max |a − b| over two equally long slices; infinite on a NaN/inf or a length mismatch.
-fn max_diff(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() {
-        return f64::INFINITY;
-    }
-    let mut m = 0.0f64;
-    for (x, y) in a.iter().zip(b) {
-        let d = f64::from((x - y).abs());
-        if !d.is_finite() {
-            return f64::INFINITY;
-        }
-        m = m.max(d);
-    }
-    m
-}
-
 #[test]
 fn forward_runs_a_checkpoint_as_its_config_records() {
     let family = "qwen3_moe";
@@ -84,7 +68,7 @@ fn forward_runs_a_checkpoint_as_its_config_records() {
             .f32("logits")
             .expect("logits")
             .0;
-        let d = max_diff(&got, &r.f32(want).expect("reference").0);
+        let d = farskip_model::compare::max_abs_diff(&got, &r.f32(want).expect("reference").0);
         assert!(
             d <= 1e-4,
             "--connectivity {flag:?}: max |Δ| to {want} = {d}"

@@ -212,17 +212,9 @@ mod tests {
         }
         let va: Vec<f32> = a.val().into_data().try_to_vec().unwrap();
         let vb: Vec<f32> = b.val().into_data().try_to_vec().unwrap();
-        let moved = va
-            .iter()
-            .zip(&start)
-            .map(|(x, s)| (x - s).abs())
-            .fold(0f32, f32::max);
+        let moved = farskip_model::compare::max_abs_diff(&va, &start);
         assert!(moved > 0.01, "the parameters moved ({moved})");
-        let diff = va
-            .iter()
-            .zip(&vb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = farskip_model::compare::max_abs_diff(&va, &vb);
         assert!(diff < 1e-6, "fused vs burn AdamW: max diff {diff}");
     }
 }

@@ -117,16 +117,9 @@ fn rel_diffs(a: &Model, b: &Model, start: &Model) -> (f64, f64) {
     for ((x, y), z) in wa.iter().zip(&wb).zip(&w0) {
         assert_eq!(x.len(), y.len());
         let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) as f64;
-        let d = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max) as f64;
-        let m = x
-            .iter()
-            .zip(z)
-            .map(|(p, q)| (p - q).abs())
-            .fold(0f32, f32::max) as f64;
+        // NaN-safe: a NaN or an infinity on either side gives an infinite difference.
+        let d = farskip_model::compare::max_abs_diff(x, y);
+        let m = farskip_model::compare::max_abs_diff(x, z);
         diff = diff.max(d / scale);
         moved = moved.max(m / scale);
     }
@@ -144,9 +137,10 @@ fn check_equivalence(method: Method, shared: Option<usize>, label: &str) {
         farskip_model::compare::max_abs_diff(&loss(&single.curves.train), &loss(&ep.curves.train));
     let (weight_diff, moved) = rel_diffs(&single.model, &ep.model, &s.student);
     let (ea, eb) = (single.curves.valid[0].1, ep.curves.valid[0].1);
-    let eval_diff = (ea.loss - eb.loss)
-        .abs()
-        .max((ea.kl.unwrap_or(0.0) - eb.kl.unwrap_or(0.0)).abs());
+    let eval_diff = farskip_model::compare::max_abs_diff(
+        &[ea.loss, ea.kl.unwrap_or(0.0)],
+        &[eb.loss, eb.kl.unwrap_or(0.0)],
+    );
     eprintln!(
         "{label}: losses {:?}; max |loss diff| {loss_diff:.2e}; max weight diff {weight_diff:.2e} (relative; training \
          moved weights by up to {moved:.2e}); eval loss {} / {}, KL {:?} / {:?}",
@@ -244,7 +238,7 @@ fn distributed_kl_is_kl_distill() {
     )
     .backward();
     let (ga, gb) = (a.grad(&ga).unwrap(), b.grad(&gb).unwrap());
-    let d = (ga - gb).abs().max().into_scalar::<f32>();
+    let d = farskip_model::compare::max_abs_diff_tensors(ga, gb);
     assert!(d <= 1e-7, "gradient diff {d}");
     let _ = ad;
 }

@@ -22,28 +22,6 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// Max |a − b|; infinite when either holds a NaN/inf or the shapes differ, so a comparison cannot pass by accident.
-fn max_diff(a: Tensor<3>, b: Tensor<3>) -> f64 {
-    if a.dims() != b.dims() {
-        return f64::INFINITY;
-    }
-    let v = |t: Tensor<3>| {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32")
-    };
-    let mut m = 0.0f64;
-    for (x, y) in v(a).iter().zip(v(b)) {
-        let d = f64::from((x - y).abs());
-        if !d.is_finite() {
-            return f64::INFINITY;
-        }
-        m = m.max(d);
-    }
-    m
-}
-
 /// What a connectivity does to a model of `layers` layers: which layers are converted, the variant, the depth.
 fn behaviour(c: &Connectivity, layers: usize) -> (Vec<bool>, Option<(String, usize)>) {
     let converted = (0..layers).map(|i| c.is_converted(i)).collect();
@@ -100,7 +78,10 @@ fn every_family_round_trips_its_connectivity() {
                 "{family}: saved as {c}, reloaded as {}",
                 back.connectivity()
             );
-            let d = max_diff(back.forward(input.clone()).expect("forward"), want);
+            let d = farskip_model::compare::max_abs_diff_tensors(
+                back.forward(input.clone()).expect("forward"),
+                want,
+            );
             assert!(d <= 1e-6, "{family} {c}: max |Δ logits| after reload = {d}");
             report.push(format!("{family} {c}: {d:.1e}"));
             let _ = std::fs::remove_dir_all(&out);
@@ -149,7 +130,7 @@ fn config_range_gives_the_reference_range_logits() {
         let (v, shape) = r.f32("farskip_range_logits").expect("reference");
         let want =
             Tensor::<3>::from_data(TensorData::new(v, [shape[0], shape[1], shape[2]]), &device);
-        let d = max_diff(logits, want);
+        let d = farskip_model::compare::max_abs_diff_tensors(logits, want);
         assert!(d <= 1e-4, "{family}: max |Δ| to farskip_range_logits = {d}");
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -256,7 +237,7 @@ fn a_preset_with_a_shared_expert_saves_and_reloads() {
     assert_eq!(back.config(), model.config());
     assert_eq!(back.connectivity(), model.connectivity());
     let input = Tensor::<2, Int>::from_ints([[1, 5, 9, 200, 3, 17]], &device);
-    let d = max_diff(
+    let d = farskip_model::compare::max_abs_diff_tensors(
         back.forward(input.clone()).expect("forward"),
         model.forward(input).expect("forward"),
     );
@@ -293,7 +274,7 @@ fn a_trained_model_saves_and_reloads() {
     model.save_pretrained(&out, None).expect("save");
     let back = Model::from_pretrained(&out, &device).expect("reload");
     let input = Tensor::<2, Int>::from_ints([[65, 108, 108, 32, 116, 104, 101, 32]], &device);
-    let d = max_diff(
+    let d = farskip_model::compare::max_abs_diff_tensors(
         back.forward(input.clone()).expect("forward"),
         model.forward(input).expect("forward"),
     );

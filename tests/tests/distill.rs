@@ -100,27 +100,6 @@ fn config(model: &Path, corpus: &Path, out: &Path, steps: usize) -> DistillConfi
     cfg
 }
 
-fn max_diff(a: Tensor<3>, b: Tensor<3>) -> f64 {
-    if a.dims() != b.dims() {
-        return f64::INFINITY;
-    }
-    let v = |t: Tensor<3>| {
-        t.into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .expect("f32")
-    };
-    let mut m = 0.0f64;
-    for (x, y) in v(a).iter().zip(v(b)) {
-        let d = f64::from((x - y).abs());
-        if !d.is_finite() {
-            return f64::INFINITY;
-        }
-        m = m.max(d);
-    }
-    m
-}
-
 /// No `.NAME.partial-*` directory left next to `out`.
 fn no_partial_left(out: &Path) {
     let parent = out.parent().expect("parent");
@@ -177,7 +156,7 @@ fn distilled_checkpoint_reloads_as_the_student_and_beats_the_conversion() {
     assert_eq!(reloaded.connectivity(), student.connectivity());
     assert_eq!(*reloaded.connectivity(), Connectivity::farskip());
     let input = ids(&reference(FAMILY), "input_ids", &device);
-    let d = max_diff(
+    let d = farskip_model::compare::max_abs_diff_tensors(
         reloaded.forward(input.clone()).expect("forward"),
         student.forward(input).expect("forward"),
     );
@@ -219,7 +198,7 @@ fn bf16_checkpoint_is_saved_as_bf16() {
             .forward(input.clone())
             .expect("forward")
     };
-    let d = max_diff(load(&out), load(&mine));
+    let d = farskip_model::compare::max_abs_diff_tensors(load(&out), load(&mine));
     assert!(
         d == 0.0,
         "the saved bf16 checkpoint differs from the student's own bf16 save by {d}"
