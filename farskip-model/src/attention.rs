@@ -499,15 +499,29 @@ impl Attention {
             (last..s).all(|j| !visible(j)),
             "one query sees a contiguous run of keys"
         );
-        one_query(
-            &q,
-            cached,
-            heads,
-            hd,
-            self.scale as f32,
-            first..last,
-            &mut out,
-        );
+        // Heads split between this thread and the decode helper, whole key/value groups on each side (each
+        // head's sums are the same whichever thread computes them); short caches stay on this thread.
+        let group = heads / cached.heads;
+        let cut = (heads / 2).div_ceil(group) * group;
+        let keys = first..last;
+        if cut > 0 && cut < heads && keys.len() * heads * hd >= ONE_QUERY_SPLIT_MIN {
+            let (a, b) = out.split_at_mut(cut * hd);
+            let halves = [std::sync::Mutex::new(a), std::sync::Mutex::new(b)];
+            let job = |half: usize| {
+                let hs = match half {
+                    0 => 0..cut,
+                    _ => cut..heads,
+                };
+                let mut o = halves[half].lock().unwrap_or_else(|e| e.into_inner());
+                one_query(&q, cached, hs, hd, self.scale as f32, keys.clone(), &mut o);
+            };
+            if !crate::matvec::pair::run(&job) {
+                job(0);
+                job(1);
+            }
+        } else {
+            one_query(&q, cached, 0..heads, hd, self.scale as f32, keys, &mut out);
+        }
         let mut y = products(&[Product {
             x: &out,
             rows: 1,
@@ -760,13 +774,16 @@ impl Attention {
     }
 }
 
-/// Softmax attention of one query per head (`q`: `[heads, dim]`) over the keys `keys` of a host cache, into
-/// `out` (`[heads, dim]`), compiled for the widest vector unit found at run time. Query head `h` reads K/V head
-/// `h / (heads / kv_heads)`.
+/// Query elements × keys from which [`Attention::decode_one`] splits the heads with the decode helper.
+const ONE_QUERY_SPLIT_MIN: usize = 1 << 14;
+
+/// Softmax attention of one query per head (`q`: `[heads, dim]`) over the keys `keys` of a host cache, for the
+/// query heads `heads` (a range of them) into `out` (`[heads.len(), dim]`), compiled for the widest vector unit
+/// found at run time. Query head `h` reads K/V head `h / (heads / kv_heads)`.
 fn one_query(
     q: &[f32],
     cache: &HostKv,
-    heads: usize,
+    heads: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
     keys: std::ops::Range<usize>,
@@ -793,7 +810,7 @@ fn one_query(
 fn one_query_avx512(
     q: &[f32],
     cache: &HostKv,
-    heads: usize,
+    heads: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
     keys: std::ops::Range<usize>,
@@ -807,7 +824,7 @@ fn one_query_avx512(
 fn one_query_avx2(
     q: &[f32],
     cache: &HostKv,
-    heads: usize,
+    heads: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
     keys: std::ops::Range<usize>,
@@ -820,15 +837,16 @@ fn one_query_avx2(
 fn one_query_portable(
     q: &[f32],
     cache: &HostKv,
-    heads: usize,
+    heads: std::ops::Range<usize>,
     hd: usize,
     scale: f32,
     keys: std::ops::Range<usize>,
     out: &mut [f32],
 ) {
-    let group = heads / cache.heads;
+    let group = q.len() / hd / cache.heads;
     let mut p = vec![0.0f32; keys.len()];
-    for h in 0..heads {
+    let first = heads.start;
+    for h in heads {
         let qh = &q[h * hd..(h + 1) * hd];
         let kh = &cache.keys(h / group)[keys.start * hd..keys.end * hd];
         let vh = &cache.values(h / group)[keys.start * hd..keys.end * hd];
@@ -837,12 +855,9 @@ fn one_query_portable(
             *pj = dot(qh, kj) * scale;
             max = max.max(*pj);
         }
-        let mut sum = 0.0f32;
-        for pj in p.iter_mut() {
-            *pj = (*pj - max).exp();
-            sum += *pj;
-        }
-        let oh = &mut out[h * hd..(h + 1) * hd];
+        // The vectorisable exp of the softmax in flex's attention kernel (the prefill's), in 16 partial sums.
+        let sum = burn_flex::simd::exp::exp_shifted_sum_inplace_f32(&mut p, max);
+        let oh = &mut out[(h - first) * hd..(h - first + 1) * hd];
         for (&pj, vj) in p.iter().zip(vh.chunks_exact(hd)) {
             let w = pj / sum;
             oh.iter_mut().zip(vj).for_each(|(o, &v)| *o += w * v);
@@ -956,6 +971,33 @@ mod tests {
             }
             let diff = max_diff(Tensor::cat(outs, 1), want);
             assert!(diff < 1e-5, "{mask:?}, {norm:?}: off by {diff}");
+        }
+    }
+
+    /// Decode steps over a cache long enough for the heads to be split with the decode helper (whole K/V
+    /// groups on each side), against one forward over all positions.
+    #[test]
+    fn host_decoding_with_split_heads_matches_the_tensor_path() {
+        let cfg = ModelConfig::small_moe(32, 32, 1, 4, 2, 8, 4, 2, 16, None);
+        let device = Device::flex();
+        device.seed(6);
+        let mut attn = Attention::new(&cfg, &cfg.layers[0], &device);
+        let (prompt, steps) = (ONE_QUERY_SPLIT_MIN / (4 * 8) + 8, 3);
+        for mask in [
+            MaskKind::Causal,
+            MaskKind::SlidingWindow { window: prompt - 4 },
+        ] {
+            attn.mask = mask;
+            let t = prompt + steps;
+            let x = Tensor::<3>::random([1, t, 32], Distribution::Normal(0.0, 1.0), &device);
+            let want = attn.forward(x.clone(), 0, None);
+            let mut cache = LayerKvCache::default();
+            let mut outs = vec![attn.forward(x.clone().narrow(1, 0, prompt), 0, Some(&mut cache))];
+            for start in prompt..t {
+                outs.push(attn.forward(x.clone().narrow(1, start, 1), start, Some(&mut cache)));
+            }
+            let diff = max_diff(Tensor::cat(outs, 1), want);
+            assert!(diff < 1e-5, "{mask:?}: off by {diff}");
         }
     }
 

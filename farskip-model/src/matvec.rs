@@ -525,11 +525,17 @@ pub fn expert_rows(
         .into_iter()
         .zip(&starts)
         .map(|(h, &(_, c, _))| {
+            // silu(g) · u as burn's `silu` computes it on flex (g · sigmoid(g), flex's vectorised sigmoid).
             let mut a = Vec::with_capacity(c * inter);
             for r in 0..c {
                 let hr = &h[r * 2 * inter..(r + 1) * 2 * inter];
                 let (g, u) = hr.split_at(inter);
-                a.extend(g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u));
+                let start = a.len();
+                a.extend_from_slice(g);
+                burn_flex::simd::exp::sigmoid_inplace_f32(&mut a[start..]);
+                for ((s, &g), &u) in a[start..].iter_mut().zip(g).zip(u) {
+                    *s = g * *s * u;
+                }
             }
             a
         })
