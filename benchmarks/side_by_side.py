@@ -75,9 +75,9 @@ def main():
         if a.big:
             f = last_json([os.path.join(a.bin, "forward"), "--model", a.big, "--dtype", "bf16", "--tokens", "512",
                            "--out", os.path.join(a.scratch, "side_by_side_logits"), "--json"], env)
-            size_mb = os.path.getsize(os.path.join(a.big, "model.safetensors")) / 2**20
-            row["big"] = dict(load_ms=f["load_ms"], peak_rss_mb=f["peak_rss_mb"], file_mb=size_mb,
-                              rss_over_file=f["peak_rss_mb"] / size_mb)
+            size_mib = os.path.getsize(os.path.join(a.big, "model.safetensors")) / 2**20
+            row["big"] = dict(load_ms=f["load_ms"], peak_rss_mb=f["peak_rss_mb"], file_mib=size_mib,
+                              rss_over_file=f["peak_rss_mb"] / size_mib)
         rows.append(row)
         if a.json:
             print(json.dumps(row), flush=True)
@@ -90,8 +90,8 @@ def main():
                   f"({r['decode_bf16']:.2f}x) tok/s, farskip-rs/llama.cpp", flush=True)
             if a.big:
                 b = row["big"]
-                print(f"  1 B bf16: load {b['load_ms']:.0f} ms, peak RSS {b['peak_rss_mb']:.0f} MB "
-                      f"({b['rss_over_file']:.2f}x the {b['file_mb']:.0f} MB file)", flush=True)
+                print(f"  1 B bf16: load {b['load_ms']:.0f} ms, peak RSS {b['peak_rss_mb']:.0f} MiB "
+                      f"({b['rss_over_file']:.2f}x the {b['file_mib']:.0f} MiB file)", flush=True)
     med = {k: statistics.median(r["ratio"][k] for r in rows) for k in rows[0]["ratio"]}
     if a.json:
         print(json.dumps(dict(rounds=a.rounds, median_ratio=med)))
