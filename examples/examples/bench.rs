@@ -51,7 +51,8 @@ struct Args {
     #[arg(long)]
     no_train: bool,
     /// Also time greedy decoding of this many tokens (batch 1, KV cache, after a prompt of 16 tokens):
-    /// `decode_tok_s` in the JSON. 0 = skip.
+    /// `decode_tok_s` in the JSON, and `decode_breakdown_us` (one more pass over the steps, part by part: per step,
+    /// attention, MoE block, norms and residuals, LM head and argmax). 0 = skip.
     #[arg(long, default_value_t = 0)]
     decode: usize,
     /// Run the forward's independent work side by side on single-threaded lanes (`farskip_model::lanes`); the
@@ -142,8 +143,8 @@ fn try_main() -> Result<()> {
         .map(|i| median(parts.iter().map(|p| p[i]).collect()))
         .collect();
 
+    let prompt = ids.clone().narrow(1, 0, DECODE_PROMPT.min(args.tokens));
     let decode_ms = (args.decode > 0).then(|| {
-        let prompt = ids.clone().narrow(1, 0, DECODE_PROMPT.min(args.tokens));
         for _ in 0..args.warmup.min(1) {
             decode_ms(&model, prompt.clone(), args.decode);
         }
@@ -153,6 +154,7 @@ fn try_main() -> Result<()> {
                 .collect(),
         )
     });
+    let decode_parts = (args.decode > 0).then(|| decode_breakdown(&model, prompt, args.decode));
 
     let (train, train_cpu_ms) = match args.no_train {
         true => (None, None),
@@ -204,6 +206,12 @@ fn try_main() -> Result<()> {
                 "decode_tokens": args.decode,
                 "decode_ms": decode_ms.map(round),
                 "decode_tok_s": decode_ms.map(|ms| round(args.decode as f64 / (ms / 1e3))),
+                "decode_breakdown_us": decode_parts.map(|p| {
+                    let us = |i: usize| round(p[i] * 1e3 / args.decode as f64);
+                    serde_json::json!({
+                        "attention": us(0), "moe": us(1), "norm_other": us(2), "head": us(3)
+                    })
+                }),
                 "peak_rss_mb": farskip_examples::peak_rss_mb().map(round),
             })
         );
@@ -227,6 +235,16 @@ fn try_main() -> Result<()> {
                 "decode {} tokens {ms:.1} ms ({:.0} tok/s)",
                 args.decode,
                 args.decode as f64 / (ms / 1e3)
+            );
+        }
+        if let Some(p) = decode_parts {
+            let us = |i: usize| p[i] * 1e3 / args.decode as f64;
+            eprintln!(
+                "decode step, part by part (us): attention {:.0}, moe {:.0}, norm/other {:.0}, head {:.0}",
+                us(0),
+                us(1),
+                us(2),
+                us(3)
             );
         }
     }
@@ -304,6 +322,91 @@ fn decode_ms(model: &Model, prompt: Tensor<2, Int>, steps: usize) -> f64 {
     }
     let _ = next.into_data();
     start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Where a decode step goes: the same greedy steps as [`decode_ms`] taken part by part through the model's public
+/// sub-steps (attention with its cache, the MoE block or dense MLP, norms and residuals, the LM head and the
+/// argmax), each timed to a host read of its output. ms summed over the steps: `[attention, moe, norm_other,
+/// head]`.
+fn decode_breakdown(model: &Model, prompt: Tensor<2, Int>, steps: usize) -> [f64; 4] {
+    use farskip_model::matvec::rms_norm;
+    let mut ms = [0.0; 4];
+    let [attention, moe_part, other, head] = [0, 1, 2, 3];
+    let mut timed = |part: usize, start: Instant| ms[part] += start.elapsed().as_secs_f64() * 1e3;
+    let connectivity = model.connectivity();
+    let mut cache = KvCache::new(model.layers.len());
+    let logits = model.forward_unchecked(prompt, Some(&mut cache));
+    let mut next = last_argmax(logits);
+    for _ in 0..steps {
+        let offset = cache.len();
+        let t = Instant::now();
+        let mut state = farskip_model::Residual::Plain(model.embed(next.clone()));
+        sync(&state.clone().full());
+        timed(other, t);
+        for (i, layer) in model.layers.iter().enumerate() {
+            let t = Instant::now();
+            let inputs = connectivity.layer_inputs(layer.index(), state);
+            let attn_in = rms_norm(&layer.input_norm, inputs.attn_in);
+            sync(&attn_in);
+            timed(other, t);
+
+            let t = Instant::now();
+            let attn = layer
+                .attention
+                .forward(attn_in, offset, Some(&mut cache.layers[i]));
+            sync(&attn);
+            timed(attention, t);
+
+            let t = Instant::now();
+            let post_attention = inputs.residual + attn;
+            let x = rms_norm(
+                &layer.post_norm,
+                match inputs.ffn_in {
+                    FfnInput::PostAttention => post_attention.clone(),
+                    FfnInput::PreAttention(m) => m,
+                },
+            );
+            sync(&x);
+            timed(other, t);
+
+            state = match &layer.ffn {
+                Ffn::Dense(mlp) => {
+                    let t = Instant::now();
+                    let y = mlp.forward(x);
+                    sync(&y);
+                    timed(moe_part, t);
+                    let t = Instant::now();
+                    let s = connectivity.dense_output(post_attention, y, inputs.in_flight);
+                    sync(&s.clone().full());
+                    timed(other, t);
+                    s
+                }
+                Ffn::Moe(moe) => {
+                    let [b, s, h] = x.dims();
+                    let t = Instant::now();
+                    let out = moe.forward(x.reshape([b * s, h]));
+                    sync(&out.routed);
+                    timed(moe_part, t);
+                    let t = Instant::now();
+                    let back = |y: Tensor<2>| y.reshape([b, s, h]);
+                    let out = connectivity.moe_output(
+                        post_attention,
+                        back(out.routed),
+                        out.shared.map(back),
+                        inputs.in_flight,
+                    );
+                    sync(&out.clone().full());
+                    timed(other, t);
+                    out
+                }
+            };
+        }
+        let t = Instant::now();
+        next = last_argmax(model.logits(state.full()));
+        let _ = next.clone().into_data();
+        timed(head, t);
+    }
+    ms
 }
 
 /// Greedy choice at the last position, `[batch, 1]`.

@@ -525,3 +525,53 @@ fn a_world_that_does_not_divide_the_experts_is_refused_by_run_and_prediction_ali
         );
     }
 }
+
+/// `bench --decode` on a fixture checkpoint, both weight dtypes: the JSON carries the decode speed, its parts per
+/// step (finite, attention and MoE not zero) and the peak RSS.
+#[test]
+fn bench_reports_decode_speed_its_parts_and_peak_rss() {
+    let model = fixture("qwen3_moe");
+    for dtype in ["f32", "bf16"] {
+        let (out, _) = run_example(
+            "bench",
+            &[
+                "--model",
+                model.to_str().expect("utf-8 path"),
+                "--tokens",
+                "8",
+                "--decode",
+                "4",
+                "--runs",
+                "1",
+                "--warmup",
+                "0",
+                "--no-train",
+                "--dtype",
+                dtype,
+                "--json",
+            ],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{dtype}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v: Value =
+            serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+        let num = |v: &Value| v.as_f64().filter(|x| x.is_finite()).unwrap_or(-1.0);
+        assert_eq!(v["dtype"], dtype);
+        assert_eq!(v["decode_tokens"], 4);
+        assert!(num(&v["decode_tok_s"]) > 0.0, "{dtype}: {v}");
+        assert!(num(&v["peak_rss_mb"]) > 0.0, "{dtype}: {v}");
+        let parts = &v["decode_breakdown_us"];
+        for part in ["attention", "moe", "norm_other", "head"] {
+            assert!(num(&parts[part]) >= 0.0, "{dtype} {part}: {parts}");
+        }
+        assert!(
+            num(&parts["attention"]) > 0.0 && num(&parts["moe"]) > 0.0,
+            "{dtype}: {parts}"
+        );
+    }
+}
