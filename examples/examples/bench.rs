@@ -17,7 +17,6 @@ use burn::prelude::*;
 use clap::Parser;
 use farskip_examples::{init_logging, load_model_as, random_ids, tune_allocator};
 use farskip_model::config::WeightOn;
-use farskip_model::connectivity::FfnInput;
 use farskip_model::hf::WeightDtype;
 use farskip_model::moe::{SlotPlan, index_tensor};
 use farskip_model::{Connectivity, Ffn, KvCache, MemoryCheck, Model};
@@ -359,13 +358,7 @@ fn decode_breakdown(model: &Model, prompt: Tensor<2, Int>, steps: usize) -> [f64
 
             let t = Instant::now();
             let post_attention = inputs.residual + attn;
-            let x = rms_norm(
-                &layer.post_norm,
-                match inputs.ffn_in {
-                    FfnInput::PostAttention => post_attention.clone(),
-                    FfnInput::PreAttention(m) => m,
-                },
-            );
+            let x = rms_norm(&layer.post_norm, inputs.ffn_in.stream(&post_attention));
             sync(&x);
             timed(other, t);
 
@@ -440,10 +433,9 @@ fn breakdown(model: &Model, input: Tensor<2, Int>) -> [f64; PARTS.len()] {
 
         let t = Instant::now();
         let post_attention = inputs.residual + attn;
-        let x = layer.post_norm.forward(match inputs.ffn_in {
-            FfnInput::PostAttention => post_attention.clone(),
-            FfnInput::PreAttention(m) => m,
-        });
+        let x = layer
+            .post_norm
+            .forward(inputs.ffn_in.stream(&post_attention));
         sync(&x);
         timed(other, t);
 

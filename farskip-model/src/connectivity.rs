@@ -309,6 +309,16 @@ pub enum FfnInput {
     PreAttention(Tensor<3>),
 }
 
+impl FfnInput {
+    /// The stream the feed-forward block reads (before its norm), given the layer's post-attention stream.
+    pub fn stream(self, post_attention: &Tensor<3>) -> Tensor<3> {
+        match self {
+            FfnInput::PostAttention => post_attention.clone(),
+            FfnInput::PreAttention(m) => m,
+        }
+    }
+}
+
 /// What a layer's sub-blocks read.
 #[derive(Clone, Debug)]
 pub struct LayerInputs {

@@ -7,7 +7,7 @@ use burn::prelude::*;
 
 use crate::attention::{Attention, LayerKvCache};
 use crate::config::{FfnKind, ModelConfig};
-use crate::connectivity::{Connectivity, FfnInput, Residual};
+use crate::connectivity::{Connectivity, Residual};
 use crate::error::{ModelError, Result};
 use crate::matvec::rms_norm;
 use crate::mlp::Mlp;
@@ -83,13 +83,7 @@ impl DecoderLayer {
             self.attention
                 .forward(rms_norm(&self.input_norm, inputs.attn_in), offset, cache);
         let post_attention = inputs.residual + attn;
-        let x = rms_norm(
-            &self.post_norm,
-            match inputs.ffn_in {
-                FfnInput::PostAttention => post_attention.clone(),
-                FfnInput::PreAttention(m) => m,
-            },
-        );
+        let x = rms_norm(&self.post_norm, inputs.ffn_in.stream(&post_attention));
         match &self.ffn {
             Ffn::Dense(mlp) => {
                 connectivity.dense_output(post_attention, mlp.forward(x), inputs.in_flight)
