@@ -241,6 +241,29 @@ fn time_slices_let_ranks_sharing_a_core_drift_apart() {
     );
 }
 
+#[test]
+fn a_rank_woken_by_its_collective_preempts_at_once() {
+    // Two ranks on one core, slices far longer than the step. Rank 0 computes a (0..1), issues c, computes w
+    // (1..1.5) and sleeps in its wait; rank 1 gets the core: a 1.5..2.5, issues c (2.5..5.5), starts its long w.
+    // When c arrives rank 0 wakes and takes the core at once (z 5.5..6.5); rank 1's w resumes after it and ends
+    // at 13.5 (10 ms of work). Queued behind rank 1's slice instead, rank 0's z would run 13.5..14.5.
+    let cost = |r: usize, k: &OpKey| match (k.op, r) {
+        ("w", 0) => 0.5,
+        ("w", _) => 10.0,
+        _ => 1.0,
+    };
+    let t = simulate_sliced(&one_window(), 2, 1, 100.0, &cost, &|_| 3.0).unwrap();
+    let span = |r: usize, op: &str| {
+        t.ranks[r]
+            .iter()
+            .find(|i| i.key.op == op && i.lane == Lane::Compute)
+            .map(|i| (i.start, i.end))
+    };
+    assert_eq!(span(0, "z"), Some((5.5, 6.5)), "{:?}", t.ranks);
+    assert_eq!(span(1, "w"), Some((2.5, 13.5)), "{:?}", t.ranks);
+    assert_eq!(span(1, "z"), Some((13.5, 14.5)), "{:?}", t.ranks);
+}
+
 /// The lockstep simulator the event simulator generalises: ranks step through the description together, each
 /// rank's clock advancing by its own costs, a collective starting once every rank issued it and its lane is
 /// free. The reference [`simulate`] must reproduce when every rank has a core of its own.

@@ -138,8 +138,11 @@ pub fn simulate_shared(
 /// as a fluid: at most `cores` ranks compute at once, each at full speed; a rank that must compute while every
 /// core is taken queues for one. A rank keeps its core until it waits for a collective that has not arrived
 /// (it sleeps and the core goes to the next in the queue), finishes its steps, or has held it for `slice_ms`
-/// while another rank queues (it is preempted to the back of the queue): round robin, a rank woken by its
-/// collective queueing like any other.
+/// while another rank queues (it is preempted to the back of the queue): round robin, except that a rank woken
+/// by its collective takes a core at once — a free one, else the one whose holder has run longest, which goes to
+/// the front of the queue. (Linux's scheduler lets a woken thread preempt: on this project's 2-core VMs a thread
+/// sleeping 2 ms while two or three others spin on both cores wakes 66 µs late at the median, as on an idle
+/// machine, not a slice late.)
 ///
 /// Fluid sharing keeps every rank at the same pace; time slices let ranks drift apart by up to a slice per op,
 /// and a collective then waits for the rank that was descheduled — the skew a CPU run with more ranks than cores
@@ -211,6 +214,8 @@ fn simulate_cores(
     // Time slices: the rank on each core and since when, and the ranks queued for one.
     let mut on_core: Vec<Option<(usize, f64)>> = vec![None; cores];
     let mut queue: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+    // Ranks asleep in a wait (they gave their core up): when their collective arrives they preempt.
+    let mut asleep = vec![false; world];
     let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
     let mut issue_times: HashMap<OpKey, Vec<Option<f64>>> = HashMap::new();
     let mut done: HashMap<OpKey, f64> = HashMap::new();
@@ -299,16 +304,40 @@ fn simulate_cores(
             Some(_) => {
                 // Cores of ranks that stopped computing (asleep in a wait, or done) are free again.
                 for c in on_core.iter_mut() {
-                    if c.is_some_and(|(r, _)| state[r].running.is_none()) {
+                    if let Some((r, _)) = *c
+                        && state[r].running.is_none()
+                    {
+                        asleep[r] = matches!(items.get(state[r].pc), Some(Item::Wait(_)));
                         *c = None;
                     }
                 }
-                // Ranks that started computing queue for a core.
+                // Ranks that started computing queue for a core, except one woken from a wait: it takes a free
+                // core, or the core of the rank that has run longest, which goes to the front of the queue (a
+                // woken thread preempts at once, as Linux's scheduler does: a thread woken while every core
+                // spins runs within the timer's slack, not after a slice).
                 for (r, s) in state.iter().enumerate() {
                     let held = on_core.iter().flatten().any(|&(q, _)| q == r);
-                    if s.running.is_some() && !held && !queue.contains(&r) {
-                        queue.push_back(r);
+                    if s.running.is_none() || held || queue.contains(&r) {
+                        continue;
                     }
+                    if !std::mem::take(&mut asleep[r]) {
+                        queue.push_back(r);
+                        continue;
+                    }
+                    let core = match on_core.iter().position(Option::is_none) {
+                        Some(c) => c,
+                        None => {
+                            let (c, &(q, _)) = on_core
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(c, h)| h.as_ref().map(|h| (c, h)))
+                                .min_by(|a, b| a.1.1.total_cmp(&b.1.1))
+                                .expect("every core is held");
+                            queue.push_front(q);
+                            c
+                        }
+                    };
+                    on_core[core] = Some((r, now));
                 }
                 for c in on_core.iter_mut() {
                     if c.is_none()
