@@ -130,13 +130,17 @@ pub(crate) fn grouped_experts(
     counts: &[usize],
 ) -> Option<Tensor<2>> {
     let first = grouped_experts_first(xs, gate_up, down, counts, 0)?;
-    grouped_experts_rest(xs, gate_up, down, counts, 0, first)
+    grouped_experts_rest(xs, gate_up, down, counts, first)
 }
 
-/// The forward activations of the experts before a split point: `(h, a, y)` of each expert with rows, in
-/// expert order.
+/// A step begun by [`grouped_experts_first`]: the untracked inner inputs, each expert's first row, the split
+/// point, and the forward activations of the experts before it (`(h, a, y)` of each expert with rows, in expert
+/// order).
 #[derive(Debug)]
 pub(crate) struct Partial {
+    inner: (Tensor<2>, Tensor<3>, Tensor<3>),
+    offsets: Vec<usize>,
+    split: usize,
     done: Vec<(Tensor<2>, Tensor<2>, Tensor<2>)>,
 }
 
@@ -171,14 +175,15 @@ fn offsets_of(counts: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-/// Experts `range`'s forward on the inner tensors: `(h, a, y)` of each expert with rows, in expert order.
+/// Experts `range`'s forward on the inner tensors (`offsets`: each expert's first row): `(h, a, y)` of each
+/// expert with rows, in expert order.
 fn expert_pass(
     (x_in, gu_in, d_in): &(Tensor<2>, Tensor<3>, Tensor<3>),
     counts: &[usize],
+    offsets: &[usize],
     range: std::ops::Range<usize>,
 ) -> Vec<(Tensor<2>, Tensor<2>, Tensor<2>)> {
     let inter = d_in.dims()[1];
-    let offsets = offsets_of(counts);
     // Experts are independent: rayon tasks, as in the backward; results in expert (= row) order.
     range
         .into_par_iter()
@@ -209,37 +214,39 @@ pub(crate) fn grouped_experts_first(
         return None;
     }
     let inner = inner(xs, gate_up, down)?;
+    let offsets = offsets_of(counts);
+    let split = split.min(counts.len());
+    let done = expert_pass(&inner, counts, &offsets, 0..split);
     Some(Partial {
-        done: expert_pass(&inner, counts, 0..split.min(counts.len())),
+        inner,
+        offsets,
+        split,
+        done,
     })
 }
 
-/// The rest of a step begun by [`grouped_experts_first`] on the same tensors and `split`: the forward of the
-/// remaining experts, then the operation with its hand-written backward over all of them.
+/// The rest of a step begun by [`grouped_experts_first`] on the same tensors: the forward of the remaining
+/// experts, then the operation with its hand-written backward over all of them.
 pub(crate) fn grouped_experts_rest(
     xs: &Tensor<2>,
     gate_up: &Tensor<3>,
     down: &Tensor<3>,
     counts: &[usize],
-    split: usize,
     first: Partial,
 ) -> Option<Tensor<2>> {
-    if counts.iter().all(|&c| c == 0) {
-        return None;
-    }
-    let inner = inner(xs, gate_up, down)?;
     let ad = |t: &Tensor<3>| t.clone().try_into_primitive::<Ad>().ok();
     let (xs, gate_up, down) = (
         xs.clone().try_into_primitive::<Ad>().ok()?,
         ad(gate_up)?,
         ad(down)?,
     );
-    let mut per_expert = first.done;
-    per_expert.extend(expert_pass(
-        &inner,
-        counts,
-        split.min(counts.len())..counts.len(),
-    ));
+    let Partial {
+        inner,
+        offsets,
+        split,
+        done: mut per_expert,
+    } = first;
+    per_expert.extend(expert_pass(&inner, counts, &offsets, split..counts.len()));
     let (x_in, gu_in, d_in) = inner;
     let mut hs = Vec::with_capacity(per_expert.len());
     let mut acts = Vec::with_capacity(per_expert.len());
@@ -268,7 +275,7 @@ pub(crate) fn grouped_experts_rest(
                 h,
                 a,
                 counts: counts.to_vec(),
-                offsets: offsets_of(counts),
+                offsets,
             },
             y,
         ),

@@ -174,7 +174,6 @@ impl ExpertBank {
                 &self.gate_up.val(),
                 &self.down.val(),
                 &counts,
-                split,
                 p,
             )
             .expect("the first part ran on autodiff flex tensors"),
