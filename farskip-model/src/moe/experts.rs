@@ -180,7 +180,8 @@ impl ExpertBank {
             FirstPart::Deferred => self.forward_grouped(xs, &counts),
             FirstPart::Rows(done) => {
                 let [m, _] = xs.dims();
-                let start: usize = counts[..split].iter().sum();
+                // The first part's rows: those of experts `..split`.
+                let start = done.dims()[0];
                 if start == m {
                     return done;
                 }
