@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail, ensure};
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use farskip_dist::experiment::Parallel;
 use farskip_model::checkpoint::{TensorStore, TensorWriter};
 use farskip_model::hf::WeightDtype;
 use farskip_model::{MemoryCheck, Model, ModelConfig};
@@ -320,32 +321,41 @@ pub struct BackendArgs {
     pub comm_timeout_s: u64,
 }
 
-/// Refuses `--world N` when N does not divide `config`'s experts (the overlap examples, and `plan`'s prediction
-/// of them): expert parallelism puts the same number of experts on every rank.
-pub fn check_world_divides_experts(world: usize, config: &ModelConfig) -> Result<()> {
-    if let Some(moe) = &config.moe
-        && world > 0
-        && !moe.num_experts.is_multiple_of(world)
-    {
-        bail!(
-            "--world {world} does not divide the model's {} experts: expert parallelism needs the same \
-             number of experts on every rank",
-            moe.num_experts
-        );
+/// Refuses a `--world N` the run cannot be split into (the overlap examples, and `plan`'s prediction of them):
+/// expert parallelism puts the same number of experts on every rank; tensor parallelism splits the attention
+/// heads and every expert's intermediate columns evenly.
+pub fn check_world(world: usize, parallel: Parallel, config: &ModelConfig) -> Result<()> {
+    ensure!(world > 0, "--world must be at least 1");
+    match parallel {
+        Parallel::Expert => {
+            if let Some(moe) = &config.moe
+                && !moe.num_experts.is_multiple_of(world)
+            {
+                bail!(
+                    "--world {world} does not divide the model's {} experts: expert parallelism needs the same \
+                     number of experts on every rank",
+                    moe.num_experts
+                );
+            }
+        }
+        Parallel::Tensor => config
+            .check_tensor_parallel(world)
+            .with_context(|| format!("--world {world} with --parallel tp"))?,
     }
     Ok(())
 }
 
 impl BackendArgs {
     /// The backend for a run of `world` ranks of `model`. MPI is refused when the binary lacks the feature,
-    /// when no MPI launcher started the process, when `mpirun -np` differs from `world`, and when `world`
-    /// does not divide the model's experts.
+    /// when no MPI launcher started the process, when `mpirun -np` differs from `world`, and when the model
+    /// cannot be split into `world` ranks of `parallel` ([`check_world`]).
     pub fn backend(
         &self,
         world: usize,
+        parallel: Parallel,
         model: &Model,
     ) -> Result<farskip_dist::experiment::Backend> {
-        check_world_divides_experts(world, model.config())?;
+        check_world(world, parallel, model.config())?;
         self.start(world)
     }
 

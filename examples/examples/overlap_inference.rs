@@ -65,7 +65,7 @@ fn try_main() -> Result<()> {
     let args = Args::parse();
     let device = args.device.device()?;
     let model = args.model.load(&device)?;
-    let backend = args.backend.backend(args.world, &model)?;
+    let backend = args.backend.backend(args.world, args.parallel, &model)?;
     let result = run(&args, &model, &backend);
     exit_on_error(&backend, result)
 }

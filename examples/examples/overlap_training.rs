@@ -9,7 +9,7 @@
 
 use anyhow::Result;
 use clap::Parser;
-use farskip_dist::experiment::{Backend, TrainingConfig, overlap_training_on};
+use farskip_dist::experiment::{Backend, Parallel, TrainingConfig, overlap_training_on};
 use farskip_examples::{
     BackendArgs, OverlapModelArgs, OverlapOutputArgs, exit_on_error, init_logging, tune_allocator,
 };
@@ -71,7 +71,7 @@ fn try_main() -> Result<()> {
     let args = Args::parse();
     let device = args.device.device()?;
     let model = args.model.load(&device)?;
-    let backend = args.backend.backend(args.world, &model)?;
+    let backend = args.backend.backend(args.world, Parallel::Expert, &model)?;
     let result = run(&args, &model, &backend);
     exit_on_error(&backend, result)
 }

@@ -13,15 +13,15 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use farskip_dist::experiment::Parallel;
 use farskip_dist::plan::calibrate::{
-    Calibration, Measured, measure_inference, measure_training, routing_imbalance,
+    Calibration, Measured, Passes, measure_inference, measure_training, routing_imbalance,
 };
 use farskip_dist::plan::{
     Cluster, Layout, Mode, Plan, Prediction, ScheduleKind, Workload, load_model_config, predict,
     predict_roofline, schedule, sweep,
 };
 use farskip_examples::{
-    EMBEDDING_STD_HELP, OverlapModelArgs, check_world_divides_experts, exit_status, init_logging,
-    load_model, preset_config, tune_allocator,
+    EMBEDDING_STD_HELP, OverlapModelArgs, check_world, exit_status, init_logging, load_model,
+    preset_config, tune_allocator,
 };
 use farskip_model::{Connectivity, ModelConfig};
 use farskip_train::plot::line_chart_svg;
@@ -330,9 +330,17 @@ fn run_sweep(
 /// tokens, so the planner knows each EP rank's expert rows.
 const INFERENCE_SEED: u64 = 1;
 const TRAINING_SEED: u64 = 3;
-/// Timed passes per side-by-side copy: two, as the experiments take the fastest of two free passes on every rank
-/// for their link, so the fastest sample here comes from as many samples as theirs.
-const CALIBRATION_PASSES: usize = 2;
+/// What a calibration times: rounds a pause apart (a prefill's odd number, so the median round is one of them;
+/// a training step is longer, so fewer), each two timed passes per side-by-side copy, as the experiments take
+/// the fastest of two free passes on every rank for their link.
+const INFERENCE_PASSES: Passes = Passes {
+    rounds: 5,
+    per_round: 2,
+};
+const TRAINING_PASSES: Passes = Passes {
+    rounds: 3,
+    per_round: 2,
+};
 
 /// Predicts a LocalWorld overlap experiment from op costs measured single-rank on this machine.
 fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
@@ -358,8 +366,6 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         Some(p) => load_model_config(p)?,
         None => preset_config(&name)?,
     };
-    // The overlap examples refuse a world that does not divide the experts; so does their prediction.
-    check_world_divides_experts(args.world, &config)?;
     // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
     // before the embeddings were part of it is not taken for one).
     let cache_name = if args.model.is_none() {
@@ -372,6 +378,8 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     } else {
         args.parallel
     };
+    // The overlap examples refuse a world they cannot split the model into; so does their prediction.
+    check_world(args.world, parallel, &config)?;
     let tag = format!("{parallel:?}").to_lowercase();
     let mode = if args.mode == Mode::Train {
         "train"
@@ -414,7 +422,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
                     &cache_name,
                     args.world,
                     tokens,
-                    CALIBRATION_PASSES,
+                    TRAINING_PASSES,
                     TRAINING_SEED,
                 )?
             } else {
@@ -424,7 +432,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
                     parallel,
                     args.world,
                     tokens,
-                    CALIBRATION_PASSES,
+                    INFERENCE_PASSES,
                     INFERENCE_SEED,
                 )?
             };

@@ -494,35 +494,32 @@ fn wgpu_without_the_feature_is_a_one_line_error() {
 }
 
 #[test]
-fn a_world_that_does_not_divide_the_experts_is_refused_by_run_and_prediction_alike() {
-    // The tiny preset has 8 experts: three ranks cannot hold the same number each. The planner refuses what the
-    // overlap example it predicts refuses, before any calibration.
-    for (name, args) in [
-        (
-            "overlap_inference",
-            vec!["--preset", "tiny", "--world", "3", "--tokens", "8"],
-        ),
-        (
-            "plan",
-            vec![
-                "--cluster",
-                "cpu-here",
+fn a_world_the_model_cannot_be_split_into_is_refused_by_run_and_prediction_alike() {
+    // The tiny preset has 8 experts and 4 attention heads: three ranks cannot hold the same number of either.
+    // The planner refuses what the overlap example it predicts refuses, before any calibration, and names the
+    // rule of the split asked for (EP: the experts; TP: the heads).
+    for (parallel, culprit) in [
+        ("ep", ["--world 3", "8 experts"]),
+        ("tp", ["--world 3", "num_attention_heads"]),
+    ] {
+        for (name, extra) in [
+            ("overlap_inference", vec![]),
+            ("plan", vec!["--cluster", "cpu-here", "--json"]),
+        ] {
+            let mut args = vec![
                 "--preset",
                 "tiny",
                 "--world",
                 "3",
                 "--tokens",
                 "8",
-                "--json",
-            ],
-        ),
-    ] {
-        let (out, _) = run_example(name, &args, &[]);
-        assert_one_line_error(
-            &out,
-            &["--world 3", "8 experts"],
-            &format!("{name} {args:?}"),
-        );
+                "--parallel",
+                parallel,
+            ];
+            args.extend(extra);
+            let (out, _) = run_example(name, &args, &[]);
+            assert_one_line_error(&out, &culprit, &format!("{name} {args:?}"));
+        }
     }
 }
 

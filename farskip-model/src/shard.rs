@@ -121,3 +121,34 @@ impl ExpertBank {
         })
     }
 }
+
+impl crate::ModelConfig {
+    /// Whether [`Attention::shard_heads`] and [`ExpertBank::shard_intermediate`] can cut this model's attention
+    /// and routed experts into `world` tensor-parallel slices (what the distributed TP rank shards; its shared
+    /// experts and dense MLPs run whole), checked on the config alone, before any weights exist. The error names
+    /// the first dimension that does not split.
+    pub fn check_tensor_parallel(&self, world: usize) -> Result<()> {
+        use crate::config::AttentionConfig;
+        match &self.attention {
+            AttentionConfig::Gqa(g) => {
+                let (_, ql) = share("num_attention_heads", g.num_heads, 0, world)?;
+                let group = g.num_heads / g.num_kv_heads.max(1);
+                if ql % group != 0 && group % ql != 0 {
+                    return Err(shard_err("num_key_value_heads", g.num_kv_heads, world));
+                }
+            }
+            AttentionConfig::Mla(m) => {
+                share("num_attention_heads", m.num_heads, 0, world)?;
+            }
+        }
+        if let Some(moe) = &self.moe {
+            share(
+                "moe_intermediate_size",
+                moe.expert_intermediate_size,
+                0,
+                world,
+            )?;
+        }
+        Ok(())
+    }
+}

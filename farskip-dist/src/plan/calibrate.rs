@@ -35,7 +35,7 @@ use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
 /// The [`Calibration::version`] this code measures.
-pub const CALIBRATION_VERSION: u32 = 2;
+pub const CALIBRATION_VERSION: u32 = 3;
 
 /// One op's measured cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,10 +46,10 @@ pub struct OpTime {
     pub layer: Option<usize>,
     /// `true` for the backward pass.
     pub backward: bool,
-    /// Median ms over the repeats (all spans of this op and layer in one pass added): the op's cost.
+    /// Median ms over every timed pass (all spans of this op and layer in one pass added): the op's cost.
     pub ms: f64,
-    /// Fastest pass, ms: what the overlap experiments calibrate their link on (the minimum of their free
-    /// passes), so the windows are built from it.
+    /// Fastest pass of a round, ms (the median round's): what the overlap experiments calibrate their link on
+    /// (the minimum of their free passes), so the windows are built from it.
     pub min_ms: f64,
     /// Spread of the samples: standard deviation over mean (0 when the op never varied). The simulator draws
     /// each rank's cost with this spread, so ranks drift apart as they do when run side by side.
@@ -95,7 +95,8 @@ pub struct Calibration {
     /// What the figures were measured as ([`CALIBRATION_VERSION`] for this code): 0 (older files) timed an EP
     /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
-    /// two-micro-batch pass. [`Calibration::matches`] turns down any other version, so it is measured again.
+    /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
+    /// fastest pass. [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
 }
@@ -164,27 +165,68 @@ fn op_table(trace: &Trace) -> OpTable {
     t
 }
 
-fn medians(passes: Vec<OpTable>) -> Vec<OpTime> {
-    let mut keys: Vec<_> = passes.iter().flat_map(|p| p.keys().cloned()).collect();
+/// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
+/// median over all of them (`ms`), their spread, and `min_ms`, the median over the rounds of each round's
+/// fastest — a round holds as many samples as the experiments' link calibration takes its minimum over, so
+/// `min_ms` is their minimum's typical value, and a few slow or fast seconds on this machine move neither.
+fn medians(rounds: Vec<Vec<OpTable>>) -> Vec<OpTime> {
+    let mut keys: Vec<_> = rounds
+        .iter()
+        .flatten()
+        .flat_map(|p| p.keys().cloned())
+        .collect();
     keys.sort();
     keys.dedup();
     keys.into_iter()
         .map(|k| {
-            let all: Vec<f64> = passes
-                .iter()
-                .map(|p| p.get(&k).copied().unwrap_or(0.0))
-                .collect();
+            let cost = |p: &OpTable| p.get(&k).copied().unwrap_or(0.0);
+            let all: Vec<f64> = rounds.iter().flatten().map(cost).collect();
             let n = all.len().max(1) as f64;
             let mean = all.iter().sum::<f64>() / n;
             let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+            let fastest: Vec<f64> = rounds
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(|r| r.iter().map(cost).fold(f64::INFINITY, f64::min))
+                .collect();
             OpTime {
-                min_ms: all.iter().copied().fold(f64::INFINITY, f64::min),
+                min_ms: median(fastest),
                 spread: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
                 ms: median(all),
                 op: k.0,
                 layer: k.1,
                 backward: k.2,
             }
+        })
+        .collect()
+}
+
+/// How many passes a calibration times: `rounds` rounds, `ROUND_PAUSE` apart, each a warm-up and then
+/// `per_round` timed passes of every side-by-side copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Passes {
+    /// Rounds (at least one).
+    pub rounds: usize,
+    /// Timed passes of each copy in a round: the overlap experiments take their link's windows from the
+    /// fastest of two free passes on every rank, so two here make a round's fastest sample comparable.
+    pub per_round: usize,
+}
+
+/// Pause between two calibration rounds: the rounds sample the machine over a few seconds, so a short slow (or
+/// fast) stretch moves one round, not the medians.
+const ROUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// `rounds` rounds of `measure` (each round's samples kept apart), `ROUND_PAUSE` between them.
+fn in_rounds<T>(
+    rounds: usize,
+    mut measure: impl FnMut() -> Result<T, PlanError>,
+) -> Result<Vec<T>, PlanError> {
+    (0..rounds.max(1))
+        .map(|r| {
+            if r > 0 {
+                std::thread::sleep(ROUND_PAUSE);
+            }
+            measure()
         })
         .collect()
 }
@@ -376,15 +418,16 @@ pub fn routing_imbalance(
     })
 }
 
-/// Measures the FarSkip prefill of one rank of `world` (`tokens` per sequence; one warm-up, then `repeats`) on
-/// the batch the overlap experiment draws with `seed` (EP: one sequence per rank, rank 0's is timed).
+/// Measures the FarSkip prefill of one rank of `world` (`tokens` per sequence; `passes` of the plain and of the
+/// two-micro-batch forward, alternating by round) on the batch the overlap experiment draws with `seed` (EP: one
+/// sequence per rank, rank 0's is timed).
 pub fn measure_inference(
     model: &Model,
     name: &str,
     parallel: Parallel,
     world: usize,
     tokens: usize,
-    repeats: usize,
+    passes: Passes,
     seed: u64,
 ) -> Result<Calibration, PlanError> {
     let model = model.clone().with_connectivity(Connectivity::farskip())?;
@@ -416,38 +459,55 @@ pub fn measure_inference(
     let cores = available_cores();
     // `two`: the executor's two-micro-batch forward instead of the plain one.
     let timed = |ids: &Tensor<2, Int>, two: bool| {
-        side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
-            let comm = SingleRank::new();
-            let ids = ids.clone();
-            let out = match parallel {
-                Parallel::Expert => {
-                    let rank = EpRank::new(&block, 0, 1).map_err(failed)?;
-                    if two {
-                        rank.forward_tbo(&comm, trace, ids)
-                    } else {
-                        rank.forward(&comm, trace, ids)
+        side_by_side(
+            world.min(cores),
+            threads,
+            passes.per_round,
+            &|trace: &Trace| {
+                let comm = SingleRank::new();
+                let ids = ids.clone();
+                let out = match parallel {
+                    Parallel::Expert => {
+                        let rank = EpRank::new(&block, 0, 1).map_err(failed)?;
+                        if two {
+                            rank.forward_tbo(&comm, trace, ids)
+                        } else {
+                            rank.forward(&comm, trace, ids)
+                        }
                     }
-                }
-                Parallel::Tensor => {
-                    let rank = TpRank::new(&model, 0, world).map_err(failed)?;
-                    if two {
-                        rank.forward_tbo(&comm, trace, ids)
-                    } else {
-                        rank.forward(&comm, trace, ids)
+                    Parallel::Tensor => {
+                        let rank = TpRank::new(&model, 0, world).map_err(failed)?;
+                        if two {
+                            rank.forward_tbo(&comm, trace, ids)
+                        } else {
+                            rank.forward(&comm, trace, ids)
+                        }
                     }
-                }
-            };
-            out.map(|_| ()).map_err(failed)
-        })
+                };
+                out.map(|_| ()).map_err(failed)
+            },
+        )
     };
-    let ops = medians(timed(&ids, false)?);
     // A two-micro-batch schedule's half: the average of the two halves of the executor's own two-micro-batch
     // pass (each op's spans over both halves, halved) — the second half's attention also reads the first
     // half's keys, so it costs more than the first. A one-token sequence has no halves: the whole.
-    let ops_half = if tokens >= 2 {
-        halved(medians(timed(&ids, true)?))
-    } else {
+    let (plain, two): (Vec<_>, Vec<_>) = in_rounds(passes.rounds, || {
+        let plain = timed(&ids, false)?;
+        let two = if tokens >= 2 {
+            Some(timed(&ids, true)?)
+        } else {
+            None
+        };
+        Ok((plain, two))
+    })?
+    .into_iter()
+    .unzip();
+    let ops = medians(plain);
+    let two: Vec<_> = two.into_iter().flatten().collect();
+    let ops_half = if two.is_empty() {
         ops.clone()
+    } else {
+        halved(medians(two))
     };
     Ok(Calibration {
         model: name.to_string(),
@@ -473,7 +533,7 @@ pub fn measure_training(
     name: &str,
     world: usize,
     tokens: usize,
-    repeats: usize,
+    passes: Passes,
     seed: u64,
 ) -> Result<Calibration, PlanError> {
     let model = model.clone().with_connectivity(Connectivity::farskip())?;
@@ -496,17 +556,25 @@ pub fn measure_training(
     let threads = threads_per_rank(world);
     let cores = available_cores();
     let timed = |windows: &Tensor<2, Int>| {
-        side_by_side(world.min(cores), threads, repeats, &|trace: &Trace| {
-            EpTrainRank::new(&block, 0, 1)
-                .map_err(failed)?
-                .step(&SingleRank::new(), trace, windows.clone())
-                .map(|_| ())
-                .map_err(failed)
-        })
+        side_by_side(
+            world.min(cores),
+            threads,
+            passes.per_round,
+            &|trace: &Trace| {
+                EpTrainRank::new(&block, 0, 1)
+                    .map_err(failed)?
+                    .step(&SingleRank::new(), trace, windows.clone())
+                    .map(|_| ())
+                    .map_err(failed)
+            },
+        )
     };
-    let passes = timed(&windows)?;
-    // A two-micro-batch step's half: one of the two sequences.
-    let half = timed(&windows.clone().narrow(0, 0, 1))?;
+    // A two-micro-batch step's half: one of the two sequences; the whole step and the half alternate by round.
+    let (whole, half): (Vec<_>, Vec<_>) = in_rounds(passes.rounds, || {
+        Ok((timed(&windows)?, timed(&windows.clone().narrow(0, 0, 1))?))
+    })?
+    .into_iter()
+    .unzip();
     Ok(Calibration {
         model: name.to_string(),
         mode: "train".into(),
@@ -516,7 +584,7 @@ pub fn measure_training(
         threads,
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
-        ops: medians(passes),
+        ops: medians(whole),
         ops_half: medians(half),
         expert_share,
         version: CALIBRATION_VERSION,
@@ -851,5 +919,43 @@ impl CostModel for Measured {
             .unwrap_or(0.0)
             * self.comm_ratio
             / micro.max(1) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(ms: f64) -> OpTable {
+        HashMap::from([(("experts".to_string(), Some(0), false), ms)])
+    }
+
+    #[test]
+    fn one_slow_round_moves_neither_the_cost_nor_the_fastest() {
+        // Five rounds of two copies × two passes; round 2 ran 60 % slow throughout.
+        let rounds: Vec<Vec<OpTable>> = [10.0, 11.0, 16.0, 10.5, 9.5]
+            .iter()
+            .map(|&base| (0..4).map(|i| table(base + 0.1 * i as f64)).collect())
+            .collect();
+        let [op] = medians(rounds).try_into().unwrap();
+        // Rounds' fastest: 10, 11, 16, 10.5, 9.5 → median 10.5 (the minimum over all would be 9.5, the
+        // fastest of 20 samples where the experiments' link takes its minimum over 4).
+        assert!((op.min_ms - 10.5).abs() < 1e-9, "{}", op.min_ms);
+        // Median of the 20 samples: round 2's do not pull it up.
+        assert!(op.ms > 10.5 && op.ms < 11.0, "{}", op.ms);
+        assert!(op.spread > 0.1, "{}", op.spread);
+    }
+
+    #[test]
+    fn rounds_are_measured_apart_and_every_error_surfaces() {
+        let mut n = 0;
+        let out = in_rounds(3, || {
+            n += 1;
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(out, vec![1, 2, 3]);
+        let err = in_rounds(3, || -> Result<(), PlanError> { Err(failed("boom")) }).unwrap_err();
+        assert!(err.to_string().contains("boom"), "{err}");
     }
 }
