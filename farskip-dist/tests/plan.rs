@@ -961,6 +961,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         threads: 1,
         cores: 2,
         slice_ms: None,
+        latency_ms: None,
         ops: vec![
             op("attn_1", Some(0), 2.0, 1.0),
             op("attn_1", Some(1), 4.0, 3.0),
@@ -1008,6 +1009,21 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     // A collective's host work is costed as measured (once per issue of the dispatch).
     assert_eq!(m.compute(0, &key("dispatch_pack", Some(0)), 1), 0.5);
     assert_eq!(m.cores(), None);
+    // A measured latency (the LocalWorld's rendezvous and wake-ups) is added to every collective, windows
+    // unchanged.
+    let slow = Measured::new(
+        &Calibration {
+            latency_ms: Some(0.25),
+            ..cal.clone()
+        },
+        &d,
+        2,
+        Split::Expert,
+        2.0,
+    );
+    assert_eq!(slow.collective(&key("dispatch", Some(0)), 1), 8.25);
+    assert_eq!(slow.collective(&key("combine", Some(1)), 1), 0.25);
+    assert_eq!(slow.window_ms(), m.window_ms());
     // Four ranks on two cores: ops were measured a core per copy; the experiments' free pass runs all four at
     // once, so each window is twice the fastest op, and the simulator shares the two cores.
     let four = Calibration { world: 4, ..cal };
@@ -1056,6 +1072,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         threads: 1,
         cores: 2,
         slice_ms: None,
+        latency_ms: None,
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),

@@ -35,7 +35,7 @@ use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
 /// The [`Calibration::version`] this code measures.
-pub const CALIBRATION_VERSION: u32 = 3;
+pub const CALIBRATION_VERSION: u32 = 4;
 
 /// One op's measured cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +88,11 @@ pub struct Calibration {
     /// them as a fluid. `None`: not measured (older calibrations, or as many cores as ranks).
     #[serde(default)]
     pub slice_ms: Option<f64>,
+    /// What a collective of the run costs beyond its link time (ms, measured: [`measure_collective_latency`]):
+    /// the LocalWorld's rendezvous, a comm thread waking to compute the result and the rank waking to take it.
+    /// The simulator adds it to every collective. `None`: not measured.
+    #[serde(default)]
+    pub latency_ms: Option<f64>,
     /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
@@ -96,7 +101,7 @@ pub struct Calibration {
     /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
-    /// fastest pass. [`Calibration::matches`] turns down any other version, so it is measured again.
+    /// fastest pass, 4 also measures a collective's latency. [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
 }
@@ -285,6 +290,41 @@ pub fn measure_time_slice() -> Option<f64> {
     // The first run of each thread started before the other was pinned beside it.
     all.retain(|&ms| ms > 0.0);
     (all.len() >= 4).then(|| median(all))
+}
+
+/// What a collective costs a LocalWorld run of `world` ranks beyond its link time (ms): the ranks all-reduce
+/// `floats` values over an instant link, back to back; the median time from issuing one to holding its result.
+/// That is the rendezvous, a comm thread waking to sum the payloads and the rank waking to take the result — the
+/// α of this machine's link. `None` when the world cannot run.
+pub fn measure_collective_latency(world: usize, floats: usize) -> Option<f64> {
+    use crate::comm::{CollectiveTag, Communicator, LinkModel, LocalWorld};
+    use std::time::Instant;
+    const ROUNDS: usize = 100;
+    if world < 2 {
+        return Some(0.0);
+    }
+    let ranks = LocalWorld::run(world, LinkModel::instant(), |comm| {
+        let mut ms = Vec::with_capacity(ROUNDS);
+        for i in 0..=ROUNDS {
+            let t = Instant::now();
+            comm.all_reduce(
+                CollectiveTag::new(format!("latency {i}")),
+                vec![1.0; floats.max(1)],
+            )
+            .wait()?;
+            // The first round also waits for the peers' threads to start.
+            if i > 0 {
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok::<_, crate::comm::CommError>(ms)
+    })
+    .ok()?;
+    let mut all = Vec::new();
+    for r in ranks {
+        all.extend(r.ok()?);
+    }
+    Some(median(all))
 }
 
 /// The model a calibration times for an EP rank of `world` (rank 0's block of every MoE layer's experts:
@@ -518,6 +558,7 @@ pub fn measure_inference(
         threads,
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
+        latency_ms: measure_collective_latency(world, tokens * model.config().hidden_size),
         ops,
         ops_half,
         expert_share,
@@ -584,6 +625,7 @@ pub fn measure_training(
         threads,
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
+        latency_ms: measure_collective_latency(world, tokens * model.config().hidden_size),
         ops: medians(whole),
         ops_half: medians(half),
         expert_share,
@@ -595,7 +637,8 @@ pub fn measure_training(
 /// prediction's own draws, which count from 0).
 const FREE_PASS_SEEDS: [u64; 2] = [u64::MAX - 1, u64::MAX - 2];
 
-/// Measured op costs with the overlap experiments' link: each collective lasts `comm_ratio` × its window.
+/// Measured op costs with the overlap experiments' link: each collective lasts `comm_ratio` × its window, plus
+/// the measured latency of a LocalWorld collective.
 #[derive(Clone, Debug)]
 pub struct Measured {
     /// The cores the ranks share, when there are fewer than ranks.
@@ -610,6 +653,8 @@ pub struct Measured {
     expert_share: Vec<Vec<f64>>,
     windows: HashMap<(&'static str, Option<usize>, Phase), f64>,
     comm_ratio: f64,
+    /// Added to every collective: [`Calibration::latency_ms`].
+    latency_ms: f64,
 }
 
 /// Every compute op name the schedules use, to map a calibration's strings back to them (with the collectives'
@@ -716,6 +761,7 @@ impl Measured {
                 expert_share: calibration.expert_share.clone(),
                 windows: HashMap::new(),
                 comm_ratio: 0.0,
+                latency_ms: calibration.latency_ms.unwrap_or(0.0),
             };
             let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
             // Two passes, as the experiments run, each rank's ops drawn around the fastest with the measured
@@ -813,6 +859,7 @@ impl Measured {
             expert_share: calibration.expert_share.clone(),
             windows: w,
             comm_ratio,
+            latency_ms: calibration.latency_ms.unwrap_or(0.0),
         }
     }
 
@@ -912,13 +959,15 @@ impl CostModel for Measured {
     }
 
     fn collective(&self, key: &OpKey, micro: usize) -> f64 {
-        // A micro-batch's collective carries its share of the rows (the experiments' TBO link does the same).
+        // A micro-batch's collective carries its share of the rows (the experiments' TBO link does the same);
+        // every collective also pays the rendezvous and wake-ups of this machine's LocalWorld.
         self.windows
             .get(&(key.op, key.layer, key.phase))
             .copied()
             .unwrap_or(0.0)
             * self.comm_ratio
             / micro.max(1) as f64
+            + self.latency_ms
     }
 }
 
@@ -944,6 +993,14 @@ mod tests {
         // Median of the 20 samples: round 2's do not pull it up.
         assert!(op.ms > 10.5 && op.ms < 11.0, "{}", op.ms);
         assert!(op.spread > 0.1, "{}", op.spread);
+    }
+
+    #[test]
+    fn a_collectives_latency_is_measured_between_ranks() {
+        assert_eq!(measure_collective_latency(1, 16), Some(0.0));
+        let ms = measure_collective_latency(2, 1024).expect("a world of two runs");
+        // A rendezvous of two threads: more than nothing, far less than a second.
+        assert!(ms.is_finite() && ms > 0.0 && ms < 1000.0, "{ms}");
     }
 
     #[test]
