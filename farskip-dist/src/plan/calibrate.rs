@@ -35,7 +35,7 @@ use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
 /// The [`Calibration::version`] this code measures.
-pub const CALIBRATION_VERSION: u32 = 4;
+pub const CALIBRATION_VERSION: u32 = 5;
 
 /// One op's measured cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,8 +51,9 @@ pub struct OpTime {
     /// Fastest pass of a round, ms (the median round's): what the overlap experiments calibrate their link on
     /// (the minimum of their free passes), so the windows are built from it.
     pub min_ms: f64,
-    /// Spread of the samples: standard deviation over mean (0 when the op never varied). The simulator draws
-    /// each rank's cost with this spread, so ranks drift apart as they do when run side by side.
+    /// Spread of the samples within a round (the median round's): standard deviation over mean (0 when the op
+    /// never varied). The simulator draws each rank's cost with this spread, so ranks drift apart as they do
+    /// when run side by side.
     #[serde(default)]
     pub spread: f64,
 }
@@ -101,7 +102,7 @@ pub struct Calibration {
     /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
-    /// fastest pass, 4 also measures a collective's latency. [`Calibration::matches`] turns down any other version, so it is measured again.
+    /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round. [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
 }
@@ -171,9 +172,17 @@ fn op_table(trace: &Trace) -> OpTable {
 }
 
 /// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
-/// median over all of them (`ms`), their spread, and `min_ms`, the median over the rounds of each round's
+/// median over all of them (`ms`), the median round's spread, and `min_ms`, the median over the rounds of each round's
 /// fastest — a round holds as many samples as the experiments' link calibration takes its minimum over, so
 /// `min_ms` is their minimum's typical value, and a few slow or fast seconds on this machine move neither.
+/// Standard deviation over mean (0 for no samples or a zero mean).
+fn relative_std(v: &[f64]) -> f64 {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    if mean > 0.0 { var.sqrt() / mean } else { 0.0 }
+}
+
 fn medians(rounds: Vec<Vec<OpTable>>) -> Vec<OpTime> {
     let mut keys: Vec<_> = rounds
         .iter()
@@ -186,17 +195,21 @@ fn medians(rounds: Vec<Vec<OpTable>>) -> Vec<OpTime> {
         .map(|k| {
             let cost = |p: &OpTable| p.get(&k).copied().unwrap_or(0.0);
             let all: Vec<f64> = rounds.iter().flatten().map(cost).collect();
-            let n = all.len().max(1) as f64;
-            let mean = all.iter().sum::<f64>() / n;
-            let var = all.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
-            let fastest: Vec<f64> = rounds
+            let rounds: Vec<Vec<f64>> = rounds
                 .iter()
                 .filter(|r| !r.is_empty())
-                .map(|r| r.iter().map(cost).fold(f64::INFINITY, f64::min))
+                .map(|r| r.iter().map(cost).collect())
                 .collect();
+            let fastest = rounds
+                .iter()
+                .map(|r| r.iter().copied().fold(f64::INFINITY, f64::min))
+                .collect();
+            // The spread within a round (side-by-side copies and back-to-back passes: how ranks drift apart
+            // in one run), the median round's; the drift from round to round moves every rank of a run alike.
+            let spread = rounds.iter().map(|r| relative_std(r)).collect();
             OpTime {
                 min_ms: median(fastest),
-                spread: if mean > 0.0 { var.sqrt() / mean } else { 0.0 },
+                spread: median(spread),
                 ms: median(all),
                 op: k.0,
                 layer: k.1,
@@ -992,7 +1005,9 @@ mod tests {
         assert!((op.min_ms - 10.5).abs() < 1e-9, "{}", op.min_ms);
         // Median of the 20 samples: round 2's do not pull it up.
         assert!(op.ms > 10.5 && op.ms < 11.0, "{}", op.ms);
-        assert!(op.spread > 0.1, "{}", op.spread);
+        // The spread is the copies' and passes' within a round (0.011 in each), not the rounds' drift (0.20
+        // over all 20 samples).
+        assert!(op.spread > 0.005 && op.spread < 0.015, "{}", op.spread);
     }
 
     #[test]
