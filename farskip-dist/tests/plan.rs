@@ -1148,7 +1148,7 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
         CALIBRATION_VERSION, Calibration, Passes, measure_inference, measure_training,
     };
     // Two rounds of one timed pass: the rounds' samples are kept apart.
-    const ONE: Passes = Passes {
+    const QUICK: Passes = Passes {
         rounds: 2,
         per_round: 1,
     };
@@ -1161,12 +1161,13 @@ fn an_ep_calibration_times_a_ranks_block_of_experts() {
     // block routes one row per token where the experiment routes two.
     for (world, rows_ratio) in [(1, 1.0), (2, 1.0), (8, 2.0)] {
         let inference =
-            measure_inference(&model, "tiny", Parallel::Expert, world, tokens, ONE, 7).unwrap();
-        let training = measure_training(&model, "tiny", world, tokens, ONE, 7).unwrap();
+            measure_inference(&model, "tiny", Parallel::Expert, world, tokens, QUICK, 7).unwrap();
+        let training = measure_training(&model, "tiny", world, tokens, QUICK, 7).unwrap();
         if world <= 2 {
             // TP (4 heads: up to 2 ranks here): its micro-batch costs also come from a two-micro-batch pass.
             let tensor =
-                measure_inference(&model, "tiny", Parallel::Tensor, world, tokens, ONE, 7).unwrap();
+                measure_inference(&model, "tiny", Parallel::Tensor, world, tokens, QUICK, 7)
+                    .unwrap();
             assert_eq!(
                 op_keys(&tensor.ops),
                 op_keys(&tensor.ops_half),

@@ -47,6 +47,23 @@ fn share(what: &str, n: usize, rank: usize, world: usize) -> Result<(usize, usiz
     Ok((rank * len, len))
 }
 
+/// Rank `rank`'s query heads `(start, len)` and key/value heads `(start, len)` of `world`: whole query heads
+/// per rank, and either whole K/V groups per rank or a group's query heads spread over ranks (each holding a
+/// copy of its K/V head); an error names the count that does not split.
+fn gqa_heads(
+    num_heads: usize,
+    num_kv_heads: usize,
+    rank: usize,
+    world: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let (qs, ql) = share("num_attention_heads", num_heads, rank, world)?;
+    let group = num_heads / num_kv_heads.max(1);
+    if !ql.is_multiple_of(group) && !group.is_multiple_of(ql) {
+        return Err(shard_err("num_key_value_heads", num_kv_heads, world));
+    }
+    Ok((qs, ql, qs / group, (ql / group).max(1)))
+}
+
 impl Attention {
     /// Rank `rank`'s heads of `world`: its partial output sums to the full attention output.
     pub fn shard_heads(&self, rank: usize, world: usize) -> Result<Self> {
@@ -54,12 +71,7 @@ impl Attention {
         match &mut out.kind {
             AttentionKind::Gqa(a) => {
                 let g = a.cfg.clone();
-                let (qs, ql) = share("num_attention_heads", g.num_heads, rank, world)?;
-                let group = g.num_heads / g.num_kv_heads;
-                if ql % group != 0 && group % ql != 0 {
-                    return Err(shard_err("num_key_value_heads", g.num_kv_heads, world));
-                }
-                let (ks, kl) = (qs / group, (ql / group).max(1));
+                let (qs, ql, ks, kl) = gqa_heads(g.num_heads, g.num_kv_heads, rank, world)?;
                 let hd = g.head_dim;
                 if g.qk_norm == QkNorm::Whole {
                     // The norm spans every head: keep whole projections, select heads after the norm.
@@ -131,11 +143,7 @@ impl crate::ModelConfig {
         use crate::config::AttentionConfig;
         match &self.attention {
             AttentionConfig::Gqa(g) => {
-                let (_, ql) = share("num_attention_heads", g.num_heads, 0, world)?;
-                let group = g.num_heads / g.num_kv_heads.max(1);
-                if ql % group != 0 && group % ql != 0 {
-                    return Err(shard_err("num_key_value_heads", g.num_kv_heads, world));
-                }
+                gqa_heads(g.num_heads, g.num_kv_heads, 0, world)?;
             }
             AttentionConfig::Mla(m) => {
                 share("num_attention_heads", m.num_heads, 0, world)?;

@@ -102,7 +102,8 @@ pub struct Calibration {
     /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
-    /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round. [`Calibration::matches`] turns down any other version, so it is measured again.
+    /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round.
+    /// [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
 }
@@ -171,10 +172,6 @@ fn op_table(trace: &Trace) -> OpTable {
     t
 }
 
-/// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
-/// median over all of them (`ms`), the median round's spread, and `min_ms`, the median over the rounds of each round's
-/// fastest — a round holds as many samples as the experiments' link calibration takes its minimum over, so
-/// `min_ms` is their minimum's typical value, and a few slow or fast seconds on this machine move neither.
 /// Standard deviation over mean (0 for no samples or a zero mean).
 fn relative_std(v: &[f64]) -> f64 {
     let n = v.len().max(1) as f64;
@@ -183,6 +180,10 @@ fn relative_std(v: &[f64]) -> f64 {
     if mean > 0.0 { var.sqrt() / mean } else { 0.0 }
 }
 
+/// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
+/// median over all of them (`ms`), the median round's spread, and `min_ms`, the median over the rounds of each
+/// round's fastest — a round holds as many samples as the experiments' link calibration takes its minimum over,
+/// so `min_ms` is their minimum's typical value, and a few slow or fast seconds on this machine move neither.
 fn medians(rounds: Vec<Vec<OpTable>>) -> Vec<OpTime> {
     let mut keys: Vec<_> = rounds
         .iter()
@@ -763,6 +764,7 @@ impl Measured {
         // the rank and pass with the least of them, their rule: a rank that kept its core through an op shows
         // its time alone.
         let slice_ms = calibration.slice_ms.filter(|_| shared);
+        let latency_ms = calibration.latency_ms.unwrap_or(0.0);
         let simulated = slice_ms.and_then(|len| {
             let mut free = Measured {
                 cores: Some(calibration.cores),
@@ -774,7 +776,7 @@ impl Measured {
                 expert_share: calibration.expert_share.clone(),
                 windows: HashMap::new(),
                 comm_ratio: 0.0,
-                latency_ms: calibration.latency_ms.unwrap_or(0.0),
+                latency_ms,
             };
             let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
             // Two passes, as the experiments run, each rank's ops drawn around the fastest with the measured
@@ -872,7 +874,7 @@ impl Measured {
             expert_share: calibration.expert_share.clone(),
             windows: w,
             comm_ratio,
-            latency_ms: calibration.latency_ms.unwrap_or(0.0),
+            latency_ms,
         }
     }
 
