@@ -171,7 +171,8 @@ impl OverlapModelArgs {
 /// The output options of the overlap examples: `--trace FILE.json`, `--svg FILE.svg`, `--json`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct OverlapOutputArgs {
-    /// Write the FarSkip run's trace as Chrome-trace JSON (opens in Perfetto).
+    /// Write the FarSkip run's trace as Chrome-trace JSON (opens in Perfetto), and the blocking baseline's next to
+    /// it (`FILE_blocking.json`).
     #[arg(long)]
     pub trace: Option<PathBuf>,
     /// Write the FarSkip and blocking timelines as SVG (the blocking one next to it, `FILE_blocking.svg`).
@@ -183,7 +184,7 @@ pub struct OverlapOutputArgs {
 }
 
 impl OverlapOutputArgs {
-    /// Writes what `--trace` and `--svg` asked for: the FarSkip `trace` as Chrome JSON, both timelines as SVG.
+    /// Writes what `--trace` and `--svg` asked for: both traces as Chrome JSON, both timelines as SVG.
     pub fn write(
         &self,
         title: &str,
@@ -193,6 +194,9 @@ impl OverlapOutputArgs {
         if let Some(p) = &self.trace {
             std::fs::write(p, trace.to_chrome_json())
                 .with_context(|| format!("writing {}", p.display()))?;
+            let other = beside(p, "blocking", "json");
+            std::fs::write(&other, blocking.to_chrome_json())
+                .with_context(|| format!("writing {}", other.display()))?;
         }
         if let Some(p) = &self.svg {
             write_timelines(p, title, trace, blocking)?;
@@ -257,6 +261,14 @@ pub fn write_tensors(path: &Path, writer: &TensorWriter) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// `DIR/STEM_{suffix}.{ext}` next to `path` (`DIR/STEM.*`).
+fn beside(path: &Path, suffix: &str, ext: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map_or("timeline".into(), |s| s.to_string_lossy());
+    path.with_file_name(format!("{stem}_{suffix}.{ext}"))
+}
+
 /// Writes a trace's SVG timeline to `path` and the blocking baseline's next to it (`<stem>_blocking.svg`).
 pub fn write_timelines(
     path: &Path,
@@ -266,10 +278,7 @@ pub fn write_timelines(
 ) -> Result<()> {
     std::fs::write(path, trace.to_svg(&format!("FarSkip: {title}")))
         .with_context(|| format!("writing {}", path.display()))?;
-    let stem = path
-        .file_stem()
-        .map_or("timeline".into(), |s| s.to_string_lossy());
-    let other = path.with_file_name(format!("{stem}_blocking.svg"));
+    let other = beside(path, "blocking", "svg");
     std::fs::write(
         &other,
         blocking.to_svg(&format!("standard, blocking: {title}")),

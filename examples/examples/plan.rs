@@ -438,6 +438,13 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
             };
             std::fs::create_dir_all(&args.calibration_dir)
                 .with_context(|| format!("creating {}", args.calibration_dir.display()))?;
+            if !c.rank_speed.is_empty() {
+                let speeds: Vec<String> = c.rank_speed.iter().map(|s| format!("{s:.2}")).collect();
+                eprintln!(
+                    "each rank's op time on its core, over the median: {}",
+                    speeds.join(", ")
+                );
+            }
             c.save(&file)?;
             c
         }

@@ -523,6 +523,53 @@ fn a_world_the_model_cannot_be_split_into_is_refused_by_run_and_prediction_alike
     }
 }
 
+/// `overlap_inference --trace --svg` writes the FarSkip run and the blocking baseline beside it, each trace with
+/// both ranks' compute spans.
+#[test]
+fn overlap_inference_writes_both_runs_traces_and_timelines() {
+    let dir = TempDir::new("trace");
+    let trace = dir.join("run.json");
+    let svg = dir.join("run.svg");
+    let (out, _) = run_example(
+        "overlap_inference",
+        &[
+            "--preset",
+            "tiny",
+            "--tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--trace",
+            trace.to_str().expect("utf-8 path"),
+            "--svg",
+            svg.to_str().expect("utf-8 path"),
+            "--json",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in ["run.json", "run_blocking.json"] {
+        let text = std::fs::read_to_string(dir.join(name)).expect(name);
+        let v: Value = serde_json::from_str(&text).expect("Chrome-trace JSON");
+        let events = v["traceEvents"].as_array().expect("traceEvents");
+        for rank in 0..2 {
+            let spans = events
+                .iter()
+                .filter(|e| e["ph"] == "X" && e["pid"] == rank && e["tid"] == 0)
+                .count();
+            assert!(spans > 0, "{name}: no compute spans of rank {rank}");
+        }
+    }
+    for name in ["run.svg", "run_blocking.svg"] {
+        let text = std::fs::read_to_string(dir.join(name)).expect(name);
+        assert!(text.contains("<svg"), "{name}");
+    }
+}
+
 /// `bench --decode` on a fixture checkpoint, both weight dtypes: the JSON carries the decode speed, its parts per
 /// step (finite, attention and MoE not zero) and the peak RSS.
 #[test]

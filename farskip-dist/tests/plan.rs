@@ -962,6 +962,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         cores: 2,
         slice_ms: None,
         latency_ms: None,
+        rank_speed: Vec::new(),
         ops: vec![
             op("attn_1", Some(0), 2.0, 1.0),
             op("attn_1", Some(1), 4.0, 3.0),
@@ -1024,6 +1025,22 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     assert_eq!(slow.collective(&key("dispatch", Some(0)), 1), 8.25);
     assert_eq!(slow.collective(&key("combine", Some(1)), 1), 0.25);
     assert_eq!(slow.window_ms(), m.window_ms());
+    // Rank 1's core measured 1.5 × as slow: its ops cost 1.5 × as much, rank 0's and the windows (the fastest
+    // passes) unchanged.
+    let uneven = Measured::new(
+        &Calibration {
+            rank_speed: vec![1.0, 1.5],
+            ..cal.clone()
+        },
+        &d,
+        2,
+        Split::Expert,
+        2.0,
+    );
+    assert_eq!(uneven.compute(0, &key("attn_2", Some(1)), 1), 6.0);
+    assert_eq!(uneven.compute(1, &key("attn_2", Some(1)), 1), 9.0);
+    assert_eq!(uneven.compute(1, &key("experts", Some(0)), 1), 3.5 * 1.5);
+    assert_eq!(uneven.window_ms(), m.window_ms());
     // Four ranks on two cores: ops were measured a core per copy; the experiments' free pass runs all four at
     // once, so each window is twice the fastest op, and the simulator shares the two cores.
     let four = Calibration { world: 4, ..cal };
@@ -1073,6 +1090,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         cores: 2,
         slice_ms: None,
         latency_ms: None,
+        rank_speed: Vec::new(),
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),

@@ -161,15 +161,7 @@ impl LocalWorld {
             Some(n) => n,
             None => (thread::available_parallelism().map_or(1, usize::from) / size).max(1),
         };
-        // Pin only when every rank's threads get cores of their own.
-        let cores = if config.pin_ranks {
-            allowed_cores()
-                .filter(|c| c.len() >= size * threads)
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let cores = &cores;
+        let cores = &rank_cores(size, threads, config.pin_ranks);
         let comms = Self::with_config(size, config)?;
         let f = &f;
         Ok(thread::scope(|s| {
@@ -181,12 +173,7 @@ impl LocalWorld {
                         .name(format!("farskip-rank-{rank}"))
                         .spawn_scoped(s, move || {
                             // The rank runs on its own pool, so its tensor ops use its share of the cores.
-                            let mine: Vec<usize> = cores
-                                .iter()
-                                .skip(rank * threads)
-                                .take(threads)
-                                .copied()
-                                .collect();
+                            let mine = cores.get(rank).cloned().unwrap_or_default();
                             match rayon::ThreadPoolBuilder::new()
                                 .num_threads(threads)
                                 .thread_name(move |i| format!("farskip-rank-{rank}-{i}"))
@@ -526,6 +513,20 @@ impl Communicator for LocalComm {
             Payload::Empty,
             Output::into_unit,
         )
+    }
+}
+
+/// The cores each of `size` ranks of `threads` threads is pinned to by [`LocalWorld::run_with`]: with `pin`,
+/// consecutive cores of this process, `threads` per rank, when every rank's threads get cores of their own;
+/// otherwise none (the operating system places the threads).
+pub(crate) fn rank_cores(size: usize, threads: usize, pin: bool) -> Vec<Vec<usize>> {
+    match allowed_cores().filter(|c| pin && c.len() >= size * threads) {
+        Some(cores) => cores
+            .chunks(threads.max(1))
+            .take(size)
+            .map(<[usize]>::to_vec)
+            .collect(),
+        None => Vec::new(),
     }
 }
 

@@ -22,7 +22,7 @@ use farskip_model::{Connectivity, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{ExpertLoads, rank_loads};
-use crate::comm::SingleRank;
+use crate::comm::{LinkModel, LocalWorldConfig, SingleRank};
 use crate::dispatch::ExpertSharding;
 use crate::experiment::{Parallel, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
@@ -35,7 +35,7 @@ use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
 /// The [`Calibration::version`] this code measures.
-pub const CALIBRATION_VERSION: u32 = 5;
+pub const CALIBRATION_VERSION: u32 = 6;
 
 /// One op's measured cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -94,6 +94,12 @@ pub struct Calibration {
     /// The simulator adds it to every collective. `None`: not measured.
     #[serde(default)]
     pub latency_ms: Option<f64>,
+    /// Each rank's speed: the op costs of rank r are `rank_speed[r]` × theirs. The side-by-side copy pinned where
+    /// the run pins rank r, its passes over the median pass (the median over the rounds): the cores of a virtual
+    /// machine need not be alike — one may share its physical core with another guest's work — and the slowest
+    /// rank sets the pace of every collective. Empty: every rank alike (one copy, or ranks the run does not pin).
+    #[serde(default)]
+    pub rank_speed: Vec<f64>,
     /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
@@ -102,7 +108,8 @@ pub struct Calibration {
     /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
-    /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round.
+    /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round, 6 pins the copies
+    /// as the run pins its ranks and measures each rank's speed (the spread within a copy).
     /// [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
@@ -172,21 +179,61 @@ fn op_table(trace: &Trace) -> OpTable {
     t
 }
 
-/// Standard deviation over mean (0 for no samples or a zero mean).
-fn relative_std(v: &[f64]) -> f64 {
-    let n = v.len().max(1) as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+/// One round of a calibration: each side-by-side copy's op tables, one per timed pass.
+type Round = Vec<Vec<OpTable>>;
+
+/// The spread of `copies`' samples about each copy's own mean, over the mean of them all: the pooled standard
+/// deviation within the copies (0 for no samples or a zero mean). A copy's steady difference from the others is
+/// its speed ([`rank_speed`]), not noise.
+fn spread_within(copies: &[Vec<f64>]) -> f64 {
+    let all: Vec<f64> = copies.iter().flatten().copied().collect();
+    let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+    let var = copies
+        .iter()
+        .map(|c| {
+            let m = c.iter().sum::<f64>() / c.len().max(1) as f64;
+            c.iter().map(|x| (x - m).powi(2)).sum::<f64>()
+        })
+        .sum::<f64>()
+        / all.len().max(1) as f64;
     if mean > 0.0 { var.sqrt() / mean } else { 0.0 }
 }
 
+/// Each side-by-side copy's speed over the rounds (`rounds[r][copy]`: its passes): per round, the copy's mean
+/// pass (every op added) over the median pass of all copies; the median over the rounds. Empty with fewer than
+/// two copies.
+fn rank_speed(rounds: &[Round]) -> Vec<f64> {
+    let copies = rounds.iter().map(Vec::len).min().unwrap_or(0);
+    if copies < 2 {
+        return Vec::new();
+    }
+    let total = |p: &OpTable| p.values().sum::<f64>();
+    let per_round: Vec<Vec<f64>> = rounds
+        .iter()
+        .map(|r| {
+            let m = median(r.iter().flatten().map(total).collect());
+            r.iter()
+                .map(|c| {
+                    let mean = c.iter().map(total).sum::<f64>() / c.len().max(1) as f64;
+                    if m > 0.0 { mean / m } else { 1.0 }
+                })
+                .collect()
+        })
+        .collect();
+    (0..copies)
+        .map(|c| median(per_round.iter().map(|r| r[c]).collect()))
+        .collect()
+}
+
 /// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
-/// median over all of them (`ms`), the median round's spread, and `min_ms`, the median over the rounds of each
-/// round's fastest — a round holds as many samples as the experiments' link calibration takes its minimum over,
-/// so `min_ms` is their minimum's typical value, and a few slow or fast seconds on this machine move neither.
-fn medians(rounds: Vec<Vec<OpTable>>) -> Vec<OpTime> {
+/// median over all of them (`ms`), the median round's spread within a copy, and `min_ms`, the median over the
+/// rounds of each round's fastest — a round holds as many samples as the experiments' link calibration takes
+/// its minimum over, so `min_ms` is their minimum's typical value, and a few slow or fast seconds on this
+/// machine move neither.
+fn medians(rounds: &[Round]) -> Vec<OpTime> {
     let mut keys: Vec<_> = rounds
         .iter()
+        .flatten()
         .flatten()
         .flat_map(|p| p.keys().cloned())
         .collect();
@@ -195,19 +242,20 @@ fn medians(rounds: Vec<Vec<OpTable>>) -> Vec<OpTime> {
     keys.into_iter()
         .map(|k| {
             let cost = |p: &OpTable| p.get(&k).copied().unwrap_or(0.0);
-            let all: Vec<f64> = rounds.iter().flatten().map(cost).collect();
-            let rounds: Vec<Vec<f64>> = rounds
+            let all: Vec<f64> = rounds.iter().flatten().flatten().map(cost).collect();
+            let rounds: Vec<Vec<Vec<f64>>> = rounds
                 .iter()
-                .filter(|r| !r.is_empty())
-                .map(|r| r.iter().map(cost).collect())
+                .filter(|r| r.iter().any(|c| !c.is_empty()))
+                .map(|r| r.iter().map(|c| c.iter().map(cost).collect()).collect())
                 .collect();
             let fastest = rounds
                 .iter()
-                .map(|r| r.iter().copied().fold(f64::INFINITY, f64::min))
+                .map(|r| r.iter().flatten().copied().fold(f64::INFINITY, f64::min))
                 .collect();
-            // The spread within a round (side-by-side copies and back-to-back passes: how ranks drift apart
-            // in one run), the median round's; the drift from round to round moves every rank of a run alike.
-            let spread = rounds.iter().map(|r| relative_std(r)).collect();
+            // The spread within a round and a copy (back-to-back passes: how a rank's ops vary in one run), the
+            // median round's; the drift from round to round moves every rank of a run alike, and a copy's
+            // steady difference is its rank's speed.
+            let spread = rounds.iter().map(|r| spread_within(r)).collect();
             OpTime {
                 min_ms: median(fastest),
                 spread: median(spread),
@@ -250,9 +298,15 @@ fn in_rounds<T>(
         .collect()
 }
 
-fn pool(threads: usize) -> Result<rayon::ThreadPool, PlanError> {
+/// A pool of `threads` threads, each pinned to its core of `cores` (none pinned when `cores` is empty).
+fn pool(threads: usize, cores: Vec<usize>) -> Result<rayon::ThreadPool, PlanError> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
+        .start_handler(move |i| {
+            if let Some(&core) = cores.get(i) {
+                crate::comm::local::pin_current_thread(core);
+            }
+        })
         .build()
         .map_err(|e| PlanError::Calibration {
             path: "(thread pool)".into(),
@@ -374,18 +428,21 @@ fn failed(e: impl std::fmt::Display) -> PlanError {
     }
 }
 
-/// Runs `pass` (a warm-up, then `repeats` timed) on `world` threads at once, each on its own pool of `threads`
-/// (as LocalWorld ranks run), so the measured rank shares the cores and memory bandwidth as it will in the run
-/// predicted; no thread talks to another. Returns every thread's op tables (each pass of each copy is a sample
-/// of what a rank may take, and the fastest of them is what the experiments' link calibration keeps).
+/// Runs `pass` (a warm-up, then `repeats` timed) on `copies` threads at once, each on its own pool of `threads`
+/// (as LocalWorld ranks run), copy `c` pinned to `cores[c]` as a LocalWorld pins rank `c` ([`rank_cores`];
+/// empty: nothing pinned), so the measured rank shares the cores and memory bandwidth as it will in the run
+/// predicted; no thread talks to another. Returns each copy's op tables (each pass of each copy is a sample of
+/// what a rank may take, the fastest of them is what the experiments' link calibration keeps, and a copy's
+/// passes against the others' are its core's speed).
 fn side_by_side(
-    world: usize,
+    copies: usize,
     threads: usize,
+    cores: &[Vec<usize>],
     repeats: usize,
     pass: &(dyn Fn(&Trace) -> Result<(), PlanError> + Sync),
-) -> Result<Vec<OpTable>, PlanError> {
-    let run = || -> Result<Vec<OpTable>, PlanError> {
-        pool(threads)?.install(|| {
+) -> Result<Round, PlanError> {
+    let run = |copy: usize| -> Result<Vec<OpTable>, PlanError> {
+        pool(threads, cores.get(copy).cloned().unwrap_or_default())?.install(|| {
             let mut tables = Vec::new();
             for i in 0..=repeats {
                 let trace = Trace::new();
@@ -398,16 +455,26 @@ fn side_by_side(
         })
     };
     std::thread::scope(|s| {
-        let others: Vec<_> = (1..world.max(1)).map(|_| s.spawn(run)).collect();
-        let mut all = run()?;
+        let others: Vec<_> = (1..copies.max(1))
+            .map(|copy| s.spawn(move || run(copy)))
+            .collect();
+        let mut all = vec![run(0)?];
         for h in others {
-            all.extend(
+            all.push(
                 h.join()
                     .map_err(|_| failed("a side-by-side pass panicked"))??,
             );
         }
         Ok(all)
     })
+}
+
+/// The cores a LocalWorld of `world` ranks of `threads` threads pins its ranks to on this machine (as
+/// [`crate::comm::LocalWorld::run`] does by default: empty when the ranks do not fit the cores, or
+/// `FARSKIP_PIN_RANKS=0`).
+fn rank_cores(world: usize, threads: usize) -> Vec<Vec<usize>> {
+    let pin = LocalWorldConfig::new(LinkModel::instant()).pin_ranks;
+    crate::comm::local::rank_cores(world, threads, pin)
 }
 
 /// Per layer, the rows each of `world` contiguous EP ranks receives when `model` routes `ids` (every rank's
@@ -511,11 +578,13 @@ pub fn measure_inference(
     };
     let threads = threads_per_rank(world);
     let cores = available_cores();
+    let pinned = rank_cores(world, threads);
     // `two`: the executor's two-micro-batch forward instead of the plain one.
     let timed = |ids: &Tensor<2, Int>, two: bool| {
         side_by_side(
             world.min(cores),
             threads,
+            &pinned,
             passes.per_round,
             &|trace: &Trace| {
                 let comm = SingleRank::new();
@@ -556,12 +625,12 @@ pub fn measure_inference(
     })?
     .into_iter()
     .unzip();
-    let ops = medians(plain);
+    let ops = medians(&plain);
     let two: Vec<_> = two.into_iter().flatten().collect();
     let ops_half = if two.is_empty() {
         ops.clone()
     } else {
-        halved(medians(two))
+        halved(medians(&two))
     };
     Ok(Calibration {
         model: name.to_string(),
@@ -573,6 +642,11 @@ pub fn measure_inference(
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
         latency_ms: measure_collective_latency(world, tokens * model.config().hidden_size),
+        rank_speed: if pinned.is_empty() {
+            Vec::new()
+        } else {
+            rank_speed(&plain)
+        },
         ops,
         ops_half,
         expert_share,
@@ -610,10 +684,12 @@ pub fn measure_training(
     };
     let threads = threads_per_rank(world);
     let cores = available_cores();
+    let pinned = rank_cores(world, threads);
     let timed = |windows: &Tensor<2, Int>| {
         side_by_side(
             world.min(cores),
             threads,
+            &pinned,
             passes.per_round,
             &|trace: &Trace| {
                 EpTrainRank::new(&block, 0, 1)
@@ -640,8 +716,13 @@ pub fn measure_training(
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
         latency_ms: measure_collective_latency(world, tokens * model.config().hidden_size),
-        ops: medians(whole),
-        ops_half: medians(half),
+        rank_speed: if pinned.is_empty() {
+            Vec::new()
+        } else {
+            rank_speed(&whole)
+        },
+        ops: medians(&whole),
+        ops_half: medians(&half),
         expert_share,
         version: CALIBRATION_VERSION,
     })
@@ -669,6 +750,8 @@ pub struct Measured {
     comm_ratio: f64,
     /// Added to every collective: [`Calibration::latency_ms`].
     latency_ms: f64,
+    /// [`Calibration::rank_speed`].
+    rank_speed: Vec<f64>,
 }
 
 /// Every compute op name the schedules use, to map a calibration's strings back to them (with the collectives'
@@ -777,6 +860,7 @@ impl Measured {
                 windows: HashMap::new(),
                 comm_ratio: 0.0,
                 latency_ms,
+                rank_speed: Vec::new(),
             };
             let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
             // Two passes, as the experiments run, each rank's ops drawn around the fastest with the measured
@@ -875,6 +959,7 @@ impl Measured {
             windows: w,
             comm_ratio,
             latency_ms,
+            rank_speed: calibration.rank_speed.clone(),
         }
     }
 
@@ -970,7 +1055,8 @@ impl CostModel for Measured {
             Some(&half) if micro == 2 => half,
             _ => self.ops.get(&k).copied().unwrap_or(0.0) / micro.max(1) as f64,
         };
-        part * share * self.jitter(rank, key, op) * cost
+        let speed = self.rank_speed.get(rank).copied().unwrap_or(1.0);
+        part * share * speed * self.jitter(rank, key, op) * cost
     }
 
     fn collective(&self, key: &OpKey, micro: usize) -> f64 {
@@ -997,19 +1083,57 @@ mod tests {
     #[test]
     fn one_slow_round_moves_neither_the_cost_nor_the_fastest() {
         // Five rounds of two copies × two passes; round 2 ran 60 % slow throughout.
-        let rounds: Vec<Vec<OpTable>> = [10.0, 11.0, 16.0, 10.5, 9.5]
+        let rounds: Vec<Round> = [10.0, 11.0, 16.0, 10.5, 9.5]
             .iter()
-            .map(|&base| (0..4).map(|i| table(base + 0.1 * i as f64)).collect())
+            .map(|&base| {
+                (0..2)
+                    .map(|c| {
+                        (0..2)
+                            .map(|i| table(base + 0.2 * c as f64 + 0.1 * i as f64))
+                            .collect()
+                    })
+                    .collect()
+            })
             .collect();
-        let [op] = medians(rounds).try_into().unwrap();
+        let [op] = medians(&rounds).try_into().unwrap();
         // Rounds' fastest: 10, 11, 16, 10.5, 9.5 → median 10.5 (the minimum over all would be 9.5, the
         // fastest of 20 samples where the experiments' link takes its minimum over 4).
         assert!((op.min_ms - 10.5).abs() < 1e-9, "{}", op.min_ms);
         // Median of the 20 samples: round 2's do not pull it up.
         assert!(op.ms > 10.5 && op.ms < 11.0, "{}", op.ms);
-        // The spread is the copies' and passes' within a round (0.011 in each), not the rounds' drift (0.20
-        // over all 20 samples).
-        assert!(op.spread > 0.005 && op.spread < 0.015, "{}", op.spread);
+        // The spread is the passes' within a copy and a round (0.05 ms of ~10.6), not the copies' difference
+        // (0.011 with it) nor the rounds' drift (0.20 over all 20 samples).
+        assert!(op.spread > 0.004 && op.spread < 0.006, "{}", op.spread);
+        // Copy 1 runs 0.2 ms behind copy 0 in every round: 1.9 % apart.
+        let [fast, slow] = rank_speed(&rounds).try_into().unwrap();
+        assert!(fast < 1.0 && slow > 1.0, "{fast} {slow}");
+        assert!(
+            (slow / fast - 1.0 - 0.2 / 10.55).abs() < 1e-3,
+            "{fast} {slow}"
+        );
+    }
+
+    #[test]
+    fn a_slow_core_is_a_ranks_speed_not_its_spread() {
+        // Copy 1 runs 30 % slower than copy 0 throughout, in every round; each copy's passes alike.
+        let rounds: Vec<Round> = (0..3)
+            .map(|_| {
+                vec![
+                    vec![table(10.0), table(10.0)],
+                    vec![table(13.0), table(13.0)],
+                ]
+            })
+            .collect();
+        let [op] = medians(&rounds).try_into().unwrap();
+        assert_eq!(op.spread, 0.0);
+        // The median of an even count is the upper middle sample, for the cost and the speeds alike: each rank's
+        // cost × speed is its copy's time.
+        assert_eq!(op.ms, 13.0);
+        assert_eq!(op.min_ms, 10.0);
+        let speed = rank_speed(&rounds);
+        assert_eq!(speed, vec![10.0 / 13.0, 1.0]);
+        // One copy: no speeds to tell apart.
+        assert!(rank_speed(&[vec![vec![table(10.0)]]]).is_empty());
     }
 
     #[test]
