@@ -4,7 +4,7 @@
 //!     --cluster mi325x --ep 8 --mode train --seq-len 4096 --tokens 4096 --json`
 //!
 //! On this machine (`--cluster cpu-here`) with the overlap examples' flags, from op costs measured single-rank
-//! (cached; `--calibrate` measures again):
+//! (cached for `--calibration-max-age-s`, 300 s by default; `--calibrate` measures again):
 //! `plan --cluster cpu-here --world 2 --parallel ep --preset small --tokens 256 --comm-ratio 1 --json`
 
 use std::path::{Path, PathBuf};
@@ -103,6 +103,10 @@ struct Args {
     /// median).
     #[arg(long, default_value_t = 16)]
     jitter_draws: usize,
+    /// cpu-here: reuse a cached calibration only this many seconds after it was measured (this machine's speed
+    /// drifts by 10–30 % over tens of minutes; older caches are measured again).
+    #[arg(long, default_value_t = 300)]
+    calibration_max_age_s: u64,
     /// cpu-here: the calibration cache directory.
     #[arg(long, default_value = "target/plan-calibration")]
     calibration_dir: PathBuf,
@@ -392,12 +396,27 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         args.world,
         tokens
     ));
+    let max_age = std::time::Duration::from_secs(args.calibration_max_age_s);
     let cached = if args.calibrate {
         None
     } else {
         Calibration::load(&file).ok()
     }
-    .filter(|c| c.matches(&cache_name, args.mode, parallel, args.world, tokens));
+    .filter(|c| c.matches(&cache_name, args.mode, parallel, args.world, tokens))
+    .filter(|c| match c.age() {
+        Some(age) if age <= max_age => true,
+        age => {
+            let age = age.map_or("of unknown age".into(), |a| {
+                format!("{} s old", a.as_secs())
+            });
+            eprintln!(
+                "{} is {age} (--calibration-max-age-s {}): measuring again",
+                file.display(),
+                args.calibration_max_age_s
+            );
+            false
+        }
+    });
     let calibration = match cached {
         Some(c) => c,
         None => {

@@ -975,6 +975,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         // Half the batch: attention part 2 of layer 1 takes more than half of the whole's 6 ms.
         ops_half: vec![op("attn_2", Some(1), 3.5, 3.0)],
         expert_share: vec![vec![1.5, 0.5], vec![]],
+        measured_unix_s: None,
         version: CALIBRATION_VERSION,
     };
     let d = schedule(
@@ -1025,6 +1026,20 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     assert_eq!(slow.collective(&key("dispatch", Some(0)), 1), 8.25);
     assert_eq!(slow.collective(&key("combine", Some(1)), 1), 0.25);
     assert_eq!(slow.window_ms(), m.window_ms());
+    // A cache's age comes from when it was measured: none recorded (older files) or a time ahead of this clock
+    // has no age, so the planner measures again.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(cal.age(), None);
+    let aged = |s| Calibration {
+        measured_unix_s: Some(s),
+        ..cal.clone()
+    };
+    let age = aged(now - 100).age().expect("an age").as_secs();
+    assert!((100..110).contains(&age), "{age}");
+    assert_eq!(aged(now + 3600).age(), None);
     // Rank 1's core measured 1.5 × as slow: its ops cost 1.5 × as much, rank 0's and the windows (the fastest
     // passes) unchanged.
     let uneven = Measured::new(
@@ -1094,6 +1109,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),
+        measured_unix_s: None,
         version: CALIBRATION_VERSION,
     };
     let d = schedule(

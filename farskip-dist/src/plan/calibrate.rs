@@ -104,6 +104,10 @@ pub struct Calibration {
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
     pub expert_share: Vec<Vec<f64>>,
+    /// When it was measured (seconds since the Unix epoch; `None`: not recorded). This machine's speed drifts over
+    /// minutes, so a cache is only as good as it is fresh: [`Calibration::age`].
+    #[serde(default)]
+    pub measured_unix_s: Option<u64>,
     /// What the figures were measured as ([`CALIBRATION_VERSION`] for this code): 0 (older files) timed an EP
     /// rank's experts as the whole expert bank on the rank's rows (too slow per row), 1 as the rank's block
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
@@ -136,6 +140,12 @@ impl Calibration {
         std::fs::write(path, text).map_err(|e| err(e.to_string()))
     }
 
+    /// How long ago it was measured; `None` when that was not recorded (or lies in the future of this clock).
+    pub fn age(&self) -> Option<std::time::Duration> {
+        let then = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.measured_unix_s?);
+        std::time::SystemTime::now().duration_since(then).ok()
+    }
+
     /// Whether this calibration measured the given setting.
     pub fn matches(
         &self,
@@ -162,6 +172,14 @@ impl Calibration {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Seconds since the Unix epoch, now (`None` on a clock before it).
+fn now_unix_s() -> Option<u64> {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
 }
 
 /// Per (op, layer, backward) ms of one pass.
@@ -650,6 +668,7 @@ pub fn measure_inference(
         ops,
         ops_half,
         expert_share,
+        measured_unix_s: now_unix_s(),
         version: CALIBRATION_VERSION,
     })
 }
@@ -724,6 +743,7 @@ pub fn measure_training(
         ops: medians(&whole),
         ops_half: medians(&half),
         expert_share,
+        measured_unix_s: now_unix_s(),
         version: CALIBRATION_VERSION,
     })
 }
