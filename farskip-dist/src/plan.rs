@@ -332,11 +332,17 @@ pub fn predict(
     let simulate = |s: &Schedule, micro: usize| -> Result<Timeline, PlanError> {
         let compute = |r: usize, k: &OpKey| costs.compute(r, k, micro);
         let collective = |k: &OpKey| costs.collective(k, micro);
+        let wake = |k: &OpKey| costs.wake_ms(k);
         let cores = costs.cores().unwrap_or(ranks);
-        Ok(match costs.time_slice_ms() {
-            Some(len) => sim::simulate_sliced(s, ranks, cores, len, &compute, &collective)?,
-            None => sim::simulate_shared(s, ranks, cores, &compute, &collective)?,
-        })
+        Ok(sim::simulate_with_wake(
+            s,
+            ranks,
+            cores,
+            costs.time_slice_ms(),
+            &compute,
+            &collective,
+            &wake,
+        )?)
     };
     let run = |kind: ScheduleKind| -> Result<Timeline, PlanError> {
         let micro = if kind == ScheduleKind::Tbo { 2 } else { 1 };

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use farskip_dist::plan::sim::{
     Interval, Lane, SimError, Timeline, simulate, simulate_shared, simulate_sliced,
+    simulate_with_wake,
 };
 use farskip_dist::plan::{
     Cluster, CostModel, Layout, Mode, ScheduleKind, Workload, load_model_config, predict,
@@ -61,6 +62,51 @@ fn comm_equal_to_its_window_is_hidden_completely() {
     assert_eq!(m.overlap_pct, 100.0);
     assert_eq!(m.exposed_ms, 0.0);
     assert_eq!(m.compute_ms, 5.0);
+}
+
+#[test]
+fn a_wake_delay_holds_a_waiting_rank_but_not_the_link() {
+    // The collective (4 ms) arrives at 6 ms; the rank waiting for it resumes 0.5 ms later. Its link time and
+    // overlap are unchanged; the wall time grows by the delay.
+    let t = simulate_with_wake(
+        &one_window(),
+        1,
+        1,
+        None,
+        &|_, k| costs(k.op),
+        &|_| 4.0,
+        &|_| 0.5,
+    )
+    .unwrap();
+    let m = t.metrics(None);
+    assert_eq!(m.wall_ms, 7.5);
+    assert_eq!(m.comm_ms, 4.0);
+    assert_eq!(m.overlap_pct, 50.0);
+    // A collective whose link time and delay fit its window costs nothing: 1 ms + 0.5 ms behind 2 ms of compute.
+    let hidden = simulate_with_wake(
+        &one_window(),
+        1,
+        1,
+        None,
+        &|_, k| costs(k.op),
+        &|_| 1.0,
+        &|_| 0.5,
+    )
+    .unwrap();
+    assert_eq!(hidden.metrics(None).wall_ms, 5.0);
+    // A negative delay is refused by name.
+    assert!(
+        simulate_with_wake(
+            &one_window(),
+            1,
+            1,
+            None,
+            &|_, k| costs(k.op),
+            &|_| 1.0,
+            &|_| -1.0,
+        )
+        .is_err()
+    );
 }
 
 #[test]
@@ -1011,8 +1057,8 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     // A collective's host work is costed as measured (once per issue of the dispatch).
     assert_eq!(m.compute(0, &key("dispatch_pack", Some(0)), 1), 0.5);
     assert_eq!(m.cores(), None);
-    // A measured latency (the LocalWorld's rendezvous and wake-ups) is added to every collective, windows
-    // unchanged.
+    // A measured latency (the LocalWorld's rendezvous and wake-ups) delays a rank waiting for any collective,
+    // which keeps its link time; windows unchanged.
     let slow = Measured::new(
         &Calibration {
             latency_ms: Some(0.25),
@@ -1023,8 +1069,10 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         Split::Expert,
         2.0,
     );
-    assert_eq!(slow.collective(&key("dispatch", Some(0)), 1), 8.25);
-    assert_eq!(slow.collective(&key("combine", Some(1)), 1), 0.25);
+    assert_eq!(slow.collective(&key("dispatch", Some(0)), 1), 8.0);
+    assert_eq!(slow.wake_ms(&key("dispatch", Some(0))), 0.25);
+    assert_eq!(slow.wake_ms(&key("combine", Some(1))), 0.25);
+    assert_eq!(m.wake_ms(&key("combine", Some(1))), 0.0);
     assert_eq!(slow.window_ms(), m.window_ms());
     // A cache's age comes from when it was measured: none recorded (older files) or a time ahead of this clock
     // has no age, so the planner measures again.

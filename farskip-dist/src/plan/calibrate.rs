@@ -89,9 +89,10 @@ pub struct Calibration {
     /// them as a fluid. `None`: not measured (older calibrations, or as many cores as ranks).
     #[serde(default)]
     pub slice_ms: Option<f64>,
-    /// What a collective of the run costs beyond its link time (ms, measured: [`measure_collective_latency`]):
-    /// the LocalWorld's rendezvous, a comm thread waking to compute the result and the rank waking to take it.
-    /// The simulator adds it to every collective. `None`: not measured.
+    /// What a collective of the run costs beyond its link time (ms, measured: [`measure_collective_latency`], and
+    /// with more ranks than cores [`measure_shared_latency`]): the LocalWorld's rendezvous, a comm thread waking
+    /// to compute the result and the rank waking to take it (and the scheduler's run queues). A rank waiting for
+    /// a collective resumes this long after it arrives ([`CostModel::wake_ms`]). `None`: not measured.
     #[serde(default)]
     pub latency_ms: Option<f64>,
     /// Each rank's speed: the op costs of rank r are `rank_speed[r]` × theirs. The side-by-side copy pinned where
@@ -413,6 +414,74 @@ pub fn measure_collective_latency(world: usize, floats: usize) -> Option<f64> {
     Some(median(all))
 }
 
+/// [`measure_collective_latency`] for `world` ranks taking turns on `cores` cores (more ranks than cores), with
+/// the work the run does between its collectives: each rank computes `segment_ms` (its time alone on a core)
+/// before each all-reduce of `floats` values over an instant link, as a blocking schedule does; what the world's
+/// wall time exceeds the ideal by (every segment `world / cores` × its time alone: the cores never idle), per
+/// collective. That is the rendezvous and wake-ups, and the scheduler's: a rank woken by its collective queues on
+/// a core that is busy while the other idles until the kernel balances its run queues. `None` when the world
+/// cannot run.
+pub fn measure_shared_latency(
+    world: usize,
+    cores: usize,
+    floats: usize,
+    segment_ms: f64,
+) -> Option<f64> {
+    use crate::comm::{CollectiveTag, Communicator, LinkModel, LocalWorld};
+    use std::hint::black_box;
+    use std::time::Instant;
+    const SEGMENTS: usize = 30;
+    const GROUPS: usize = 3;
+    if world <= cores || cores == 0 || !(segment_ms.is_finite() && segment_ms > 0.0) {
+        return measure_collective_latency(world, floats);
+    }
+    // Busy work of a known length on one core: a dependent chain of float operations.
+    let work = |n: u64| {
+        let mut x = black_box(1.0f64);
+        for i in 0..n {
+            x = black_box(x * 1.000_000_1 + (i & 7) as f64 * 1e-9);
+        }
+        black_box(x);
+    };
+    let probe = 2_000_000u64;
+    let t = Instant::now();
+    work(probe);
+    let per_ms = probe as f64 / (t.elapsed().as_secs_f64() * 1e3).max(1e-6);
+    let n = (segment_ms * per_ms) as u64;
+    let t = Instant::now();
+    work(n);
+    let alone_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ideal = SEGMENTS as f64 * alone_ms * world as f64 / cores as f64;
+    // A few worlds, the median: one slow stretch of this machine moves one of them.
+    let mut excess = Vec::with_capacity(GROUPS);
+    for _ in 0..GROUPS {
+        let start = Instant::now();
+        let ranks = LocalWorld::run(world, LinkModel::instant(), |comm| {
+            for i in 0..SEGMENTS {
+                work(n);
+                comm.all_reduce(
+                    CollectiveTag::new(format!("shared latency {i}")),
+                    vec![1.0; floats.max(1)],
+                )
+                .wait()?;
+            }
+            Ok::<_, crate::comm::CommError>(())
+        })
+        .ok()?;
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        for r in ranks {
+            r.ok()?;
+        }
+        excess.push(((wall - ideal) / SEGMENTS as f64).max(0.0));
+    }
+    Some(median(excess))
+}
+
+/// A rank's compute between two of its collectives, ms: every op of a pass (`ops`' costs) over `collectives`.
+fn segment_ms(ops: &[OpTime], collectives: usize) -> f64 {
+    ops.iter().map(|o| o.ms).sum::<f64>() / collectives.max(1) as f64
+}
+
 /// The model a calibration times for an EP rank of `world` (rank 0's block of every MoE layer's experts:
 /// [`Model::expert_block`]), and the rows per token its routers choose.
 fn rank_expert_block(model: &Model, world: usize) -> Result<(Model, usize), PlanError> {
@@ -659,7 +728,12 @@ pub fn measure_inference(
         threads,
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
-        latency_ms: measure_collective_latency(world, tokens * model.config().hidden_size),
+        latency_ms: measure_shared_latency(
+            world,
+            cores,
+            tokens * model.config().hidden_size,
+            segment_ms(&ops, 2 * model.layers.len()),
+        ),
         rank_speed: if pinned.is_empty() {
             Vec::new()
         } else {
@@ -725,6 +799,7 @@ pub fn measure_training(
     })?
     .into_iter()
     .unzip();
+    let ops = medians(&whole);
     Ok(Calibration {
         model: name.to_string(),
         mode: "train".into(),
@@ -734,13 +809,19 @@ pub fn measure_training(
         threads,
         cores,
         slice_ms: (world > cores).then(measure_time_slice).flatten(),
-        latency_ms: measure_collective_latency(world, tokens * model.config().hidden_size),
+        // A training step's collectives per layer: dispatch and combine forward and backward, the gradients'.
+        latency_ms: measure_shared_latency(
+            world,
+            cores,
+            tokens * model.config().hidden_size,
+            segment_ms(&ops, 5 * model.layers.len()),
+        ),
         rank_speed: if pinned.is_empty() {
             Vec::new()
         } else {
             rank_speed(&whole)
         },
-        ops: medians(&whole),
+        ops,
         ops_half: medians(&half),
         expert_share,
         measured_unix_s: now_unix_s(),
@@ -768,7 +849,7 @@ pub struct Measured {
     expert_share: Vec<Vec<f64>>,
     windows: HashMap<(&'static str, Option<usize>, Phase), f64>,
     comm_ratio: f64,
-    /// Added to every collective: [`Calibration::latency_ms`].
+    /// A waiting rank's delay after every collective: [`Calibration::latency_ms`].
     latency_ms: f64,
     /// [`Calibration::rank_speed`].
     rank_speed: Vec<f64>,
@@ -1080,15 +1161,19 @@ impl CostModel for Measured {
     }
 
     fn collective(&self, key: &OpKey, micro: usize) -> f64 {
-        // A micro-batch's collective carries its share of the rows (the experiments' TBO link does the same);
-        // every collective also pays the rendezvous and wake-ups of this machine's LocalWorld.
+        // A micro-batch's collective carries its share of the rows (the experiments' TBO link does the same).
         self.windows
             .get(&(key.op, key.layer, key.phase))
             .copied()
             .unwrap_or(0.0)
             * self.comm_ratio
             / micro.max(1) as f64
-            + self.latency_ms
+    }
+
+    fn wake_ms(&self, _key: &OpKey) -> f64 {
+        // Every collective also pays the rendezvous and wake-ups of this machine's LocalWorld (and with more
+        // ranks than cores, its scheduler's run queues) before a rank waiting for it goes on.
+        self.latency_ms
     }
 }
 
@@ -1162,6 +1247,18 @@ mod tests {
         let ms = measure_collective_latency(2, 1024).expect("a world of two runs");
         // A rendezvous of two threads: more than nothing, far less than a second.
         assert!(ms.is_finite() && ms > 0.0 && ms < 1000.0, "{ms}");
+    }
+
+    #[test]
+    fn a_shared_worlds_latency_includes_its_compute_turns() {
+        // Two ranks said to share one core, each computing 1 ms between all-reduces: a finite, non-negative
+        // excess over the ideal turns (the world's wall time against 2 × the segments).
+        let ms = measure_shared_latency(2, 1, 1024, 1.0).expect("a world of two runs");
+        assert!(ms.is_finite() && (0.0..1000.0).contains(&ms), "{ms}");
+        // As many cores as ranks, or no compute between: the plain rendezvous latency.
+        let plain = measure_shared_latency(2, 2, 1024, 1.0).expect("a world of two runs");
+        assert!(plain.is_finite() && plain > 0.0 && plain < 1000.0, "{plain}");
+        assert_eq!(measure_shared_latency(1, 1, 16, 1.0), Some(0.0));
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub trait CostModel {
         None
     }
 
+    /// How long after collective `key` arrives a rank waiting for it resumes (ms): the host's delay in waking it,
+    /// which is not link time. 0 by default.
+    fn wake_ms(&self, _key: &OpKey) -> f64 {
+        0.0
+    }
+
     /// With shared [`CostModel::cores`]: the operating system's time slice (ms), so that the simulator
     /// time-slices the cores among the ranks ([`super::sim::simulate_sliced`]) instead of sharing them as a
     /// fluid. `None`: fluid sharing.

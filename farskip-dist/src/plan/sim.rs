@@ -131,7 +131,7 @@ pub fn simulate_shared(
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
-    simulate_cores(schedule, world, cores, None, compute, collective)
+    simulate_cores(schedule, world, cores, None, compute, collective, &|_| 0.0)
 }
 
 /// [`simulate_shared`] with the cores time-sliced as an operating system's scheduler does instead of shared
@@ -156,10 +156,27 @@ pub fn simulate_sliced(
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
     let slice = (slice_ms.is_finite() && slice_ms > 0.0).then_some(slice_ms);
-    simulate_cores(schedule, world, cores, slice, compute, collective)
+    simulate_cores(schedule, world, cores, slice, compute, collective, &|_| 0.0)
 }
 
-/// The engine of [`simulate_shared`] (`slice: None`, processor sharing) and [`simulate_sliced`].
+/// [`simulate_shared`] (`slice: None`) or [`simulate_sliced`] (`slice: Some(ms)`), with a rank that waits for
+/// collective `k` resuming `wake(k)` ms after it arrives: the host's delay in waking the rank (rendezvous,
+/// wake-ups, a run queue), which is not link time — the collective's interval ends when its data arrives.
+pub fn simulate_with_wake(
+    schedule: &Schedule,
+    world: usize,
+    cores: usize,
+    slice: Option<f64>,
+    compute: &dyn Fn(usize, &OpKey) -> f64,
+    collective: &dyn Fn(&OpKey) -> f64,
+    wake: &dyn Fn(&OpKey) -> f64,
+) -> Result<Timeline, SimError> {
+    let slice = slice.filter(|len| len.is_finite() && *len > 0.0);
+    simulate_cores(schedule, world, cores, slice, compute, collective, wake)
+}
+
+/// The engine of [`simulate_shared`] (`slice: None`, processor sharing), [`simulate_sliced`] and
+/// [`simulate_with_wake`].
 fn simulate_cores(
     schedule: &Schedule,
     world: usize,
@@ -167,6 +184,7 @@ fn simulate_cores(
     slice: Option<f64>,
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
+    wake: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
     if world == 0 {
         return Err(SimError::NoRanks);
@@ -273,7 +291,8 @@ fn simulate_cores(
                                     issued: t,
                                 });
                             }
-                            done.insert(k, end);
+                            // A rank waiting for it resumes once the host has woken it.
+                            done.insert(k, end + checked(&k, wake(&k))?);
                         }
                     }
                     Item::Wait(k) => match done.get(&k) {
