@@ -201,20 +201,11 @@ fn op_table(trace: &Trace) -> OpTable {
 /// One round of a calibration: each side-by-side copy's op tables, one per timed pass.
 type Round = Vec<Vec<OpTable>>;
 
-/// The spread of `copies`' samples about each copy's own mean, over the mean of them all: the pooled standard
-/// deviation within the copies (0 for no samples or a zero mean). A copy's steady difference from the others is
-/// its speed ([`rank_speed`]), not noise.
-fn spread_within(copies: &[Vec<f64>]) -> f64 {
-    let all: Vec<f64> = copies.iter().flatten().copied().collect();
-    let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
-    let var = copies
-        .iter()
-        .map(|c| {
-            let m = c.iter().sum::<f64>() / c.len().max(1) as f64;
-            c.iter().map(|x| (x - m).powi(2)).sum::<f64>()
-        })
-        .sum::<f64>()
-        / all.len().max(1) as f64;
+/// Standard deviation over mean (0 for no samples or a zero mean).
+fn relative_std(v: &[f64]) -> f64 {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
     if mean > 0.0 { var.sqrt() / mean } else { 0.0 }
 }
 
@@ -245,11 +236,12 @@ fn rank_speed(rounds: &[Round]) -> Vec<f64> {
 }
 
 /// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
-/// median over all of them (`ms`), the median round's spread within a copy, and `min_ms`, the median over the
+/// median over all of them (`ms`), the median round's spread (each copy's samples over its `speeds`, when
+/// given: [`rank_speed`]), and `min_ms`, the median over the
 /// rounds of each round's fastest — a round holds as many samples as the experiments' link calibration takes
 /// its minimum over, so `min_ms` is their minimum's typical value, and a few slow or fast seconds on this
 /// machine move neither.
-fn medians(rounds: &[Round]) -> Vec<OpTime> {
+fn medians(rounds: &[Round], speeds: &[f64]) -> Vec<OpTime> {
     let mut keys: Vec<_> = rounds
         .iter()
         .flatten()
@@ -271,10 +263,25 @@ fn medians(rounds: &[Round]) -> Vec<OpTime> {
                 .iter()
                 .map(|r| r.iter().flatten().copied().fold(f64::INFINITY, f64::min))
                 .collect();
-            // The spread within a round and a copy (back-to-back passes: how a rank's ops vary in one run), the
-            // median round's; the drift from round to round moves every rank of a run alike, and a copy's
-            // steady difference is its rank's speed.
-            let spread = rounds.iter().map(|r| spread_within(r)).collect();
+            // The spread within a round (side-by-side copies and back-to-back passes: how ranks drift apart in
+            // one run), the median round's, with each copy's samples over its speed: the part of the copies'
+            // difference that held over every round is the ranks' speeds, the rest (which core was slow changes
+            // from round to round) is skew the run sees too. The drift from round to round moves every rank of a
+            // run alike.
+            let spread = rounds
+                .iter()
+                .map(|r| {
+                    let relative: Vec<f64> = r
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(c, samples)| {
+                            let speed = speeds.get(c).copied().filter(|s| *s > 0.0).unwrap_or(1.0);
+                            samples.iter().map(move |x| x / speed)
+                        })
+                        .collect();
+                    relative_std(&relative)
+                })
+                .collect();
             OpTime {
                 min_ms: median(fastest),
                 spread: median(spread),
@@ -712,12 +719,17 @@ pub fn measure_inference(
     })?
     .into_iter()
     .unzip();
-    let ops = medians(&plain);
+    let speeds = if pinned.is_empty() {
+        Vec::new()
+    } else {
+        rank_speed(&plain)
+    };
+    let ops = medians(&plain, &speeds);
     let two: Vec<_> = two.into_iter().flatten().collect();
     let ops_half = if two.is_empty() {
         ops.clone()
     } else {
-        halved(medians(&two))
+        halved(medians(&two, &speeds))
     };
     Ok(Calibration {
         model: name.to_string(),
@@ -734,11 +746,7 @@ pub fn measure_inference(
             tokens * model.config().hidden_size,
             segment_ms(&ops, 2 * model.layers.len()),
         ),
-        rank_speed: if pinned.is_empty() {
-            Vec::new()
-        } else {
-            rank_speed(&plain)
-        },
+        rank_speed: speeds,
         ops,
         ops_half,
         expert_share,
@@ -799,7 +807,12 @@ pub fn measure_training(
     })?
     .into_iter()
     .unzip();
-    let ops = medians(&whole);
+    let speeds = if pinned.is_empty() {
+        Vec::new()
+    } else {
+        rank_speed(&whole)
+    };
+    let ops = medians(&whole, &speeds);
     Ok(Calibration {
         model: name.to_string(),
         mode: "train".into(),
@@ -816,13 +829,9 @@ pub fn measure_training(
             tokens * model.config().hidden_size,
             segment_ms(&ops, 5 * model.layers.len()),
         ),
-        rank_speed: if pinned.is_empty() {
-            Vec::new()
-        } else {
-            rank_speed(&whole)
-        },
+        ops_half: medians(&half, &speeds),
+        rank_speed: speeds,
         ops,
-        ops_half: medians(&half),
         expert_share,
         measured_unix_s: now_unix_s(),
         version: CALIBRATION_VERSION,
@@ -1200,14 +1209,14 @@ mod tests {
                     .collect()
             })
             .collect();
-        let [op] = medians(&rounds).try_into().unwrap();
+        let [op] = medians(&rounds, &rank_speed(&rounds)).try_into().unwrap();
         // Rounds' fastest: 10, 11, 16, 10.5, 9.5 → median 10.5 (the minimum over all would be 9.5, the
         // fastest of 20 samples where the experiments' link takes its minimum over 4).
         assert!((op.min_ms - 10.5).abs() < 1e-9, "{}", op.min_ms);
         // Median of the 20 samples: round 2's do not pull it up.
         assert!(op.ms > 10.5 && op.ms < 11.0, "{}", op.ms);
-        // The spread is the passes' within a copy and a round (0.05 ms of ~10.6), not the copies' difference
-        // (0.011 with it) nor the rounds' drift (0.20 over all 20 samples).
+        // The spread is the passes' within a round with each copy over its speed (0.05 ms of ~10.6), not the
+        // copies' steady difference (0.011 with it) nor the rounds' drift (0.20 over all 20 samples).
         assert!(op.spread > 0.004 && op.spread < 0.006, "{}", op.spread);
         // Copy 1 runs 0.2 ms behind copy 0 in every round: 1.9 % apart.
         let [fast, slow] = rank_speed(&rounds).try_into().unwrap();
@@ -1229,14 +1238,17 @@ mod tests {
                 ]
             })
             .collect();
-        let [op] = medians(&rounds).try_into().unwrap();
+        let speed = rank_speed(&rounds);
+        let [op] = medians(&rounds, &speed).try_into().unwrap();
         assert_eq!(op.spread, 0.0);
         // The median of an even count is the upper middle sample, for the cost and the speeds alike: each rank's
         // cost × speed is its copy's time.
         assert_eq!(op.ms, 13.0);
         assert_eq!(op.min_ms, 10.0);
-        let speed = rank_speed(&rounds);
         assert_eq!(speed, vec![10.0 / 13.0, 1.0]);
+        // Without the speeds, the copies' difference is the spread.
+        let [op] = medians(&rounds, &[]).try_into().unwrap();
+        assert!((op.spread - 1.5 / 11.5).abs() < 1e-12, "{}", op.spread);
         // One copy: no speeds to tell apart.
         assert!(rank_speed(&[vec![vec![table(10.0)]]]).is_empty());
     }
@@ -1257,7 +1269,10 @@ mod tests {
         assert!(ms.is_finite() && (0.0..1000.0).contains(&ms), "{ms}");
         // As many cores as ranks, or no compute between: the plain rendezvous latency.
         let plain = measure_shared_latency(2, 2, 1024, 1.0).expect("a world of two runs");
-        assert!(plain.is_finite() && plain > 0.0 && plain < 1000.0, "{plain}");
+        assert!(
+            plain.is_finite() && plain > 0.0 && plain < 1000.0,
+            "{plain}"
+        );
         assert_eq!(measure_shared_latency(1, 1, 16, 1.0), Some(0.0));
     }
 
