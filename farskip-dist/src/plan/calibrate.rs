@@ -114,7 +114,7 @@ pub struct Calibration {
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
     /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round, 6 pins the copies
-    /// as the run pins its ranks and measures each rank's speed (the spread within a copy).
+    /// as the run pins its ranks and measures each rank's speed (the spread then of each copy over its speed).
     /// [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
