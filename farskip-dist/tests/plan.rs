@@ -1009,6 +1009,7 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         slice_ms: None,
         latency_ms: None,
         rank_speed: Vec::new(),
+        round_speeds: Vec::new(),
         ops: vec![
             op("attn_1", Some(0), 2.0, 1.0),
             op("attn_1", Some(1), 4.0, 3.0),
@@ -1104,6 +1105,22 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
     assert_eq!(uneven.compute(1, &key("attn_2", Some(1)), 1), 9.0);
     assert_eq!(uneven.compute(1, &key("experts", Some(0)), 1), 3.5 * 1.5);
     assert_eq!(uneven.window_ms(), m.window_ms());
+    // Each draw takes one round's speeds in turn (the slow core changed sides between the two rounds); without
+    // a draw, the median speeds.
+    let rounds = Calibration {
+        rank_speed: vec![1.0, 1.5],
+        round_speeds: vec![vec![1.0, 1.5], vec![1.5, 1.0]],
+        ..cal.clone()
+    };
+    let m0 = Measured::new(&rounds, &d, 2, Split::Expert, 2.0);
+    let attn = key("attn_2", Some(1));
+    assert_eq!(m0.compute(1, &attn, 1), 9.0);
+    let draw = |seed| m0.clone().with_jitter(Some(seed));
+    assert_eq!(draw(0).compute(0, &attn, 1), 6.0);
+    assert_eq!(draw(0).compute(1, &attn, 1), 9.0);
+    assert_eq!(draw(1).compute(0, &attn, 1), 9.0);
+    assert_eq!(draw(1).compute(1, &attn, 1), 6.0);
+    assert_eq!(draw(2).compute(1, &attn, 1), 9.0);
     // Four ranks on two cores: ops were measured a core per copy; the experiments' free pass runs all four at
     // once, so each window is twice the fastest op, and the simulator shares the two cores.
     let four = Calibration { world: 4, ..cal };
@@ -1154,6 +1171,7 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         slice_ms: None,
         latency_ms: None,
         rank_speed: Vec::new(),
+        round_speeds: Vec::new(),
         ops,
         ops_half: Vec::new(),
         expert_share: Vec::new(),

@@ -101,6 +101,11 @@ pub struct Calibration {
     /// rank sets the pace of every collective. Empty: every rank alike (one copy, or ranks the run does not pin).
     #[serde(default)]
     pub rank_speed: Vec<f64>,
+    /// Each round's copy speeds (each copy's mean pass over the round's median pass), the rounds in order: which
+    /// core was slow, and by how much, changes from round to round, and holds through a run; the simulator's
+    /// draws take them in turn as the ranks' speeds. Empty: [`Calibration::rank_speed`] for every draw.
+    #[serde(default)]
+    pub round_speeds: Vec<Vec<f64>>,
     /// EP: per layer, the expert rows each rank of `world` receives (contiguous placement) over the rows of the
     /// measured pass, from routing the experiment's own batch single-rank. Empty: every rank as measured.
     #[serde(default)]
@@ -114,7 +119,7 @@ pub struct Calibration {
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
     /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round, 6 pins the copies
-    /// as the run pins its ranks and measures each rank's speed (the spread then of each copy over its speed).
+    /// as the run pins its ranks and measures each copy's speed in each round (the spread then of each copy over it).
     /// [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
@@ -209,39 +214,44 @@ fn relative_std(v: &[f64]) -> f64 {
     if mean > 0.0 { var.sqrt() / mean } else { 0.0 }
 }
 
-/// Each side-by-side copy's speed over the rounds (`rounds[r][copy]`: its passes): per round, the copy's mean
-/// pass (every op added) over the median pass of all copies; the median over the rounds. Empty with fewer than
-/// two copies.
-fn rank_speed(rounds: &[Round]) -> Vec<f64> {
+/// Each side-by-side copy's speed in each round (`rounds[r][copy]`: its passes): the copy's mean pass (every op
+/// added) over the median pass of all copies of the round. Empty with fewer than two copies.
+fn round_speeds(rounds: &[Round]) -> Vec<Vec<f64>> {
     let copies = rounds.iter().map(Vec::len).min().unwrap_or(0);
     if copies < 2 {
         return Vec::new();
     }
     let total = |p: &OpTable| p.values().sum::<f64>();
-    let per_round: Vec<Vec<f64>> = rounds
+    rounds
         .iter()
         .map(|r| {
             let m = median(r.iter().flatten().map(total).collect());
             r.iter()
+                .take(copies)
                 .map(|c| {
                     let mean = c.iter().map(total).sum::<f64>() / c.len().max(1) as f64;
-                    if m > 0.0 { mean / m } else { 1.0 }
+                    if m > 0.0 && mean > 0.0 { mean / m } else { 1.0 }
                 })
                 .collect()
         })
-        .collect();
+        .collect()
+}
+
+/// Each copy's speed over the rounds: the median of its [`round_speeds`].
+fn rank_speed(round_speeds: &[Vec<f64>]) -> Vec<f64> {
+    let copies = round_speeds.iter().map(Vec::len).min().unwrap_or(0);
     (0..copies)
-        .map(|c| median(per_round.iter().map(|r| r[c]).collect()))
+        .map(|c| median(round_speeds.iter().map(|r| r[c]).collect()))
         .collect()
 }
 
 /// Each op's cost over the passes of every round (`rounds[r]`: round r's op tables, every copy's passes): the
-/// median over all of them (`ms`), the median round's spread (each copy's samples over its `speeds`, when
-/// given: [`rank_speed`]), and `min_ms`, the median over the
-/// rounds of each round's fastest — a round holds as many samples as the experiments' link calibration takes
+/// median over all of them (`ms`), the median round's spread (each copy's samples over its speed in that round,
+/// `speeds[r][copy]`, when given: [`round_speeds`]), and `min_ms`, the median over the rounds of each round's
+/// fastest — a round holds as many samples as the experiments' link calibration takes
 /// its minimum over, so `min_ms` is their minimum's typical value, and a few slow or fast seconds on this
 /// machine move neither.
-fn medians(rounds: &[Round], speeds: &[f64]) -> Vec<OpTime> {
+fn medians(rounds: &[Round], speeds: &[Vec<f64>]) -> Vec<OpTime> {
     let mut keys: Vec<_> = rounds
         .iter()
         .flatten()
@@ -254,34 +264,39 @@ fn medians(rounds: &[Round], speeds: &[f64]) -> Vec<OpTime> {
         .map(|k| {
             let cost = |p: &OpTable| p.get(&k).copied().unwrap_or(0.0);
             let all: Vec<f64> = rounds.iter().flatten().flatten().map(cost).collect();
-            let rounds: Vec<Vec<Vec<f64>>> = rounds
+            // Each round's samples per copy, with each copy's over its speed in the round.
+            let rounds: Vec<(Vec<Vec<f64>>, Vec<f64>)> = rounds
                 .iter()
-                .filter(|r| r.iter().any(|c| !c.is_empty()))
-                .map(|r| r.iter().map(|c| c.iter().map(cost).collect()).collect())
-                .collect();
-            let fastest = rounds
-                .iter()
-                .map(|r| r.iter().flatten().copied().fold(f64::INFINITY, f64::min))
-                .collect();
-            // The spread within a round (side-by-side copies and back-to-back passes: how ranks drift apart in
-            // one run), the median round's, with each copy's samples over its speed: the part of the copies'
-            // difference that held over every round is the ranks' speeds, the rest (which core was slow changes
-            // from round to round) is skew the run sees too. The drift from round to round moves every rank of a
-            // run alike.
-            let spread = rounds
-                .iter()
-                .map(|r| {
-                    let relative: Vec<f64> = r
+                .enumerate()
+                .filter(|(_, r)| r.iter().any(|c| !c.is_empty()))
+                .map(|(i, r)| {
+                    let raw: Vec<Vec<f64>> =
+                        r.iter().map(|c| c.iter().map(cost).collect()).collect();
+                    let relative = raw
                         .iter()
                         .enumerate()
                         .flat_map(|(c, samples)| {
-                            let speed = speeds.get(c).copied().filter(|s| *s > 0.0).unwrap_or(1.0);
+                            let speed = speeds
+                                .get(i)
+                                .and_then(|r| r.get(c))
+                                .copied()
+                                .filter(|s| *s > 0.0)
+                                .unwrap_or(1.0);
                             samples.iter().map(move |x| x / speed)
                         })
                         .collect();
-                    relative_std(&relative)
+                    (raw, relative)
                 })
                 .collect();
+            let fastest = rounds
+                .iter()
+                .map(|(r, _)| r.iter().flatten().copied().fold(f64::INFINITY, f64::min))
+                .collect();
+            // The spread within a round (side-by-side copies and back-to-back passes: how a rank's ops vary in
+            // one run), the median round's, with each copy's samples over its speed in the round: which core is
+            // slow, and by how much, holds through a run and is drawn as the rank's speed
+            // ([`Measured::with_jitter`]); the drift from round to round moves every rank of a run alike.
+            let spread = rounds.iter().map(|(_, rel)| relative_std(rel)).collect();
             OpTime {
                 min_ms: median(fastest),
                 spread: median(spread),
@@ -722,7 +737,7 @@ pub fn measure_inference(
     let speeds = if pinned.is_empty() {
         Vec::new()
     } else {
-        rank_speed(&plain)
+        round_speeds(&plain)
     };
     let ops = medians(&plain, &speeds);
     let two: Vec<_> = two.into_iter().flatten().collect();
@@ -746,7 +761,8 @@ pub fn measure_inference(
             tokens * model.config().hidden_size,
             segment_ms(&ops, 2 * model.layers.len()),
         ),
-        rank_speed: speeds,
+        rank_speed: rank_speed(&speeds),
+        round_speeds: speeds,
         ops,
         ops_half,
         expert_share,
@@ -810,7 +826,7 @@ pub fn measure_training(
     let speeds = if pinned.is_empty() {
         Vec::new()
     } else {
-        rank_speed(&whole)
+        round_speeds(&whole)
     };
     let ops = medians(&whole, &speeds);
     Ok(Calibration {
@@ -830,7 +846,8 @@ pub fn measure_training(
             segment_ms(&ops, 5 * model.layers.len()),
         ),
         ops_half: medians(&half, &speeds),
-        rank_speed: speeds,
+        rank_speed: rank_speed(&speeds),
+        round_speeds: speeds,
         ops,
         expert_share,
         measured_unix_s: now_unix_s(),
@@ -862,6 +879,8 @@ pub struct Measured {
     latency_ms: f64,
     /// [`Calibration::rank_speed`].
     rank_speed: Vec<f64>,
+    /// [`Calibration::round_speeds`].
+    round_speeds: Vec<Vec<f64>>,
 }
 
 /// Every compute op name the schedules use, to map a calibration's strings back to them (with the collectives'
@@ -971,6 +990,7 @@ impl Measured {
                 comm_ratio: 0.0,
                 latency_ms,
                 rank_speed: Vec::new(),
+                round_speeds: Vec::new(),
             };
             let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
             // Two passes, as the experiments run, each rank's ops drawn around the fastest with the measured
@@ -1070,6 +1090,7 @@ impl Measured {
             comm_ratio,
             latency_ms,
             rank_speed: calibration.rank_speed.clone(),
+            round_speeds: calibration.round_speeds.clone(),
         }
     }
 
@@ -1102,6 +1123,23 @@ fn normal(parts: &[u64]) -> f64 {
 }
 
 impl Measured {
+    /// Rank `rank`'s speed: a draw's, the copy's speed in one of the calibration's rounds (draw `seed` takes round
+    /// `seed` mod rounds); without a draw, its median over the rounds; 1 when not measured.
+    fn speed(&self, rank: usize) -> f64 {
+        let round = match self.seed {
+            Some(seed) if !self.round_speeds.is_empty() => self
+                .round_speeds
+                .get((seed % self.round_speeds.len() as u64) as usize),
+            _ => None,
+        };
+        round
+            .unwrap_or(&self.rank_speed)
+            .get(rank)
+            .copied()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .unwrap_or(1.0)
+    }
+
     /// The draw of `key` on `rank` around 1, with the spread measured for op `measured` (the op whose time it
     /// takes a share of).
     fn jitter(&self, rank: usize, key: &OpKey, measured: &'static str) -> f64 {
@@ -1165,8 +1203,7 @@ impl CostModel for Measured {
             Some(&half) if micro == 2 => half,
             _ => self.ops.get(&k).copied().unwrap_or(0.0) / micro.max(1) as f64,
         };
-        let speed = self.rank_speed.get(rank).copied().unwrap_or(1.0);
-        part * share * speed * self.jitter(rank, key, op) * cost
+        part * share * self.speed(rank) * self.jitter(rank, key, op) * cost
     }
 
     fn collective(&self, key: &OpKey, micro: usize) -> f64 {
@@ -1209,7 +1246,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let [op] = medians(&rounds, &rank_speed(&rounds)).try_into().unwrap();
+        let [op] = medians(&rounds, &round_speeds(&rounds)).try_into().unwrap();
         // Rounds' fastest: 10, 11, 16, 10.5, 9.5 → median 10.5 (the minimum over all would be 9.5, the
         // fastest of 20 samples where the experiments' link takes its minimum over 4).
         assert!((op.min_ms - 10.5).abs() < 1e-9, "{}", op.min_ms);
@@ -1219,7 +1256,7 @@ mod tests {
         // copies' steady difference (0.011 with it) nor the rounds' drift (0.20 over all 20 samples).
         assert!(op.spread > 0.004 && op.spread < 0.006, "{}", op.spread);
         // Copy 1 runs 0.2 ms behind copy 0 in every round: 1.9 % apart.
-        let [fast, slow] = rank_speed(&rounds).try_into().unwrap();
+        let [fast, slow] = rank_speed(&round_speeds(&rounds)).try_into().unwrap();
         assert!(fast < 1.0 && slow > 1.0, "{fast} {slow}");
         assert!(
             (slow / fast - 1.0 - 0.2 / 10.55).abs() < 1e-3,
@@ -1238,8 +1275,9 @@ mod tests {
                 ]
             })
             .collect();
-        let speed = rank_speed(&rounds);
-        let [op] = medians(&rounds, &speed).try_into().unwrap();
+        let speeds = round_speeds(&rounds);
+        let speed = rank_speed(&speeds);
+        let [op] = medians(&rounds, &speeds).try_into().unwrap();
         assert_eq!(op.spread, 0.0);
         // The median of an even count is the upper middle sample, for the cost and the speeds alike: each rank's
         // cost × speed is its copy's time.
@@ -1250,7 +1288,18 @@ mod tests {
         let [op] = medians(&rounds, &[]).try_into().unwrap();
         assert!((op.spread - 1.5 / 11.5).abs() < 1e-12, "{}", op.spread);
         // One copy: no speeds to tell apart.
-        assert!(rank_speed(&[vec![vec![table(10.0)]]]).is_empty());
+        assert!(round_speeds(&[vec![vec![table(10.0)]]]).is_empty());
+        // The slow core changes sides in the middle round: each round keeps its own speeds, and the spread
+        // (each copy over its speed in its round) stays 0.
+        let flip: Vec<Round> = [(10.0, 13.0), (13.0, 10.0), (10.0, 13.0)]
+            .iter()
+            .map(|&(a, b)| vec![vec![table(a), table(a)], vec![table(b), table(b)]])
+            .collect();
+        let speeds = round_speeds(&flip);
+        assert_eq!(speeds[1], vec![1.0, 10.0 / 13.0]);
+        assert_eq!(rank_speed(&speeds), vec![10.0 / 13.0, 1.0]);
+        let [op] = medians(&flip, &speeds).try_into().unwrap();
+        assert_eq!(op.spread, 0.0);
     }
 
     #[test]
