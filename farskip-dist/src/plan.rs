@@ -332,7 +332,7 @@ pub fn predict(
     let simulate = |s: &Schedule, micro: usize| -> Result<Timeline, PlanError> {
         let compute = |r: usize, k: &OpKey| costs.compute(r, k, micro);
         let collective = |k: &OpKey| costs.collective(k, micro);
-        let wake = |k: &OpKey| costs.wake_ms(k);
+        let wake = |r: usize, k: &OpKey| costs.wake_ms(r, k);
         let cores = costs.cores().unwrap_or(ranks);
         Ok(sim::simulate_with_wake(
             s,

@@ -75,7 +75,7 @@ fn a_wake_delay_holds_a_waiting_rank_but_not_the_link() {
         None,
         &|_, k| costs(k.op),
         &|_| 4.0,
-        &|_| 0.5,
+        &|_, _| 0.5,
     )
     .unwrap();
     let m = t.metrics(None);
@@ -90,10 +90,28 @@ fn a_wake_delay_holds_a_waiting_rank_but_not_the_link() {
         None,
         &|_, k| costs(k.op),
         &|_| 1.0,
-        &|_| 0.5,
+        &|_, _| 0.5,
     )
     .unwrap();
     assert_eq!(hidden.metrics(None).wall_ms, 5.0);
+    // Each rank has its own delay: rank 1 resumes 1 ms after rank 0 and finishes last.
+    let apart = simulate_with_wake(
+        &one_window(),
+        2,
+        2,
+        None,
+        &|_, k| costs(k.op),
+        &|_| 4.0,
+        &|r, _| r as f64,
+    )
+    .unwrap();
+    let end = |r: usize| {
+        apart.ranks[r]
+            .iter()
+            .map(|i| i.end)
+            .fold(f64::NAN, f64::max)
+    };
+    assert_eq!((end(0), end(1)), (7.0, 8.0));
     // A negative delay is refused by name.
     assert!(
         simulate_with_wake(
@@ -103,7 +121,7 @@ fn a_wake_delay_holds_a_waiting_rank_but_not_the_link() {
             None,
             &|_, k| costs(k.op),
             &|_| 1.0,
-            &|_| -1.0,
+            &|_, _| -1.0,
         )
         .is_err()
     );
@@ -1071,9 +1089,22 @@ fn measured_costs_calibrate_the_link_on_the_depth_one_windows() {
         2.0,
     );
     assert_eq!(slow.collective(&key("dispatch", Some(0)), 1), 8.0);
-    assert_eq!(slow.wake_ms(&key("dispatch", Some(0))), 0.25);
-    assert_eq!(slow.wake_ms(&key("combine", Some(1))), 0.25);
-    assert_eq!(m.wake_ms(&key("combine", Some(1))), 0.0);
+    assert_eq!(slow.wake_ms(0, &key("dispatch", Some(0))), 0.25);
+    assert_eq!(slow.wake_ms(1, &key("combine", Some(1))), 0.25);
+    assert_eq!(m.wake_ms(0, &key("combine", Some(1))), 0.0);
+    // A draw holds each rank back a share of it: uniform in 0..=0.375 ms for two ranks, the later of the two
+    // 0.25 ms on average.
+    let (mut later, draws) = (0.0, 2000);
+    for seed in 0..draws {
+        let d = slow.clone().with_jitter(Some(seed));
+        let w: Vec<f64> = (0..2)
+            .map(|r| d.wake_ms(r, &key("dispatch", Some(0))))
+            .collect();
+        assert!(w.iter().all(|x| (0.0..=0.375).contains(x)), "{w:?}");
+        later += w[0].max(w[1]);
+    }
+    let later = later / draws as f64;
+    assert!((later - 0.25).abs() < 0.01, "{later}");
     assert_eq!(slow.window_ms(), m.window_ms());
     // A cache's age comes from when it was measured: none recorded (older files) or a time ahead of this clock
     // has no age, so the planner measures again.

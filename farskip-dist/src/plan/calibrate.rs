@@ -881,6 +881,8 @@ pub struct Measured {
     rank_speed: Vec<f64>,
     /// [`Calibration::round_speeds`].
     round_speeds: Vec<Vec<f64>>,
+    /// The ranks of the run ([`Calibration::world`]).
+    world: usize,
 }
 
 /// Every compute op name the schedules use, to map a calibration's strings back to them (with the collectives'
@@ -991,6 +993,7 @@ impl Measured {
                 latency_ms,
                 rank_speed: Vec::new(),
                 round_speeds: Vec::new(),
+                world: calibration.world,
             };
             let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
             // Two passes, as the experiments run, each rank's ops drawn around the fastest with the measured
@@ -1091,6 +1094,7 @@ impl Measured {
             latency_ms,
             rank_speed: calibration.rank_speed.clone(),
             round_speeds: calibration.round_speeds.clone(),
+            world: calibration.world,
         }
     }
 
@@ -1108,17 +1112,24 @@ impl Measured {
     }
 }
 
-/// A standard normal number fixed by `parts` (SplitMix64 hashing, Box–Muller).
-fn normal(parts: &[u64]) -> f64 {
-    let mix = |mut z: u64| {
-        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
+/// SplitMix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Two numbers uniform in (0, 1), fixed by `parts` (SplitMix64 hashing).
+fn uniforms(parts: &[u64]) -> (f64, f64) {
     let h = parts.iter().fold(0u64, |acc, &p| mix(acc ^ p));
-    let u1 = ((mix(h) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-    let u2 = ((mix(h ^ 1) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let unit = |x: u64| ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    (unit(mix(h)), unit(mix(h ^ 1)))
+}
+
+/// A standard normal number fixed by `parts` (Box–Muller on [`uniforms`]).
+fn normal(parts: &[u64]) -> f64 {
+    let (u1, u2) = uniforms(parts);
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
@@ -1216,10 +1227,29 @@ impl CostModel for Measured {
             / micro.max(1) as f64
     }
 
-    fn wake_ms(&self, _key: &OpKey) -> f64 {
+    fn wake_ms(&self, rank: usize, key: &OpKey) -> f64 {
         // Every collective also pays the rendezvous and wake-ups of this machine's LocalWorld (and with more
-        // ranks than cores, its scheduler's run queues) before a rank waiting for it goes on.
-        self.latency_ms
+        // ranks than cores, its scheduler's run queues) before a rank waiting for it goes on. The latency is the
+        // world's: its last rank's. A draw holds each rank back a share of it, uniform in 0..=(n+1)/n × the
+        // latency for n ranks, so that the last of them is held back the latency on average and the ranks leave
+        // the collective apart, as the host wakes them one by one.
+        let Some(seed) = self.seed else {
+            return self.latency_ms;
+        };
+        let n = self.world.max(1) as f64;
+        let name = key
+            .op
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+        let (u, _) = uniforms(&[
+            seed ^ 0x5741_4B45,
+            rank as u64,
+            name,
+            key.layer.map_or(u64::MAX, |l| l as u64),
+            key.phase as u64,
+            key.micro as u64,
+        ]);
+        self.latency_ms * u * (n + 1.0) / n
     }
 }
 

@@ -29,9 +29,9 @@ pub trait CostModel {
         None
     }
 
-    /// How long after collective `key` arrives a rank waiting for it resumes (ms): the host's delay in waking it,
-    /// which is not link time. 0 by default.
-    fn wake_ms(&self, _key: &OpKey) -> f64 {
+    /// How long after collective `key` arrives `rank`, waiting for it, resumes (ms): the host's delay in waking
+    /// it, which is not link time. 0 by default.
+    fn wake_ms(&self, _rank: usize, _key: &OpKey) -> f64 {
         0.0
     }
 

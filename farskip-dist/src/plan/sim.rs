@@ -131,7 +131,15 @@ pub fn simulate_shared(
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
-    simulate_cores(schedule, world, cores, None, compute, collective, &|_| 0.0)
+    simulate_cores(
+        schedule,
+        world,
+        cores,
+        None,
+        compute,
+        collective,
+        &|_, _| 0.0,
+    )
 }
 
 /// [`simulate_shared`] with the cores time-sliced as an operating system's scheduler does instead of shared
@@ -156,11 +164,19 @@ pub fn simulate_sliced(
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
     let slice = (slice_ms.is_finite() && slice_ms > 0.0).then_some(slice_ms);
-    simulate_cores(schedule, world, cores, slice, compute, collective, &|_| 0.0)
+    simulate_cores(
+        schedule,
+        world,
+        cores,
+        slice,
+        compute,
+        collective,
+        &|_, _| 0.0,
+    )
 }
 
-/// [`simulate_shared`] (`slice: None`) or [`simulate_sliced`] (`slice: Some(ms)`), with a rank that waits for
-/// collective `k` resuming `wake(k)` ms after it arrives: the host's delay in waking the rank (rendezvous,
+/// [`simulate_shared`] (`slice: None`) or [`simulate_sliced`] (`slice: Some(ms)`), with rank `r` waiting for
+/// collective `k` resuming `wake(r, k)` ms after it arrives: the host's delay in waking the rank (rendezvous,
 /// wake-ups, a run queue), which is not link time — the collective's interval ends when its data arrives.
 pub fn simulate_with_wake(
     schedule: &Schedule,
@@ -169,7 +185,7 @@ pub fn simulate_with_wake(
     slice: Option<f64>,
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
-    wake: &dyn Fn(&OpKey) -> f64,
+    wake: &dyn Fn(usize, &OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
     let slice = slice.filter(|len| len.is_finite() && *len > 0.0);
     simulate_cores(schedule, world, cores, slice, compute, collective, wake)
@@ -184,7 +200,7 @@ fn simulate_cores(
     slice: Option<f64>,
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
-    wake: &dyn Fn(&OpKey) -> f64,
+    wake: &dyn Fn(usize, &OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
     if world == 0 {
         return Err(SimError::NoRanks);
@@ -236,7 +252,7 @@ fn simulate_cores(
     let mut asleep = vec![false; world];
     let mut ranks: Vec<Vec<Interval>> = vec![Vec::new(); world];
     let mut issue_times: HashMap<OpKey, Vec<Option<f64>>> = HashMap::new();
-    let mut done: HashMap<OpKey, f64> = HashMap::new();
+    let mut done: HashMap<OpKey, Vec<f64>> = HashMap::new();
     let mut lane_free: HashMap<u8, f64> = HashMap::new();
     let mut now = 0.0f64;
     loop {
@@ -292,11 +308,14 @@ fn simulate_cores(
                                 });
                             }
                             // A rank waiting for it resumes once the host has woken it.
-                            done.insert(k, end + checked(&k, wake(&k))?);
+                            let ready = (0..world)
+                                .map(|q| Ok(end + checked(&k, wake(q, &k))?))
+                                .collect::<Result<Vec<f64>, SimError>>()?;
+                            done.insert(k, ready);
                         }
                     }
                     Item::Wait(k) => match done.get(&k) {
-                        Some(&end) if end <= now => state[r].pc += 1,
+                        Some(ready) if ready[r] <= now => state[r].pc += 1,
                         _ => continue,
                     },
                 }
@@ -385,8 +404,8 @@ fn simulate_cores(
                 (Some(_), _) if rates[r] == 0.0 => {}
                 (Some((_, left, _)), _) => next = next.min(now + left / rates[r]),
                 (None, Some(Item::Wait(k))) => {
-                    if let Some(&end) = done.get(k) {
-                        next = next.min(end);
+                    if let Some(ready) = done.get(k) {
+                        next = next.min(ready[r]);
                     }
                 }
                 (None, Some(_)) => unreachable!("rank {r} would have moved"),
