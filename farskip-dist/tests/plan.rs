@@ -66,45 +66,28 @@ fn comm_equal_to_its_window_is_hidden_completely() {
 
 #[test]
 fn a_wake_delay_holds_a_waiting_rank_but_not_the_link() {
+    // `ranks` ranks of `one_window` on cores of their own, the collective lasting `link` ms.
+    let run = |ranks: usize, link: f64, wake: &dyn Fn(usize, &OpKey) -> f64| {
+        simulate_with_wake(
+            &one_window(),
+            ranks,
+            ranks,
+            None,
+            &|_, k| costs(k.op),
+            &|_| link,
+            wake,
+        )
+    };
     // The collective (4 ms) arrives at 6 ms; the rank waiting for it resumes 0.5 ms later. Its link time and
     // overlap are unchanged; the wall time grows by the delay.
-    let t = simulate_with_wake(
-        &one_window(),
-        1,
-        1,
-        None,
-        &|_, k| costs(k.op),
-        &|_| 4.0,
-        &|_, _| 0.5,
-    )
-    .unwrap();
-    let m = t.metrics(None);
+    let m = run(1, 4.0, &|_, _| 0.5).unwrap().metrics(None);
     assert_eq!(m.wall_ms, 7.5);
     assert_eq!(m.comm_ms, 4.0);
     assert_eq!(m.overlap_pct, 50.0);
     // A collective whose link time and delay fit its window costs nothing: 1 ms + 0.5 ms behind 2 ms of compute.
-    let hidden = simulate_with_wake(
-        &one_window(),
-        1,
-        1,
-        None,
-        &|_, k| costs(k.op),
-        &|_| 1.0,
-        &|_, _| 0.5,
-    )
-    .unwrap();
-    assert_eq!(hidden.metrics(None).wall_ms, 5.0);
+    assert_eq!(run(1, 1.0, &|_, _| 0.5).unwrap().metrics(None).wall_ms, 5.0);
     // Each rank has its own delay: rank 1 resumes 1 ms after rank 0 and finishes last.
-    let apart = simulate_with_wake(
-        &one_window(),
-        2,
-        2,
-        None,
-        &|_, k| costs(k.op),
-        &|_| 4.0,
-        &|r, _| r as f64,
-    )
-    .unwrap();
+    let apart = run(2, 4.0, &|r, _| r as f64).unwrap();
     let end = |r: usize| {
         apart.ranks[r]
             .iter()
@@ -113,18 +96,8 @@ fn a_wake_delay_holds_a_waiting_rank_but_not_the_link() {
     };
     assert_eq!((end(0), end(1)), (7.0, 8.0));
     // A negative delay is refused by name.
-    assert!(
-        simulate_with_wake(
-            &one_window(),
-            1,
-            1,
-            None,
-            &|_, k| costs(k.op),
-            &|_| 1.0,
-            &|_, _| -1.0,
-        )
-        .is_err()
-    );
+    let err = run(1, 1.0, &|_, _| -1.0).unwrap_err();
+    assert!(matches!(err, SimError::BadCost { op: "c", .. }), "{err:?}");
 }
 
 #[test]

@@ -131,7 +131,7 @@ pub fn simulate_shared(
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
-    simulate_cores(
+    simulate_with_wake(
         schedule,
         world,
         cores,
@@ -163,12 +163,11 @@ pub fn simulate_sliced(
     compute: &dyn Fn(usize, &OpKey) -> f64,
     collective: &dyn Fn(&OpKey) -> f64,
 ) -> Result<Timeline, SimError> {
-    let slice = (slice_ms.is_finite() && slice_ms > 0.0).then_some(slice_ms);
-    simulate_cores(
+    simulate_with_wake(
         schedule,
         world,
         cores,
-        slice,
+        Some(slice_ms),
         compute,
         collective,
         &|_, _| 0.0,
@@ -177,23 +176,9 @@ pub fn simulate_sliced(
 
 /// [`simulate_shared`] (`slice: None`) or [`simulate_sliced`] (`slice: Some(ms)`), with rank `r` waiting for
 /// collective `k` resuming `wake(r, k)` ms after it arrives: the host's delay in waking the rank (rendezvous,
-/// wake-ups, a run queue), which is not link time — the collective's interval ends when its data arrives.
+/// wake-ups, a run queue), which is not link time — the collective's interval ends when its data arrives. The
+/// engine of all three.
 pub fn simulate_with_wake(
-    schedule: &Schedule,
-    world: usize,
-    cores: usize,
-    slice: Option<f64>,
-    compute: &dyn Fn(usize, &OpKey) -> f64,
-    collective: &dyn Fn(&OpKey) -> f64,
-    wake: &dyn Fn(usize, &OpKey) -> f64,
-) -> Result<Timeline, SimError> {
-    let slice = slice.filter(|len| len.is_finite() && *len > 0.0);
-    simulate_cores(schedule, world, cores, slice, compute, collective, wake)
-}
-
-/// The engine of [`simulate_shared`] (`slice: None`, processor sharing), [`simulate_sliced`] and
-/// [`simulate_with_wake`].
-fn simulate_cores(
     schedule: &Schedule,
     world: usize,
     cores: usize,
@@ -207,7 +192,7 @@ fn simulate_cores(
     }
     let cores = cores.max(1);
     // Time slices only matter when ranks outnumber the cores.
-    let slice = slice.filter(|_| world > cores);
+    let slice = slice.filter(|len| len.is_finite() && *len > 0.0 && world > cores);
     let mut items = Vec::with_capacity(schedule.steps.len());
     let mut issued_before = std::collections::HashSet::new();
     for step in &schedule.steps {
