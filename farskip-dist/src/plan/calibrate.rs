@@ -402,42 +402,54 @@ pub fn measure_time_slice() -> Option<f64> {
 }
 
 /// What a collective costs a LocalWorld run of `world` ranks beyond its link time (ms): the ranks all-reduce
-/// `floats` values over an instant link, back to back; the median time from issuing one to holding its result.
-/// That is the rendezvous, a comm thread waking to sum the payloads and the rank waking to take the result — the
+/// `floats` values back to back over a link on which each takes `link_ms`; the median time from issuing one to
+/// holding its result, less the link's. That is the rendezvous, a comm thread waking to sum the payloads, and the
+/// rank waking to take the result — late, after a sleep on this machine's timers, when the link took time — the
 /// α of this machine's link. `None` when the world cannot run.
-pub fn measure_collective_latency(world: usize, floats: usize) -> Option<f64> {
+pub fn measure_collective_latency(world: usize, floats: usize, link_ms: f64) -> Option<f64> {
     use crate::comm::{CollectiveTag, Communicator, LinkModel, LocalWorld};
-    use std::time::Instant;
-    const ROUNDS: usize = 100;
-    if world < 2 {
-        return Some(0.0);
-    }
-    let ranks = LocalWorld::run(world, LinkModel::instant(), |comm| {
-        let mut ms = Vec::with_capacity(ROUNDS);
-        for i in 0..=ROUNDS {
-            let t = Instant::now();
-            comm.all_reduce(
-                CollectiveTag::new(format!("latency {i}")),
-                vec![1.0; floats.max(1)],
-            )
-            .wait()?;
-            // The first round also waits for the peers' threads to start.
-            if i > 0 {
-                ms.push(t.elapsed().as_secs_f64() * 1e3);
+    use std::time::{Duration, Instant};
+    let link_ms = if link_ms.is_finite() {
+        link_ms.max(0.0)
+    } else {
+        0.0
+    };
+    // About a second of collectives, 20 to 100 of them.
+    let rounds = ((1000.0 / link_ms.max(1.0)) as usize).clamp(20, 100);
+    let link = Duration::from_secs_f64(link_ms / 1e3);
+    // A world of one still hands every collective to its comm thread and waits for the answer.
+    let ranks = LocalWorld::run(
+        world,
+        LinkModel::fixed_time_per_op(move |_, _| link),
+        |comm| {
+            let mut ms = Vec::with_capacity(rounds);
+            for i in 0..=rounds {
+                let t = Instant::now();
+                comm.all_reduce(
+                    CollectiveTag::new(format!("latency {i}")),
+                    vec![1.0; floats.max(1)],
+                )
+                .wait()?;
+                // The first round also waits for the peers' threads to start.
+                if i > 0 {
+                    ms.push(t.elapsed().as_secs_f64() * 1e3 - link_ms);
+                }
             }
-        }
-        Ok::<_, crate::comm::CommError>(ms)
-    })
+            Ok::<_, crate::comm::CommError>(ms)
+        },
+    )
     .ok()?;
     let mut all = Vec::new();
     for r in ranks {
         all.extend(r.ok()?);
     }
-    Some(median(all))
+    Some(median(all).max(0.0))
 }
 
-/// [`measure_collective_latency`] for `world` ranks taking turns on `cores` cores (more ranks than cores), with
-/// the work the run does between its collectives: each rank computes `segment_ms` (its time alone on a core)
+/// What a collective costs a LocalWorld run of `world` ranks on `cores` cores beyond its link time (ms). With as
+/// many cores as ranks, [`measure_collective_latency`] over a link lasting `segment_ms` (the run's links, at
+/// comm ratio 1, last about a rank's compute between two collectives). With more ranks than cores, with the work
+/// the run does between its collectives: each rank computes `segment_ms` (its time alone on a core)
 /// before each all-reduce of `floats` values over an instant link, as a blocking schedule does; what the world's
 /// wall time exceeds the ideal by (every segment `world / cores` × its time alone: the cores never idle), per
 /// collective. That is the rendezvous and wake-ups, and the scheduler's: a rank woken by its collective queues on
@@ -455,7 +467,8 @@ pub fn measure_shared_latency(
     const SEGMENTS: usize = 30;
     const GROUPS: usize = 3;
     if world <= cores || cores == 0 || !(segment_ms.is_finite() && segment_ms > 0.0) {
-        return measure_collective_latency(world, floats);
+        // The run's links last about a segment at ratio 1.
+        return measure_collective_latency(world, floats, segment_ms);
     }
     // Busy work of a known length on one core: a dependent chain of float operations.
     let work = |n: u64| {
@@ -1334,8 +1347,13 @@ mod tests {
 
     #[test]
     fn a_collectives_latency_is_measured_between_ranks() {
-        assert_eq!(measure_collective_latency(1, 16), Some(0.0));
-        let ms = measure_collective_latency(2, 1024).expect("a world of two runs");
+        // One rank: its comm thread's round trip.
+        let one = measure_collective_latency(1, 16, 0.0).expect("a world of one runs");
+        assert!(one.is_finite() && one > 0.0 && one < 1000.0, "{one}");
+        let ms = measure_collective_latency(2, 1024, 0.0).expect("a world of two runs");
+        // Over a 2 ms link: the excess over it, well under the link itself.
+        let slow = measure_collective_latency(2, 1024, 2.0).expect("a world of two runs");
+        assert!(slow.is_finite() && (0.0..2.0).contains(&slow), "{slow}");
         // A rendezvous of two threads: more than nothing, far less than a second.
         assert!(ms.is_finite() && ms > 0.0 && ms < 1000.0, "{ms}");
     }
@@ -1352,7 +1370,7 @@ mod tests {
             plain.is_finite() && plain > 0.0 && plain < 1000.0,
             "{plain}"
         );
-        assert_eq!(measure_shared_latency(1, 1, 16, 1.0), Some(0.0));
+        assert!(measure_shared_latency(1, 1, 16, 1.0).is_some_and(|ms| ms > 0.0));
     }
 
     #[test]
