@@ -407,7 +407,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         Some(age) if age <= max_age => true,
         age => {
             let age = age.map_or("of unknown age".into(), |a| {
-                format!("{} s old", a.as_secs())
+                format!("{:.1} s old", a.as_secs_f64())
             });
             eprintln!(
                 "{} is {age} (--calibration-max-age-s {}): measuring again",
