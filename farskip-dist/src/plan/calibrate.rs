@@ -215,10 +215,11 @@ fn relative_std(v: &[f64]) -> f64 {
 }
 
 /// Each side-by-side copy's speed in each round (`rounds[r][copy]`: its passes): the copy's mean pass (every op
-/// added) over the median pass of all copies of the round. Empty with fewer than two copies.
-fn round_speeds(rounds: &[Round]) -> Vec<Vec<f64>> {
+/// added) over the median pass of all copies of the round. Empty with fewer than two copies, or when they were
+/// not `pinned` where the run pins its ranks (a copy is then no rank's core).
+fn round_speeds(rounds: &[Round], pinned: bool) -> Vec<Vec<f64>> {
     let copies = rounds.iter().map(Vec::len).min().unwrap_or(0);
-    if copies < 2 {
+    if copies < 2 || !pinned {
         return Vec::new();
     }
     let total = |p: &OpTable| p.values().sum::<f64>();
@@ -747,11 +748,7 @@ pub fn measure_inference(
     })?
     .into_iter()
     .unzip();
-    let speeds = if pinned.is_empty() {
-        Vec::new()
-    } else {
-        round_speeds(&plain)
-    };
+    let speeds = round_speeds(&plain, !pinned.is_empty());
     let ops = medians(&plain, &speeds);
     let two: Vec<_> = two.into_iter().flatten().collect();
     let ops_half = if two.is_empty() {
@@ -836,11 +833,7 @@ pub fn measure_training(
     })?
     .into_iter()
     .unzip();
-    let speeds = if pinned.is_empty() {
-        Vec::new()
-    } else {
-        round_speeds(&whole)
-    };
+    let speeds = round_speeds(&whole, !pinned.is_empty());
     let ops = medians(&whole, &speeds);
     Ok(Calibration {
         model: name.to_string(),
@@ -1289,7 +1282,9 @@ mod tests {
                     .collect()
             })
             .collect();
-        let [op] = medians(&rounds, &round_speeds(&rounds)).try_into().unwrap();
+        let [op] = medians(&rounds, &round_speeds(&rounds, true))
+            .try_into()
+            .unwrap();
         // Rounds' fastest: 10, 11, 16, 10.5, 9.5 → median 10.5 (the minimum over all would be 9.5, the
         // fastest of 20 samples where the experiments' link takes its minimum over 4).
         assert!((op.min_ms - 10.5).abs() < 1e-9, "{}", op.min_ms);
@@ -1299,7 +1294,7 @@ mod tests {
         // copies' steady difference (0.011 with it) nor the rounds' drift (0.20 over all 20 samples).
         assert!(op.spread > 0.004 && op.spread < 0.006, "{}", op.spread);
         // Copy 1 runs 0.2 ms behind copy 0 in every round: 1.9 % apart.
-        let [fast, slow] = rank_speed(&round_speeds(&rounds)).try_into().unwrap();
+        let [fast, slow] = rank_speed(&round_speeds(&rounds, true)).try_into().unwrap();
         assert!(fast < 1.0 && slow > 1.0, "{fast} {slow}");
         assert!(
             (slow / fast - 1.0 - 0.2 / 10.55).abs() < 1e-3,
@@ -1318,7 +1313,7 @@ mod tests {
                 ]
             })
             .collect();
-        let speeds = round_speeds(&rounds);
+        let speeds = round_speeds(&rounds, true);
         let speed = rank_speed(&speeds);
         let [op] = medians(&rounds, &speeds).try_into().unwrap();
         assert_eq!(op.spread, 0.0);
@@ -1331,14 +1326,16 @@ mod tests {
         let [op] = medians(&rounds, &[]).try_into().unwrap();
         assert!((op.spread - 1.5 / 11.5).abs() < 1e-12, "{}", op.spread);
         // One copy: no speeds to tell apart.
-        assert!(round_speeds(&[vec![vec![table(10.0)]]]).is_empty());
+        assert!(round_speeds(&[vec![vec![table(10.0)]]], true).is_empty());
+        // Copies the run's ranks are not pinned like: no core to give a speed to.
+        assert!(round_speeds(&rounds, false).is_empty());
         // The slow core changes sides in the middle round: each round keeps its own speeds, and the spread
         // (each copy over its speed in its round) stays 0.
         let flip: Vec<Round> = [(10.0, 13.0), (13.0, 10.0), (10.0, 13.0)]
             .iter()
             .map(|&(a, b)| vec![vec![table(a), table(a)], vec![table(b), table(b)]])
             .collect();
-        let speeds = round_speeds(&flip);
+        let speeds = round_speeds(&flip, true);
         assert_eq!(speeds[1], vec![1.0, 10.0 / 13.0]);
         assert_eq!(rank_speed(&speeds), vec![10.0 / 13.0, 1.0]);
         let [op] = medians(&flip, &speeds).try_into().unwrap();
