@@ -72,7 +72,7 @@ struct Args {
     /// The converted model's connectivity: farskip, farskip-dN, with an optional layer range (farskip:0..=9).
     #[arg(long, default_value = "farskip")]
     connectivity: Connectivity,
-    /// The schedule whose timeline --svg draws: blocking, farskip or tbo.
+    /// The schedule whose timeline --svg and --trace draw: blocking, farskip or tbo.
     #[arg(long, default_value = "farskip")]
     schedule: String,
     /// Print one JSON line.
@@ -81,6 +81,11 @@ struct Args {
     /// Write the timeline of one layer per rank as SVG.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Write the whole simulated timeline of --schedule (every rank, every layer) as a Chrome trace, the
+    /// format of the overlap examples' --trace, to compare a prediction with a run span by span (cpu-here: the
+    /// first of the jitter draws, whose figures the report averages).
+    #[arg(long)]
+    trace: Option<PathBuf>,
     /// ep-tp, depth or layers: a sweep, printed as JSON lines and plotted to --plot.
     #[arg(long)]
     sweep: Option<String>,
@@ -225,6 +230,10 @@ fn report(
             plan.timeline(kind).to_trace(Some(l..=l)).to_svg(&title),
         )
         .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.trace {
+        std::fs::write(path, plan.timeline(kind).to_trace(None).to_chrome_json())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if args.json {
         let mut v = serde_json::to_value(p)?;

@@ -570,6 +570,71 @@ fn overlap_inference_writes_both_runs_traces_and_timelines() {
     }
 }
 
+/// `plan --trace` writes the simulated timeline it reports: every simulated rank's compute and collective spans,
+/// ending at the schedule's predicted step time (FarSkip by default, the blocking baseline with `--schedule`).
+#[test]
+fn plan_writes_the_timeline_it_predicts_as_a_trace() {
+    let dir = TempDir::new("plan_trace");
+    let config = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+        .join("data/configs/qwen3_30b_a3b.json");
+    for (schedule, key) in [("farskip", "farskip_ms"), ("blocking", "blocking_ms")] {
+        let trace = dir.join(&format!("{schedule}.json"));
+        let (out, _) = run_example(
+            "plan",
+            &[
+                "--model",
+                config.to_str().expect("utf-8 path"),
+                "--cluster",
+                "h100",
+                "--ep",
+                "8",
+                "--schedule",
+                schedule,
+                "--trace",
+                trace.to_str().expect("utf-8 path"),
+                "--json",
+            ],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value =
+            serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON report");
+        let predicted = report[key].as_f64().expect(key);
+        let text = std::fs::read_to_string(&trace).expect("the trace file");
+        let v: Value = serde_json::from_str(&text).expect("Chrome-trace JSON");
+        let spans: Vec<&Value> = v["traceEvents"]
+            .as_array()
+            .expect("traceEvents")
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .collect();
+        for rank in 0..8 {
+            for tid in [0, 1] {
+                assert!(
+                    spans.iter().any(|e| e["pid"] == rank && e["tid"] == tid),
+                    "{schedule}: rank {rank} has no spans on thread {tid}"
+                );
+            }
+        }
+        // Chrome traces count microseconds.
+        let end_ms = spans
+            .iter()
+            .map(|e| e["ts"].as_f64().expect("ts") + e["dur"].as_f64().expect("dur"))
+            .fold(f64::NEG_INFINITY, f64::max)
+            / 1e3;
+        assert!(
+            (end_ms - predicted).abs() <= 1e-3 * predicted,
+            "{schedule}: the trace ends at {end_ms} ms, the prediction is {predicted} ms"
+        );
+    }
+}
+
 /// `bench --decode` on a fixture checkpoint, both weight dtypes: the JSON carries the decode speed, its parts per
 /// step (finite, attention and MoE not zero) and the peak RSS.
 #[test]
