@@ -4,15 +4,25 @@
 Each setting calibrates afresh (`plan --calibrate`), then runs the example, so both see the machine at about the
 same load. Prints a markdown table of predicted vs measured farskip_ms, blocking_ms and overlap_pct.
 
-    python3 benchmarks/plan_vs_measured.py [TARGET_DIR]
+`--self N` runs no planner: it measures every setting N times (in N interleaved rounds) and prints how far the
+runs of one setting are apart, and how many runs miss the bars (15 %, 10 points) around the setting's median
+run — an oracle that knew every run in advance: the floor under any prediction's misses on this machine.
+
+    python3 benchmarks/plan_vs_measured.py [TARGET_DIR] [--self N]
 """
+import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 
-target = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("CARGO_TARGET_DIR", "target")
-bin_dir = os.path.join(target, "release", "examples")
+cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+cli.add_argument("target", nargs="?", default=os.environ.get("CARGO_TARGET_DIR", "target"))
+cli.add_argument("--self", dest="self_runs", type=int, default=0, metavar="N",
+                 help="measure each setting N times (no planner) and print the runs' spread")
+args = cli.parse_args()
+bin_dir = os.path.join(args.target, "release", "examples")
 
 SETTINGS = [
     # (mode, parallel, comm_ratio, connectivity, world)
@@ -39,20 +49,59 @@ def load():
     return os.getloadavg()[0]
 
 
+def measure(mode, par, ratio, conn, world):
+    common = ["--world", str(world), "--preset", "small", "--comm-ratio", str(ratio)]
+    if mode == "train":
+        m = run([f"{bin_dir}/overlap_training", "--steps", "3", "--json"] + common)
+        return (m["farskip_step_ms"], m["blocking_step_ms"], m["fwd_overlap_pct"], m["bwd_overlap_pct"])
+    extra = ["--parallel", par, "--tokens", "256", "--connectivity", conn]
+    m = run([f"{bin_dir}/overlap_inference", "--json"] + common + extra)
+    return (m["farskip_ms"], m["blocking_ms"], m["overlap_pct"])
+
+
+if args.self_runs > 0:
+    runs = {s: [] for s in SETTINGS}
+    for r in range(args.self_runs):
+        for s in SETTINGS:
+            runs[s].append(measure(*s))
+            print(f"round {r}: {s}: {runs[s][-1]}", file=sys.stderr)
+    print(f"| mode | split x world | R | connectivity | farskip_ms runs (max over min) | blocking_ms runs (max over min) "
+          f"| overlap % runs (max - min) | pairs past 15 % / 10 points | runs past them around the median |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (mode, par, ratio, conn, world), vs in runs.items():
+        cols = list(zip(*vs))
+        times = [f"{' '.join(f'{x:.0f}' for x in c)} ({100 * (max(c) / min(c) - 1):+.0f} %)" for c in cols[:2]]
+        pcts = " ; ".join(f"{' '.join(f'{x:.0f}' for x in c)} ({max(c) - min(c):.0f})" for c in cols[2:])
+        # Pairs of runs that miss each other by the planner's bars, one taken as the prediction of the other
+        # (either way round: a time 15 % off the other's, an overlap 10 points off).
+        past = sum(
+            any(abs(a[i] - b[i]) > 0.15 * min(a[i], b[i]) for i in range(2))
+            or any(abs(a[i] - b[i]) > 10 for i in range(2, len(a)))
+            for a, b in itertools.combinations(vs, 2)
+        )
+        pairs = len(vs) * (len(vs) - 1) // 2
+        # The runs' median (the upper middle of an even count) as the prediction of each run.
+        mid = [sorted(c)[len(c) // 2] for c in cols]
+        off = sum(
+            any(abs(mid[i] - v[i]) > 0.15 * v[i] for i in range(2))
+            or any(abs(mid[i] - v[i]) > 10 for i in range(2, len(v)))
+            for v in vs
+        )
+        print(f"| {mode} | {par} x{world} | {ratio} | {conn} | {times[0]} | {times[1]} | {pcts} | {past} / {pairs} "
+              f"| {off} / {len(vs)} |")
+    sys.exit(0)
+
 rows = []
 for mode, par, ratio, conn, world in SETTINGS:
     common = ["--world", str(world), "--preset", "small", "--comm-ratio", str(ratio)]
     if mode == "train":
         plan = run([f"{bin_dir}/plan", "--cluster", "cpu-here", "--mode", "train", "--calibrate", "--json"] + common)
-        meas = run([f"{bin_dir}/overlap_training", "--steps", "3", "--json"] + common)
         pred = (plan["farskip_step_ms"], plan["blocking_step_ms"], plan["fwd_overlap_pct"], plan["bwd_overlap_pct"])
-        got = (meas["farskip_step_ms"], meas["blocking_step_ms"], meas["fwd_overlap_pct"], meas["bwd_overlap_pct"])
     else:
         extra = ["--parallel", par, "--tokens", "256", "--connectivity", conn]
         plan = run([f"{bin_dir}/plan", "--cluster", "cpu-here", "--calibrate", "--json"] + common + extra)
-        meas = run([f"{bin_dir}/overlap_inference", "--json"] + common + extra)
         pred = (plan["farskip_ms"], plan["blocking_ms"], plan["overlap_pct"])
-        got = (meas["farskip_ms"], meas["blocking_ms"], meas["overlap_pct"])
+    got = measure(mode, par, ratio, conn, world)
     rows.append((mode, f"{par} x{world}", ratio, conn, pred, got, load()))
     print(f"done {mode} {par} {ratio} {conn}: pred {pred} meas {got}", file=sys.stderr)
 
