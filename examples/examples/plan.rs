@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use farskip_dist::experiment::Parallel;
 use farskip_dist::plan::calibrate::{
-    Calibration, Measured, Passes, measure_inference, measure_training, routing_imbalance,
+    Calibration, Measured, Passes, balanced_placement, measure_inference, measure_training,
+    routing_imbalance,
 };
 use farskip_dist::plan::{
     Cluster, Layout, Mode, Plan, Prediction, ScheduleKind, Workload, load_model_config, predict,
@@ -101,6 +102,10 @@ struct Args {
     /// cpu-here: collective time as a multiple of its depth-1 FarSkip window (the overlap examples' link).
     #[arg(long, default_value_t = 1.0)]
     comm_ratio: f64,
+    /// cpu-here, EP: predict the overlap examples' --balance run (experts placed on the ranks by their load on a
+    /// placement batch instead of in contiguous blocks): the calibration measures the model so placed.
+    #[arg(long)]
+    balance: bool,
     /// cpu-here: measure the op costs again even if a cached calibration exists.
     #[arg(long)]
     calibrate: bool,
@@ -381,15 +386,19 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     };
     // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
     // before the embeddings were part of it is not taken for one).
-    let cache_name = if args.model.is_none() {
-        format!("{name}-emb{}", args.embedding_std)
-    } else {
-        name.clone()
-    };
     let parallel = if args.mode == Mode::Train {
         Parallel::Expert
     } else {
         args.parallel
+    };
+    // --balance moves experts only where the examples move them: EP over more than one rank of an MoE model.
+    let balance =
+        args.balance && parallel == Parallel::Expert && args.world > 1 && config.moe.is_some();
+    let cache_name = match (args.model.is_none(), balance) {
+        (true, false) => format!("{name}-emb{}", args.embedding_std),
+        (true, true) => format!("{name}-emb{}-balanced", args.embedding_std),
+        (false, false) => name.clone(),
+        (false, true) => format!("{name}-balanced"),
     };
     // The overlap examples refuse a world they cannot split the model into; so does their prediction.
     check_world(args.world, parallel, &config)?;
@@ -438,6 +447,16 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
                 force: false,
             }
             .load(&device)?;
+            let seed = if args.mode == Mode::Train {
+                TRAINING_SEED
+            } else {
+                INFERENCE_SEED
+            };
+            let model = if balance {
+                balanced_placement(&model, args.world, tokens, seed)?.apply(&model)?
+            } else {
+                model
+            };
             eprintln!(
                 "calibrating {name} ({mode}, {tag}, world {}, {} tokens) into {}",
                 args.world,
@@ -451,7 +470,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
                     args.world,
                     tokens,
                     TRAINING_PASSES,
-                    TRAINING_SEED,
+                    seed,
                 )?
             } else {
                 measure_inference(
@@ -461,7 +480,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
                     args.world,
                     tokens,
                     INFERENCE_PASSES,
-                    INFERENCE_SEED,
+                    seed,
                 )?
             };
             std::fs::create_dir_all(&args.calibration_dir)

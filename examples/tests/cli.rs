@@ -635,6 +635,62 @@ fn plan_writes_the_timeline_it_predicts_as_a_trace() {
     }
 }
 
+/// `plan --cluster cpu-here --balance` predicts the overlap examples' `--balance` run: it calibrates the model with
+/// its experts placed as they place them, cached apart from the contiguous placement's calibration.
+#[test]
+fn plan_calibrates_a_balanced_placement_apart() {
+    let dir = TempDir::new("plan_balance");
+    let cache = dir.join("cache");
+    for balance in [false, true] {
+        let mut args = vec![
+            "--cluster",
+            "cpu-here",
+            "--preset",
+            "tiny",
+            "--world",
+            "2",
+            "--tokens",
+            "8",
+            "--jitter-draws",
+            "0",
+            "--calibration-dir",
+            cache.to_str().expect("utf-8 path"),
+            "--json",
+        ];
+        if balance {
+            args.push("--balance");
+        }
+        let (out, _) = run_example("plan", &args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let report: Value =
+            serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON report");
+        let ms = report["farskip_ms"].as_f64().expect("farskip_ms");
+        assert!(ms.is_finite() && ms > 0.0, "{report}");
+    }
+    let mut files: Vec<String> = std::fs::read_dir(&cache)
+        .expect("the calibration cache")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "tiny-emb1-balanced-prefill-expert-w2-t8.json",
+            "tiny-emb1-prefill-expert-w2-t8.json"
+        ]
+    );
+}
+
 /// `bench --decode` on a fixture checkpoint, both weight dtypes: the JSON carries the decode speed, its parts per
 /// step (finite, attention and MoE not zero) and the peak RSS.
 #[test]

@@ -542,6 +542,10 @@ fn max_over_ranks(world: usize, f: impl Fn(usize) -> Duration) -> Duration {
     (0..world).map(f).max().unwrap_or_default()
 }
 
+/// Added to an experiment's seed for the batch its `balance` placement is computed on (`world` sequences of
+/// `tokens`: other tokens than the measured ones, as a deployment places experts by past traffic).
+pub const BALANCE_SEED: u64 = 0x5EED;
+
 /// A placement of `model`'s experts over `world` EP ranks balanced for the loads its FarSkip forward routes
 /// on `ids` (`[world × rows, seq]`, split by rows as in [`run_forward`]).
 ///
@@ -690,7 +694,7 @@ pub fn overlap_inference_on(
                 batch,
                 cfg.tokens,
                 model.config().vocab_size,
-                cfg.seed.wrapping_add(0x5EED),
+                cfg.seed.wrapping_add(BALANCE_SEED),
                 &device,
             );
             let placement = balanced_placement_on(backend, model, cfg.world, &calibration)?;
@@ -1467,7 +1471,7 @@ pub fn overlap_training_on(
             cfg.world,
             cfg.tokens,
             vocab,
-            cfg.seed.wrapping_add(0x5EED),
+            cfg.seed.wrapping_add(BALANCE_SEED),
             &device,
         );
         placed = balanced_placement_on(backend, model, cfg.world, &calibration)?

@@ -1333,3 +1333,64 @@ fn op_keys(ops: &[farskip_dist::plan::calibrate::OpTime]) -> Vec<(String, Option
     k.sort();
     k
 }
+
+#[test]
+fn a_balanced_calibration_places_the_experts_as_the_experiments_do() {
+    use farskip_dist::experiment::{
+        BALANCE_SEED, balanced_placement as run_placement, expert_loads,
+    };
+    use farskip_dist::plan::calibrate::balanced_placement;
+    let cfg = ModelConfig::small_moe(40, 16, 2, 4, 2, 4, 8, 2, 8, None);
+    let device = Device::flex();
+    let model = Model::new(&cfg, &device).unwrap();
+    let (tokens, seed) = (16, 1);
+    for world in [2, 4] {
+        // The planner routes the placement batch on one rank; the experiments on `world` EP ranks.
+        let planned = balanced_placement(&model, world, tokens, seed).unwrap();
+        let ids = random_ids(world, tokens, cfg.vocab_size, seed + BALANCE_SEED, &device);
+        let run = run_placement(&model, world, &ids).unwrap();
+        assert_eq!(planned.orders, run.orders, "world {world}");
+        assert_eq!(planned.orders.len(), cfg.layers.len());
+        // Random routing is uneven enough that some layer's experts move.
+        assert!(
+            planned
+                .orders
+                .iter()
+                .any(|o| *o != (0..8).collect::<Vec<_>>()),
+            "world {world}: {:?}",
+            planned.orders
+        );
+        for order in &planned.orders {
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                (0..8).collect::<Vec<_>>(),
+                "world {world}: {order:?}"
+            );
+        }
+        // On the batch it was placed for, the busiest rank carries no more than under contiguous blocks.
+        let loads = expert_loads(&model, world, &ids).unwrap();
+        let (contiguous, balanced) = planned.imbalance(&loads, world).unwrap();
+        assert!(
+            balanced >= 1.0 && balanced <= contiguous,
+            "world {world}: {balanced} against {contiguous}"
+        );
+        // The placed model routes the same tokens to the same experts, renumbered: its EP calibration runs.
+        let placed = planned.apply(&model).unwrap();
+        let c = farskip_dist::plan::calibrate::measure_inference(
+            &placed,
+            "tiny-balanced",
+            farskip_dist::experiment::Parallel::Expert,
+            world,
+            tokens,
+            farskip_dist::plan::calibrate::Passes {
+                rounds: 1,
+                per_round: 1,
+            },
+            seed,
+        )
+        .unwrap();
+        assert_eq!(c.expert_share.len(), cfg.layers.len());
+    }
+}

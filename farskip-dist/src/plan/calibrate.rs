@@ -21,10 +21,10 @@ use burn::prelude::*;
 use farskip_model::{Connectivity, Model};
 use serde::{Deserialize, Serialize};
 
-use crate::balance::{ExpertLoads, rank_loads};
+use crate::balance::{ExpertLoads, Placement, rank_loads};
 use crate::comm::{LinkModel, LocalWorldConfig, SingleRank};
 use crate::dispatch::ExpertSharding;
-use crate::experiment::{Parallel, random_ids};
+use crate::experiment::{BALANCE_SEED, Parallel, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
 use crate::trace::{Phase, Stream, Trace};
 use crate::training::{EpTrainRank, bwd_ops};
@@ -600,6 +600,51 @@ fn rank_cores(world: usize, threads: usize) -> Vec<Vec<usize>> {
     crate::comm::local::rank_cores(world, threads, pin)
 }
 
+/// Rows routed to each expert of each layer (`[layer][expert]`) when `model` (as it is connected) routes `ids`,
+/// on one rank.
+fn routed_loads(model: &Model, ids: &Tensor<2, Int>) -> Result<Vec<Vec<usize>>, PlanError> {
+    let loads = ExpertLoads::new();
+    let rank = EpRank::new(model, 0, 1)
+        .map_err(failed)?
+        .with_loads(loads.clone());
+    rank.forward(&SingleRank::new(), &Trace::disabled(), ids.clone())
+        .map_err(failed)?;
+    Ok(loads.snapshot())
+}
+
+/// The placement of `model`'s experts the overlap experiments' `balance` option gives `world` EP ranks for an
+/// experiment drawn with `seed`: balanced ([`Placement::balanced`]) for the rows the FarSkip model routes on
+/// their placement batch (`world` sequences of `tokens`, seed `seed` + [`BALANCE_SEED`]), routed on one rank.
+/// Apply it ([`Placement::apply`]) to the model a calibration measures, so that rank 0's block and every rank's
+/// rows are the balanced run's.
+///
+/// # Errors
+/// If the model has no experts, `world` is 0, or the forward fails.
+pub fn balanced_placement(
+    model: &Model,
+    world: usize,
+    tokens: usize,
+    seed: u64,
+) -> Result<Placement, PlanError> {
+    if model.config().moe.is_none() {
+        return Err(failed("a model without experts has no expert placement"));
+    }
+    let device = model
+        .devices()
+        .first()
+        .cloned()
+        .unwrap_or_else(Device::flex);
+    let ids = random_ids(
+        world.max(1),
+        tokens,
+        model.config().vocab_size,
+        seed.wrapping_add(BALANCE_SEED),
+        &device,
+    );
+    let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
+    Placement::balanced(&routed_loads(&farskip, &ids)?, world).map_err(failed)
+}
+
 /// Per layer, the rows each of `world` contiguous EP ranks receives when `model` routes `ids` (every rank's
 /// rows), over `measured_rows` (the rows of the timed single-rank pass).
 fn expert_share(
@@ -608,14 +653,7 @@ fn expert_share(
     world: usize,
     measured_rows: f64,
 ) -> Result<Vec<Vec<f64>>, PlanError> {
-    let loads = ExpertLoads::new();
-    let rank = EpRank::new(model, 0, 1)
-        .map_err(failed)?
-        .with_loads(loads.clone());
-    rank.forward(&SingleRank::new(), &Trace::disabled(), ids.clone())
-        .map_err(failed)?;
-    loads
-        .snapshot()
+    routed_loads(model, ids)?
         .iter()
         .map(|l| {
             if l.is_empty() {
