@@ -102,6 +102,10 @@ struct Args {
     /// cpu-here: collective time as a multiple of its depth-1 FarSkip window (the overlap examples' link).
     #[arg(long, default_value_t = 1.0)]
     comm_ratio: f64,
+    /// cpu-here: calibrate a --model checkpoint even when it needs more memory than is available (a warning
+    /// instead of an error), as the overlap examples' --force does.
+    #[arg(long)]
+    force: bool,
     /// cpu-here, EP: predict the overlap examples' --balance run (experts placed on the ranks by their load on a
     /// placement batch instead of in contiguous blocks): the calibration measures the model so placed.
     #[arg(long)]
@@ -444,7 +448,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
                 model: args.model.clone(),
                 preset: args.model.is_none().then(|| name.clone()),
                 embedding_std: args.embedding_std,
-                force: false,
+                force: args.force,
             }
             .load(&device)?;
             let seed = if args.mode == Mode::Train {
