@@ -98,6 +98,18 @@ fn stderr_lines(out: &Output) -> Vec<String> {
         .collect()
 }
 
+/// The JSON report an example printed as its last line, after checking it succeeded (`what` names the run).
+fn json_report(out: &Output, what: &str) -> Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{what}: {e} in {line:?}"))
+}
+
 /// Exit status 1 and exactly one line on stderr, which contains every one of `parts`.
 fn assert_one_line_error(out: &Output, parts: &[&str], what: &str) {
     let lines = stderr_lines(out);
@@ -597,14 +609,7 @@ fn plan_writes_the_timeline_it_predicts_as_a_trace() {
             ],
             &[],
         );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let report: Value =
-            serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON report");
+        let report = json_report(&out, schedule);
         let predicted = report[key].as_f64().expect(key);
         let text = std::fs::read_to_string(&trace).expect("the trace file");
         let v: Value = serde_json::from_str(&text).expect("Chrome-trace JSON");
@@ -661,14 +666,7 @@ fn plan_calibrates_a_balanced_placement_apart() {
             args.push("--balance");
         }
         let (out, _) = run_example("plan", &args, &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let report: Value =
-            serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON report");
+        let report = json_report(&out, &format!("plan {args:?}"));
         let ms = report["farskip_ms"].as_f64().expect("farskip_ms");
         assert!(ms.is_finite() && ms > 0.0, "{report}");
     }
@@ -717,14 +715,7 @@ fn bench_reports_decode_speed_its_parts_and_peak_rss() {
             ],
             &[],
         );
-        assert!(
-            out.status.success(),
-            "{dtype}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let v: Value =
-            serde_json::from_str(stdout.lines().last().expect("a JSON line")).expect("JSON");
+        let v = json_report(&out, dtype);
         let num = |v: &Value| v.as_f64().filter(|x| x.is_finite()).unwrap_or(-1.0);
         assert_eq!(v["dtype"], dtype);
         assert_eq!(v["decode_tokens"], 4);
