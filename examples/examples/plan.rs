@@ -388,8 +388,6 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
         Some(p) => load_model_config(p)?,
         None => preset_config(&name)?,
     };
-    // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
-    // before the embeddings were part of it is not taken for one).
     let parallel = if args.mode == Mode::Train {
         Parallel::Expert
     } else {
@@ -398,12 +396,16 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     // --balance moves experts only where the examples move them: EP over more than one rank of an MoE model.
     let balance =
         args.balance && parallel == Parallel::Expert && args.world > 1 && config.moe.is_some();
-    let cache_name = match (args.model.is_none(), balance) {
-        (true, false) => format!("{name}-emb{}", args.embedding_std),
-        (true, true) => format!("{name}-emb{}-balanced", args.embedding_std),
-        (false, false) => name.clone(),
-        (false, true) => format!("{name}-balanced"),
+    // A preset's calibration is of the model with these embeddings: the name says which (and a cache made
+    // before the embeddings were part of it is not taken for one), and whether the experts were placed by load.
+    let mut cache_name = if args.model.is_none() {
+        format!("{name}-emb{}", args.embedding_std)
+    } else {
+        name.clone()
     };
+    if balance {
+        cache_name.push_str("-balanced");
+    }
     // The overlap examples refuse a world they cannot split the model into; so does their prediction.
     check_world(args.world, parallel, &config)?;
     let tag = format!("{parallel:?}").to_lowercase();
