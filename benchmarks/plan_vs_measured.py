@@ -49,14 +49,32 @@ def load():
     return os.getloadavg()[0]
 
 
-def measure(mode, par, ratio, conn, world):
+def flags(mode, par, ratio, conn, world):
+    """The flags a setting gives both the planner and the example it predicts."""
     common = ["--world", str(world), "--preset", "small", "--comm-ratio", str(ratio)]
     if mode == "train":
-        m = run([f"{bin_dir}/overlap_training", "--steps", "3", "--json"] + common)
-        return (m["farskip_step_ms"], m["blocking_step_ms"], m["fwd_overlap_pct"], m["bwd_overlap_pct"])
-    extra = ["--parallel", par, "--tokens", "256", "--connectivity", conn]
-    m = run([f"{bin_dir}/overlap_inference", "--json"] + common + extra)
-    return (m["farskip_ms"], m["blocking_ms"], m["overlap_pct"])
+        return common
+    return common + ["--parallel", par, "--tokens", "256", "--connectivity", conn]
+
+
+def figures(mode, report):
+    """(FarSkip ms, blocking ms, overlap %...) of a planner's or an example's JSON report."""
+    if mode == "train":
+        return tuple(report[k] for k in ("farskip_step_ms", "blocking_step_ms", "fwd_overlap_pct", "bwd_overlap_pct"))
+    return tuple(report[k] for k in ("farskip_ms", "blocking_ms", "overlap_pct"))
+
+
+def measure(mode, par, ratio, conn, world):
+    example = ["overlap_training", "--steps", "3"] if mode == "train" else ["overlap_inference"]
+    cmd = [f"{bin_dir}/{example[0]}"] + example[1:] + ["--json"] + flags(mode, par, ratio, conn, world)
+    return figures(mode, run(cmd))
+
+
+def past_bars(pred, meas, base):
+    """Whether `pred` misses `meas` by the planner's bars: a time off by more than 15 % of `base(i)`, an overlap
+    by more than 10 points."""
+    return any(abs(pred[i] - meas[i]) > 0.15 * base(i) for i in range(2)) or any(
+        abs(pred[i] - meas[i]) > 10 for i in range(2, len(meas)))
 
 
 if args.self_runs > 0:
@@ -74,33 +92,21 @@ if args.self_runs > 0:
         pcts = " ; ".join(f"{' '.join(f'{x:.0f}' for x in c)} ({max(c) - min(c):.0f})" for c in cols[2:])
         # Pairs of runs that miss each other by the planner's bars, one taken as the prediction of the other
         # (either way round: a time 15 % off the other's, an overlap 10 points off).
-        past = sum(
-            any(abs(a[i] - b[i]) > 0.15 * min(a[i], b[i]) for i in range(2))
-            or any(abs(a[i] - b[i]) > 10 for i in range(2, len(a)))
-            for a, b in itertools.combinations(vs, 2)
-        )
+        past = sum(past_bars(a, b, lambda i: min(a[i], b[i])) for a, b in itertools.combinations(vs, 2))
         pairs = len(vs) * (len(vs) - 1) // 2
         # The runs' median (the upper middle of an even count) as the prediction of each run.
         mid = [sorted(c)[len(c) // 2] for c in cols]
-        off = sum(
-            any(abs(mid[i] - v[i]) > 0.15 * v[i] for i in range(2))
-            or any(abs(mid[i] - v[i]) > 10 for i in range(2, len(v)))
-            for v in vs
-        )
+        off = sum(past_bars(mid, v, lambda i: v[i]) for v in vs)
         print(f"| {mode} | {par} x{world} | {ratio} | {conn} | {times[0]} | {times[1]} | {pcts} | {past} / {pairs} "
               f"| {off} / {len(vs)} |")
     sys.exit(0)
 
 rows = []
 for mode, par, ratio, conn, world in SETTINGS:
-    common = ["--world", str(world), "--preset", "small", "--comm-ratio", str(ratio)]
-    if mode == "train":
-        plan = run([f"{bin_dir}/plan", "--cluster", "cpu-here", "--mode", "train", "--calibrate", "--json"] + common)
-        pred = (plan["farskip_step_ms"], plan["blocking_step_ms"], plan["fwd_overlap_pct"], plan["bwd_overlap_pct"])
-    else:
-        extra = ["--parallel", par, "--tokens", "256", "--connectivity", conn]
-        plan = run([f"{bin_dir}/plan", "--cluster", "cpu-here", "--calibrate", "--json"] + common + extra)
-        pred = (plan["farskip_ms"], plan["blocking_ms"], plan["overlap_pct"])
+    train = ["--mode", "train"] if mode == "train" else []
+    plan = run([f"{bin_dir}/plan", "--cluster", "cpu-here"] + train + ["--calibrate", "--json"]
+               + flags(mode, par, ratio, conn, world))
+    pred = figures(mode, plan)
     got = measure(mode, par, ratio, conn, world)
     rows.append((mode, f"{par} x{world}", ratio, conn, pred, got, load()))
     print(f"done {mode} {par} {ratio} {conn}: pred {pred} meas {got}", file=sys.stderr)
