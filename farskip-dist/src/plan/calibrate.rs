@@ -1155,6 +1155,23 @@ fn uniforms(parts: &[u64]) -> (f64, f64) {
     (unit(mix(h)), unit(mix(h ^ 1)))
 }
 
+/// What fixes one draw for op `key` on `rank`: the seed, the rank and every field of the key (its op name
+/// hashed).
+fn draw_parts(seed: u64, rank: usize, key: &OpKey) -> [u64; 6] {
+    let name = key
+        .op
+        .bytes()
+        .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+    [
+        seed,
+        rank as u64,
+        name,
+        key.layer.map_or(u64::MAX, |l| l as u64),
+        key.phase as u64,
+        key.micro as u64,
+    ]
+}
+
 /// A standard normal number fixed by `parts` (Box–Muller on [`uniforms`]).
 fn normal(parts: &[u64]) -> f64 {
     let (u1, u2) = uniforms(parts);
@@ -1192,18 +1209,7 @@ impl Measured {
         if sigma == 0.0 {
             return 1.0;
         }
-        let name = key
-            .op
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-        let z = normal(&[
-            seed,
-            rank as u64,
-            name,
-            key.layer.map_or(u64::MAX, |l| l as u64),
-            key.phase as u64,
-            key.micro as u64,
-        ]);
+        let z = normal(&draw_parts(seed, rank, key));
         // Log-normal with mean 1 and coefficient of variation ≈ sigma.
         let s2 = (1.0 + sigma * sigma).ln();
         (s2.sqrt() * z - s2 / 2.0).exp()
@@ -1265,18 +1271,7 @@ impl CostModel for Measured {
             return self.latency_ms;
         };
         let n = self.world.max(1) as f64;
-        let name = key
-            .op
-            .bytes()
-            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
-        let (u, _) = uniforms(&[
-            seed ^ 0x5741_4B45,
-            rank as u64,
-            name,
-            key.layer.map_or(u64::MAX, |l| l as u64),
-            key.phase as u64,
-            key.micro as u64,
-        ]);
+        let (u, _) = uniforms(&draw_parts(seed ^ 0x5741_4B45, rank, key));
         self.latency_ms * u * (n + 1.0) / n
     }
 }
