@@ -5,7 +5,9 @@
 //!
 //! On this machine (`--cluster cpu-here`) with the overlap examples' flags, from op costs measured single-rank
 //! (cached for `--calibration-max-age-s`, 300 s by default; `--calibrate` measures again):
-//! `plan --cluster cpu-here --world 2 --parallel ep --preset small --tokens 256 --comm-ratio 1 --json`
+//! `plan --cluster cpu-here --world 2 --parallel ep --preset small --tokens 256 --comm-ratio 1 --json`; the
+//! examples' other flags (`--repeats`, `--steps`, `--lr`, `--backend local`, `--comm-timeout-s`) are taken and
+//! change nothing predicted.
 
 use std::path::{Path, PathBuf};
 
@@ -124,6 +126,23 @@ struct Args {
     /// cpu-here: the calibration cache directory.
     #[arg(long, default_value = "target/plan-calibration")]
     calibration_dir: PathBuf,
+    /// cpu-here: the overlap examples' --repeats, taken so that an example's command line is predicted as it is
+    /// (the examples report their median repeat, one forward or step: the figures predicted do not depend on it).
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// cpu-here, --mode train: overlap_training's --steps (it reports the median step: not a figure predicted).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// cpu-here, --mode train: overlap_training's --lr (the step's time does not depend on it).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// cpu-here: the overlap examples' --backend; the prediction is of a LocalWorld run (local), the world whose
+    /// costs the calibration measures.
+    #[arg(long, value_enum)]
+    backend: Option<farskip_examples::BackendKind>,
+    /// cpu-here: the overlap examples' --comm-timeout-s (an MPI run's; unused by a LocalWorld prediction).
+    #[arg(long)]
+    comm_timeout_s: Option<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -142,6 +161,7 @@ fn run(args: Args) -> Result<()> {
     if args.cluster == "cpu-here" {
         return cpu_here(&args, kind);
     }
+    check_example_flags(&args)?;
     let cluster = cluster(&args.cluster)?;
     let config = model_config(&args)?;
     let tokens = args.tokens.unwrap_or(4096);
@@ -364,8 +384,49 @@ const TRAINING_PASSES: Passes = Passes {
     per_round: 2,
 };
 
+/// The overlap examples' flags that do not change a prediction (`--repeats`, `--steps`, `--lr`, `--backend`,
+/// `--comm-timeout-s`): refused off cpu-here and where the example would refuse them, else taken and unused.
+fn check_example_flags(args: &Args) -> Result<()> {
+    let given = [
+        ("--repeats", args.repeats.is_some()),
+        ("--steps", args.steps.is_some()),
+        ("--lr", args.lr.is_some()),
+        ("--backend", args.backend.is_some()),
+        ("--comm-timeout-s", args.comm_timeout_s.is_some()),
+    ];
+    if args.cluster != "cpu-here" {
+        if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+            bail!(
+                "{flag} is an overlap example's flag: it is taken with --cluster cpu-here, which predicts \
+                 those examples (got --cluster {})",
+                args.cluster
+            );
+        }
+        return Ok(());
+    }
+    if args.mode != Mode::Train
+        && let Some((flag, _)) = given[1..3].iter().find(|(_, g)| *g)
+    {
+        bail!("{flag} is overlap_training's flag: predict a training step with --mode train");
+    }
+    if args.repeats == Some(0) || args.steps == Some(0) {
+        bail!("--repeats and --steps must be > 0, as the overlap examples require");
+    }
+    if args.lr.is_some_and(|lr| !lr.is_finite()) {
+        bail!("--lr must be finite");
+    }
+    if args.backend == Some(farskip_examples::BackendKind::Mpi) {
+        bail!(
+            "--backend mpi: the cpu-here prediction is of a LocalWorld run (ranks as threads of one process), \
+             whose collectives the calibration measures; an MPI run's are not calibrated"
+        );
+    }
+    Ok(())
+}
+
 /// Predicts a LocalWorld overlap experiment from op costs measured single-rank on this machine.
 fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
+    check_example_flags(args)?;
     let tokens = args
         .tokens
         .unwrap_or(if args.mode == Mode::Train { 512 } else { 256 });

@@ -689,6 +689,98 @@ fn plan_calibrates_a_balanced_placement_apart() {
     );
 }
 
+/// `plan --cluster cpu-here` takes an overlap example's whole command line: the flags that do not change the
+/// figures it predicts (`--repeats`, `--steps`, `--lr`, `--backend local`, `--comm-timeout-s`) leave the
+/// prediction as it is, and one it cannot honour (an MPI run, a training flag on a prefill, an example's flag off
+/// cpu-here) is a one-line error naming it, before any calibration.
+#[test]
+fn plan_takes_the_overlap_examples_command_lines_as_they_are() {
+    let dir = TempDir::new("plan_example_flags");
+    let cache = dir.join("cache");
+    let base = [
+        "--cluster",
+        "cpu-here",
+        "--preset",
+        "tiny",
+        "--world",
+        "2",
+        "--tokens",
+        "8",
+        "--calibration-dir",
+        cache.to_str().expect("utf-8 path"),
+        "--json",
+    ];
+    let run = |extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let (out, _) = run_example("plan", &args, &[]);
+        (out, format!("plan {args:?}"))
+    };
+    for (mode, keys, flags) in [
+        (
+            "prefill",
+            &["farskip_ms", "blocking_ms", "overlap_pct", "compute_ms"][..],
+            &[
+                "--repeats",
+                "3",
+                "--backend",
+                "local",
+                "--comm-timeout-s",
+                "60",
+            ][..],
+        ),
+        (
+            "train",
+            &[
+                "farskip_step_ms",
+                "blocking_step_ms",
+                "fwd_overlap_pct",
+                "bwd_overlap_pct",
+            ][..],
+            &[
+                "--steps",
+                "3",
+                "--repeats",
+                "2",
+                "--lr",
+                "1e-3",
+                "--backend",
+                "local",
+            ][..],
+        ),
+    ] {
+        // The first run calibrates into the cache; the two compared predict from that same calibration.
+        let (out, what) = run(&["--mode", mode]);
+        json_report(&out, &what);
+        let (out, what) = run(&["--mode", mode]);
+        let plain = json_report(&out, &what);
+        let (out, what) = run(&[&["--mode", mode][..], flags].concat());
+        let with_flags = json_report(&out, &what);
+        for key in keys {
+            let (a, b) = (plain[key].as_f64(), with_flags[key].as_f64());
+            assert!(
+                a.is_some_and(f64::is_finite) && a == b,
+                "{mode} {key}: {a:?} without the example's flags, {b:?} with them"
+            );
+        }
+    }
+    let (out, what) = run(&["--backend", "mpi"]);
+    assert_one_line_error(&out, &["--backend mpi", "LocalWorld"], &what);
+    let (out, what) = run(&["--steps", "3"]);
+    assert_one_line_error(&out, &["--steps", "--mode train"], &what);
+    let (out, what) = run(&["--mode", "train", "--repeats", "0"]);
+    assert_one_line_error(&out, &["--repeats", "> 0"], &what);
+    let (out, _) = run_example(
+        "plan",
+        &["--cluster", "h100", "--repeats", "3", "--json"],
+        &[],
+    );
+    assert_one_line_error(
+        &out,
+        &["--repeats", "cpu-here", "h100"],
+        "plan --cluster h100 --repeats 3",
+    );
+}
+
 /// `bench --decode` on a fixture checkpoint, both weight dtypes: the JSON carries the decode speed, its parts per
 /// step (finite, attention and MoE not zero) and the peak RSS.
 #[test]

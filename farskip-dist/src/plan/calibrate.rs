@@ -14,7 +14,7 @@
 //! [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip window — the rule the overlap
 //! experiments calibrate their link with — so the planner predicts a LocalWorld run from a single-rank one.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use burn::prelude::*;
@@ -189,11 +189,11 @@ fn now_unix_s() -> Option<u64> {
 }
 
 /// Per (op, layer, backward) ms of one pass.
-type OpTable = HashMap<(String, Option<usize>, bool), f64>;
+type OpTable = BTreeMap<(String, Option<usize>, bool), f64>;
 
 /// The [`OpTable`] of one trace's compute spans.
 fn op_table(trace: &Trace) -> OpTable {
-    let mut t = HashMap::new();
+    let mut t = BTreeMap::new();
     for s in trace.spans() {
         if s.stream == Stream::Compute {
             *t.entry((s.op.to_string(), s.layer, s.phase == Phase::Backward))
@@ -895,13 +895,13 @@ pub struct Measured {
     cores: Option<usize>,
     /// The operating system's time slice on those cores (ms), when measured.
     slice_ms: Option<f64>,
-    ops: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    ops: BTreeMap<(&'static str, Option<usize>, Phase), f64>,
     /// The ops on half the batch (a two-micro-batch schedule's), when measured.
-    ops_half: HashMap<(&'static str, Option<usize>, Phase), f64>,
-    spread: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    ops_half: BTreeMap<(&'static str, Option<usize>, Phase), f64>,
+    spread: BTreeMap<(&'static str, Option<usize>, Phase), f64>,
     seed: Option<u64>,
     expert_share: Vec<Vec<f64>>,
-    windows: HashMap<(&'static str, Option<usize>, Phase), f64>,
+    windows: BTreeMap<(&'static str, Option<usize>, Phase), f64>,
     comm_ratio: f64,
     /// A waiting rank's delay after every collective: [`Calibration::latency_ms`].
     latency_ms: f64,
@@ -950,7 +950,7 @@ impl Measured {
         split: Split,
         comm_ratio: f64,
     ) -> Self {
-        let mut count: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
+        let mut count: BTreeMap<(&'static str, Option<usize>, Phase), f64> = BTreeMap::new();
         for s in &schedule.steps {
             // A collective's host work runs once per issue (pack) and once per wait (unpack).
             let (op, k) = match s {
@@ -976,10 +976,10 @@ impl Measured {
             let n = count.get(&(name, o.layer, phase)).copied().unwrap_or(1.0);
             Some(((name, o.layer, phase), n))
         };
-        let mut ops = HashMap::new();
-        let mut fastest = HashMap::new();
-        let mut fastest_step = HashMap::new();
-        let mut spread = HashMap::new();
+        let mut ops = BTreeMap::new();
+        let mut fastest = BTreeMap::new();
+        let mut fastest_step = BTreeMap::new();
+        let mut spread = BTreeMap::new();
         for o in &calibration.ops {
             if let Some((key, n)) = named(o) {
                 ops.insert(key, o.ms / n);
@@ -1012,18 +1012,18 @@ impl Measured {
                 cores: Some(calibration.cores),
                 slice_ms: Some(len),
                 ops: fastest_step,
-                ops_half: HashMap::new(),
+                ops_half: BTreeMap::new(),
                 spread: spread.clone(),
                 seed: None,
                 expert_share: calibration.expert_share.clone(),
-                windows: HashMap::new(),
+                windows: BTreeMap::new(),
                 comm_ratio: 0.0,
                 latency_ms,
                 rank_speed: Vec::new(),
                 round_speeds: Vec::new(),
                 world: calibration.world,
             };
-            let mut least: HashMap<(&'static str, Option<usize>, Phase), f64> = HashMap::new();
+            let mut least: BTreeMap<(&'static str, Option<usize>, Phase), f64> = BTreeMap::new();
             // Two passes, as the experiments run, each rank's ops drawn around the fastest with the measured
             // spread: the least of their spans is an extreme of noisy samples there, too.
             for seed in FREE_PASS_SEEDS {
@@ -1038,8 +1038,8 @@ impl Measured {
                 )
                 .ok()?;
                 for rank in &timeline.ranks {
-                    let mut sums: HashMap<(&'static str, Option<usize>, Phase), f64> =
-                        HashMap::new();
+                    let mut sums: BTreeMap<(&'static str, Option<usize>, Phase), f64> =
+                        BTreeMap::new();
                     for i in rank.iter().filter(|i| i.lane == Lane::Compute) {
                         *sums
                             .entry((i.key.op, i.key.layer, i.key.phase))
@@ -1059,7 +1059,7 @@ impl Measured {
         let t = |op: &'static str, l: usize, phase: Phase| window_time((op, Some(l), phase));
         let f = Phase::Forward;
         let b = Phase::Backward;
-        let mut w = HashMap::new();
+        let mut w = BTreeMap::new();
         for k in 0..layers {
             let next = |op| if k + 1 < layers { t(op, k + 1, f) } else { 0.0 };
             match split {
@@ -1281,7 +1281,7 @@ mod tests {
     use super::*;
 
     fn table(ms: f64) -> OpTable {
-        HashMap::from([(("experts".to_string(), Some(0), false), ms)])
+        BTreeMap::from([(("experts".to_string(), Some(0), false), ms)])
     }
 
     #[test]
