@@ -38,8 +38,9 @@ struct Args {
     /// Collective time as a multiple of the compute the FarSkip schedule can hide it behind.
     #[arg(long, default_value_t = 1.0)]
     comm_ratio: f64,
-    /// Repeats, each with a freshly calibrated link and FarSkip and the baseline timed back to back (median reported).
-    #[arg(long, default_value_t = 3)]
+    /// Repeats, each with a freshly calibrated link and FarSkip and the baseline timed back to back; each figure
+    /// is its median over the repeats.
+    #[arg(long, default_value_t = 7)]
     repeats: usize,
     /// --trace, --svg (of the step with the median wall time in training), --json.
     #[command(flatten)]

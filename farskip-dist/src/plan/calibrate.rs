@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::{ExpertLoads, Placement, rank_loads};
 use crate::comm::{LinkModel, LocalWorldConfig, SingleRank};
 use crate::dispatch::ExpertSharding;
-use crate::experiment::{BALANCE_SEED, Parallel, model_device, random_ids};
+use crate::experiment::{BALANCE_SEED, Parallel, median, model_device, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
 use crate::trace::{Phase, Stream, Trace};
 use crate::training::{EpTrainRank, bwd_ops};
@@ -173,11 +173,6 @@ impl Calibration {
             && self.tokens == tokens
             && self.version == CALIBRATION_VERSION
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Seconds since the Unix epoch, now (`None` on a clock before it).
