@@ -898,7 +898,8 @@ pub struct TrainingConfig {
     /// run one sequence while the other's collectives are in flight (every schedule trains the same windows).
     pub tokens: usize,
     /// Repeats: each calibrates the link afresh and trains FarSkip, the blocking baseline and two-micro-batch
-    /// overlap back to back on it (`steps` steps each); each schedule reports its repeat with the median step.
+    /// overlap back to back on it (`steps` steps each); each figure reported is its median over the repeats, each
+    /// repeat's figure its step with the median wall time.
     pub repeats: usize,
     /// AdamW learning rate.
     pub lr: f64,
@@ -912,7 +913,8 @@ pub struct TrainingConfig {
     pub connectivity: Connectivity,
 }
 
-/// What the training experiment measured.
+/// What the training experiment measured. Each time and overlap is its median over the repeats (each repeat's:
+/// its step with the median wall time); each loss and gradient difference is the largest over every repeat.
 #[derive(Clone, Debug, Serialize)]
 pub struct TrainingReport {
     /// Ranks.
@@ -929,9 +931,9 @@ pub struct TrainingReport {
     pub bwd_overlap_pct: f64,
     /// Blocking baseline's forward and backward overlap.
     pub blocking_overlap_pct: f64,
-    /// Standard connectivity, blocking collectives: the step with the median wall time (the slowest rank's), ms.
+    /// Standard connectivity, blocking collectives: the median step's wall time (the slowest rank's), ms.
     pub blocking_step_ms: f64,
-    /// FarSkip, overlapped schedule: the step with the median wall time, ms.
+    /// FarSkip, overlapped schedule: the median step's wall time, ms.
     pub farskip_step_ms: f64,
     /// Two-micro-batch overlap on standard connectivity (the schedule-only baseline): the median step, ms.
     pub tbo_step_ms: f64,
@@ -981,7 +983,7 @@ pub struct TrainingReport {
     /// The overlapped run's connectivity.
     pub connectivity: String,
     #[serde(skip)]
-    /// Trace of the FarSkip step with the median wall time (the step `farskip_step_ms` reports).
+    /// Trace of the FarSkip step with the median wall time (of the repeat with the median of those).
     pub trace: Trace,
     #[serde(skip)]
     /// Trace of the blocking step with the median wall time.
@@ -1601,20 +1603,10 @@ pub fn overlap_training_on(
             });
         }
     }
-    let median = |mut runs: Vec<Repeat>| -> Repeat {
-        runs.sort_by(|a, b| a.step_ms.total_cmp(&b.step_ms));
-        runs.swap_remove(runs.len() / 2)
-    };
-    let fs = median(farskip_runs);
-    let blocking = median(blocking_runs);
-    let tbo = median(tbo_runs);
-    let (losses, grad_diff, farskip_step_ms, trace) =
-        (fs.losses, fs.grad_diff, fs.step_ms, fs.trace);
-    let (blocking_step_ms, blocking_trace) = (blocking.step_ms, blocking.trace);
-    let compute = max_over_ranks(cfg.world, |r| {
-        compute_time(&trace, r, Phase::Forward) + compute_time(&trace, r, Phase::Backward)
-    });
-    let compute_step_ms = compute.as_secs_f64() * 1e3;
+    // Each figure is its median over the repeats (each repeat's figure is its median step's), as the inference
+    // experiment's: one step's overlap is a noisy sample on a machine whose cores change speed within a second.
+    // The losses and gradients compared are the worst over every repeat; the traces are the repeats with the
+    // median step.
     let both_phases = |t: &Trace| {
         let (mut hidden, mut total) = (Duration::ZERO, Duration::ZERO);
         for r in 0..cfg.world {
@@ -1629,10 +1621,21 @@ pub fn overlap_training_on(
             100.0 * hidden.as_secs_f64() / total.as_secs_f64()
         }
     };
-    let blocking_overlap = both_phases(&blocking_trace);
-    let blocking_grad_allreduce_ms = {
-        let spans = blocking_trace.spans();
-        max_over_ranks(cfg.world, |r| {
+    let of = |runs: &[Repeat], f: &dyn Fn(&Repeat) -> f64| median(runs.iter().map(f).collect());
+    let on_trace = |runs: &[Repeat], f: &dyn Fn(&Trace) -> f64| of(runs, &|r| f(&r.trace));
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let phase_overlap = |p: Phase| move |t: &Trace| overlap_pct(t, p).unwrap_or(0.0);
+    let farskip_step_ms = of(&farskip_runs, &|r| r.step_ms);
+    let blocking_step_ms = of(&blocking_runs, &|r| r.step_ms);
+    let tbo_step_ms = of(&tbo_runs, &|r| r.step_ms);
+    let compute_step_ms = on_trace(&farskip_runs, &|t| {
+        ms(max_over_ranks(cfg.world, |r| {
+            compute_time(t, r, Phase::Forward) + compute_time(t, r, Phase::Backward)
+        }))
+    });
+    let blocking_grad_allreduce_ms = on_trace(&blocking_runs, &|t| {
+        let spans = t.spans();
+        ms(max_over_ranks(cfg.world, |r| {
             spans
                 .iter()
                 .filter(|s| {
@@ -1642,26 +1645,45 @@ pub fn overlap_training_on(
                 })
                 .map(Span::duration)
                 .sum()
-        })
-        .as_secs_f64()
-            * 1e3
+        }))
+    });
+    let worst_grads = |runs: &[Repeat]| {
+        runs.iter()
+            .map(|r| r.grad_diff.clone())
+            .reduce(|a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a })
+            .unwrap_or((0.0, String::new()))
     };
+    let worst_losses = |runs: &[Repeat], reference: &[f64]| {
+        runs.iter()
+            .map(|r| farskip_model::compare::max_abs_diff(&r.losses, reference))
+            .reduce(|a, b| if b > a || b.is_nan() { b } else { a })
+            .unwrap_or(0.0)
+    };
+    let median_trace = |runs: &mut Vec<Repeat>| -> Trace {
+        runs.sort_by(|a, b| a.step_ms.total_cmp(&b.step_ms));
+        runs[runs.len() / 2].trace.clone()
+    };
+    let (fwd, bwd) = (
+        phase_overlap(Phase::Forward),
+        phase_overlap(Phase::Backward),
+    );
+    let (grad_max_rel_diff, grad_max_rel_diff_param) = worst_grads(&farskip_runs);
     Ok(TrainingReport {
         world: cfg.world,
         comm_ratio: cfg.comm_ratio,
         steps: cfg.steps,
         tokens: cfg.tokens,
-        fwd_overlap_pct: overlap_pct(&trace, Phase::Forward).unwrap_or(0.0),
-        bwd_overlap_pct: overlap_pct(&trace, Phase::Backward).unwrap_or(0.0),
-        blocking_overlap_pct: blocking_overlap,
+        fwd_overlap_pct: on_trace(&farskip_runs, &fwd),
+        bwd_overlap_pct: on_trace(&farskip_runs, &bwd),
+        blocking_overlap_pct: on_trace(&blocking_runs, &both_phases),
         blocking_step_ms,
         farskip_step_ms,
-        tbo_step_ms: tbo.step_ms,
-        tbo_overlap_pct: both_phases(&tbo.trace),
-        tbo_fwd_overlap_pct: overlap_pct(&tbo.trace, Phase::Forward).unwrap_or(0.0),
-        tbo_bwd_overlap_pct: overlap_pct(&tbo.trace, Phase::Backward).unwrap_or(0.0),
-        tbo_loss_max_abs_diff: farskip_model::compare::max_abs_diff(&tbo.losses, &std_losses),
-        tbo_grad_max_rel_diff: tbo.grad_diff.0,
+        tbo_step_ms,
+        tbo_overlap_pct: on_trace(&tbo_runs, &both_phases),
+        tbo_fwd_overlap_pct: on_trace(&tbo_runs, &fwd),
+        tbo_bwd_overlap_pct: on_trace(&tbo_runs, &bwd),
+        tbo_loss_max_abs_diff: worst_losses(&tbo_runs, &std_losses),
+        tbo_grad_max_rel_diff: worst_grads(&tbo_runs).0,
         repeats: cfg.repeats,
         compute_step_ms,
         speedup: blocking_step_ms / farskip_step_ms,
@@ -1669,16 +1691,22 @@ pub fn overlap_training_on(
         speedup_excluding_grad_allreduce: (blocking_step_ms - blocking_grad_allreduce_ms)
             / farskip_step_ms,
         wall_over_compute: farskip_step_ms / compute_step_ms,
-        fwd_exposed_ms: exposed_comm_time(&trace, Phase::Forward).as_secs_f64() * 1e3,
-        fwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Forward),
-        bwd_exposed_ms: exposed_comm_time(&trace, Phase::Backward).as_secs_f64() * 1e3,
-        bwd_peer_wait_ms: peer_wait_ms(&trace, cfg.world, Phase::Backward),
-        loss_max_abs_diff: farskip_model::compare::max_abs_diff(&losses, &ref_losses),
-        grad_max_rel_diff: grad_diff.0,
-        grad_max_rel_diff_param: grad_diff.1,
+        fwd_exposed_ms: on_trace(&farskip_runs, &|t| ms(exposed_comm_time(t, Phase::Forward))),
+        fwd_peer_wait_ms: on_trace(&farskip_runs, &|t| {
+            peer_wait_ms(t, cfg.world, Phase::Forward)
+        }),
+        bwd_exposed_ms: on_trace(&farskip_runs, &|t| {
+            ms(exposed_comm_time(t, Phase::Backward))
+        }),
+        bwd_peer_wait_ms: on_trace(&farskip_runs, &|t| {
+            peer_wait_ms(t, cfg.world, Phase::Backward)
+        }),
+        loss_max_abs_diff: worst_losses(&farskip_runs, &ref_losses),
+        grad_max_rel_diff,
+        grad_max_rel_diff_param,
         losses: ref_losses,
         connectivity: cfg.connectivity.to_string(),
-        trace,
-        blocking_trace,
+        trace: median_trace(&mut farskip_runs),
+        blocking_trace: median_trace(&mut blocking_runs),
     })
 }

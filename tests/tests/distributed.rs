@@ -6,8 +6,8 @@
 use burn::prelude::*;
 use farskip_dist::comm::{Communicator, LinkModel, LocalWorld};
 use farskip_dist::experiment::{
-    Parallel, TrainingConfig, TrainingReport, balanced_placement, expert_loads, max_abs_diff,
-    overlap_training, random_ids, run_forward,
+    OverlapConfig, Parallel, TrainingConfig, TrainingReport, balanced_placement, expert_loads,
+    max_abs_diff, overlap_inference, overlap_training, random_ids, run_forward,
 };
 use farskip_dist::schedule::{EpRank, TpRank};
 use farskip_dist::trace::Trace;
@@ -236,7 +236,8 @@ fn ep_training_matches_single_rank_training() {
                 steps: 3,
                 comm_ratio: 0.0,
                 tokens: 16,
-                repeats: 1,
+                // Two repeats at two ranks: the report's differences are the worst over both.
+                repeats: if world == 2 { 2 } else { 1 },
                 lr: 1e-2,
                 seed: 1,
                 balance: false,
@@ -244,6 +245,15 @@ fn ep_training_matches_single_rank_training() {
             },
         )
         .unwrap();
+        for (name, pct) in [
+            ("forward", report.fwd_overlap_pct),
+            ("backward", report.bwd_overlap_pct),
+        ] {
+            assert!(
+                (0.0..=100.0).contains(&pct),
+                "world {world}: {name} overlap {pct}"
+            );
+        }
         eprintln!(
             "world {world}: loss diff {:.1e}, grad diff {:.1e} ({})",
             report.loss_max_abs_diff, report.grad_max_rel_diff, report.grad_max_rel_diff_param
@@ -254,6 +264,63 @@ fn ep_training_matches_single_rank_training() {
             (report.losses[0] - report.losses[2]).abs() > 1e-4,
             "{:?}",
             report.losses
+        );
+    }
+}
+
+/// The overlap experiment over several repeats, EP and TP: every schedule's logits equal the single-rank model's
+/// in each repeat (the report keeps the worst), and the figures (each its median over the repeats) are times
+/// and shares that make sense.
+#[test]
+fn overlap_inference_over_repeats_keeps_the_logits_and_reports_medians() {
+    let cfg = ModelConfig::small_moe(256, 64, 3, 4, 2, 16, 8, 2, 32, Some(32));
+    let model = seeded_model(13, &cfg);
+    for parallel in [Parallel::Expert, Parallel::Tensor] {
+        let report = overlap_inference(
+            &model,
+            &OverlapConfig {
+                world: 2,
+                parallel,
+                comm_ratio: 1.0,
+                tokens: 8,
+                repeats: 3,
+                seed: 2,
+                balance: false,
+                connectivity: Connectivity::farskip(),
+            },
+        )
+        .unwrap();
+        let label = format!("{parallel:?}");
+        for (name, diff) in [
+            ("FarSkip", report.max_abs_diff),
+            ("blocking", report.blocking_max_abs_diff),
+            ("TBO", report.tbo_max_abs_diff),
+            ("farskip+tbo", report.farskip_tbo_max_abs_diff),
+        ] {
+            assert!(
+                diff <= 1e-4,
+                "{label} {name}: logits {diff} from single-rank"
+            );
+        }
+        for (name, ms) in [
+            ("farskip_ms", report.farskip_ms),
+            ("blocking_ms", report.blocking_ms),
+            ("compute_ms", report.compute_ms),
+        ] {
+            assert!(ms.is_finite() && ms > 0.0, "{label} {name} {ms}");
+        }
+        for (name, pct) in [
+            ("overlap", report.overlap_pct),
+            ("tbo overlap", report.tbo_overlap_pct),
+        ] {
+            assert!((0.0..=100.0).contains(&pct), "{label} {name} {pct}");
+        }
+        // Ops running on one rank's thread cannot take longer than the whole forward.
+        assert!(
+            report.compute_ms <= report.farskip_ms * 1.05,
+            "{label}: compute {} ms in a {} ms forward",
+            report.compute_ms,
+            report.farskip_ms
         );
     }
 }
