@@ -115,8 +115,8 @@ struct Args {
     /// cpu-here: measure the op costs again even if a cached calibration exists.
     #[arg(long)]
     calibrate: bool,
-    /// cpu-here: draws of the ranks' op costs around their measured medians, averaged (0: every rank at the
-    /// median).
+    /// cpu-here: draws of the ranks' op costs around their measured medians; each figure is its median over the
+    /// draws, as the overlap examples report theirs over their repeats (0: every rank at the median).
     #[arg(long, default_value_t = 16)]
     jitter_draws: usize,
     /// cpu-here: reuse a cached calibration only this many seconds after it was measured (this machine's speed
@@ -599,6 +599,7 @@ fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
     }
     let predictions: Vec<_> = plans.iter().map(|p| p.prediction.clone()).collect();
     let mut plan = plans.swap_remove(0);
-    plan.prediction = Prediction::mean(&predictions).context("no prediction")?;
+    // The examples report each figure's median over their repeats; so does the prediction over its draws.
+    plan.prediction = Prediction::median(&predictions).context("no prediction")?;
     report(args, &plan, kind, config.layers.len(), "cpu-here")
 }

@@ -640,6 +640,24 @@ fn plan_writes_the_timeline_it_predicts_as_a_trace() {
     }
 }
 
+/// `plan` predicting a two-rank run of the tiny preset (8 tokens) on this machine, its calibrations cached in
+/// `cache`.
+fn tiny_plan_args(cache: &Path) -> Vec<&str> {
+    vec![
+        "--cluster",
+        "cpu-here",
+        "--preset",
+        "tiny",
+        "--world",
+        "2",
+        "--tokens",
+        "8",
+        "--calibration-dir",
+        cache.to_str().expect("utf-8 path"),
+        "--json",
+    ]
+}
+
 /// `plan --cluster cpu-here --balance` predicts the overlap examples' `--balance` run: it calibrates the model with
 /// its experts placed as they place them, cached apart from the contiguous placement's calibration.
 #[test]
@@ -647,21 +665,8 @@ fn plan_calibrates_a_balanced_placement_apart() {
     let dir = TempDir::new("plan_balance");
     let cache = dir.join("cache");
     for balance in [false, true] {
-        let mut args = vec![
-            "--cluster",
-            "cpu-here",
-            "--preset",
-            "tiny",
-            "--world",
-            "2",
-            "--tokens",
-            "8",
-            "--jitter-draws",
-            "0",
-            "--calibration-dir",
-            cache.to_str().expect("utf-8 path"),
-            "--json",
-        ];
+        let mut args = tiny_plan_args(&cache);
+        args.extend(["--jitter-draws", "0"]);
         if balance {
             args.push("--balance");
         }
@@ -697,19 +702,7 @@ fn plan_calibrates_a_balanced_placement_apart() {
 fn plan_takes_the_overlap_examples_command_lines_as_they_are() {
     let dir = TempDir::new("plan_example_flags");
     let cache = dir.join("cache");
-    let base = [
-        "--cluster",
-        "cpu-here",
-        "--preset",
-        "tiny",
-        "--world",
-        "2",
-        "--tokens",
-        "8",
-        "--calibration-dir",
-        cache.to_str().expect("utf-8 path"),
-        "--json",
-    ];
+    let base = tiny_plan_args(&cache);
     let run = |extra: &[&str]| {
         let args: Vec<&str> = base.iter().chain(extra).copied().collect();
         let (out, _) = run_example("plan", &args, &[]);

@@ -424,15 +424,6 @@ pub fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f64 {
     farskip_model::compare::max_abs_diff_tensors(a, b)
 }
 
-/// The device `model`'s parameters live on (burn's CPU `flex` for a model without parameters).
-pub(crate) fn model_device(model: &Model) -> Device {
-    model
-        .devices()
-        .first()
-        .cloned()
-        .unwrap_or_else(Device::flex)
-}
-
 /// Uniform random ids from a seeded LCG (no `rand` dependency).
 pub fn random_ids(
     batch: usize,
@@ -665,7 +656,7 @@ pub fn overlap_inference_on(
             cfg.comm_ratio
         )));
     }
-    let device = model_device(model);
+    let device = model.device();
     let batch = if cfg.parallel == Parallel::Expert {
         cfg.world
     } else {
@@ -1378,7 +1369,7 @@ fn reference_train(
     windows_per_step: &[Tensor<2, Int>],
 ) -> (Vec<f64>, Vec<(String, Vec<f32>)>) {
     use burn::optim::{AdamWConfig, GradientsParams};
-    let device = model_device(model);
+    let device = model.device();
     let mut m = model.clone().train().fork(&device.autodiff());
     let mut optim = AdamWConfig::new().with_epsilon(ADAM_EPSILON).init();
     let mut losses = Vec::new();
@@ -1495,7 +1486,7 @@ pub fn overlap_training_on(
             cfg.world, cfg.steps, cfg.repeats, cfg.tokens
         )));
     }
-    let device = model_device(model);
+    let device = model.device();
     let vocab = model.config().vocab_size;
     // Two sequences per rank (rows r·2 and r·2 + 1 go to rank r).
     let windows_per_step: Vec<Tensor<2, Int>> = (0..cfg.steps)

@@ -245,30 +245,42 @@ impl Prediction {
     /// The field-by-field mean of several predictions (e.g. of one setting under different jitter draws);
     /// `speedup` is recomputed from the mean times. `None` when `ps` is empty.
     pub fn mean(ps: &[Prediction]) -> Option<Prediction> {
-        let n = ps.len() as f64;
-        let avg = |f: &dyn Fn(&Prediction) -> f64| ps.iter().map(f).sum::<f64>() / n;
-        let avg_opt = |f: &dyn Fn(&Prediction) -> Option<f64>| {
-            let v: Option<Vec<f64>> = ps.iter().map(f).collect();
-            v.map(|v| v.iter().sum::<f64>() / n)
-        };
+        Self::field_by_field(ps, &|v| v.iter().sum::<f64>() / v.len() as f64)
+    }
+
+    /// The field-by-field median of several predictions (the upper middle of an even count): the statistic the
+    /// overlap examples report over their repeats, so `plan --cluster cpu-here` reports it over its jitter
+    /// draws. `speedup` is recomputed from the median times. `None` when `ps` is empty.
+    pub fn median(ps: &[Prediction]) -> Option<Prediction> {
+        Self::field_by_field(ps, &|v| crate::experiment::median(v.to_vec()))
+    }
+
+    /// Each field of `ps` reduced by `stat` (given every prediction's value of it; an optional field only when
+    /// every prediction has it).
+    fn field_by_field(ps: &[Prediction], stat: &dyn Fn(&[f64]) -> f64) -> Option<Prediction> {
         let first = ps.first()?;
-        let (farskip_ms, blocking_ms) = (avg(&|p| p.farskip_ms), avg(&|p| p.blocking_ms));
+        let all = |f: &dyn Fn(&Prediction) -> f64| stat(&ps.iter().map(f).collect::<Vec<_>>());
+        let all_opt = |f: &dyn Fn(&Prediction) -> Option<f64>| {
+            let v: Option<Vec<f64>> = ps.iter().map(f).collect();
+            v.map(|v| stat(&v))
+        };
+        let (farskip_ms, blocking_ms) = (all(&|p| p.farskip_ms), all(&|p| p.blocking_ms));
         Some(Prediction {
             farskip_ms,
             blocking_ms,
-            tbo_ms: avg(&|p| p.tbo_ms),
-            farskip_tbo_ms: avg_opt(&|p| p.farskip_tbo_ms),
-            overlap_pct: avg(&|p| p.overlap_pct),
-            exposed_ms: avg(&|p| p.exposed_ms),
-            compute_ms: avg(&|p| p.compute_ms),
-            comm_ms: avg(&|p| p.comm_ms),
+            tbo_ms: all(&|p| p.tbo_ms),
+            farskip_tbo_ms: all_opt(&|p| p.farskip_tbo_ms),
+            overlap_pct: all(&|p| p.overlap_pct),
+            exposed_ms: all(&|p| p.exposed_ms),
+            compute_ms: all(&|p| p.compute_ms),
+            comm_ms: all(&|p| p.comm_ms),
             speedup: if farskip_ms > 0.0 {
                 blocking_ms / farskip_ms
             } else {
                 first.speedup
             },
-            fwd_overlap_pct: avg_opt(&|p| p.fwd_overlap_pct),
-            bwd_overlap_pct: avg_opt(&|p| p.bwd_overlap_pct),
+            fwd_overlap_pct: all_opt(&|p| p.fwd_overlap_pct),
+            bwd_overlap_pct: all_opt(&|p| p.bwd_overlap_pct),
         })
     }
 }

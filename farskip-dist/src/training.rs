@@ -29,7 +29,6 @@ use farskip_model::{Connectivity, DecoderLayer, Model};
 
 use crate::comm::{CollectiveTag, CommError, Communicator, Pending};
 use crate::dispatch::{DispatchPlan, ExpertSharding, Routing, dispatch_start_traced};
-use crate::experiment::model_device;
 use crate::schedule::{Result, ScheduleError, ep_moe};
 use crate::trace::{Phase, Trace};
 
@@ -457,7 +456,7 @@ impl EpTrainRank {
             }
         }
         let sharding = ExpertSharding::new(moe.num_experts, world)?;
-        let device = model_device(model);
+        let device = model.device();
         let mut model = model.valid();
         for layer in model.layers.iter_mut() {
             if let Ffn::Moe(moe) = &mut layer.ffn {

@@ -1229,6 +1229,23 @@ fn jitter_draws_rank_costs_around_the_median_and_averages_out() {
         "{mean:?}"
     );
     assert!(Prediction::mean(&[]).is_none());
+    // The median is each field's middle value, not the mean's: draws at 1, 2 and 9 ms give 2 (mean 4).
+    let at = |ms: f64, overlap: f64| Prediction {
+        farskip_ms: ms,
+        overlap_pct: overlap,
+        fwd_overlap_pct: None,
+        ..p0.prediction.clone()
+    };
+    let three = [at(1.0, 90.0), at(2.0, 40.0), at(9.0, 80.0)];
+    let median = Prediction::median(&three).unwrap();
+    assert_eq!((median.farskip_ms, median.overlap_pct), (2.0, 80.0));
+    assert_eq!(Prediction::mean(&three).unwrap().farskip_ms, 4.0);
+    assert_eq!(
+        median.speedup,
+        p0.prediction.blocking_ms / 2.0,
+        "speedup from the median times"
+    );
+    assert!(Prediction::median(&[]).is_none());
 }
 
 #[test]

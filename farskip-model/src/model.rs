@@ -199,6 +199,11 @@ impl Model {
         &self.config
     }
 
+    /// The device the parameters live on (burn's CPU `flex` for a model without parameters).
+    pub fn device(&self) -> Device {
+        self.devices().first().cloned().unwrap_or_else(Device::flex)
+    }
+
     /// The residual connectivity in use.
     pub fn connectivity(&self) -> &Connectivity {
         &self.connectivity

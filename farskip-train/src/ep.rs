@@ -564,15 +564,7 @@ fn clip_gradients<C: Communicator + ?Sized>(
             Some(g) => g,
             None => {
                 let shape: [usize; 3] = [dims[0], dims[1], dims[2]];
-                Tensor::zeros(
-                    shape,
-                    &model
-                        .devices()
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(Device::flex)
-                        .inner(),
-                )
+                Tensor::zeros(shape, &model.device().inner())
             }
         };
         let grad = match max_norm {

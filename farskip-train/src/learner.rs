@@ -462,11 +462,7 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     cfg.validate()?;
     let started = Instant::now();
-    let plain = student
-        .devices()
-        .first()
-        .cloned()
-        .unwrap_or_else(Device::flex);
+    let plain = student.device();
     let ad = plain.clone().autodiff();
     let mut engine = if cfg.world > 1 {
         let batch = data.batches.shape().batch_size();

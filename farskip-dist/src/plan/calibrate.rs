@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::{ExpertLoads, Placement, rank_loads};
 use crate::comm::{LinkModel, LocalWorldConfig, SingleRank};
 use crate::dispatch::ExpertSharding;
-use crate::experiment::{BALANCE_SEED, Parallel, median, model_device, random_ids};
+use crate::experiment::{BALANCE_SEED, Parallel, median, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
 use crate::trace::{Phase, Stream, Trace};
 use crate::training::{EpTrainRank, bwd_ops};
@@ -624,7 +624,7 @@ pub fn balanced_placement(
     if model.config().moe.is_none() {
         return Err(failed("a model without experts has no expert placement"));
     }
-    let device = model_device(model);
+    let device = model.device();
     let ids = random_ids(
         world.max(1),
         tokens,
@@ -665,7 +665,7 @@ pub fn routing_imbalance(
     tokens: usize,
     seed: u64,
 ) -> Result<f64, PlanError> {
-    let device = model_device(model);
+    let device = model.device();
     let Some(top_k) = model.config().moe.as_ref().map(|m| m.top_k) else {
         return Ok(1.0);
     };
@@ -700,7 +700,7 @@ pub fn measure_inference(
     seed: u64,
 ) -> Result<Calibration, PlanError> {
     let model = model.clone().with_connectivity(Connectivity::farskip())?;
-    let device = model_device(&model);
+    let device = model.device();
     let batch = if parallel == Parallel::Expert {
         world
     } else {
@@ -814,7 +814,7 @@ pub fn measure_training(
     seed: u64,
 ) -> Result<Calibration, PlanError> {
     let model = model.clone().with_connectivity(Connectivity::farskip())?;
-    let device = model_device(&model);
+    let device = model.device();
     // As the training experiment draws them: two sequences of `tokens / 2` per rank.
     let seq = (tokens / 2).max(1);
     let all = random_ids(2 * world, seq + 1, model.config().vocab_size, seed, &device);
