@@ -814,15 +814,10 @@ pub fn overlap_inference_on(
     let window_ms = median_of(&farskip_runs, &|r| r.window_ms);
     // Logits: the largest difference over every repeat.
     let worst = |runs: Vec<Repeat>, reference: &Tensor<3>| {
-        runs.into_iter()
-            .map(|r| max_abs_diff(r.logits, reference.clone()))
-            .fold(0.0, |a: f64, d| {
-                if d.is_nan() || a.is_nan() {
-                    f64::NAN
-                } else {
-                    a.max(d)
-                }
-            })
+        worst_of(
+            runs.into_iter()
+                .map(|r| max_abs_diff(r.logits, reference.clone())),
+        )
     };
     let median_trace = |runs: &mut Vec<Repeat>| -> Trace {
         runs.sort_by(|a, b| a.wall_ms.total_cmp(&b.wall_ms));
@@ -1195,6 +1190,17 @@ fn ep_train(
     }
     let traces = step_traces.into_inner().unwrap_or_else(|e| e.into_inner());
     median_step(losses, all, walls, traces)
+}
+
+/// The largest of `diffs` (0 when empty), NaN if any is: a broken repeat is never hidden by a sound one.
+fn worst_of(diffs: impl Iterator<Item = f64>) -> f64 {
+    diffs.fold(0.0, |a, d| {
+        if a.is_nan() || d.is_nan() {
+            f64::NAN
+        } else {
+            a.max(d)
+        }
+    })
 }
 
 /// The median of `v` (the upper middle of an even count; 0 when empty).
@@ -1645,10 +1651,10 @@ pub fn overlap_training_on(
             .unwrap_or((0.0, String::new()))
     };
     let worst_losses = |runs: &[Repeat], reference: &[f64]| {
-        runs.iter()
-            .map(|r| farskip_model::compare::max_abs_diff(&r.losses, reference))
-            .reduce(|a, b| if b > a || b.is_nan() { b } else { a })
-            .unwrap_or(0.0)
+        worst_of(
+            runs.iter()
+                .map(|r| farskip_model::compare::max_abs_diff(&r.losses, reference)),
+        )
     };
     let median_trace = |runs: &mut Vec<Repeat>| -> Trace {
         runs.sort_by(|a, b| a.step_ms.total_cmp(&b.step_ms));
@@ -1700,4 +1706,20 @@ pub fn overlap_training_on(
         trace: median_trace(&mut farskip_runs),
         blocking_trace: median_trace(&mut blocking_runs),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, worst_of};
+
+    #[test]
+    fn the_worst_repeat_is_reported_and_nan_is_never_hidden() {
+        assert_eq!(worst_of([1e-7, 3e-6, 0.0].into_iter()), 3e-6);
+        assert!(worst_of([1e-7, f64::NAN, 3e-6].into_iter()).is_nan());
+        assert!(worst_of([f64::NAN, 1.0].into_iter()).is_nan());
+        assert_eq!(worst_of(std::iter::empty()), 0.0);
+        assert_eq!(median(vec![9.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
 }
