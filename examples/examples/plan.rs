@@ -158,10 +158,10 @@ fn run(args: Args) -> Result<()> {
         "tbo" => ScheduleKind::Tbo,
         o => bail!("unknown --schedule `{o}` (expected blocking, farskip or tbo)"),
     };
+    check_example_flags(&args)?;
     if args.cluster == "cpu-here" {
         return cpu_here(&args, kind);
     }
-    check_example_flags(&args)?;
     let cluster = cluster(&args.cluster)?;
     let config = model_config(&args)?;
     let tokens = args.tokens.unwrap_or(4096);
@@ -426,7 +426,6 @@ fn check_example_flags(args: &Args) -> Result<()> {
 
 /// Predicts a LocalWorld overlap experiment from op costs measured single-rank on this machine.
 fn cpu_here(args: &Args, kind: ScheduleKind) -> Result<()> {
-    check_example_flags(args)?;
     let tokens = args
         .tokens
         .unwrap_or(if args.mode == Mode::Train { 512 } else { 256 });
