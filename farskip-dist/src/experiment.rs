@@ -545,9 +545,26 @@ fn max_over_ranks(world: usize, f: impl Fn(usize) -> Duration) -> Duration {
     (0..world).map(f).max().unwrap_or_default()
 }
 
-/// Added to an experiment's seed for the batch its `balance` placement is computed on (`world` sequences of
-/// `tokens`: other tokens than the measured ones, as a deployment places experts by past traffic).
+/// Added to an experiment's seed for the batch its `balance` placement is computed on ([`placement_batch`]).
 pub const BALANCE_SEED: u64 = 0x5EED;
+
+/// The batch an experiment drawn with `seed` computes its `balance` placement on: `world` sequences of `tokens`,
+/// other tokens than the measured ones (as a deployment places experts by past traffic).
+pub fn placement_batch(
+    world: usize,
+    tokens: usize,
+    vocab: usize,
+    seed: u64,
+    device: &Device,
+) -> Tensor<2, Int> {
+    random_ids(
+        world,
+        tokens,
+        vocab,
+        seed.wrapping_add(BALANCE_SEED),
+        device,
+    )
+}
 
 /// A placement of `model`'s experts over `world` EP ranks balanced for the loads its FarSkip forward routes
 /// on `ids` (`[world × rows, seq]`, split by rows as in [`run_forward`]).
@@ -689,11 +706,11 @@ pub fn overlap_inference_on(
         let invalid = |e: crate::DispatchError| RunError::Invalid(e.to_string());
         if cfg.balance && cfg.world > 1 {
             // Loads from a different batch than the one measured (as a deployment would use past traffic).
-            let calibration = random_ids(
+            let calibration = placement_batch(
                 batch,
                 cfg.tokens,
                 model.config().vocab_size,
-                cfg.seed.wrapping_add(BALANCE_SEED),
+                cfg.seed,
                 &device,
             );
             let placement = balanced_placement_on(backend, model, cfg.world, &calibration)?;
@@ -737,10 +754,9 @@ pub fn overlap_inference_on(
         Ok(windows(&t, cfg.parallel, cfg.world, layers))
     };
     free_pass()?; // warm-up
-    /// One repeat of one schedule: its figures, and its trace and logits.
+    /// One repeat of one schedule: its wall time, trace, logits and link.
     struct Repeat {
         wall_ms: f64,
-        overlap_pct: f64,
         trace: Trace,
         logits: Tensor<3>,
         window_ms: f64,
@@ -777,7 +793,6 @@ pub fn overlap_inference_on(
             )?;
             out.push(Repeat {
                 wall_ms: wall.as_secs_f64() * 1e3,
-                overlap_pct: overlap_pct(&trace, Phase::Forward).unwrap_or(0.0),
                 trace,
                 logits,
                 window_ms,
@@ -786,49 +801,38 @@ pub fn overlap_inference_on(
     }
     // Each figure is its median over the repeats: one forward's overlap swings by tens of points on a machine
     // whose cores change speed within a second (EP at R = 0.5: 57–97 % within one run of seven repeats), the
-    // median of seven within a few. The trace and the logits compared are the repeat with the median wall time;
-    // the busiest rank's compute and comm times, the exposed comm and the peer wait are each the median of
-    // the FarSkip repeats'.
-    let median_of = |runs: &[Repeat], f: &dyn Fn(&Repeat) -> f64| -> f64 {
-        median(runs.iter().map(f).collect())
+    // median of seven within a few. The traces are the repeats with the median wall time; the busiest rank's
+    // compute and comm times, the exposed comm and the peer wait are each the median of the FarSkip repeats';
+    // the logits' differences are the worst over every repeat.
+    let wall = |runs: &[Repeat]| median_by(runs, |r| r.wall_ms);
+    let overlap = |runs: &[Repeat]| {
+        median_by(runs, |r| {
+            overlap_pct(&r.trace, Phase::Forward).unwrap_or(0.0)
+        })
     };
-    let fig = |runs: &[Repeat]| {
-        (
-            median_of(runs, &|r| r.wall_ms),
-            median_of(runs, &|r| r.overlap_pct),
-        )
-    };
-    let (blocking_ms, blocking_overlap) = fig(&blocking_runs);
-    let (farskip_ms, farskip_overlap) = fig(&farskip_runs);
-    let (tbo_ms, tbo_overlap) = fig(&tbo_runs);
-    let (farskip_tbo_ms, farskip_tbo_overlap) = fig(&farskip_tbo_runs);
-    let fs_median = |f: &dyn Fn(&Trace) -> f64| median_of(&farskip_runs, &|r| f(&r.trace));
-    let compute_ms = fs_median(&|t| {
-        max_over_ranks(cfg.world, |r| compute_time(t, r, Phase::Forward)).as_secs_f64() * 1e3
+    let (blocking_ms, farskip_ms) = (wall(&blocking_runs), wall(&farskip_runs));
+    let on_farskip = |f: &dyn Fn(&Trace) -> f64| median_by(&farskip_runs, |r| f(&r.trace));
+    let compute_ms = on_farskip(&|t| {
+        ms(max_over_ranks(cfg.world, |r| {
+            compute_time(t, r, Phase::Forward)
+        }))
     });
-    let comm_ms = fs_median(&|t| {
-        max_over_ranks(cfg.world, |r| comm_time(t, r, Phase::Forward)).as_secs_f64() * 1e3
+    let comm_ms = on_farskip(&|t| {
+        ms(max_over_ranks(cfg.world, |r| {
+            comm_time(t, r, Phase::Forward)
+        }))
     });
-    let exposed_ms = fs_median(&|t| exposed_comm_time(t, Phase::Forward).as_secs_f64() * 1e3);
-    let peer_wait = fs_median(&|t| peer_wait_ms(t, cfg.world, Phase::Forward));
-    let window_ms = median_of(&farskip_runs, &|r| r.window_ms);
+    let exposed_ms = on_farskip(&|t| ms(exposed_comm_time(t, Phase::Forward)));
+    let peer_wait = on_farskip(&|t| peer_wait_ms(t, cfg.world, Phase::Forward));
+    let window_ms = median_by(&farskip_runs, |r| r.window_ms);
     // Logits: the largest difference over every repeat.
-    let worst = |runs: Vec<Repeat>, reference: &Tensor<3>| {
+    let worst = |runs: &[Repeat], reference: &Tensor<3>| {
         worst_of(
-            runs.into_iter()
-                .map(|r| max_abs_diff(r.logits, reference.clone())),
+            runs.iter()
+                .map(|r| max_abs_diff(r.logits.clone(), reference.clone())),
         )
     };
-    let median_trace = |runs: &mut Vec<Repeat>| -> Trace {
-        runs.sort_by(|a, b| a.wall_ms.total_cmp(&b.wall_ms));
-        runs[runs.len() / 2].trace.clone()
-    };
-    let trace = median_trace(&mut farskip_runs);
-    let blocking_trace = median_trace(&mut blocking_runs);
-    let max_abs_diff_fs = worst(farskip_runs, &reference);
-    let blocking_max_abs_diff = worst(blocking_runs, &reference_std);
-    let tbo_max_abs_diff = worst(tbo_runs, &reference_std);
-    let farskip_tbo_max_abs_diff = worst(farskip_tbo_runs, &reference_farskip);
+    let median_trace = |runs: &mut [Repeat]| median_item(runs, |r| r.wall_ms).trace.clone();
     Ok(OverlapReport {
         world: cfg.world,
         parallel: cfg.parallel,
@@ -837,27 +841,27 @@ pub fn overlap_inference_on(
         blocking_ms,
         farskip_ms,
         speedup: blocking_ms / farskip_ms,
-        overlap_pct: farskip_overlap,
-        blocking_overlap_pct: blocking_overlap,
+        overlap_pct: overlap(&farskip_runs),
+        blocking_overlap_pct: overlap(&blocking_runs),
         compute_ms,
         comm_ms,
         window_ms,
         wall_over_compute: farskip_ms / compute_ms,
         exposed_ms,
         peer_wait_ms: peer_wait,
-        max_abs_diff: max_abs_diff_fs,
+        max_abs_diff: worst(&farskip_runs, &reference),
         connectivity: cfg.connectivity.to_string(),
-        blocking_max_abs_diff,
-        tbo_ms,
-        tbo_overlap_pct: tbo_overlap,
-        tbo_max_abs_diff,
-        farskip_tbo_ms,
-        farskip_tbo_overlap_pct: farskip_tbo_overlap,
-        farskip_tbo_max_abs_diff,
+        blocking_max_abs_diff: worst(&blocking_runs, &reference_std),
+        tbo_ms: wall(&tbo_runs),
+        tbo_overlap_pct: overlap(&tbo_runs),
+        tbo_max_abs_diff: worst(&tbo_runs, &reference_std),
+        farskip_tbo_ms: wall(&farskip_tbo_runs),
+        farskip_tbo_overlap_pct: overlap(&farskip_tbo_runs),
+        farskip_tbo_max_abs_diff: worst(&farskip_tbo_runs, &reference_farskip),
         expert_placement,
         load_imbalance,
-        trace,
-        blocking_trace,
+        trace: median_trace(&mut farskip_runs),
+        blocking_trace: median_trace(&mut blocking_runs),
     })
 }
 
@@ -1203,6 +1207,22 @@ fn worst_of(diffs: impl Iterator<Item = f64>) -> f64 {
     })
 }
 
+/// Milliseconds of `d`.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The median of `f` over `items` (see [`median`]).
+fn median_by<T>(items: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    median(items.iter().map(f).collect())
+}
+
+/// The item of `items` (not empty) with the median `key`, the upper middle of an even count (sorts `items`).
+fn median_item<T>(items: &mut [T], key: impl Fn(&T) -> f64) -> &T {
+    items.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    &items[items.len() / 2]
+}
+
 /// The median of `v` (the upper middle of an even count; 0 when empty).
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -1508,13 +1528,7 @@ pub fn overlap_training_on(
         .collect();
     let placed;
     let model = if cfg.balance && cfg.world > 1 && model.config().moe.is_some() {
-        let calibration = random_ids(
-            cfg.world,
-            cfg.tokens,
-            vocab,
-            cfg.seed.wrapping_add(BALANCE_SEED),
-            &device,
-        );
+        let calibration = placement_batch(cfg.world, cfg.tokens, vocab, cfg.seed, &device);
         placed = balanced_placement_on(backend, model, cfg.world, &calibration)?
             .apply(model)
             .map_err(|e| RunError::Invalid(e.to_string()))?;
@@ -1618,13 +1632,11 @@ pub fn overlap_training_on(
             100.0 * hidden.as_secs_f64() / total.as_secs_f64()
         }
     };
-    let of = |runs: &[Repeat], f: &dyn Fn(&Repeat) -> f64| median(runs.iter().map(f).collect());
-    let on_trace = |runs: &[Repeat], f: &dyn Fn(&Trace) -> f64| of(runs, &|r| f(&r.trace));
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let on_trace = |runs: &[Repeat], f: &dyn Fn(&Trace) -> f64| median_by(runs, |r| f(&r.trace));
     let phase_overlap = |p: Phase| move |t: &Trace| overlap_pct(t, p).unwrap_or(0.0);
-    let farskip_step_ms = of(&farskip_runs, &|r| r.step_ms);
-    let blocking_step_ms = of(&blocking_runs, &|r| r.step_ms);
-    let tbo_step_ms = of(&tbo_runs, &|r| r.step_ms);
+    let farskip_step_ms = median_by(&farskip_runs, |r| r.step_ms);
+    let blocking_step_ms = median_by(&blocking_runs, |r| r.step_ms);
+    let tbo_step_ms = median_by(&tbo_runs, |r| r.step_ms);
     let compute_step_ms = on_trace(&farskip_runs, &|t| {
         ms(max_over_ranks(cfg.world, |r| {
             compute_time(t, r, Phase::Forward) + compute_time(t, r, Phase::Backward)
@@ -1656,10 +1668,7 @@ pub fn overlap_training_on(
                 .map(|r| farskip_model::compare::max_abs_diff(&r.losses, reference)),
         )
     };
-    let median_trace = |runs: &mut Vec<Repeat>| -> Trace {
-        runs.sort_by(|a, b| a.step_ms.total_cmp(&b.step_ms));
-        runs[runs.len() / 2].trace.clone()
-    };
+    let median_trace = |runs: &mut [Repeat]| median_item(runs, |r| r.step_ms).trace.clone();
     let (fwd, bwd) = (
         phase_overlap(Phase::Forward),
         phase_overlap(Phase::Backward),
@@ -1710,7 +1719,7 @@ pub fn overlap_training_on(
 
 #[cfg(test)]
 mod tests {
-    use super::{median, worst_of};
+    use super::{median, median_by, median_item, worst_of};
 
     #[test]
     fn the_worst_repeat_is_reported_and_nan_is_never_hidden() {
@@ -1721,5 +1730,8 @@ mod tests {
         assert_eq!(median(vec![9.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 3.0);
         assert_eq!(median(Vec::new()), 0.0);
+        let mut items = [(5.0, 'a'), (1.0, 'b'), (3.0, 'c'), (2.0, 'd')];
+        assert_eq!(median_item(&mut items, |i| i.0).1, 'c');
+        assert_eq!(median_by(&items, |i| i.0 * 2.0), 6.0);
     }
 }

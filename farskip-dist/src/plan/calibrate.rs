@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::balance::{ExpertLoads, Placement, rank_loads};
 use crate::comm::{LinkModel, LocalWorldConfig, SingleRank};
 use crate::dispatch::ExpertSharding;
-use crate::experiment::{BALANCE_SEED, Parallel, median, random_ids};
+use crate::experiment::{Parallel, median, placement_batch, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
 use crate::trace::{Phase, Stream, Trace};
 use crate::training::{EpTrainRank, bwd_ops};
@@ -609,7 +609,7 @@ fn routed_loads(model: &Model, ids: &Tensor<2, Int>) -> Result<Vec<Vec<usize>>, 
 
 /// The placement of `model`'s experts the overlap experiments' `balance` option gives `world` EP ranks for an
 /// experiment drawn with `seed`: balanced ([`Placement::balanced`]) for the rows the FarSkip model routes on
-/// their placement batch (`world` sequences of `tokens`, seed `seed` + [`BALANCE_SEED`]), routed on one rank.
+/// their placement batch ([`placement_batch`]), routed on one rank.
 /// Apply it ([`Placement::apply`]) to the model a calibration measures, so that rank 0's block and every rank's
 /// rows are the balanced run's.
 ///
@@ -625,11 +625,11 @@ pub fn balanced_placement(
         return Err(failed("a model without experts has no expert placement"));
     }
     let device = model.device();
-    let ids = random_ids(
+    let ids = placement_batch(
         world.max(1),
         tokens,
         model.config().vocab_size,
-        seed.wrapping_add(BALANCE_SEED),
+        seed,
         &device,
     );
     let farskip = model.clone().with_connectivity(Connectivity::farskip())?;
