@@ -3,10 +3,9 @@
 //! [`measure_inference`] runs one rank's shard of the model (TP: rank 0's heads and expert columns; EP: rank 0's
 //! block of experts, [`Model::expert_block`], on rank 0's sequence, so its expert bank and rows per expert are a
 //! rank's, with each rank's expert rows from routing the experiment's batch with the whole model) on
-//! a LocalWorld of one rank with a trace (its collectives complete at once, but on the rank's comm thread, as a
-//! run's do: the rows it copies and the wake-ups it takes share the cores with the ops they overlap), with the
-//! threads a LocalWorld rank of that world gets and `world` copies side by side (none talks to another: the
-//! cores and memory are shared as in the run predicted), and keeps each op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
+//! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
+//! by side (none talks to another: the cores and memory are shared as in the run predicted), and keeps each
+//! op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
 //! core of its own, the operating system's time slice is measured too ([`measure_time_slice`]), and the
 //! simulator time-slices the cores among the ranks computing at once ([`super::sim::simulate_sliced`]; without
 //! a measured slice it shares them as a fluid, [`super::sim::simulate_shared`]), so a rank that waits for a
@@ -23,7 +22,7 @@ use farskip_model::{Connectivity, Model};
 use serde::{Deserialize, Serialize};
 
 use crate::balance::{ExpertLoads, Placement, rank_loads};
-use crate::comm::{LinkModel, LocalComm, LocalWorld, LocalWorldConfig, SingleRank};
+use crate::comm::{LinkModel, LocalWorldConfig, SingleRank};
 use crate::dispatch::ExpertSharding;
 use crate::experiment::{Parallel, median, placement_batch, random_ids};
 use crate::schedule::{EpRank, TpRank, ops};
@@ -550,10 +549,7 @@ fn failed(e: impl std::fmt::Display) -> PlanError {
 /// Runs `pass` (a warm-up, then `repeats` timed) on `copies` threads at once, each on its own pool of `threads`
 /// (as LocalWorld ranks run), copy `c` pinned to `cores[c]` as a LocalWorld pins rank `c` ([`rank_cores`];
 /// empty: nothing pinned), so the measured rank shares the cores and memory bandwidth as it will in the run
-/// predicted; no thread talks to another. Each copy's collectives go to a LocalWorld of one rank: they complete
-/// at once, but on the rank's comm thread, which copies the rows and wakes as a run's does while the rank's next
-/// ops compute (with a [`SingleRank`] the ops a FarSkip schedule overlaps with a collective measured 2–5 % faster
-/// than in a two-rank run; with the comm thread, 0–2 %). Returns each copy's op tables (each pass of each copy is a sample of
+/// predicted; no thread talks to another. Returns each copy's op tables (each pass of each copy is a sample of
 /// what a rank may take, the fastest of them is what the experiments' link calibration keeps, and a copy's
 /// passes against the others' are its core's speed).
 fn side_by_side(
@@ -561,19 +557,14 @@ fn side_by_side(
     threads: usize,
     cores: &[Vec<usize>],
     repeats: usize,
-    pass: &(dyn Fn(&LocalComm, &Trace) -> Result<(), PlanError> + Sync),
+    pass: &(dyn Fn(&Trace) -> Result<(), PlanError> + Sync),
 ) -> Result<Round, PlanError> {
     let run = |copy: usize| -> Result<Vec<OpTable>, PlanError> {
-        // A world of one: every collective completes at once, on a comm thread of its own, as in a run.
-        let comm = LocalWorld::new(1, LinkModel::instant())
-            .map_err(failed)?
-            .pop()
-            .ok_or_else(|| failed("a world of one has no rank"))?;
         pool(threads, cores.get(copy).cloned().unwrap_or_default())?.install(|| {
             let mut tables = Vec::new();
             for i in 0..=repeats {
                 let trace = Trace::new();
-                pass(&comm, &trace)?;
+                pass(&trace)?;
                 if i > 0 {
                     tables.push(op_table(&trace));
                 }
@@ -739,23 +730,24 @@ pub fn measure_inference(
             threads,
             &pinned,
             passes.per_round,
-            &|comm: &LocalComm, trace: &Trace| {
+            &|trace: &Trace| {
+                let comm = SingleRank::new();
                 let ids = ids.clone();
                 let out = match parallel {
                     Parallel::Expert => {
                         let rank = EpRank::new(&block, 0, 1).map_err(failed)?;
                         if two {
-                            rank.forward_tbo(comm, trace, ids)
+                            rank.forward_tbo(&comm, trace, ids)
                         } else {
-                            rank.forward(comm, trace, ids)
+                            rank.forward(&comm, trace, ids)
                         }
                     }
                     Parallel::Tensor => {
                         let rank = TpRank::new(&model, 0, world).map_err(failed)?;
                         if two {
-                            rank.forward_tbo(comm, trace, ids)
+                            rank.forward_tbo(&comm, trace, ids)
                         } else {
-                            rank.forward(comm, trace, ids)
+                            rank.forward(&comm, trace, ids)
                         }
                     }
                 };
@@ -843,10 +835,10 @@ pub fn measure_training(
             threads,
             &pinned,
             passes.per_round,
-            &|comm: &LocalComm, trace: &Trace| {
+            &|trace: &Trace| {
                 EpTrainRank::new(&block, 0, 1)
                     .map_err(failed)?
-                    .step(comm, trace, windows.clone())
+                    .step(&SingleRank::new(), trace, windows.clone())
                     .map(|_| ())
                     .map_err(failed)
             },
