@@ -298,7 +298,7 @@ fn run_forward_mpi(
     let (out, started, ended) = result.map_err(failed)?;
     // The wall time runs from the earliest start to the latest end; the start barrier makes the starts
     // agree, so it is the longest rank's.
-    let wall_ms = backend::gather_f64(&mpi.plain, "wall", (ended - started).as_secs_f64() * 1e3)?
+    let wall_ms = backend::gather_f64(&mpi.plain, "wall", ms(ended - started))?
         .into_iter()
         .fold(0.0, f64::max);
     backend::mpi_ranks::gather_trace(&mpi.plain, trace)?;
@@ -792,7 +792,7 @@ pub fn overlap_inference_on(
                 None,
             )?;
             out.push(Repeat {
-                wall_ms: wall.as_secs_f64() * 1e3,
+                wall_ms: ms(wall),
                 trace,
                 logits,
                 window_ms,
@@ -1198,12 +1198,15 @@ fn ep_train(
 
 /// The largest of `diffs` (0 when empty), NaN if any is: a broken repeat is never hidden by a sound one.
 fn worst_of(diffs: impl Iterator<Item = f64>) -> f64 {
-    diffs.fold(0.0, |a, d| {
-        if a.is_nan() || d.is_nan() {
-            f64::NAN
-        } else {
-            a.max(d)
-        }
+    worst_by(diffs, |d| *d).unwrap_or(0.0)
+}
+
+/// The item of `items` with the largest `key` (`None` when empty); the last whose key is NaN if any is (no sound
+/// item displaces a NaN one).
+fn worst_by<T>(items: impl Iterator<Item = T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    items.reduce(|a, b| {
+        let kb = key(&b);
+        if kb.is_nan() || kb > key(&a) { b } else { a }
     })
 }
 
@@ -1281,7 +1284,7 @@ fn train_rank<C: Communicator + ?Sized, G: Communicator + ?Sized>(
                 rank.step_tbo_on(comm, grad_comm, trace, mine, &objective)?
             }
         };
-        walls.push(t0.elapsed().as_secs_f64() * 1e3);
+        walls.push(ms(t0.elapsed()));
         let total = comm
             .all_reduce(CollectiveTag::new("loss"), vec![step.loss as f32])
             .wait()?;
@@ -1657,10 +1660,7 @@ pub fn overlap_training_on(
         }))
     });
     let worst_grads = |runs: &[Repeat]| {
-        runs.iter()
-            .map(|r| r.grad_diff.clone())
-            .reduce(|a, b| if b.0 > a.0 || b.0.is_nan() { b } else { a })
-            .unwrap_or((0.0, String::new()))
+        worst_by(runs.iter().map(|r| r.grad_diff.clone()), |g| g.0).unwrap_or((0.0, String::new()))
     };
     let worst_losses = |runs: &[Repeat], reference: &[f64]| {
         worst_of(
@@ -1719,7 +1719,7 @@ pub fn overlap_training_on(
 
 #[cfg(test)]
 mod tests {
-    use super::{median, median_by, median_item, worst_of};
+    use super::{median, median_by, median_item, worst_by, worst_of};
 
     #[test]
     fn the_worst_repeat_is_reported_and_nan_is_never_hidden() {
@@ -1727,6 +1727,18 @@ mod tests {
         assert!(worst_of([1e-7, f64::NAN, 3e-6].into_iter()).is_nan());
         assert!(worst_of([f64::NAN, 1.0].into_iter()).is_nan());
         assert_eq!(worst_of(std::iter::empty()), 0.0);
+        // With a payload (the parameter a gradient difference is of): no sound item displaces a NaN one.
+        let grads = [(1e-6, "a"), (f64::NAN, "b"), (5e-6, "c")];
+        assert_eq!(worst_by(grads.into_iter(), |g| g.0).unwrap().1, "b");
+        let grads = [(1e-6, "a"), (f64::NAN, "b"), (5e-6, "c"), (f64::NAN, "d")];
+        assert_eq!(worst_by(grads.into_iter(), |g| g.0).unwrap().1, "d");
+        assert_eq!(
+            worst_by([(1e-6, "a"), (5e-6, "c")].into_iter(), |g| g.0)
+                .unwrap()
+                .1,
+            "c"
+        );
+        assert!(worst_by(std::iter::empty::<(f64, &str)>(), |g| g.0).is_none());
         assert_eq!(median(vec![9.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 3.0);
         assert_eq!(median(Vec::new()), 0.0);
