@@ -36,6 +36,7 @@ pub mod calibrate;
 pub mod cluster;
 pub mod cost;
 pub mod desc;
+mod lockstep;
 pub mod sim;
 pub mod sweep;
 

@@ -4,8 +4,9 @@
 //! block of experts, [`Model::expert_block`], on rank 0's sequence, so its expert bank and rows per expert are a
 //! rank's, with each rank's expert rows from routing the experiment's batch with the whole model) on
 //! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
-//! by side (none talks to another: the cores and memory are shared as in the run predicted), and keeps each
-//! op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
+//! by side (the cores and memory are shared as in the run predicted; no data moves between the copies, but they
+//! meet at every collective, so that they compute the same op at the same time and wait together as the run's
+//! ranks do: `FARSKIP_CALIBRATE_LOCKSTEP=0` lets them run apart), and keeps each op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
 //! core of its own, the operating system's time slice is measured too ([`measure_time_slice`]), and the
 //! simulator time-slices the cores among the ranks computing at once ([`super::sim::simulate_sliced`]; without
 //! a measured slice it shares them as a fluid, [`super::sim::simulate_shared`]), so a rank that waits for a
@@ -31,11 +32,12 @@ use crate::training::{EpTrainRank, bwd_ops};
 
 use super::cost::CostModel;
 use super::desc::{MLP_BWD, OpKey, Schedule, Split, Step};
+use super::lockstep::{Lockstep, StepBarrier};
 use super::sim::{self, Lane};
 use super::{Mode, PlanError};
 
 /// The [`Calibration::version`] this code measures.
-pub const CALIBRATION_VERSION: u32 = 6;
+pub const CALIBRATION_VERSION: u32 = 7;
 
 /// One op's measured cost.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -119,7 +121,8 @@ pub struct Calibration {
     /// ([`Model::expert_block`]), 2 also takes an inference micro-batch's op costs from the executor's own
     /// two-micro-batch pass, 3 samples in rounds a pause apart ([`Passes`]) and keeps the median round's
     /// fastest pass, 4 also measures a collective's latency, 5 takes the spread within a round, 6 pins the copies
-    /// as the run pins its ranks and measures each copy's speed in each round (the spread then of each copy over it).
+    /// as the run pins its ranks and measures each copy's speed in each round (the spread then of each copy over it),
+    /// 7 has the copies meet at every collective, as the run's ranks do.
     /// [`Calibration::matches`] turns down any other version, so it is measured again.
     #[serde(default)]
     pub version: u32,
@@ -557,20 +560,32 @@ fn side_by_side(
     threads: usize,
     cores: &[Vec<usize>],
     repeats: usize,
-    pass: &(dyn Fn(&Trace) -> Result<(), PlanError> + Sync),
+    pass: &(dyn Fn(&Lockstep, &Trace) -> Result<(), PlanError> + Sync),
 ) -> Result<Round, PlanError> {
+    // The copies meet at every collective, as the run's ranks do (`FARSKIP_CALIBRATE_LOCKSTEP=0`: they run
+    // apart).
+    let apart = std::env::var("FARSKIP_CALIBRATE_LOCKSTEP").is_ok_and(|v| v == "0");
+    let barrier = StepBarrier::new(if apart { 1 } else { copies.max(1) });
     let run = |copy: usize| -> Result<Vec<OpTable>, PlanError> {
-        pool(threads, cores.get(copy).cloned().unwrap_or_default())?.install(|| {
-            let mut tables = Vec::new();
-            for i in 0..=repeats {
-                let trace = Trace::new();
-                pass(&trace)?;
-                if i > 0 {
-                    tables.push(op_table(&trace));
+        let comm = Lockstep::new(barrier.clone());
+        let tables = pool(threads, cores.get(copy).cloned().unwrap_or_default()).and_then(|pool| {
+            pool.install(|| {
+                let mut tables = Vec::new();
+                for i in 0..=repeats {
+                    let trace = Trace::new();
+                    pass(&comm, &trace)?;
+                    if i > 0 {
+                        tables.push(op_table(&trace));
+                    }
                 }
-            }
-            Ok(tables)
-        })
+                Ok(tables)
+            })
+        });
+        // A copy that stops early must not leave the others waiting for it at their next collective.
+        if let Err(e) = &tables {
+            barrier.leave(&e.to_string());
+        }
+        tables
     };
     std::thread::scope(|s| {
         let others: Vec<_> = (1..copies.max(1))
@@ -730,24 +745,23 @@ pub fn measure_inference(
             threads,
             &pinned,
             passes.per_round,
-            &|trace: &Trace| {
-                let comm = SingleRank::new();
+            &|comm: &Lockstep, trace: &Trace| {
                 let ids = ids.clone();
                 let out = match parallel {
                     Parallel::Expert => {
                         let rank = EpRank::new(&block, 0, 1).map_err(failed)?;
                         if two {
-                            rank.forward_tbo(&comm, trace, ids)
+                            rank.forward_tbo(comm, trace, ids)
                         } else {
-                            rank.forward(&comm, trace, ids)
+                            rank.forward(comm, trace, ids)
                         }
                     }
                     Parallel::Tensor => {
                         let rank = TpRank::new(&model, 0, world).map_err(failed)?;
                         if two {
-                            rank.forward_tbo(&comm, trace, ids)
+                            rank.forward_tbo(comm, trace, ids)
                         } else {
-                            rank.forward(&comm, trace, ids)
+                            rank.forward(comm, trace, ids)
                         }
                     }
                 };
@@ -835,10 +849,10 @@ pub fn measure_training(
             threads,
             &pinned,
             passes.per_round,
-            &|trace: &Trace| {
+            &|comm: &Lockstep, trace: &Trace| {
                 EpTrainRank::new(&block, 0, 1)
                     .map_err(failed)?
-                    .step(&SingleRank::new(), trace, windows.clone())
+                    .step(comm, trace, windows.clone())
                     .map(|_| ())
                     .map_err(failed)
             },
@@ -1393,5 +1407,50 @@ mod tests {
         assert_eq!(out, vec![1, 2, 3]);
         let err = in_rounds(3, || -> Result<(), PlanError> { Err(failed("boom")) }).unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
+    }
+
+    #[test]
+    fn side_by_side_copies_meet_and_a_failing_copy_releases_the_other() {
+        use crate::comm::{CollectiveTag, Communicator};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::time::{Duration, Instant};
+        // Two copies, three passes each with two collectives: every pass of both copies completes.
+        let collectives = AtomicUsize::new(0);
+        let round = side_by_side(2, 1, &[], 2, &|comm: &Lockstep, _trace: &Trace| {
+            for _ in 0..2 {
+                comm.all_reduce(CollectiveTag::new("step"), vec![1.0])
+                    .wait()
+                    .map_err(failed)?;
+                collectives.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(round.len(), 2);
+        assert!(
+            round.iter().all(|copy| copy.len() == 2),
+            "two timed passes each"
+        );
+        assert_eq!(collectives.load(Ordering::SeqCst), 2 * 3 * 2);
+        // One copy gives up before its first collective; the other, waiting for it there, fails instead of
+        // hanging, and the error names the cause.
+        let calls = AtomicUsize::new(0);
+        let start = Instant::now();
+        let err = side_by_side(2, 1, &[], 0, &|comm: &Lockstep, _trace: &Trace| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(failed("copy gave up"));
+            }
+            comm.all_reduce(CollectiveTag::new("never met"), vec![1.0])
+                .wait()
+                .map_err(failed)?;
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("copy gave up"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
