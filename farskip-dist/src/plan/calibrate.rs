@@ -2,18 +2,19 @@
 //!
 //! [`measure_inference`] runs one rank's shard of the model (TP: rank 0's heads and expert columns; EP: rank 0's
 //! block of experts, [`Model::expert_block`], on rank 0's sequence, so its expert bank and rows per expert are a
-//! rank's, with each rank's expert rows from routing the experiment's batch with the whole model) on
-//! a [`SingleRank`] with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side
-//! by side (the cores and memory are shared as in the run predicted; no data moves between the copies, but they
-//! meet at every collective, so that they compute the same op at the same time and wait together as the run's
-//! ranks do: `FARSKIP_CALIBRATE_LOCKSTEP=0` lets them run apart), and keeps each op's median and fastest pass. With more ranks than cores, one copy per core: the costs are a rank's time on a
-//! core of its own, the operating system's time slice is measured too ([`measure_time_slice`]), and the
-//! simulator time-slices the cores among the ranks computing at once ([`super::sim::simulate_sliced`]; without
-//! a measured slice it shares them as a fluid, [`super::sim::simulate_shared`]), so a rank that waits for a
-//! collective leaves its core to the others and ranks drift apart as the kernel's slices let them.
-//! [`measure_training`] does the same for an EP training step. [`Measured`] turns such a table into a
-//! [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip window — the rule the overlap
-//! experiments calibrate their link with — so the planner predicts a LocalWorld run from a single-rank one.
+//! rank's, with each rank's expert rows from routing the experiment's batch with the whole model) on a [`SingleRank`]
+//! with a trace, with the threads a LocalWorld rank of that world gets and `world` copies side by side (the cores and
+//! memory are shared as in the run predicted; no data moves between the copies, but they meet at every collective, so
+//! that they compute the same op at the same time and wait together as the run's ranks do:
+//! `FARSKIP_CALIBRATE_LOCKSTEP=0` lets them run apart), and keeps each op's median and fastest pass. With more ranks
+//! than cores, one copy per core: the costs are a rank's time on a core of its own, the operating system's time slice
+//! is measured too ([`measure_time_slice`]), and the simulator time-slices the cores among the ranks computing at
+//! once ([`super::sim::simulate_sliced`]; without a measured slice it shares them as a fluid,
+//! [`super::sim::simulate_shared`]), so a rank that waits for a collective leaves its core to the others and ranks
+//! drift apart as the kernel's slices let them. [`measure_training`] does the same for an EP training step.
+//! [`Measured`] turns such a table into a [`CostModel`] whose collectives last `comm_ratio` × their depth-1 FarSkip
+//! window — the rule the overlap experiments calibrate their link with — so the planner predicts a LocalWorld run
+//! from a single-rank one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
