@@ -553,9 +553,10 @@ fn failed(e: impl std::fmt::Display) -> PlanError {
 /// Runs `pass` (a warm-up, then `repeats` timed) on `copies` threads at once, each on its own pool of `threads`
 /// (as LocalWorld ranks run), copy `c` pinned to `cores[c]` as a LocalWorld pins rank `c` ([`rank_cores`];
 /// empty: nothing pinned), so the measured rank shares the cores and memory bandwidth as it will in the run
-/// predicted; no thread talks to another. Returns each copy's op tables (each pass of each copy is a sample of
-/// what a rank may take, the fastest of them is what the experiments' link calibration keeps, and a copy's
-/// passes against the others' are its core's speed).
+/// predicted. No data moves between the copies, but each copy's collectives ([`Lockstep`]) wait for every copy
+/// to reach them, as a run's ranks meet at theirs; a copy that fails releases the others with its error. Returns
+/// each copy's op tables (each pass of each copy is a sample of what a rank may take, the fastest of them is what
+/// the experiments' link calibration keeps, and a copy's passes against the others' are its core's speed).
 fn side_by_side(
     copies: usize,
     threads: usize,
@@ -565,7 +566,7 @@ fn side_by_side(
 ) -> Result<Round, PlanError> {
     // The copies meet at every collective, as the run's ranks do (`FARSKIP_CALIBRATE_LOCKSTEP=0`: they run
     // apart).
-    let apart = std::env::var("FARSKIP_CALIBRATE_LOCKSTEP").is_ok_and(|v| v == "0");
+    let apart = std::env::var("FARSKIP_CALIBRATE_LOCKSTEP").is_ok_and(|v| v.trim() == "0");
     let barrier = StepBarrier::new(if apart { 1 } else { copies.max(1) });
     let run = |copy: usize| -> Result<Vec<OpTable>, PlanError> {
         let comm = Lockstep::new(barrier.clone());
